@@ -1,0 +1,3 @@
+from ftune.cli import app
+
+app()

@@ -1,0 +1,85 @@
+"""Recipe in, components out: the one place (besides the loop) that reads a `Recipe` and unpacks it into the
+plain arguments that `models`, `data` and `methods` take. `train`, `eval`, `merge` and `export` all build through
+here, so a run rebuilt from its directory is the model that was trained.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ftune import checkpoint, data, models
+from ftune.errors import RunDirError
+from ftune.methods import attach
+from ftune.recipe import Recipe, load_recipe
+
+
+@dataclass
+class Examples:
+    """Encoded examples of one split plus what the run record should say about them."""
+
+    examples: list[dict[str, Any]]
+    source: str
+    dropped: int = 0
+
+
+def load_tokenizer(recipe: Recipe):
+    """(resolved model source, tokenizer)."""
+    spec = recipe.model
+    source = models.resolve_model(spec.name, spec.gguf_file, spec.revision)
+    return source, models.load_tokenizer(source, spec.trust_remote_code, spec.revision)
+
+
+def label_names(recipe: Recipe, train_rows: data.Rows | None) -> list[str] | None:
+    if recipe.task != "sequence_classification":
+        return None
+    return list(recipe.data.labels) if recipe.data.labels else data.label_names_of(train_rows, recipe.data.label_column)
+
+
+def build_model(recipe: Recipe, source: str, tokenizer, names: list[str] | None) -> nn.Module:
+    """The base model with the recipe's method attached and exactly the method's parameters trainable."""
+    spec = recipe.model
+    model, missing = models.load_model(
+        recipe.task, source, spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
+        trust_remote_code=spec.trust_remote_code, revision=spec.revision,
+    )
+    head = models.head_parameters(model, recipe.task, missing)
+    return attach(model, recipe.method, head)
+
+
+def read_split(recipe: Recipe, split: str, sources: list[Any] | None = None) -> data.Rows:
+    sources = sources or (recipe.data.train if split == "train" else recipe.data.validation)
+    limit = recipe.data.max_train_rows if split == "train" else recipe.data.max_validation_rows
+    return data.read_rows(sources, split, limit)
+
+
+def encode(recipe: Recipe, rows: data.Rows, tokenizer, names: list[str] | None) -> Examples:
+    d = recipe.data
+    if recipe.task == "sequence_classification":
+        examples = data.encode_classification(
+            rows, tokenizer, d.text_column, d.text_pair_column, d.label_column, names, d.max_length
+        )
+        return Examples(examples, rows.source)
+    examples, dropped = data.encode_sft(
+        rows, tokenizer, d.instruction_column, d.input_column, d.response_column, d.template, d.max_length
+    )
+    return Examples(examples, rows.source, dropped)
+
+
+def load_run(run_dir: str | Path):
+    """Rebuild (recipe, model with trained method weights, tokenizer) from a run directory."""
+    run_dir = Path(run_dir)
+    if not (run_dir / checkpoint.RECIPE).is_file() or not (run_dir / checkpoint.WEIGHTS).is_file():
+        raise RunDirError(f"{run_dir}: not a finished ftune run (needs {checkpoint.RECIPE} and {checkpoint.WEIGHTS})")
+    recipe = load_recipe(run_dir / checkpoint.RECIPE)
+    run = json.loads((run_dir / checkpoint.RUN).read_text())
+    tokenizer = models.load_tokenizer(str(run_dir / checkpoint.TOKENIZER))
+    source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
+    model = build_model(recipe, source, tokenizer, run["label_names"])
+    checkpoint.load_weights(run_dir, model)
+    model.eval()
+    return recipe, model, tokenizer

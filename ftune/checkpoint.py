@@ -1,0 +1,174 @@
+"""The run directory: its layout, atomic writes, resumable checkpoints, and rebuilding a trained model from it.
+
+    <output_dir>/
+      recipe.yaml            the resolved recipe (after --set)
+      run.json               versions, git sha, seed, command, parameter counts, data sources, label names
+      metrics.jsonl          one line per log step and per evaluation
+      metrics.json           final metrics
+      method.safetensors     the method's weights only (best by train.best_metric, else the last)
+      method.json            which method, its config, the step the weights come from
+      tokenizer/             the tokenizer, so eval/merge/export need nothing else
+      checkpoints/step-N/    resumable state: method.safetensors, optimizer.pt, state.json
+
+Every file is written to a temporary name, fsynced and renamed, so a crash never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ftune.errors import RunDirError
+
+WEIGHTS, METHOD_META, RECIPE, RUN, TOKENIZER = "method.safetensors", "method.json", "recipe.yaml", "run.json", "tokenizer"
+
+
+def check_run_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse an unusable `out` (RunDirError); returns the checkpoint to resume from, if resuming."""
+    holds_run = (out / RECIPE).is_file()
+    if resume:
+        if not holds_run:
+            raise RunDirError(f"--resume: {out} holds no run to resume; drop --resume to start one")
+        if (out / RECIPE).read_text() != recipe_yaml:
+            raise RunDirError(f"--resume: the recipe differs from {out / RECIPE}; resume with the same recipe")
+        latest = latest_checkpoint(out)
+        if latest is None:
+            raise RunDirError(f"--resume: {out} has no complete checkpoint (checkpoints/step-*) to resume from")
+        return latest
+    if out.exists() and any(out.iterdir()):
+        if not holds_run:
+            raise RunDirError(f"output_dir: {out} exists and is not an ftune run; choose another output_dir")
+        if not overwrite:
+            raise RunDirError(f"output_dir: {out} holds another run; pass --overwrite or choose another output_dir")
+    return None
+
+
+def prepare_run_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bool) -> Path | None:
+    """Make `out` ready. Returns the checkpoint to resume from (or None). Never deletes what is not a run."""
+    latest = check_run_dir(out, recipe_yaml, resume=resume, overwrite=overwrite)
+    if resume:
+        return latest
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)  # check_run_dir allowed it: an ftune run and --overwrite
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / RECIPE, recipe_yaml)
+    return None
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_weights(folder: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """The trainable parameters (the method's weights) as safetensors, plus `meta` as method.json."""
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "method": str(meta.get("method"))})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / WEIGHTS)
+    write_json(folder / METHOD_META, meta)
+
+
+def load_weights(folder: Path, model: nn.Module) -> None:
+    """Load method weights into a freshly attached model: the names must be exactly its trainable parameters."""
+    try:
+        tensors = load_file(str(folder / WEIGHTS))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise RunDirError(f"{folder / WEIGHTS}: cannot be read ({str(e).splitlines()[0]})") from None
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
+    if missing or unexpected:
+        which = f"missing {sorted(missing)[0]}" if missing else f"unexpected {sorted(unexpected)[0]}"
+        raise RunDirError(f"{folder / WEIGHTS}: does not fit this method and model ({which}); was it written by another run?")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int) -> None:
+    """A resumable checkpoint, written under a temporary name and renamed only when complete."""
+    root = out / "checkpoints"
+    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(tmp, model, {"step": step})
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+        tmp / "optimizer.pt",
+    )
+    write_json(tmp / "state.json", state)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from `folder`; returns the loop position (state.json)."""
+    load_weights(folder, model)
+    # weights_only: this file was written by ftune, yet it is never unpickled as arbitrary objects
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    _set_rng_state(saved["rng"])
+    return json.loads((folder / "state.json").read_text())
+
+
+def run_record(extra: dict[str, Any]) -> dict[str, Any]:
+    """What reproduces a run: versions, git sha of the working tree, command line, plus `extra`."""
+    import accelerate
+    import datasets
+    import transformers
+
+    import ftune
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    versions = {"ftune": ftune.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
+                "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+                "datasets": datasets.__version__}
+    return {"versions": versions, "git_sha": sha or None, "command": sys.argv, **extra}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

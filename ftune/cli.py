@@ -1,0 +1,148 @@
+"""The `ftune` command line. Each command parses, calls one library function, and prints; heavy imports are
+deferred into the commands so `ftune --help` stays fast. Expected errors print one line (no traceback unless
+FTUNE_DEBUG=1) and exit 2 (bad usage or recipe) or 1 (runtime)."""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import Enum
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune language models from YAML recipes.")
+err = Console(stderr=True)
+
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: dotted.key=value.")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def command(fn=None, *, name: str | None = None):
+    """Register `fn` as a command whose FtuneErrors become one line and an exit code."""
+    if fn is None:
+        return lambda f: command(f, name=name)
+
+    @wraps(fn)
+    def run(*args, **kwargs):
+        from ftune.errors import FtuneError
+
+        try:
+            _quiet_libraries()
+            return fn(*args, **kwargs)
+        except FtuneError as e:
+            if os.environ.get("FTUNE_DEBUG") == "1":
+                raise
+            err.print(f"[red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return app.command(name)(run)
+
+
+@command
+def train(
+    recipe: Path,
+    set_: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous run in output_dir.")] = False,
+) -> None:
+    """Train a recipe; weights, metrics and a reproducible record go to its output_dir."""
+    from ftune.recipe import load_recipe
+    from ftune.train import train as run_training
+
+    result = run_training(load_recipe(recipe, set_ or []), resume=resume, overwrite=overwrite, console=err)
+    print(json.dumps(result, indent=2))
+
+
+@command
+def validate(recipe: Path, set_: Overrides = None) -> None:
+    """Dry run: print the resolved recipe and the trainable / total parameters, without training."""
+    from ftune import assemble
+    from ftune.methods.base import count_parameters
+    from ftune.recipe import dump_recipe, load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    source, tokenizer = assemble.load_tokenizer(r)
+    names = list(r.data.labels) if r.data.labels else None
+    if r.task == "sequence_classification" and names is None:
+        names = assemble.label_names(r, assemble.read_split(r, "train"))
+    trainable, total = count_parameters(assemble.build_model(r, source, tokenizer, names))
+    print(dump_recipe(r), end="")
+    print(f"# model source: {source}\n# trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+
+@command
+def methods(markdown: Annotated[bool, typer.Option(help="Print a Markdown table.")] = False) -> None:
+    """List the registered fine-tuning methods."""
+    from ftune.methods import METHODS
+
+    if markdown:
+        print("| method | what trains | paper |\n|---|---|---|")
+    for m in METHODS.values():
+        fields = ", ".join(f"{k}={v.default!r}" for k, v in m.config_cls.model_fields.items() if k != "name")
+        print(f"| `{m.name}` | {m.summary} | {m.paper} |" if markdown else f"{m.name:<8} {m.summary}  [{fields}]")
+
+
+@command
+def schema() -> None:
+    """Print the recipe's JSON schema (for editor completion of YAML recipes)."""
+    from ftune.recipe import Recipe
+
+    print(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+@command(name="eval")
+def evaluate_run(
+    run_dir: Path,
+    split: Annotated[str, typer.Option(help="Split of the recipe's data to score.")] = "validation",
+    data: Annotated[Optional[str], typer.Option(help="Score this file instead.")] = None,
+) -> None:
+    """Score a trained run on a split or a file; metrics as JSON on stdout."""
+    from ftune import assemble
+    from ftune.data import make_loader
+    from ftune.evaluate import evaluate
+
+    recipe, model, tokenizer = assemble.load_run(run_dir)
+    names = json.loads((run_dir / "run.json").read_text())["label_names"]
+    rows = assemble.read_split(recipe, split, [data] if data else None)
+    examples = assemble.encode(recipe, rows, tokenizer, names).examples
+    loader = make_loader(examples, recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
+                         tokenizer.pad_token_id, recipe.train.seed, shuffle=False)
+    device = next(model.parameters()).device
+    print(json.dumps({"source": rows.source, **evaluate(model, loader, recipe.task, device)}, indent=2))
+
+
+@command
+def merge(run_dir: Path, out_dir: Path) -> None:
+    """Write a standalone transformers model dir: base weights with the method folded in."""
+    from ftune.export import merge_run
+
+    err.print(f"merged model written to {merge_run(run_dir, out_dir)}")
+
+
+class ExportFormat(str, Enum):
+    peft = "peft"
+    hf = "hf"
+
+
+@command
+def export(run_dir: Path, out_dir: Path, format: Annotated[ExportFormat, typer.Option()] = ExportFormat.peft) -> None:
+    """Export a run as a peft adapter dir (--format peft) or a merged transformers model (--format hf)."""
+    from ftune.export import export_peft, merge_run
+
+    written = export_peft(run_dir, out_dir) if format is ExportFormat.peft else merge_run(run_dir, out_dir)
+    err.print(f"{format.value} export written to {written}")
+

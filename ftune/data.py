@@ -1,0 +1,217 @@
+"""Reading data sources and turning rows into padded token batches, per task.
+
+A source is a local file (csv, tsv, json, jsonl, parquet), a folder holding `<split>.<ext>`, or a Hub dataset; a
+list of sources is tried in order and the first available one is read. Every bad row is reported by source and
+1-based row number.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ftune.errors import DataError
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+ALPACA = (
+    "Below is an instruction that describes a task{with_input}. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+)
+IGNORE_INDEX = -100  # label id cross-entropy skips: prompt tokens and padding carry no loss
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows read from one source, and where they came from (for error messages and the run record)."""
+
+    rows: list[dict[str, Any]]
+    source: str
+
+
+def read_rows(sources: list[Any], split: str, limit: int | None = None) -> Rows:
+    """Read the first available source in `sources` (local paths before Hub ids: the list order decides)."""
+    tried = []
+    for source in sources:
+        if isinstance(source, str):
+            path = Path(source).expanduser()
+            if path.is_dir():
+                path = next((f for f in sorted(path.iterdir()) if f.stem == split and f.suffix in FORMATS), path)
+            if path.is_file():
+                return _limit(Rows(_read_file(path), str(path)), limit)
+            tried.append(f"{source} (not found)")
+        else:
+            name = f"{source.hub}" + (f"/{source.config}" if source.config else "") + f":{source.split}"
+            try:
+                import datasets
+
+                ds = datasets.load_dataset(source.hub, source.config, split=source.split)
+            except Exception as e:  # offline, unknown id, bad split: all mean "not available here"
+                tried.append(f"{name} ({type(e).__name__})")
+                continue
+            return _limit(Rows(ds.to_list(), name), limit)
+    raise DataError(f"data.{split}: no source is available; tried {'; '.join(tried)}")
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    fmt = FORMATS.get(path.suffix)
+    if fmt is None:
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(FORMATS)}")
+    import datasets
+
+    options: dict[str, Any] = {}
+    if path.suffix == ".tsv":  # GLUE-style TSV: tab-separated, quotes are text, not delimiters
+        options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    if fmt == "csv":
+        options["keep_default_na"] = False  # a sentence "null" or "NA" is text, not a missing value
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **options)
+    except Exception as e:
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:]}: {str(e).splitlines()[0][:200]}") from None
+    if len(ds) == 0:
+        raise DataError(f"{path}: has no rows")
+    return ds.to_list()
+
+
+def _limit(rows: Rows, limit: int | None) -> Rows:
+    if not rows.rows:
+        raise DataError(f"{rows.source}: has no rows")
+    return Rows(rows.rows[:limit], rows.source) if limit else rows
+
+
+def _column(rows: Rows, name: str, field: str) -> list[Any]:
+    if name not in rows.rows[0]:
+        raise DataError(f"{rows.source}: no column {name!r} (data.{field}); columns: {', '.join(rows.rows[0])}")
+    values = [row[name] for row in rows.rows]
+    for i, value in enumerate(values):
+        if value is None:
+            raise DataError(f"{rows.source} row {i + 1}: {name!r} is empty; fix or drop the row")
+    return values
+
+
+def label_names_of(rows: Rows, label_column: str) -> list[str]:
+    """Default class names: the sorted distinct training labels, as strings (ids sort numerically)."""
+    values = set(_column(rows, label_column, "label_column"))
+    return [str(v) for v in sorted(values, key=lambda v: (isinstance(v, str), v))]
+
+
+def encode_classification(
+    rows: Rows, tokenizer, text_column: str, pair_column: str | None, label_column: str,
+    label_names: list[str], max_length: int,
+) -> list[dict[str, Any]]:
+    """Token ids and a class id per row. A label outside `label_names` is an error naming the row."""
+    texts = _column(rows, text_column, "text_column")
+    pairs = _column(rows, pair_column, "text_pair_column") if pair_column else None
+    # a label is a class name, else an integer id into label_names
+    index = {name: i for i, name in enumerate(label_names)}
+    ids = range(len(label_names))
+    labels = []
+    for i, value in enumerate(_column(rows, label_column, "label_column")):
+        key = str(value) if str(value) in index else value
+        if key not in index and not (type(value) is int and value in ids):
+            raise DataError(
+                f"{rows.source} row {i + 1}: label {value!r} is not one of the classes {label_names} "
+                "(set data.labels to list every class)"
+            )
+        labels.append(index.get(key, key))
+    encoded = tokenizer([str(t) for t in texts], [str(p) for p in pairs] if pairs else None,
+                        truncation=True, max_length=max_length)
+    return [{"input_ids": ids, "labels": y} for ids, y in zip(encoded["input_ids"], labels)]
+
+
+def encode_sft(
+    rows: Rows, tokenizer, instruction_column: str, input_column: str | None, response_column: str,
+    template: str, max_length: int,
+) -> tuple[list[dict[str, Any]], int]:
+    """Prompt + response token ids; only response tokens (and the closing EOS) carry loss.
+
+    Returns the examples and the number of rows dropped because truncation left no response token.
+    """
+    instructions = _column(rows, instruction_column, "instruction_column")
+    responses = _column(rows, response_column, "response_column")
+    inputs = _column(rows, input_column, "input_column") if input_column and input_column in rows.rows[0] else None
+    use_chat = template == "chat" or (template == "auto" and tokenizer.chat_template is not None)
+    if template == "chat" and tokenizer.chat_template is None:
+        raise DataError("data.template: chat, but the tokenizer has no chat template; use alpaca")
+    examples, dropped = [], 0
+    for i, (instruction, response) in enumerate(zip(instructions, responses)):
+        extra = str(inputs[i]) if inputs and inputs[i] else ""
+        if use_chat:
+            user = [{"role": "user", "content": str(instruction) + (f"\n\n{extra}" if extra else "")}]
+            prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(
+                user + [{"role": "assistant", "content": str(response)}], tokenize=False
+            )
+            answer = full[len(prompt):] if full.startswith(prompt) else str(response) + tokenizer.eos_token
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        else:
+            prompt = ALPACA.format(with_input=", paired with an input" if extra else "", instruction=instruction)
+            prompt += (f"### Input:\n{extra}\n\n" if extra else "") + "### Response:\n"
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            answer_ids = tokenizer(str(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt_ids + answer_ids)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+        if all(y == IGNORE_INDEX for y in labels):
+            dropped += 1
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+    if not examples:
+        raise DataError(f"{rows.source}: every row's prompt fills data.max_length={max_length}; raise it")
+    return examples, dropped
+
+
+def collate(pad_token_id: int):
+    """Pad a list of examples to the longest one (right padding; the attention mask hides it)."""
+
+    def _collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        per_token = isinstance(examples[0]["labels"], list)
+        labels = torch.full((len(examples), width), IGNORE_INDEX) if per_token else torch.empty(len(examples), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[row, :n] = torch.tensor(e["input_ids"])
+            mask[row, :n] = 1
+            if per_token:
+                labels[row, :n] = torch.tensor(e["labels"])
+            else:
+                labels[row] = e["labels"]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return _collate
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run sees exactly the same order.
+
+    `start` skips the first examples of the epoch (a resumed run's position) without loading them.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        return iter(order[self.start:])
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
+def make_loader(examples: list[dict[str, Any]], batch_size: int, pad_token_id: int, seed: int, shuffle: bool) -> DataLoader:
+    sampler = EpochSampler(len(examples), seed, shuffle)
+    return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate(pad_token_id))

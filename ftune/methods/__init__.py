@@ -1,0 +1,31 @@
+"""The method registry: one file per method, one entry each (a test keeps files, registry and union in sync)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+from torch import nn
+
+from ftune.methods import bitfit, full, head, layers, lora
+from ftune.methods.base import Method, MethodConfig, set_trainable
+
+METHODS: dict[str, Method] = {m.name: m for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD)}
+
+AnyMethodConfig = Annotated[
+    full.Config | head.Config | layers.Config | bitfit.Config | lora.Config,
+    Field(discriminator="name"),
+]
+
+
+def attach(model: nn.Module, cfg: MethodConfig, head: list[nn.Parameter]) -> nn.Module:
+    """Apply the method named by `cfg` and set what trains: the method's parameters, plus `head` if asked.
+
+    `head` is the task head and any weight the checkpoint lacked (see `models.head_parameters`): a new classifier
+    must learn whichever method adapts the body.
+    """
+    method = METHODS[cfg.name]
+    model = method.apply(model, cfg)
+    params = list(method.trainable(model, cfg))
+    set_trainable(model, params + (head if cfg.train_head else []))
+    return model

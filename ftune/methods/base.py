@@ -1,0 +1,108 @@
+"""The method interface: a `Method` is a small record of functions, not a class to inherit from.
+
+Every method file in this package defines a pydantic `Config` and a `METHOD = Method(...)` record. The training
+loop, `eval`, `merge` and `export` only ever talk to a method through this record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from ftune.errors import MethodError
+
+
+class MethodConfig(BaseModel):
+    """Fields every method shares. Each method adds its own, with a `name` literal as the union tag."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    train_head: bool = True
+    """Also train the task head (a new classifier) and any weight the checkpoint did not provide."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything ftune needs to know about one fine-tuning method.
+
+    Attributes:
+        name: registry key; equals the `name` literal of `config_cls`.
+        config_cls: the method's pydantic config (one member of the recipe's `method` union).
+        apply: edits or wraps the model in place of its layers (e.g. LoRA wraps linears) and returns the module
+            to train. It must not change `requires_grad`: `trainable` decides that.
+        trainable: the parameters the method trains, found structurally (module types, the block list, the
+            head), never by parameter-name substrings. `attach` freezes everything else.
+        merge: folds the method into the base weights in place, so the model computes the same function with the
+            method's own path switched off. None: the method cannot be merged (`ftune merge` refuses).
+        unmerge: undoes `merge` exactly (up to float rounding).
+        on_step_end: called after each optimizer step, before `zero_grad` (AdaLoRA's budget schedule needs the
+            gradients). None for most methods.
+        peft_config: the method's part of a peft `adapter_config.json`, for `ftune export --format peft`.
+            None: peft has no equivalent.
+        summary: one line for `ftune methods`.
+        paper: the paper the method follows.
+    """
+
+    name: str
+    config_cls: type[MethodConfig]
+    apply: Callable[[nn.Module, Any], nn.Module]
+    trainable: Callable[[nn.Module, Any], Iterable[nn.Parameter]]
+    summary: str
+    paper: str
+    merge: Callable[[nn.Module], None] | None = None
+    unmerge: Callable[[nn.Module], None] | None = None
+    on_step_end: Callable[[nn.Module, int], None] | None = None
+    peft_config: Callable[[nn.Module, Any], dict[str, Any]] | None = None
+
+
+def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
+    """Train exactly `params`; freeze every other parameter of `model`. The one place trainability is set."""
+    chosen = {id(p) for p in params}
+    if not chosen:
+        raise MethodError("the method selected no trainable parameters in this model")
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The method's weights: every parameter that trains, by its name in the (possibly wrapped) model."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights count once."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks, found structurally: the longest ModuleList of identical module types.
+
+    BERT's `encoder.layer`, Llama's `model.layers` and GPT-2's `h` all have this shape, without a name table.
+    """
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise MethodError(f"{type(model).__name__} has no stack of transformer blocks (no uniform ModuleList)")
+    return best
+
+
+def fold_nothing(model: nn.Module) -> None:
+    """Merge/unmerge for methods whose trained weights already are the model's weights (full, head, bitfit)."""
+
+
+def unwrap_merged(model: nn.Module) -> nn.Module:
+    """Replace every merged wrapper (a module with `merged=True` and a `base_layer`) by its folded base layer."""
+    for name, module in list(model.named_modules()):
+        if getattr(module, "merged", False) and isinstance(getattr(module, "base_layer", None), nn.Module):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
+    return model

@@ -1,0 +1,43 @@
+"""BitFit: train only the bias terms (and the task head).
+
+Ben Zaken, Ravfogel & Goldberg 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
+Language-models", arXiv:2106.10199. Biases are found structurally: the `bias` parameter a module owns (Linear,
+LayerNorm, ...). Models without biases (Llama's linears, RMSNorm) are refused rather than silently trained as a
+head-only run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from ftune.errors import MethodError
+from ftune.methods.base import Method, MethodConfig, fold_nothing
+
+
+class Config(MethodConfig):
+    name: Literal["bitfit"] = "bitfit"
+
+
+def apply(model: nn.Module, cfg: Config) -> nn.Module:
+    return model
+
+
+def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
+    biases = [m.bias for m in model.base_model.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)]
+    if not biases:
+        raise MethodError(f"bitfit: {type(model).__name__} has no bias parameters; use lora or layers instead")
+    return biases
+
+
+METHOD = Method(
+    name="bitfit",
+    config_cls=Config,
+    apply=apply,
+    trainable=trainable,
+    merge=fold_nothing,
+    unmerge=fold_nothing,
+    summary="only bias terms (+ task head) train",
+    paper="Ben Zaken et al. 2022, BitFit, arXiv:2106.10199",
+)

@@ -1,0 +1,71 @@
+"""Selective layers: the top-k transformer blocks and/or chosen module types train, the rest is frozen.
+
+Training only the top of the network is the classic partial fine-tuning baseline (Lee et al. 2019, "What Would
+Elsa Do? Freezing Layers During Transformer Fine-Tuning", arXiv:1911.03090). Blocks are found structurally
+(`transformer_blocks`); module types are matched by class name (`LayerNorm`, `LlamaRMSNorm`, `Embedding`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from ftune.errors import MethodError
+from ftune.methods.base import Method, MethodConfig, fold_nothing, transformer_blocks
+
+
+class Config(MethodConfig):
+    name: Literal["layers"] = "layers"
+    top_k: int = Field(0, ge=0)
+    """Number of transformer blocks, counted from the output side, that train."""
+    module_types: list[str] = []
+    """Class names of modules that train wherever they occur, e.g. [LayerNorm] or [LlamaRMSNorm]."""
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> Config:
+        if self.top_k == 0 and not self.module_types:
+            raise ValueError("set top_k > 0 and/or module_types, else nothing but the head trains (use `head`)")
+        return self
+
+
+def apply(model: nn.Module, cfg: Config) -> nn.Module:
+    return model
+
+
+def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
+    params: list[nn.Parameter] = []
+    if cfg.top_k:
+        blocks = transformer_blocks(model)
+        if cfg.top_k > len(blocks):
+            raise MethodError(f"method.top_k: {cfg.top_k} exceeds the {len(blocks)} blocks of this model")
+        for block in blocks[len(blocks) - cfg.top_k :]:
+            params.extend(block.parameters())
+    present = {type(m).__name__ for m in model.modules()}
+    for type_name in cfg.module_types:
+        if type_name not in present:
+            raise MethodError(
+                f"method.module_types: no {type_name!r} in {type(model).__name__}; "
+                f"types with weights here: {', '.join(sorted(_weighted_types(model)))}"
+            )
+        for m in model.modules():
+            if type(m).__name__ == type_name:
+                params.extend(m.parameters(recurse=False))
+    return params
+
+
+def _weighted_types(model: nn.Module) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(recurse=False))}
+
+
+METHOD = Method(
+    name="layers",
+    config_cls=Config,
+    apply=apply,
+    trainable=trainable,
+    merge=fold_nothing,
+    unmerge=fold_nothing,
+    summary="top-k blocks and/or named module types train",
+    paper="Lee et al. 2019, What Would Elsa Do? Freezing Layers During Transformer Fine-Tuning, arXiv:1911.03090",
+)

@@ -1,0 +1,241 @@
+"""The recipe: one YAML file, validated once here (pydantic v2), then passed on as plain typed values.
+
+Every section rejects unknown keys with a did-you-mean, coerces scalars (`lr: 3e-4` arrives from YAML as a string),
+and `--set dotted.key=value` overrides go through the same validation as the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from typing_extensions import Annotated
+
+from ftune.errors import RecipeError
+from ftune.methods import METHODS, AnyMethodConfig
+
+TASKS = ("sequence_classification", "causal_lm")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelSpec(_Section):
+    name: str
+    """Local folder, Hugging Face Hub id, or an id served offline by an installed package (see README)."""
+    gguf_file: str | None = None
+    """A GGUF file inside `name` (or a path to one); dequantised on load and cached as safetensors."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the base weights are loaded in. Mixed precision is `train.precision`."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name` is a Hub id."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a Hub model. Off unless you trust its author."""
+
+
+class HubSource(_Section):
+    hub: str
+    """Hub dataset id, e.g. nyu-mll/glue."""
+    config: str | None = None
+    """Dataset configuration, e.g. sst2."""
+    split: str
+    """Split to read, e.g. train or validation."""
+
+
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+Sources = Annotated[list[str | HubSource], BeforeValidator(_as_list), Field(min_length=1)]
+
+
+class DataSpec(_Section):
+    train: Sources
+    """Where the training rows come from: a file, a folder holding `train.*`, or a Hub source; a list is tried in
+    order and the first available source is used (local copy first, Hub second)."""
+    validation: Sources | None = None
+    """Rows for evaluation, same forms as `train`."""
+    text_column: str = "text"
+    """Classification: column holding the input text."""
+    text_pair_column: str | None = None
+    """Classification: optional second text column (sentence pairs)."""
+    label_column: str = "label"
+    """Classification: column holding the label (an integer id or a class name)."""
+    labels: list[str] | None = None
+    """Classification: class names in id order. Default: the sorted set of training labels."""
+    instruction_column: str = "instruction"
+    """SFT: column with the instruction."""
+    input_column: str | None = "input"
+    """SFT: optional column with extra input appended to the instruction."""
+    response_column: str = "output"
+    """SFT: column with the response; only its tokens carry loss."""
+    template: Literal["auto", "chat", "alpaca"] = "auto"
+    """SFT prompt format: the tokenizer's chat template (`auto` uses it when there is one), or Alpaca's."""
+    max_length: int = Field(128, gt=0)
+    """Tokens per example after truncation."""
+    max_train_rows: int | None = Field(None, gt=0)
+    """Use only the first N training rows."""
+    max_validation_rows: int | None = Field(None, gt=0)
+    """Use only the first N validation rows."""
+
+
+class TrainSpec(_Section):
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data; ignored when max_steps is set."""
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to run (overrides epochs)."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate (AdamW)."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps (takes precedence over warmup_ratio)."""
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Warmup as a fraction of all optimizer steps."""
+    batch_size: int = Field(16, gt=0)
+    """Examples per micro-batch."""
+    eval_batch_size: int | None = Field(None, gt=0)
+    """Examples per evaluation batch (default: 2 x batch_size)."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient norm to this; null disables clipping."""
+    seed: int = 0
+    """Seeds initialisation, data order and dropout."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision; auto = bf16 on a GPU that supports it, fp32 otherwise."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    log_every: int = Field(10, gt=0)
+    """Optimizer steps between metrics.jsonl lines."""
+    eval_every: int | None = Field(None, gt=0)
+    """Optimizer steps between evaluations (always evaluated at the end)."""
+    save_every: int | None = Field(None, gt=0)
+    """Optimizer steps between resumable checkpoints (always saved at the end)."""
+    keep_checkpoints: int = Field(1, gt=0)
+    """Resumable checkpoints kept; older ones are deleted."""
+    best_metric: str | None = None
+    """Validation metric that picks the saved weights (e.g. accuracy, loss); default: the last weights."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a larger or smaller best_metric is better."""
+
+
+class Recipe(_Section):
+    model: ModelSpec
+    task: Literal["sequence_classification", "causal_lm"]
+    """What the model learns: sequence_classification or causal_lm (SFT). More tasks come later."""
+    data: DataSpec
+    method: AnyMethodConfig
+    train: TrainSpec = TrainSpec()
+    output_dir: str
+    """Run directory; refuses one that holds another run unless --overwrite."""
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Recipe:
+        if self.train.best_metric and not self.data.validation:
+            raise ValueError("train.best_metric needs data.validation to score against")
+        return self
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `dotted.key=value` overrides, and validate it (RecipeError on any problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (model:, task:, data:, method:, ...)")
+    for item in overrides:
+        _set_dotted(doc, item)
+    return validate_recipe(doc, source=str(path))
+
+
+def validate_recipe(doc: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as e:
+        # a value that fits no member of a union yields one error per member: the structural ones say most
+        errors = sorted(e.errors(), key=lambda err: _RANK.get(err["type"], 2))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RecipeError(f"{source}: {_explain(errors[0], doc)}{more}") from None
+
+
+_RANK = {"union_tag_invalid": 0, "extra_forbidden": 0, "missing": 1}
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(doc: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.lr=3e-4")
+    *parents, leaf = key.split(".")
+    node = doc
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw else ""
+
+
+def _explain(error: dict[str, Any], doc: dict[str, Any]) -> str:
+    # pydantic puts union members ("str", "HubSource", "lora") into loc; keep only the keys a user wrote
+    loc = [str(p) for p in error["loc"] if not _is_member_tag(p)]
+    kind = error["type"]
+    if kind == "union_tag_invalid":
+        tag = error.get("ctx", {}).get("tag", "")
+        return f"method.name: unknown method {tag!r}{_did_you_mean(tag, METHODS)}; `ftune methods` lists them"
+    if kind == "union_tag_not_found":
+        return f"method.name: missing; one of {', '.join(METHODS)}"
+    field = ".".join(loc) or "recipe"
+    if kind == "extra_forbidden":
+        return f"{field}: unknown key{_did_you_mean(loc[-1], _known_keys(loc[:-1], doc))}"
+    if kind == "missing":
+        return f"{field}: required but missing"
+    return f"{field}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _is_member_tag(part: Any) -> bool:
+    text = str(part)
+    return text in METHODS or text in {"str", "int", "float", "bool"} or text[:1].isupper() or "[" in text
+
+
+def _known_keys(parent: list[str], doc: dict[str, Any]) -> list[str]:
+    model: Any = Recipe
+    if parent[:1] == ["method"]:
+        method = METHODS.get(str(doc.get("method", {}).get("name")))
+        if method is None:
+            return []
+        model, parent = method.config_cls, parent[1:]
+    for part in (p for p in parent if not p.isdigit()):
+        field = model.model_fields.get(part)
+        model = next(iter(_models_in(field.annotation)), None) if field else None
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    word, choices = str(word), list(choices)
+    close = [c for c in choices if word.startswith(c) or c.startswith(word)]
+    close = close or difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,188 @@
+"""The training loop: one function, read top to bottom. Methods plug in through their `Method` record only."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ftune import assemble, checkpoint
+from ftune.data import make_loader
+from ftune.evaluate import evaluate
+from ftune.methods import METHODS
+from ftune.methods.base import count_parameters
+from ftune.recipe import Recipe, dump_recipe
+
+
+
+def lr_multiplier(kind: str, warmup: int, total: int):
+    """Linear warmup to the peak, then linear or cosine decay to zero, or constant (as transformers' schedules).
+
+    Written out rather than imported: transformers' optimization module drags in bitsandbytes at import.
+    """
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return 1.0
+
+    return multiplier
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
+    """Train `recipe` into `recipe.output_dir` and return the final metrics (also written to metrics.json)."""
+    console = console or Console(stderr=True)
+    t, out = recipe.train, Path(recipe.output_dir)
+    checkpoint.check_run_dir(out, dump_recipe(recipe), resume=resume, overwrite=overwrite)  # fail before any work
+    precision = t.precision if t.precision != "auto" else ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32")
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+    set_seed(t.seed)
+
+    # data and model
+    source, tokenizer = assemble.load_tokenizer(recipe)
+    train_rows = assemble.read_split(recipe, "train")
+    names = assemble.label_names(recipe, train_rows)
+    train_set = assemble.encode(recipe, train_rows, tokenizer, names)
+    val_set = assemble.encode(recipe, assemble.read_split(recipe, "validation"), tokenizer, names) if recipe.data.validation else None
+    model = assemble.build_model(recipe, source, tokenizer, names)
+    method = METHODS[recipe.method.name]
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_trainable, n_total = count_parameters(model)
+    train_loader = make_loader(train_set.examples, t.batch_size, tokenizer.pad_token_id, t.seed, shuffle=True)
+    val_loader = val_set and make_loader(val_set.examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed, shuffle=False)
+
+    # optimisation
+    steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    warmup = t.warmup_steps or round(t.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t.scheduler, warmup, total_steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw_model = accelerator.unwrap_model(model)
+    # nothing is written until the recipe, data and model have all loaded
+    resume_from = checkpoint.prepare_run_dir(out, dump_recipe(recipe), resume=resume, overwrite=overwrite)
+
+    tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
+    record = {"seed": t.seed, "model_source": source, "trainable_params": n_trainable, "total_params": n_total,
+              "label_names": names, "train_source": train_set.source, "train_examples": len(train_set.examples),
+              "train_rows_dropped": train_set.dropped, "validation_source": val_set and val_set.source,
+              "total_steps": total_steps, "precision": precision, "device": str(accelerator.device)}
+    checkpoint.write_json(out / checkpoint.RUN, checkpoint.run_record(record))
+    console.print(f"[bold]{recipe.method.name}[/]: {n_trainable:,} of {n_total:,} parameters train "
+                  f"({100 * n_trainable / n_total:.3f}%); {total_steps} steps on {accelerator.device}, {precision}")
+
+    # position in the data: optimizer steps done, epoch, micro-batches consumed in that epoch
+    # (the loss window is part of it so a resumed run logs the same means as an uninterrupted one)
+    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "train_seconds": 0.0, "window_loss": 0.0, "window_steps": 0}
+    if resume_from:
+        pos = checkpoint.load_checkpoint(resume_from, raw_model, optimizer, scheduler)
+        console.print(f"resuming from {resume_from} (step {pos['step']})")
+    _truncate_log(out / "metrics.jsonl", pos["step"])
+
+    def score() -> dict:
+        return evaluate(model, val_loader, recipe.task, accelerator.device, accelerator.autocast)
+
+    def log(entry: dict) -> None:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def keep_if_best(metrics: dict) -> None:
+        value = metrics[t.best_metric]
+        best = pos["best"]
+        if best is None or (value > best if t.best_mode == "max" else value < best):
+            pos["best"] = value
+            checkpoint.save_weights(out, raw_model, _weights_meta(recipe, pos["step"], {t.best_metric: value}))
+
+    model.train()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console,
+                        disable=not console.is_terminal, transient=True)
+    bar = progress.add_task("train", total=total_steps, completed=pos["step"], stats="")
+    window_tokens, window_start, started = 0, time.perf_counter(), time.perf_counter() - pos["train_seconds"]
+    micro = 0
+    with progress:
+        while pos["step"] < total_steps:
+            train_loader.sampler.set_position(pos["epoch"], pos["batch"] * t.batch_size)
+            for batch in train_loader:
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with accelerator.autocast():
+                    loss = model(**batch).loss
+                accelerator.backward(loss / t.grad_accum)
+                pos["window_loss"] += loss.item() / t.grad_accum
+                window_tokens += int(batch["attention_mask"].sum())
+                pos["batch"] += 1
+                micro += 1
+                if micro % t.grad_accum:
+                    continue  # still accumulating this step's gradient
+
+                if t.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                if method.on_step_end:
+                    method.on_step_end(raw_model, pos["step"] + 1)  # before zero_grad: it may read gradients
+                optimizer.zero_grad(set_to_none=True)
+                pos["step"] += 1
+                pos["window_steps"] += 1
+                step = pos["step"]
+                pos["train_seconds"] = time.perf_counter() - started
+
+                if step % t.log_every == 0 or step == total_steps:
+                    span = time.perf_counter() - window_start
+                    entry = {"step": step, "loss": pos["window_loss"] / pos["window_steps"], "lr": scheduler.get_last_lr()[0],
+                             "tokens_per_s": window_tokens / span, "epoch": pos["epoch"]}
+                    log(entry)
+                    progress.update(bar, stats=f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:,.0f} tok/s")
+                    pos["window_loss"], pos["window_steps"] = 0.0, 0
+                    window_tokens, window_start = 0, time.perf_counter()
+                progress.update(bar, completed=step)
+
+                if val_loader and t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                    metrics = score()
+                    log({"step": step, "validation": metrics})
+                    console.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                    if t.best_metric:
+                        keep_if_best(metrics)
+                if t.save_every and step % t.save_every == 0 and step < total_steps:
+                    checkpoint.save_checkpoint(out, step, raw_model, optimizer, scheduler, pos, t.keep_checkpoints)
+                if step >= total_steps:
+                    break
+            else:  # the epoch ran out before the step budget
+                pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
+
+    final = score() if val_loader else {}
+    if final:
+        log({"step": pos["step"], "validation": final})
+    if not t.best_metric or not final:
+        checkpoint.save_weights(out, raw_model, _weights_meta(recipe, pos["step"], final))
+    else:
+        keep_if_best(final)
+    checkpoint.save_checkpoint(out, pos["step"], raw_model, optimizer, scheduler, pos, t.keep_checkpoints)
+    result = {"step": pos["step"], "train_seconds": round(pos["train_seconds"], 2), "trainable_params": n_trainable,
+              "total_params": n_total, "validation": final, "best": {t.best_metric: pos["best"]} if t.best_metric else None}
+    checkpoint.write_json(out / "metrics.json", result)
+    return result
+
+
+def _weights_meta(recipe: Recipe, step: int, metrics: dict) -> dict:
+    return {"method": recipe.method.name, "config": recipe.method.model_dump(mode="json"), "step": step, "metrics": metrics}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step`: a resumed run rewrites them, exactly as the uninterrupted run would."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        checkpoint.write_text(path, "".join(line + "\n" for line in lines))
