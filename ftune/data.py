@@ -71,10 +71,24 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **options)
     except Exception as e:
-        raise DataError(f"{path}: cannot be read as {path.suffix[1:]}: {str(e).splitlines()[0][:200]}") from None
+        if _holds_no_rows(path, fmt):
+            raise DataError(f"{path}: has no rows") from None
+        cause: BaseException = e
+        while cause.__cause__ is not None:  # datasets wraps the parser's own error, which says what is wrong
+            cause = cause.__cause__
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]  # StopIteration: no text
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:]}: {reason}") from None
     if len(ds) == 0:
         raise DataError(f"{path}: has no rows")
     return ds.to_list()
+
+
+def _holds_no_rows(path: Path, fmt: str) -> bool:
+    """datasets fails on a file without rows ("corresponds to no data"); tell that apart from a malformed one."""
+    if fmt == "parquet":
+        return False
+    text = path.read_text(errors="replace").strip()
+    return text in ("", "[]") or (fmt == "csv" and "\n" not in text)  # csv: a header line alone
 
 
 def _limit(rows: Rows, limit: int | None) -> Rows:
@@ -214,4 +228,7 @@ class EpochSampler(Sampler[int]):
 
 def make_loader(examples: list[dict[str, Any]], batch_size: int, pad_token_id: int, seed: int, shuffle: bool) -> DataLoader:
     sampler = EpochSampler(len(examples), seed, shuffle)
-    return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate(pad_token_id))
+    # its own generator: a DataLoader iterator otherwise draws a worker seed from the global RNG, which would
+    # shift dropout masks between a resumed run and an uninterrupted one
+    return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate(pad_token_id),
+                      generator=torch.Generator().manual_seed(seed))

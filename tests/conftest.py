@@ -1,0 +1,123 @@
+"""Tiny models, tokenizers and data, built in-process (no Hub): a BERT-like encoder and a Llama-like decoder.
+
+The data is learnable on purpose: a sentence's label is decided by its sentiment word, so a few steps of training
+move the loss, and a broken method shows up as a loss that does not fall.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+POSITIVE, NEGATIVE = ["good", "great", "fine", "lovely", "superb"], ["bad", "awful", "poor", "dull", "weak"]
+FILLER = ["the", "movie", "film", "was", "a", "plot", "really", "quite", "story", "actors", "and", "very"]
+WORDS = POSITIVE + NEGATIVE + FILLER + ["say", "answer", "yes", "no", "word", "repeat", "please"]
+
+
+def _sentence(rng: random.Random, positive: bool) -> str:
+    words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def build_bert(folder: Path) -> Path:
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertForMaskedLM(config).save_pretrained(folder)  # a pretrained body; the classifier head is new on load
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_llama(folder: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS + [":", "#", "\n", ",", ".", "-"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def cls_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cls")
+    rng = random.Random(0)
+    for split, n in (("train", 48), ("validation", 16)):
+        rows = ["sentence\tlabel"] + [f"{_sentence(rng, i % 2 == 0)}\t{i % 2}" for i in range(n)]
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sft_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sft")
+    rng = random.Random(1)
+    for split, n in (("train", 32), ("validation", 8)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                word = rng.choice(POSITIVE + NEGATIVE)
+                row = {"instruction": "repeat the word", "input": word, "output": f"{word} {word}"}
+                f.write(json.dumps(row) + "\n")
+    return folder
+
+
+def recipe_doc(kind: str, model: Path, data: Path, out: Path, method: dict | None = None, **train) -> dict:
+    """A complete tiny recipe: `kind` is "cls" (sequence classification) or "sft" (causal LM)."""
+    ext = "tsv" if kind == "cls" else "jsonl"
+    doc = {
+        "model": {"name": str(model)},
+        "task": "sequence_classification" if kind == "cls" else "causal_lm",
+        "data": {"train": str(data / f"train.{ext}"), "validation": str(data / f"validation.{ext}"),
+                 "max_length": 32 if kind == "cls" else 128},
+        "method": method or {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "log_every": 1, "seed": 0, **train},
+        "output_dir": str(out),
+    }
+    if kind == "cls":
+        doc["data"] |= {"text_column": "sentence", "label_column": "label"}
+    return doc
+
+
+def write_recipe(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)

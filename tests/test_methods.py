@@ -1,0 +1,141 @@
+"""One battery over every registered method x {tiny BERT, tiny Llama} (peft's test_custom_models idea)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftune import checkpoint, models
+from ftune.errors import MethodError
+from ftune.methods import METHODS, attach
+from ftune.methods.base import count_parameters, unwrap_merged
+
+# One config per registered method; test_every_method_has_a_case keeps this in step with the registry.
+CASES = {
+    "full": {},
+    "head": {},
+    "layers": {"top_k": 1},
+    "bitfit": {},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+}
+# (method, architecture) pairs that must be refused with a MethodError rather than run.
+REFUSED = {("bitfit", "llama")}  # Llama's linears and RMSNorms have no biases
+ARCHES = ("bert", "llama")
+PAIRS = [(m, a) for m in CASES for a in ARCHES if (m, a) not in REFUSED]
+
+
+def _build(name: str, arch: str, folders: dict[str, Path], task: str = "sequence_classification"):
+    cfg = METHODS[name].config_cls(name=name, **CASES[name])
+    torch.manual_seed(0)
+    model, missing = models.load_model(task, str(folders[arch]), num_labels=2, pad_token_id=0)
+    return attach(model, cfg, models.head_parameters(model, task, missing)), cfg
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_bert, tiny_llama):
+    return {"bert": tiny_bert, "llama": tiny_llama}
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 25, (4, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def test_every_method_has_a_case():
+    assert set(CASES) == set(METHODS)
+
+
+def test_registry_matches_files():
+    files = {p.stem for p in (Path(__file__).parents[1] / "ftune" / "methods").glob("*.py")} - {"__init__", "base"}
+    assert files == set(METHODS)
+    for name, method in METHODS.items():
+        assert method.config_cls.model_fields["name"].default == name
+
+
+@pytest.mark.parametrize("name,arch", PAIRS)
+def test_trains_a_proper_subset(name, arch, folders):
+    model, _ = _build(name, arch, folders)
+    trainable, total = count_parameters(model)
+    assert trainable > 0
+    assert trainable == total if name == "full" else trainable < total
+
+
+@pytest.mark.parametrize("name,arch", PAIRS)
+def test_only_trainable_parameters_change(name, arch, folders):
+    model, _ = _build(name, arch, folders)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for step in range(2):
+        loss = model(**_batch(step)).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        if not p.requires_grad:
+            assert not changed, f"frozen {n} changed"
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name,arch", PAIRS)
+def test_weights_round_trip(name, arch, folders, tmp_path):
+    model, _ = _build(name, arch, folders)
+    with torch.no_grad():  # move every trainable weight away from its initial value
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    checkpoint.save_weights(tmp_path, model, {"method": name})
+    fresh, _ = _build(name, arch, folders)
+    checkpoint.load_weights(tmp_path, fresh)
+    model.eval(), fresh.eval()
+    batch = _batch()
+    torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,arch", [p for p in PAIRS if METHODS[p[0]].merge])
+def test_merge_equals_unmerged_and_unmerge_restores(name, arch, folders):
+    model, _ = _build(name, arch, folders)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    batch = _batch()
+    reference = model(**batch).logits
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    METHODS[name].merge(model)
+    torch.testing.assert_close(model(**batch).logits, reference, rtol=0, atol=1e-5)
+    METHODS[name].unmerge(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, base_weights[n], rtol=0, atol=1e-6)
+    METHODS[name].merge(model)
+    plain = unwrap_merged(copy.deepcopy(model))
+    torch.testing.assert_close(plain(**batch).logits, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,arch", sorted(REFUSED))
+def test_refused_pairs_raise_method_error(name, arch, folders):
+    with pytest.raises(MethodError):
+        _build(name, arch, folders)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_causal_lm_step(name, folders):
+    """Every method also trains a causal LM (the Llama), where there is no new head."""
+    if (name, "llama") in REFUSED:
+        pytest.skip("refused on Llama (see REFUSED)")
+    model, _ = _build(name, "llama", folders, task="causal_lm")
+    batch = _batch()
+    batch["labels"] = batch["input_ids"].clone()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
