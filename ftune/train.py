@@ -153,7 +153,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                 if val_loader and t.eval_every and step % t.eval_every == 0 and step < total_steps:
                     metrics = score()
                     log({"step": step, "validation": metrics})
-                    console.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                    console.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), soft_wrap=True)
                     if t.best_metric:
                         keep_if_best(metrics)
                 if t.save_every and step % t.save_every == 0 and step < total_steps:
