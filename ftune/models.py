@@ -133,6 +133,10 @@ def _from_gguf(gguf: Path) -> str:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"model.gguf_file: cannot read {gguf}: {_first_line(e)}") from None
+    # the weights are plain float32 now; drop the GGUF loader's bookkeeping so they save as ordinary safetensors
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
