@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ftune import assemble, checkpoint
 from ftune.data import make_loader
+from ftune.errors import RecipeError
 from ftune.evaluate import evaluate
 from ftune.methods import METHODS
 from ftune.methods.base import count_parameters
@@ -47,6 +48,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     t, out = recipe.train, Path(recipe.output_dir)
     checkpoint.check_run_dir(out, dump_recipe(recipe), resume=resume, overwrite=overwrite)  # fail before any work
     precision = t.precision if t.precision != "auto" else ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("train.precision: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on CPU")
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
     set_seed(t.seed)
 
@@ -173,6 +176,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     checkpoint.save_checkpoint(out, pos["step"], raw_model, optimizer, scheduler, pos, t.keep_checkpoints)
     result = {"step": pos["step"], "train_seconds": round(pos["train_seconds"], 2), "trainable_params": n_trainable,
               "total_params": n_total, "validation": final, "best": {t.best_metric: pos["best"]} if t.best_metric else None}
+    if method.report:  # read after the final evaluation, which the report may summarise
+        result["method_report"] = method.report(raw_model)
+        checkpoint.write_json(out / "method_report.json", result["method_report"])
     checkpoint.write_json(out / "metrics.json", result)
     return result
 

@@ -7,13 +7,16 @@ from typing import Annotated
 from pydantic import Field
 from torch import nn
 
-from ftune.methods import bitfit, full, head, layers, lora
+from ftune.methods import adapter, adapter_drop, bitfit, full, head, layers, lora
 from ftune.methods.base import Method, MethodConfig, set_trainable
 
-METHODS: dict[str, Method] = {m.name: m for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD, adapter.METHOD, adapter_drop.METHOD)
+}
 
 AnyMethodConfig = Annotated[
-    full.Config | head.Config | layers.Config | bitfit.Config | lora.Config,
+    full.Config | head.Config | layers.Config | bitfit.Config | lora.Config | adapter.Config | adapter_drop.Config,
     Field(discriminator="name"),
 ]
 

@@ -44,6 +44,8 @@ class Method:
             gradients). None for most methods.
         peft_config: the method's part of a peft `adapter_config.json`, for `ftune export --format peft`.
             None: peft has no equivalent.
+        report: what the method learned that is worth reading after a run (AdapterFusion's attention over
+            adapters per layer); saved as method_report.json after the final evaluation. None for most methods.
         summary: one line for `ftune methods`.
         paper: the paper the method follows.
     """
@@ -58,6 +60,7 @@ class Method:
     unmerge: Callable[[nn.Module], None] | None = None
     on_step_end: Callable[[nn.Module, int], None] | None = None
     peft_config: Callable[[nn.Module, Any], dict[str, Any]] | None = None
+    report: Callable[[nn.Module], dict[str, Any]] | None = None
 
 
 def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
@@ -78,21 +81,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights count once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks, found structurally: the longest ModuleList of identical module types.
-
-    BERT's `encoder.layer`, Llama's `model.layers` and GPT-2's `h` all have this shape, without a name table.
-    """
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None:
-        raise MethodError(f"{type(model).__name__} has no stack of transformer blocks (no uniform ModuleList)")
-    return best
 
 
 def fold_nothing(model: nn.Module) -> None:

@@ -13,7 +13,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig, fold_nothing, transformer_blocks
+from ftune.arch import transformer_blocks
+from ftune.methods.base import Method, MethodConfig, fold_nothing
 
 
 class Config(MethodConfig):
