@@ -113,8 +113,11 @@ def evaluate_run(
     """Score a trained run on a split or a file; metrics as JSON on stdout."""
     from ftune import assemble
     from ftune.data import make_loader
+    from ftune.errors import DataError
     from ftune.evaluate import evaluate
 
+    if data and not Path(data).exists():
+        raise DataError(f"--data: {data} does not exist")
     recipe, model, tokenizer = assemble.load_run(run_dir)
     names = json.loads((run_dir / "run.json").read_text())["label_names"]
     rows = assemble.read_split(recipe, split, [data] if data else None)

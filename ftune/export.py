@@ -20,8 +20,8 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     recipe, model, tokenizer = load_run(run_dir)
     method = METHODS[recipe.method.name]
     if method.merge is None:
-        raise MethodError(f"merge: {method.name} adds computation that cannot be folded into the base weights; "
-                          "use `ftune export --format hf` or load the run with ftune")
+        raise MethodError(f"{method.name} adds modules that cannot be folded into the base weights, so there is no "
+                          f"merged model; the run dir itself is the model (`ftune eval {run_dir}`)")
     out = _fresh_dir(out)
     method.merge(model)
     model = unwrap_merged(model)
