@@ -92,8 +92,9 @@ def methods(markdown: Annotated[bool, typer.Option(help="Print a Markdown table.
     if markdown:
         print("| method | what trains | paper |\n|---|---|---|")
     for m in METHODS.values():
-        fields = ", ".join(f"{k}={v.default!r}" for k, v in m.config_cls.model_fields.items() if k != "name")
-        print(f"| `{m.name}` | {m.summary} | {m.paper} |" if markdown else f"{m.name:<8} {m.summary}  [{fields}]")
+        fields = ", ".join(f"{k}=" + ("<required>" if v.is_required() else repr(v.default))
+                           for k, v in m.config_cls.model_fields.items() if k != "name")
+        print(f"| `{m.name}` | {m.summary} | {m.paper} |" if markdown else f"{m.name:<14} {m.summary}  [{fields}]")
 
 
 @command

@@ -94,6 +94,30 @@ def sft_data(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def adapter_runs(tiny_bert, tiny_llama, cls_data, tmp_path_factory) -> dict[str, list[Path]]:
+    """Two finished stage-1 `adapter` runs (placement pfeiffer) per tiny architecture, for AdapterFusion.
+
+    Different seeds and learning rates, so the two adapters of an architecture differ.
+    """
+    import io
+
+    from rich.console import Console
+
+    from ftune.recipe import validate_recipe
+    from ftune.train import train
+
+    root, runs = tmp_path_factory.mktemp("adapter-runs"), {}
+    for arch, model in (("bert", tiny_bert), ("llama", tiny_llama)):
+        runs[arch] = []
+        for k, (seed, lr) in enumerate(((0, 1e-2), (1, 3e-2))):
+            method = {"name": "adapter", "placement": "pfeiffer", "bottleneck": 8}
+            doc = recipe_doc("cls", model, cls_data, root / f"{arch}-{k}", method, seed=seed, lr=lr)
+            train(validate_recipe(doc), console=Console(file=io.StringIO()))
+            runs[arch].append(root / f"{arch}-{k}")
+    return runs
+
+
 def recipe_doc(kind: str, model: Path, data: Path, out: Path, method: dict | None = None, **train) -> dict:
     """A complete tiny recipe: `kind` is "cls" (sequence classification) or "sft" (causal LM)."""
     ext = "tsv" if kind == "cls" else "jsonl"

@@ -149,7 +149,7 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     "merge-into-non-empty": (_merge_into_non_empty, 1, ["merged", "not empty"]),
     "eval-not-a-run": (_plain_dir, 1, ["plain-dir", "not a finished ftune run"]),
     "eval-data-missing": (
-        lambda e: ["eval", e.run, "--data", e.tmp / "absent.jsonl"], 1, ["absent.jsonl", "data.validation"],
+        lambda e: ["eval", e.run, "--data", e.tmp / "absent.jsonl"], 1, ["absent.jsonl", "--data"],
     ),
 }
 

@@ -14,6 +14,8 @@ from ftune.methods import METHODS, attach
 from ftune.methods.base import count_parameters, unwrap_merged
 
 # One config per registered method; test_every_method_has_a_case keeps this in step with the registry.
+# A case is the config's keyword arguments, or a function (arch, folders) -> them for a method that needs
+# something built first (AdapterFusion: finished stage-1 adapter runs on that architecture).
 CASES = {
     "full": {},
     "head": {},
@@ -22,6 +24,7 @@ CASES = {
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
     "adapter": {"placement": "houlsby", "bottleneck": 8},
     "adapter_drop": {"placement": "parallel", "bottleneck": 8, "drop_first": 1, "robust": True},
+    "adapter_fusion": lambda arch, folders: {"adapters": [str(run) for run in folders["adapter_runs"]()[arch]]},
 }
 # (method, architecture) pairs that must be refused with a MethodError rather than run.
 REFUSED = {("bitfit", "llama")}  # Llama's linears and RMSNorms have no biases
@@ -30,15 +33,17 @@ PAIRS = [(m, a) for m in CASES for a in ARCHES if (m, a) not in REFUSED]
 
 
 def _build(name: str, arch: str, folders: dict[str, Path], task: str = "sequence_classification"):
-    cfg = METHODS[name].config_cls(name=name, **CASES[name])
+    case = CASES[name]
+    cfg = METHODS[name].config_cls(name=name, **(case(arch, folders) if callable(case) else case))
     torch.manual_seed(0)
     model, missing = models.load_model(task, str(folders[arch]), num_labels=2, pad_token_id=0)
     return attach(model, cfg, models.head_parameters(model, task, missing)), cfg
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_bert, tiny_llama):
-    return {"bert": tiny_bert, "llama": tiny_llama}
+def folders(tiny_bert, tiny_llama, request):
+    # the stage-1 runs are trained on first use only (session-scoped), so other methods' tests never wait for them
+    return {"bert": tiny_bert, "llama": tiny_llama, "adapter_runs": lambda: request.getfixturevalue("adapter_runs")}
 
 
 def _batch(seed: int = 0):

@@ -7,16 +7,18 @@ from typing import Annotated
 from pydantic import Field
 from torch import nn
 
-from ftune.methods import adapter, adapter_drop, bitfit, full, head, layers, lora
+from ftune.methods import adapter, adapter_drop, adapter_fusion, bitfit, full, head, layers, lora
 from ftune.methods.base import Method, MethodConfig, set_trainable
 
 METHODS: dict[str, Method] = {
     m.name: m
-    for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD, adapter.METHOD, adapter_drop.METHOD)
+    for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD, adapter.METHOD, adapter_drop.METHOD,
+              adapter_fusion.METHOD)
 }
 
 AnyMethodConfig = Annotated[
-    full.Config | head.Config | layers.Config | bitfit.Config | lora.Config | adapter.Config | adapter_drop.Config,
+    full.Config | head.Config | layers.Config | bitfit.Config | lora.Config | adapter.Config | adapter_drop.Config
+    | adapter_fusion.Config,
     Field(discriminator="name"),
 ]
 

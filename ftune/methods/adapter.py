@@ -88,7 +88,9 @@ class AdapterAt(nn.Module):
         source, self.block_input = (self.block_input if self.parallel else y), None
         if not self.active:
             return y
-        return y + self.adapter(source.to(self.adapter.down.weight.dtype)).to(y.dtype)
+        if not torch.is_autocast_enabled(source.device.type):  # autocast casts by itself; a copy would be wasted
+            source = source.to(self.adapter.down.weight.dtype)
+        return y + self.adapter(source).to(y.dtype)
 
     def remember_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.block_input = first_input(args, kwargs)

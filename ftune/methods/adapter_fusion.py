@@ -1,0 +1,150 @@
+"""AdapterFusion: attention over N frozen task adapters, trained for a new task without touching them.
+
+Pfeiffer et al. 2021, "AdapterFusion: Non-Destructive Task Composition for Transfer Learning", arXiv:2005.00247.
+Stage 1: N `adapter` runs (placement pfeiffer, every block) on one base model; stage 2 lists their run dirs in
+`adapters`. Each block's feed-forward output projection (arch `ffn_out`) becomes a `Fusion`, per token:
+    y = base(x) (..., d);  z_i = adapter_i(y), no residual (..., N, d);  s = softmax_i((Q y)·(K z_i) / temperature);
+    out = y + Σ_i s_i V z_i.   Q, K, V: d x d with bias, 3(d² + d) trained parameters per block (+ the head).
+Q, K start random; V exactly the identity (the paper adds 1e-6 off-diagonal noise; the exact identity makes one
+fused adapter reproduce its stage-1 model). The paper's l2 pull of V to the identity is left out (no loss hook).
+Saved weights: Q/K/V and the head; eval and resume re-read the adapters from the listed run dirs, which must stay
+(relative paths: from the working directory). Runs on different base models are refused; the stage-2 recipe must
+name that base model too (checked by shape only). Eval calls sum s over non-padded tokens (all if no attention_mask),
+restarting when eval follows training; `report`: {"adapters": [dirs], "tokens": n, "layers": [[mean s_i] per block]}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ftune import checkpoint
+from ftune.arch import blocks_with_layout, replace_submodule
+from ftune.errors import FtuneError, MethodError
+from ftune.methods import adapter
+from ftune.methods.base import Method, MethodConfig
+
+
+class Config(MethodConfig):
+    name: Literal["adapter_fusion"] = "adapter_fusion"
+    adapters: list[str] = Field(min_length=1)
+    """Stage-1 run dirs: finished `adapter` runs, placement pfeiffer, all on this recipe's base model."""
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature of the attention over adapters."""
+    value_init: Literal["identity"] = "identity"
+    """V starts as the exact identity (the only option)."""
+
+
+class Fusion(nn.Module):
+    """The base output projection, N frozen stage-1 `Bottleneck`s, and the trained query/key/value linears."""
+
+    def __init__(self, base_layer: nn.Module, adapters: list[adapter.Bottleneck], d: int, temperature: float,
+                 sources: list[str]) -> None:
+        super().__init__()
+        self.base_layer, self.adapters = base_layer, nn.ModuleList(adapters)
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        with torch.no_grad():  # Q, K random (BERT's N(0, 0.02)) as the paper; V the identity; zero biases
+            for linear in (self.query, self.key, self.value):
+                linear.weight.copy_(torch.eye(d) if linear is self.value else torch.randn(d, d) * 0.02)
+                linear.bias.zero_()
+        self.temperature, self.sources = temperature, list(sources)
+        self.token_mask: torch.Tensor | None = None  # handed over per call by the model's pre-hook (see apply)
+        self.weight_sum, self.tokens = torch.zeros(len(adapters), dtype=torch.float64), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        h = y.to(self.value.weight.dtype)  # as AdapterAt: adapters and fusion keep their dtype under a bf16 base
+        z = torch.stack([a(h) for a in self.adapters], dim=-2)
+        s = (torch.einsum("...d,...nd->...n", self.query(h), self.key(z)) / self.temperature).softmax(dim=-1)
+        if not self.training:
+            mask = self.token_mask
+            mask = mask.to(s.dtype) if mask is not None and mask.shape == s.shape[:-1] else torch.ones_like(s[..., 0])
+            self.weight_sum += (s.detach() * mask.unsqueeze(-1)).flatten(0, -2).sum(0).double().cpu()
+            self.tokens += int(mask.sum())
+        return y + torch.einsum("...n,...nd->...d", s, self.value(z)).to(y.dtype)
+
+
+def load_stage1(run_dir: str) -> tuple[adapter.Config, str, dict[str, torch.Tensor]]:
+    """(adapter config, base model name, weights) of one stage-1 run, or a one-line MethodError naming it."""
+    from ftune.recipe import load_recipe  # not at the top: ftune.recipe imports this package's registry
+
+    path = Path(run_dir)
+    needed = (checkpoint.RECIPE, checkpoint.WEIGHTS, "metrics.json")  # metrics.json is a run's last write
+    if not all((path / name).is_file() for name in needed):
+        raise MethodError(f"method.adapters: {run_dir} is not a finished ftune run (needs {', '.join(needed)})")
+    try:
+        recipe = load_recipe(path / checkpoint.RECIPE)
+        m = recipe.method
+        if m.name != "adapter" or m.placement != "pfeiffer" or m.layers is not None:
+            what = m.name + (f" placement {m.placement}" if m.name == "adapter" else "")
+            raise MethodError(f"{run_dir} is a {what} run; AdapterFusion fuses `adapter` runs with placement "
+                              "pfeiffer in every block")
+        return m, recipe.model.name, load_file(str(path / checkpoint.WEIGHTS))
+    except FtuneError as e:  # its message already names the run dir (or its recipe.yaml)
+        raise MethodError(f"method.adapters: {str(e).splitlines()[0]}") from None
+    except (OSError, SafetensorError) as e:
+        raise MethodError(f"method.adapters: {run_dir}: {checkpoint.WEIGHTS} cannot be read ({e})") from None
+
+
+def apply(model: nn.Module, cfg: Config) -> nn.Module:
+    if any(isinstance(m, (Fusion, adapter.AdapterAt)) for m in model.modules()):
+        raise MethodError("adapter_fusion: the model already has adapters")
+    blocks, layout = blocks_with_layout(model)
+    prefix = next(name for name, m in model.named_modules() if m is blocks)
+    d, device = adapter.hidden_size(model), next(model.parameters()).device
+    runs = [load_stage1(run_dir) for run_dir in cfg.adapters]
+    for run_dir, (_, base, _) in zip(cfg.adapters, runs):
+        if base != runs[0][1]:
+            raise MethodError(f"method.adapters: {run_dir} was trained on {base}, {cfg.adapters[0]} on "
+                              f"{runs[0][1]}; all fused adapters must share one base model")
+    fusions = []
+    for i, block in enumerate(blocks):
+        # a stage-1 adapter is stored under the wrapped projection's path + ".adapter."; its head is ignored
+        key, bottlenecks = f"{prefix}.{i}.{layout.ffn_out}.adapter.", []
+        for run_dir, (acfg, _, weights) in zip(cfg.adapters, runs):
+            state = {k[len(key):]: v for k, v in weights.items() if k.startswith(key)}
+            if "down.weight" not in state or state["down.weight"].shape[1] != d:
+                raise MethodError(f"method.adapters: {run_dir} has no adapter of width {d} at {key[:-1]}; "
+                                  "was it trained on another base model?")
+            m = state["down.weight"].shape[0]  # the width, whichever option set it
+            bottleneck = adapter.Bottleneck(d, m, acfg.activation, acfg.dropout, acfg.scaling or 1.0, False)
+            bottleneck.load_state_dict(state)
+            bottlenecks.append(bottleneck)
+        fusion = Fusion(block.get_submodule(layout.ffn_out), bottlenecks, d, cfg.temperature, cfg.adapters)
+        replace_submodule(block, layout.ffn_out, fusion.to(device))
+        fusions.append(fusion)
+    last = {"training": True}
+
+    def hand_over_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        restart, last["training"] = not module.training and last["training"], module.training  # eval starts
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        for f in fusions:
+            f.token_mask = None if module.training else mask
+            if restart:
+                f.weight_sum, f.tokens = torch.zeros_like(f.weight_sum), 0
+
+    model.register_forward_pre_hook(hand_over_mask, with_kwargs=True)
+    return model
+
+
+def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
+    fusions = [m for m in model.modules() if isinstance(m, Fusion)]
+    return [p for f in fusions for linear in (f.query, f.key, f.value) for p in linear.parameters()]
+
+
+def report(model: nn.Module) -> dict:
+    """Mean softmax weight per adapter and block over the last evaluation's tokens ("layers" empty if none)."""
+    fusions = [m for block in blocks_with_layout(model)[0] for m in block.modules() if isinstance(m, Fusion)]
+    layers = [[round(float(w), 6) for w in f.weight_sum / f.tokens] for f in fusions if f.tokens]
+    return {"adapters": fusions[0].sources, "tokens": fusions[0].tokens, "layers": layers}
+
+
+METHOD = Method(name="adapter_fusion", config_cls=Config, apply=apply, trainable=trainable, report=report,
+                paper="Pfeiffer et al. 2021, AdapterFusion, arXiv:2005.00247",
+                summary="attention over frozen stage-1 pfeiffer adapters (per-layer weights in method_report.json)")

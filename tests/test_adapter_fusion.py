@@ -1,0 +1,138 @@
+"""AdapterFusion on tiny in-process models, over stage-1 `adapter` runs made once per session (conftest)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+from conftest import recipe_doc
+from rich.console import Console
+from safetensors.torch import load_file
+
+from ftune import models
+from ftune.assemble import load_run
+from ftune.errors import MethodError
+from ftune.methods import attach
+from ftune.methods.adapter_fusion import Config, Fusion
+from ftune.recipe import dump_recipe, validate_recipe
+from ftune.train import train
+
+TASK = "sequence_classification"
+
+
+def _fused(folder, runs):
+    torch.manual_seed(0)
+    model, missing = models.load_model(TASK, str(folder), num_labels=2, pad_token_id=0)
+    head = models.head_parameters(model, TASK, missing)
+    return attach(model, Config(adapters=[str(r) for r in runs]), head), head
+
+
+def _batch(seed: int = 0):
+    ids = torch.randint(5, 25, (4, 10), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def _quiet():
+    return Console(file=io.StringIO())
+
+
+def test_stage2_trains_only_fusion_and_head(tiny_bert, adapter_runs):
+    model, head = _fused(tiny_bert, adapter_runs["bert"])
+    fusions = [m for m in model.modules() if isinstance(m, Fusion)]
+    assert len(fusions) == 2 and all(len(f.adapters) == 2 for f in fusions)  # 2 blocks x 2 stage-1 adapters
+    expected = {id(p) for f in fusions for lin in (f.query, f.key, f.value) for p in lin.parameters()}
+    expected |= {id(p) for p in head}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == expected
+    query_before = fusions[0].query.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(3):
+        model(**_batch(step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for j, run in enumerate(adapter_runs["bert"]):
+        stage1 = load_file(str(run / "method.safetensors"))
+        for i, f in enumerate(fusions):
+            for name, p in f.adapters[j].named_parameters():
+                assert torch.equal(p, stage1[f"bert.encoder.layer.{i}.output.dense.adapter.{name}"]), name
+    assert not torch.equal(fusions[0].query.weight, query_before)  # while the fusion did train
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_one_adapter_reproduces_its_stage1_model(arch, tiny_bert, tiny_llama, adapter_runs):
+    run = adapter_runs[arch][1]
+    _, stage1, _ = load_run(run)
+    fused, _ = _fused(tiny_bert if arch == "bert" else tiny_llama, [run])
+    head = {k: v for k, v in load_file(str(run / "method.safetensors")).items() if ".adapter." not in k}
+    fused.load_state_dict(head, strict=False)  # the stage-1 head, so the logits must match too
+    fused.eval()
+    batch = _batch()
+    with torch.no_grad():
+        want, got = stage1(**batch, output_hidden_states=True), fused(**batch, output_hidden_states=True)
+    base = models.load_model(TASK, str(tiny_bert if arch == "bert" else tiny_llama), num_labels=2, pad_token_id=0)[0]
+    with torch.no_grad():
+        plain = base.eval()(**batch, output_hidden_states=True).hidden_states[-1]
+    assert (want.hidden_states[-1] - plain).abs().max() > 1e-4  # the stage-1 adapter does change the output
+    assert (got.hidden_states[-1] - want.hidden_states[-1]).abs().max() <= 1e-5
+    assert (got.logits - want.logits).abs().max() <= 1e-5
+
+
+def test_full_run_writes_a_report_and_rebuilds(tiny_bert, cls_data, adapter_runs, tmp_path):
+    runs = [str(r) for r in adapter_runs["bert"]]
+    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "fusion", {"name": "adapter_fusion", "adapters": runs},
+                     eval_every=2, lr=5e-3)
+    metrics = train(validate_recipe(doc), console=_quiet())
+    report = json.loads((tmp_path / "fusion" / "method_report.json").read_text())
+    assert report == metrics["method_report"]
+    assert report["adapters"] == runs
+    assert len(report["layers"]) == 2  # one row per block of the tiny BERT
+    for row in report["layers"]:
+        assert len(row) == 2 and math.isclose(sum(row), 1.0, abs_tol=1e-5)
+    # the sums restart at each evaluation: only the final one (16 rows, padding excluded) is counted
+    _, rebuilt, tokenizer = load_run(tmp_path / "fusion")
+    rows = (cls_data / "validation.tsv").read_text().splitlines()[1:]
+    assert report["tokens"] == sum(len(tokenizer(r.split("\t")[0])["input_ids"]) for r in rows)
+    assert len([m for m in rebuilt.modules() if isinstance(m, Fusion)]) == 2  # re-read from the stage-1 runs
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_bert, cls_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "lora-run"
+    train(validate_recipe(recipe_doc("cls", tiny_bert, cls_data, out, max_steps=1)), console=_quiet())
+    return out
+
+
+def _houlsby_run(tmp_path, tiny_bert, cls_data):
+    out = tmp_path / "houlsby-run"
+    out.mkdir()
+    doc = recipe_doc("cls", tiny_bert, cls_data, out, {"name": "adapter", "placement": "houlsby"})
+    (out / "recipe.yaml").write_text(dump_recipe(validate_recipe(doc)))
+    for name in ("method.safetensors", "metrics.json"):
+        (out / name).write_text("")
+    return out
+
+
+@pytest.mark.parametrize("case", ["missing", "unfinished", "lora", "houlsby", "other-model"])
+def test_bad_stage1_runs_are_refused_in_one_line(case, tiny_bert, cls_data, adapter_runs, lora_run, tmp_path):
+    good = adapter_runs["bert"][0]
+    bad, words = {
+        "missing": (tmp_path / "no-such-run", ["not a finished ftune run"]),
+        "unfinished": (tmp_path / "unfinished", ["not a finished ftune run"]),
+        "lora": (lora_run, ["is a lora run", "pfeiffer"]),
+        "houlsby": (_houlsby_run(tmp_path, tiny_bert, cls_data) if case == "houlsby" else None, ["placement houlsby"]),
+        "other-model": (adapter_runs["llama"][0], ["was trained on", "one base model"]),
+    }[case]
+    if case == "unfinished":  # a run that has not reached its end: no metrics.json yet
+        bad.mkdir()
+        (bad / "recipe.yaml").write_text((good / "recipe.yaml").read_text())
+        (bad / "method.safetensors").write_bytes((good / "method.safetensors").read_bytes())
+    with pytest.raises(MethodError) as error:
+        _fused(tiny_bert, [good, bad])
+    message = str(error.value)
+    assert "\n" not in message and str(bad) in message
+    assert all(w in message for w in words), message
