@@ -16,6 +16,9 @@ from ftune.train import train
 CASES = {
     "lora-cls": ("cls", {"name": "lora", "r": 4, "dropout": 0.1}),  # dropout: the RNG state must resume too
     "full-sft": ("sft", {"name": "full"}),
+    # robust AdapterDrop draws k from the global RNG every batch: the draws must replay after a resume
+    "adapter-drop-cls": ("cls", {"name": "adapter_drop", "placement": "houlsby", "bottleneck": 4, "drop_first": 1,
+                                 "robust": True}),
 }
 
 

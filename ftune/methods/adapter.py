@@ -60,9 +60,8 @@ class Bottleneck(nn.Module):
             nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         else:
             nn.init.trunc_normal_(self.down.weight, std=1e-2, a=-2e-2, b=2e-2)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        for zero_at_start in (self.down.bias, self.up.weight, self.up.bias):
+            nn.init.zeros_(zero_at_start)
         self.act, self.dropout, self.scaling = ACTIVATIONS[activation](), nn.Dropout(dropout), scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,8 +96,7 @@ class AdapterAt(nn.Module):
 
 
 def hidden_size(model: nn.Module) -> int:
-    config = model.config
-    return getattr(config, "hidden_size", None) or config.n_embd
+    return getattr(model.config, "hidden_size", None) or model.config.n_embd
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:

@@ -26,6 +26,11 @@ class MethodConfig(BaseModel):
     """Also train the task head (a new classifier) and any weight the checkpoint did not provide."""
 
 
+def keep_model(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """`apply` of methods that only choose which existing weights train."""
+    return model
+
+
 @dataclass(frozen=True)
 class Method:
     """Everything ftune needs to know about one fine-tuning method.
@@ -33,8 +38,8 @@ class Method:
     Attributes:
         name: registry key; equals the `name` literal of `config_cls`.
         config_cls: the method's pydantic config (one member of the recipe's `method` union).
-        apply: edits or wraps the model in place of its layers (e.g. LoRA wraps linears) and returns the module
-            to train. It must not change `requires_grad`: `trainable` decides that.
+        apply: edits or wraps the model (e.g. LoRA wraps linears) and returns the module to train; the default
+            leaves the model as it is (full, head, bitfit, layers). It must not change `requires_grad`.
         trainable: the parameters the method trains, found structurally (module types, the block list, the
             head), never by parameter-name substrings. `attach` freezes everything else.
         merge: folds the method into the base weights in place, so the model computes the same function with the
@@ -52,10 +57,10 @@ class Method:
 
     name: str
     config_cls: type[MethodConfig]
-    apply: Callable[[nn.Module, Any], nn.Module]
     trainable: Callable[[nn.Module, Any], Iterable[nn.Parameter]]
     summary: str
     paper: str
+    apply: Callable[[nn.Module, Any], nn.Module] = keep_model
     merge: Callable[[nn.Module], None] | None = None
     unmerge: Callable[[nn.Module], None] | None = None
     on_step_end: Callable[[nn.Module, int], None] | None = None

@@ -20,10 +20,6 @@ class Config(MethodConfig):
     name: Literal["bitfit"] = "bitfit"
 
 
-def apply(model: nn.Module, cfg: Config) -> nn.Module:
-    return model
-
-
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     biases = [m.bias for m in model.base_model.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)]
     if not biases:
@@ -34,7 +30,6 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
 METHOD = Method(
     name="bitfit",
     config_cls=Config,
-    apply=apply,
     trainable=trainable,
     merge=fold_nothing,
     unmerge=fold_nothing,

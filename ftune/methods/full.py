@@ -13,10 +13,6 @@ class Config(MethodConfig):
     name: Literal["full"] = "full"
 
 
-def apply(model: nn.Module, cfg: Config) -> nn.Module:
-    return model
-
-
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     return list(model.parameters())
 
@@ -24,7 +20,6 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
 METHOD = Method(
     name="full",
     config_cls=Config,
-    apply=apply,
     trainable=trainable,
     merge=fold_nothing,
     unmerge=fold_nothing,

@@ -18,10 +18,6 @@ class Config(MethodConfig):
     name: Literal["head"] = "head"
 
 
-def apply(model: nn.Module, cfg: Config) -> nn.Module:
-    return model
-
-
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     body = {id(p) for p in model.base_model.parameters()}
     outside_body = [p for p in model.parameters() if id(p) not in body]
@@ -36,7 +32,6 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
 METHOD = Method(
     name="head",
     config_cls=Config,
-    apply=apply,
     trainable=trainable,
     merge=fold_nothing,
     unmerge=fold_nothing,

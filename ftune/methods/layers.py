@@ -31,10 +31,6 @@ class Config(MethodConfig):
         return self
 
 
-def apply(model: nn.Module, cfg: Config) -> nn.Module:
-    return model
-
-
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     params: list[nn.Parameter] = []
     if cfg.top_k:
@@ -63,7 +59,6 @@ def _weighted_types(model: nn.Module) -> set[str]:
 METHOD = Method(
     name="layers",
     config_cls=Config,
-    apply=apply,
     trainable=trainable,
     merge=fold_nothing,
     unmerge=fold_nothing,

@@ -113,15 +113,13 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
 
 
 def merge(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            m.merge()
+    for m in (m for m in model.modules() if isinstance(m, LoRALinear)):
+        m.merge()
 
 
 def unmerge(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            m.unmerge()
+    for m in (m for m in model.modules() if isinstance(m, LoRALinear)):
+        m.unmerge()
 
 
 def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
