@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ftune import checkpoint, data, models
-from ftune.errors import RunDirError
+from ftune.errors import RecipeError, RunDirError
 from ftune.methods import attach
 from ftune.recipe import Recipe, load_recipe
 
@@ -25,6 +25,9 @@ class Examples:
     examples: list[dict[str, Any]]
     source: str
     dropped: int = 0
+    """Rows left out: truncation to data.max_length left them no token to learn from (SFT)."""
+    truncated: int = 0
+    """Rows kept but cut to data.max_length."""
 
 
 def load_tokenizer(recipe: Recipe):
@@ -52,22 +55,54 @@ def build_model(recipe: Recipe, source: str, tokenizer, names: list[str] | None)
 
 
 def read_split(recipe: Recipe, split: str, sources: list[Any] | None = None) -> data.Rows:
-    sources = sources or (recipe.data.train if split == "train" else recipe.data.validation)
+    """Rows of `split`: data.train or data.validation; any other split only from a recipe folder's `<split>.*`."""
+    if not sources:
+        sources = _split_sources(recipe, split)
     limit = recipe.data.max_train_rows if split == "train" else recipe.data.max_validation_rows
     return data.read_rows(sources, split, limit)
+
+
+def _split_sources(recipe: Recipe, split: str) -> list[Any]:
+    d = recipe.data
+    if split == "train":
+        return d.train
+    if split == "validation":
+        if not d.validation:
+            raise RecipeError("--split validation: the recipe sets no data.validation; score a file with --data")
+        return d.validation
+    # never a file or Hub split named for another split: that would score the wrong rows under this name
+    folders = [s for s in [*d.train, *(d.validation or [])] if isinstance(s, str) and Path(s).expanduser().is_dir()]
+    if not folders:
+        raise RecipeError(f"--split {split}: the recipe has no {split} split (only data.train and data.validation, "
+                          f"no folder holding {split}.*); use one of those or score a file with --data")
+    return folders
 
 
 def encode(recipe: Recipe, rows: data.Rows, tokenizer, names: list[str] | None) -> Examples:
     d = recipe.data
     if recipe.task == "sequence_classification":
-        examples = data.encode_classification(
+        examples, truncated = data.encode_classification(
             rows, tokenizer, d.text_column, d.text_pair_column, d.label_column, names, d.max_length
         )
-        return Examples(examples, rows.source)
-    examples, dropped = data.encode_sft(
+        return Examples(examples, rows.source, truncated=truncated)
+    examples, dropped, truncated = data.encode_sft(
         rows, tokenizer, d.instruction_column, d.input_column, d.response_column, d.template, d.max_length
     )
-    return Examples(examples, rows.source, dropped)
+    return Examples(examples, rows.source, dropped, truncated)
+
+
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    """A finished run's run.json (RunDirError when it is missing or unreadable)."""
+    path = Path(run_dir) / checkpoint.RUN
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: missing; not a finished ftune run") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{path}: cannot be read ({type(e).__name__}); was the run interrupted?") from None
+    if not isinstance(record, dict) or "label_names" not in record:
+        raise RunDirError(f"{path}: not an ftune run record (no label_names)")
+    return record
 
 
 def load_run(run_dir: str | Path):
@@ -75,8 +110,8 @@ def load_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not (run_dir / checkpoint.RECIPE).is_file() or not (run_dir / checkpoint.WEIGHTS).is_file():
         raise RunDirError(f"{run_dir}: not a finished ftune run (needs {checkpoint.RECIPE} and {checkpoint.WEIGHTS})")
-    recipe = load_recipe(run_dir / checkpoint.RECIPE)
-    run = json.loads((run_dir / checkpoint.RUN).read_text())
+    recipe = load_recipe(run_dir / checkpoint.RECIPE, stored=True)
+    run = read_run_record(run_dir)
     tokenizer = models.load_tokenizer(str(run_dir / checkpoint.TOKENIZER))
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
     model = build_model(recipe, source, tokenizer, run["label_names"])

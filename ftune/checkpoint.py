@@ -2,7 +2,8 @@
 
     <output_dir>/
       recipe.yaml            the resolved recipe (after --set)
-      run.json               versions, git sha, seed, command, parameter counts, data sources, label names
+      run.json               versions, git sha, seed, command, parameter counts, data sources, label names (and
+                             under "resumes", each --resume: its command, versions, checkpoint)
       metrics.jsonl          one line per log step and per evaluation
       metrics.json           final metrics
       method.safetensors     the method's weights only (best by train.best_metric, else the last)
@@ -11,6 +12,9 @@
       checkpoints/step-N/    resumable state: method.safetensors, optimizer.pt, state.json
 
 Every file is written to a temporary name, fsynced and renamed, so a crash never leaves half a file behind.
+A checkpoint is written as checkpoints/.step-N.tmp/ and renamed when whole; it counts as complete only with its
+state.json (written last, deleted first). What a kill leaves half-written or half-deleted is ignored, and swept
+away by --resume.
 """
 
 from __future__ import annotations
@@ -58,9 +62,18 @@ def prepare_run_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: boo
     """Make `out` ready. Returns the checkpoint to resume from (or None). Never deletes what is not a run."""
     latest = check_run_dir(out, recipe_yaml, resume=resume, overwrite=overwrite)
     if resume:
+        _sweep_checkpoints(out)
         return latest
-    if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)  # check_run_dir allowed it: an ftune run and --overwrite
+    if out.exists() and any(out.iterdir()):  # check_run_dir allowed it: an ftune run and --overwrite
+        # the recipe goes last (it is replaced below): a kill mid-way leaves a run that --overwrite still accepts,
+        # not a folder check_run_dir refuses as "not an ftune run"
+        for child in out.iterdir():
+            if child.name == RECIPE:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / RECIPE, recipe_yaml)
     return None
@@ -118,16 +131,50 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
         tmp / "optimizer.pt",
     )
-    write_json(tmp / "state.json", state)
+    write_json(tmp / "state.json", state)  # last: its presence is what makes a checkpoint complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
+    rotate_checkpoints(out, keep)
+
+
+def rotate_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints."""
+    for old in complete_checkpoints(out)[:-keep]:
+        _delete_checkpoint(old)
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The checkpoints with a state.json, oldest first."""
+    return sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    done = complete_checkpoints(out)
     return done[-1] if done else None
+
+
+def _delete_checkpoint(folder: Path) -> None:
+    # state.json first: a kill mid-delete then leaves an incomplete folder (ignored, swept on resume), never one
+    # that still looks complete with its weights or optimizer state already gone
+    (folder / "state.json").unlink(missing_ok=True)
+    shutil.rmtree(folder)
+
+
+def _sweep_checkpoints(out: Path) -> None:
+    """Remove what a killed run left half-done: `.step-N.tmp` folders and checkpoints without a state.json."""
+    root = out / "checkpoints"
+    for folder in root.glob(".step-*.tmp"):
+        shutil.rmtree(folder)
+    for folder in root.glob("step-*"):
+        if not (folder / "state.json").is_file():
+            shutil.rmtree(folder)
+
+
+def note_resume(out: Path, checkpoint: Path) -> None:
+    """Add a resume (its command, versions, checkpoint) to run.json, keeping the record of how the run started."""
+    record = json.loads((out / RUN).read_text()) if (out / RUN).is_file() else {}
+    record.setdefault("resumes", []).append({"from": str(checkpoint.relative_to(out)), **run_record({})})
+    write_json(out / RUN, record)
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> dict:

@@ -120,10 +120,13 @@ def evaluate_run(
     if data and not Path(data).exists():
         raise DataError(f"--data: {data} does not exist")
     recipe, model, tokenizer = assemble.load_run(run_dir)
-    names = json.loads((run_dir / "run.json").read_text())["label_names"]
+    names = assemble.read_run_record(run_dir)["label_names"]
     rows = assemble.read_split(recipe, split, [data] if data else None)
-    examples = assemble.encode(recipe, rows, tokenizer, names).examples
-    loader = make_loader(examples, recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
+    encoded = assemble.encode(recipe, rows, tokenizer, names)
+    if encoded.truncated:
+        err.print(f"note: {encoded.truncated} of {len(rows.rows)} rows were cut to data.max_length="
+                  f"{recipe.data.max_length} tokens", soft_wrap=True)
+    loader = make_loader(encoded.examples, recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
                          tokenizer.pad_token_id, recipe.train.seed, shuffle=False)
     device = next(model.parameters()).device
     print(json.dumps({"source": rows.source, **evaluate(model, loader, recipe.task, device)}, indent=2))

@@ -97,34 +97,38 @@ def _limit(rows: Rows, limit: int | None) -> Rows:
     return Rows(rows.rows[:limit], rows.source) if limit else rows
 
 
-def _column(rows: Rows, name: str, field: str) -> list[Any]:
+def _column(rows: Rows, name: str, field: str, blank_ok: bool = True) -> list[Any]:
+    """The column's values; a missing cell (or, unless `blank_ok`, a blank one) is an error naming the row."""
     if name not in rows.rows[0]:
         raise DataError(f"{rows.source}: no column {name!r} (data.{field}); columns: {', '.join(rows.rows[0])}")
     values = [row[name] for row in rows.rows]
     for i, value in enumerate(values):
-        if value is None:
+        if value is None or (not blank_ok and isinstance(value, str) and not value.strip()):
             raise DataError(f"{rows.source} row {i + 1}: {name!r} is empty; fix or drop the row")
     return values
 
 
 def label_names_of(rows: Rows, label_column: str) -> list[str]:
     """Default class names: the sorted distinct training labels, as strings (ids sort numerically)."""
-    values = set(_column(rows, label_column, "label_column"))
+    values = set(_column(rows, label_column, "label_column", blank_ok=False))
     return [str(v) for v in sorted(values, key=lambda v: (isinstance(v, str), v))]
 
 
 def encode_classification(
     rows: Rows, tokenizer, text_column: str, pair_column: str | None, label_column: str,
     label_names: list[str], max_length: int,
-) -> list[dict[str, Any]]:
-    """Token ids and a class id per row. A label outside `label_names` is an error naming the row."""
+) -> tuple[list[dict[str, Any]], int]:
+    """Token ids and a class id per row. A label outside `label_names` is an error naming the row.
+
+    Returns the examples and the number of rows cut to `max_length` (they are kept, truncated).
+    """
     texts = _column(rows, text_column, "text_column")
     pairs = _column(rows, pair_column, "text_pair_column") if pair_column else None
     # a label is a class name, else an integer id into label_names
     index = {name: i for i, name in enumerate(label_names)}
     ids = range(len(label_names))
     labels = []
-    for i, value in enumerate(_column(rows, label_column, "label_column")):
+    for i, value in enumerate(_column(rows, label_column, "label_column", blank_ok=False)):
         key = str(value) if str(value) in index else value
         if key not in index and not (type(value) is int and value in ids):
             raise DataError(
@@ -132,18 +136,25 @@ def encode_classification(
                 "(set data.labels to list every class)"
             )
         labels.append(index.get(key, key))
-    encoded = tokenizer([str(t) for t in texts], [str(p) for p in pairs] if pairs else None,
-                        truncation=True, max_length=max_length)
-    return [{"input_ids": ids, "labels": y} for ids, y in zip(encoded["input_ids"], labels)]
+    texts, pairs = [str(t) for t in texts], [str(p) for p in pairs] if pairs else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
+    # only a row that came out at exactly max_length can have been cut: tokenize those again, uncut, to count
+    full = [i for i, ids in enumerate(encoded) if len(ids) >= max_length]
+    truncated = 0
+    if full:
+        uncut = tokenizer([texts[i] for i in full], [pairs[i] for i in full] if pairs else None, verbose=False)
+        truncated = sum(len(ids) > max_length for ids in uncut["input_ids"])
+    return [{"input_ids": ids, "labels": y} for ids, y in zip(encoded, labels)], truncated
 
 
 def encode_sft(
     rows: Rows, tokenizer, instruction_column: str, input_column: str | None, response_column: str,
     template: str, max_length: int,
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[dict[str, Any]], int, int]:
     """Prompt + response token ids; only response tokens (and the closing EOS) carry loss.
 
-    Returns the examples and the number of rows dropped because truncation left no response token.
+    Returns the examples, the number of rows dropped because truncation left no response token, and the number
+    of rows kept but cut to `max_length`.
     """
     instructions = _column(rows, instruction_column, "instruction_column")
     responses = _column(rows, response_column, "response_column")
@@ -151,7 +162,7 @@ def encode_sft(
     use_chat = template == "chat" or (template == "auto" and tokenizer.chat_template is not None)
     if template == "chat" and tokenizer.chat_template is None:
         raise DataError("data.template: chat, but the tokenizer has no chat template; use alpaca")
-    examples, dropped = [], 0
+    examples, dropped, truncated = [], 0, 0
     for i, (instruction, response) in enumerate(zip(instructions, responses)):
         extra = str(inputs[i]) if inputs and inputs[i] else ""
         if use_chat:
@@ -173,10 +184,11 @@ def encode_sft(
         if all(y == IGNORE_INDEX for y in labels):
             dropped += 1
             continue
+        truncated += len(prompt_ids) + len(answer_ids) > max_length
         examples.append({"input_ids": ids, "labels": labels})
     if not examples:
         raise DataError(f"{rows.source}: every row's prompt fills data.max_length={max_length}; raise it")
-    return examples, dropped
+    return examples, dropped, truncated
 
 
 def collate(pad_token_id: int):

@@ -27,3 +27,7 @@ class MethodError(FtuneError):
 
 class RunDirError(FtuneError):
     """A run directory is missing, incomplete, or would be overwritten."""
+
+
+class TrainingError(FtuneError):
+    """Training cannot go on, e.g. a non-finite loss or gradient norm; nothing of the failing step was saved."""

@@ -17,12 +17,13 @@ PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM
 
 def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     """Fold the method into the base weights and save a plain HF model dir (+ tokenizer)."""
+    out = _check_fresh(out)  # before any loading: a refusal costs nothing
     recipe, model, tokenizer = load_run(run_dir)
     method = METHODS[recipe.method.name]
     if method.merge is None:
         raise MethodError(f"{method.name} adds modules that cannot be folded into the base weights, so there is no "
                           f"merged model; the run dir itself is the model (`ftune eval {run_dir}`)")
-    out = _fresh_dir(out)
+    _make_dir(out)
     method.merge(model)
     model = unwrap_merged(model)
     for p in model.parameters():
@@ -34,6 +35,7 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
 
 def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads."""
+    out = _check_fresh(out)
     recipe, model, tokenizer = load_run(run_dir)
     method = METHODS[recipe.method.name]
     if method.peft_config is None:
@@ -47,18 +49,25 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
                "base_model_name_or_path": recipe.model.name, "inference_mode": True}
     tensors = {f"base_model.model.{n}": p.detach().cpu().contiguous()
                for n, p in model.named_parameters() if p.requires_grad}
-    out = _fresh_dir(out)
+    _make_dir(out)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     return out
 
 
-def _fresh_dir(out: str | Path) -> Path:
+def _check_fresh(out: str | Path) -> Path:
+    """`out` must be new or an empty folder: merge and export never write into (or over) anything else."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out}: exists and is not a directory; choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
         raise RunDirError(f"{out}: exists and is not empty; choose a new directory")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
+def _make_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"{out}: cannot be created ({e.strerror or type(e).__name__})") from None

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from typing_extensions import Annotated
 
 from ftune.errors import RecipeError
@@ -106,6 +115,9 @@ class TrainSpec(_Section):
     """AdamW decoupled weight decay."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the gradient norm to this; null disables clipping."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient norm: stop the run naming the step (the last checkpoint stays intact), or skip
+    that optimizer step (its data is consumed, nothing is applied; counted as skipped_steps in the metrics)."""
     seed: int = 0
     """Seeds initialisation, data order and dropout."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -136,6 +148,24 @@ class Recipe(_Section):
     output_dir: str
     """Run directory; refuses one that holds another run unless --overwrite."""
 
+    @field_validator("output_dir")
+    @classmethod
+    def _own_directory(cls, value: str, info: ValidationInfo) -> str:
+        # --overwrite deletes a run dir: never let that be the filesystem root or the folder the user works in
+        if not value.strip():
+            raise ValueError("is empty; name a new directory for the run, e.g. runs/my-run")
+        try:
+            path = Path(value).expanduser().resolve()
+            cwd = Path.cwd().resolve()
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"is not a usable path ({type(e).__name__})") from None
+        if path == Path(path.anchor):
+            raise ValueError(f"{value!r} is the filesystem root; name a new directory for the run, e.g. runs/my-run")
+        # a stored recipe (eval, merge, export of a finished run) only names where the run was written
+        if path == cwd and not (info.context or {}).get("stored"):
+            raise ValueError(f"{value!r} is the current directory; name a new directory for the run, e.g. runs/my-run")
+        return value
+
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
         if self.train.best_metric and not self.data.validation:
@@ -143,32 +173,53 @@ class Recipe(_Section):
         return self
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply `dotted.key=value` overrides, and validate it (RecipeError on any problem)."""
+def load_recipe(path: str | Path, overrides: list[str] = (), *, stored: bool = False) -> Recipe:
+    """Read a YAML recipe, apply `dotted.key=value` overrides, and validate it (RecipeError on any problem).
+
+    `stored`: the recipe.yaml of a finished run (eval, merge, export), whose output_dir is where the run already is.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (not UTF-8); a recipe is a YAML mapping") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise RecipeError(_one_line(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})")) from None
+    except Exception as e:  # noqa: BLE001 - the YAML constructors raise ValueError etc. on bad tagged scalars
+        reason = _one_line(str(e))[:120] or type(e).__name__
+        raise RecipeError(f"{path}: not valid YAML ({reason})") from None
+    if doc is None:
+        raise RecipeError(f"{path}: is empty; a recipe is a YAML mapping (model:, task:, data:, method:, ...)")
     if not isinstance(doc, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping (model:, task:, data:, method:, ...)")
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (model:, task:, data:, method:, ...), "
+                          f"not a {_yaml_kind(doc)}")
     for item in overrides:
         _set_dotted(doc, item)
-    return validate_recipe(doc, source=str(path))
+    return validate_recipe(doc, source=str(path), stored=stored)
 
 
-def validate_recipe(doc: dict[str, Any], source: str = "recipe") -> Recipe:
+def validate_recipe(doc: dict[str, Any], source: str = "recipe", *, stored: bool = False) -> Recipe:
+    """Validate a parsed recipe document; any problem is a one-line RecipeError naming the field."""
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping (model:, task:, data:, method:, ...), "
+                          f"not a {_yaml_kind(doc)}")
     try:
-        return Recipe.model_validate(doc)
+        return Recipe.model_validate(doc, context={"stored": stored})
     except ValidationError as e:
         # a value that fits no member of a union yields one error per member: the structural ones say most
         errors = sorted(e.errors(), key=lambda err: _RANK.get(err["type"], 2))
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise RecipeError(f"{source}: {_explain(errors[0], doc)}{more}") from None
+        raise RecipeError(_one_line(f"{source}: {_explain(errors[0], doc)}{more}")) from None
+    except RecursionError:  # a YAML alias that contains itself (&a [*a])
+        raise RecipeError(f"{source}: a value refers to itself (a YAML alias inside its own anchor)") from None
 
 
 _RANK = {"union_tag_invalid": 0, "extra_forbidden": 0, "missing": 1}
@@ -180,32 +231,71 @@ def dump_recipe(recipe: Recipe) -> str:
 
 def _set_dotted(doc: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise RecipeError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.lr=3e-4")
     *parents, leaf = key.split(".")
+    if not sep or not all(parents) or not leaf:
+        raise RecipeError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.lr=3e-4")
     node = doc
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"--set {key}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw) if raw else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    except Exception as e:  # noqa: BLE001 - YAMLError, or ValueError from a bad tagged scalar
+        raise RecipeError(_one_line(f"--set {key}: the value {raw!r} is not valid YAML ({type(e).__name__})")) from None
 
 
 def _explain(error: dict[str, Any], doc: dict[str, Any]) -> str:
-    # pydantic puts union members ("str", "HubSource", "lora") into loc; keep only the keys a user wrote
-    loc = [str(p) for p in error["loc"] if not _is_member_tag(p)]
+    loc = _user_loc(error["loc"], doc)
     kind = error["type"]
     if kind == "union_tag_invalid":
-        tag = error.get("ctx", {}).get("tag", "")
+        tag = str(error.get("ctx", {}).get("tag", ""))
         return f"method.name: unknown method {tag!r}{_did_you_mean(tag, METHODS)}; `ftune methods` lists them"
     if kind == "union_tag_not_found":
         return f"method.name: missing; one of {', '.join(METHODS)}"
-    field = ".".join(loc) or "recipe"
-    if kind == "extra_forbidden":
+    field = ".".join(_show_key(p) for p in loc) or "recipe"
+    if kind == "extra_forbidden" and loc:
         return f"{field}: unknown key{_did_you_mean(loc[-1], _known_keys(loc[:-1], doc))}"
     if kind == "missing":
         return f"{field}: required but missing"
-    return f"{field}: {error['msg']} (got {error.get('input')!r})"
+    if kind == "value_error":  # our own validators: their message is the explanation, the input is the section
+        reason = str(error.get("ctx", {}).get("error", error["msg"]))
+        return reason if not loc else f"{field}: {reason}"
+    return f"{field}: {error['msg']} (got {_short(repr(error.get('input')))})"
+
+
+def _user_loc(loc: tuple[Any, ...], doc: Any) -> list[Any]:
+    """The keys a user wrote, from pydantic's error location: walk the document and drop the union members
+    pydantic adds ("str", "HubSource", "lora"), and the list index of a single value it wrapped into a list."""
+    path, node = [], doc
+    for part in loc:
+        in_dict = isinstance(node, dict) and part in node
+        if in_dict or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            node = node[part]
+        elif isinstance(part, int) or _is_member_tag(part):
+            continue
+        else:
+            node = None
+        path.append(part)
+    return path
+
+
+def _show_key(part: Any) -> str:
+    text = str(part)
+    return text if text and all(c.isalnum() or c in "_-" for c in text) else repr(part)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
+
+
+def _yaml_kind(value: Any) -> str:
+    kinds = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _is_member_tag(part: Any) -> bool:
@@ -216,11 +306,12 @@ def _is_member_tag(part: Any) -> bool:
 def _known_keys(parent: list[str], doc: dict[str, Any]) -> list[str]:
     model: Any = Recipe
     if parent[:1] == ["method"]:
-        method = METHODS.get(str(doc.get("method", {}).get("name")))
+        section = doc.get("method")
+        method = METHODS.get(str(section.get("name"))) if isinstance(section, dict) else None
         if method is None:
             return []
         model, parent = method.config_cls, parent[1:]
-    for part in (p for p in parent if not p.isdigit()):
+    for part in (p for p in parent if isinstance(p, str)):
         field = model.model_fields.get(part)
         model = next(iter(_models_in(field.annotation)), None) if field else None
         if model is None:

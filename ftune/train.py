@@ -15,12 +15,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ftune import assemble, checkpoint
 from ftune.data import make_loader
-from ftune.errors import RecipeError
+from ftune.errors import RecipeError, TrainingError
 from ftune.evaluate import evaluate
 from ftune.methods import METHODS
 from ftune.methods.base import count_parameters
 from ftune.recipe import Recipe, dump_recipe
 
+# skipped steps in a row (train.on_nonfinite: skip) that stop the run anyway: the fault is not a passing spike
+MAX_SKIPS_IN_A_ROW = 25
 
 
 def lr_multiplier(kind: str, warmup: int, total: int):
@@ -78,22 +80,28 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     # nothing is written until the recipe, data and model have all loaded
     resume_from = checkpoint.prepare_run_dir(out, dump_recipe(recipe), resume=resume, overwrite=overwrite)
 
-    tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
-    record = {"seed": t.seed, "model_source": source, "trainable_params": n_trainable, "total_params": n_total,
-              "label_names": names, "train_source": train_set.source, "train_examples": len(train_set.examples),
-              "train_rows_dropped": train_set.dropped, "validation_source": val_set and val_set.source,
-              "total_steps": total_steps, "precision": precision, "device": str(accelerator.device)}
-    checkpoint.write_json(out / checkpoint.RUN, checkpoint.run_record(record))
+    if resume_from:  # tokenizer/ and run.json were written before the first checkpoint: keep the run's record
+        checkpoint.note_resume(out, resume_from)
+    else:
+        tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
+        record = {"seed": t.seed, "model_source": source, "trainable_params": n_trainable, "total_params": n_total,
+                  "label_names": names, "train_source": train_set.source, "train_examples": len(train_set.examples),
+                  "train_rows_dropped": train_set.dropped, "validation_source": val_set and val_set.source,
+                  "total_steps": total_steps, "precision": precision, "device": str(accelerator.device)}
+        checkpoint.write_json(out / checkpoint.RUN, checkpoint.run_record(record))
     console.print(f"[bold]{recipe.method.name}[/]: {n_trainable:,} of {n_total:,} parameters train "
                   f"({100 * n_trainable / n_total:.3f}%); {total_steps} steps on {accelerator.device}, {precision}")
 
     # position in the data: optimizer steps done, epoch, micro-batches consumed in that epoch
     # (the loss window is part of it so a resumed run logs the same means as an uninterrupted one)
-    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "train_seconds": 0.0, "window_loss": 0.0, "window_steps": 0}
+    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "train_seconds": 0.0, "window_loss": 0.0, "window_steps": 0,
+           "skipped_steps": 0}
+    resumed_at = None
     if resume_from:
-        pos = checkpoint.load_checkpoint(resume_from, raw_model, optimizer, scheduler)
-        console.print(f"resuming from {resume_from} (step {pos['step']})")
-    _truncate_log(out / "metrics.jsonl", pos["step"])
+        pos = {"skipped_steps": 0} | checkpoint.load_checkpoint(resume_from, raw_model, optimizer, scheduler)
+        resumed_at = pos["step"]
+        console.print(f"resuming from {resume_from} (step {pos['step']})", soft_wrap=True)  # a long path stays whole
+    _truncate_log(out / "metrics.jsonl", pos["step"], total_steps)
 
     def score() -> dict:
         return evaluate(model, val_loader, recipe.task, accelerator.device, accelerator.autocast)
@@ -109,13 +117,20 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             pos["best"] = value
             checkpoint.save_weights(out, raw_model, _weights_meta(recipe, pos["step"], {t.best_metric: value}))
 
+    def stopped(why: str) -> TrainingError:  # the step being taken cannot be: nothing of it is saved
+        latest = checkpoint.latest_checkpoint(out)
+        kept = f"the last checkpoint, {latest.relative_to(out)}, is intact" if latest else "no checkpoint was saved yet"
+        hint = ", or set train.on_nonfinite: skip" if t.on_nonfinite == "stop" else ""
+        return TrainingError(f"step {pos['step'] + 1} of {total_steps}: {why}; training stopped without saving this "
+                             f"step ({kept}). Lower train.lr or check the data{hint}")
+
     model.train()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console,
                         disable=not console.is_terminal, transient=True)
     bar = progress.add_task("train", total=total_steps, completed=pos["step"], stats="")
     window_tokens, window_start, started = 0, time.perf_counter(), time.perf_counter() - pos["train_seconds"]
-    micro = 0
+    micro, step_loss, bad, skips_in_a_row = 0, 0.0, None, 0  # bad: why this optimizer step must not be taken
     with progress:
         while pos["step"] < total_steps:
             train_loader.sampler.set_position(pos["epoch"], pos["batch"] * t.batch_size)
@@ -123,16 +138,33 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
                     loss = model(**batch).loss
-                accelerator.backward(loss / t.grad_accum)
-                pos["window_loss"] += loss.item() / t.grad_accum
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    bad = bad or f"non-finite loss ({loss_value})"
+                    if t.on_nonfinite == "stop":
+                        raise stopped(bad)
+                elif not bad:  # a step already known bad is dropped whole: its other micro-batches need no backward
+                    accelerator.backward(loss / t.grad_accum)
+                    step_loss += loss_value / t.grad_accum
                 window_tokens += int(batch["attention_mask"].sum())
                 pos["batch"] += 1
                 micro += 1
                 if micro % t.grad_accum:
                     continue  # still accumulating this step's gradient
 
-                if t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                bad = bad or _clip_and_check(accelerator, model, t.max_grad_norm)
+                if bad:  # nothing of this step reaches the weights, the optimizer or the scheduler
+                    if t.on_nonfinite == "stop":
+                        raise stopped(bad)
+                    optimizer.zero_grad(set_to_none=True)
+                    pos["skipped_steps"] += 1
+                    skips_in_a_row += 1
+                    console.print(f"step {pos['step'] + 1}: {bad}; skipped (train.on_nonfinite: skip)", soft_wrap=True)
+                    if skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                        raise stopped(f"{skips_in_a_row} steps in a row skipped, the last for a {bad}")
+                    step_loss, bad = 0.0, None
+                    continue
+                skips_in_a_row = 0
                 optimizer.step()
                 scheduler.step()
                 if method.on_step_end:
@@ -140,13 +172,16 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                 optimizer.zero_grad(set_to_none=True)
                 pos["step"] += 1
                 pos["window_steps"] += 1
+                pos["window_loss"] += step_loss
+                step_loss = 0.0
                 step = pos["step"]
                 pos["train_seconds"] = time.perf_counter() - started
 
                 if step % t.log_every == 0 or step == total_steps:
                     span = time.perf_counter() - window_start
                     entry = {"step": step, "loss": pos["window_loss"] / pos["window_steps"], "lr": scheduler.get_last_lr()[0],
-                             "tokens_per_s": window_tokens / span, "epoch": pos["epoch"]}
+                             "tokens_per_s": window_tokens / span, "epoch": pos["epoch"],
+                             "skipped_steps": pos["skipped_steps"]}
                     log(entry)
                     progress.update(bar, stats=f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:,.0f} tok/s")
                     pos["window_loss"], pos["window_steps"] = 0.0, 0
@@ -173,9 +208,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         checkpoint.save_weights(out, raw_model, _weights_meta(recipe, pos["step"], final))
     else:
         keep_if_best(final)
-    checkpoint.save_checkpoint(out, pos["step"], raw_model, optimizer, scheduler, pos, t.keep_checkpoints)
-    result = {"step": pos["step"], "train_seconds": round(pos["train_seconds"], 2), "trainable_params": n_trainable,
-              "total_params": n_total, "validation": final, "best": {t.best_metric: pos["best"]} if t.best_metric else None}
+    if pos["step"] != resumed_at:
+        checkpoint.save_checkpoint(out, pos["step"], raw_model, optimizer, scheduler, pos, t.keep_checkpoints)
+    else:  # resumed from the final checkpoint: re-saving it would delete the only copy first; just finish its
+        checkpoint.rotate_checkpoints(out, t.keep_checkpoints)  # rotation, which a kill may have cut short
+    result = {"step": pos["step"], "skipped_steps": pos["skipped_steps"], "train_seconds": round(pos["train_seconds"], 2),
+              "trainable_params": n_trainable, "total_params": n_total, "validation": final,
+              "best": {t.best_metric: pos["best"]} if t.best_metric else None}
     if method.report:  # read after the final evaluation, which the report may summarise
         result["method_report"] = method.report(raw_model)
         checkpoint.write_json(out / "method_report.json", result["method_report"])
@@ -187,8 +226,37 @@ def _weights_meta(recipe: Recipe, step: int, metrics: dict) -> dict:
     return {"method": recipe.method.name, "config": recipe.method.model_dump(mode="json"), "step": step, "metrics": metrics}
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past `step`: a resumed run rewrites them, exactly as the uninterrupted run would."""
+def _clip_and_check(accelerator: Accelerator, model: torch.nn.Module, max_norm: float | None) -> str | None:
+    """Clip the gradient norm to `max_norm` (if set); returns why the step must be dropped if the norm is not finite.
+
+    Without clipping the norm is still computed (one small reduction per parameter). fp16 is left to its loss scaler,
+    which skips overflowing steps and lowers the scale itself: routine early in training, not an error.
+    """
+    if max_norm:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    elif accelerator.scaler is None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+    else:
+        return None
+    if norm is None or accelerator.scaler is not None or math.isfinite(float(norm)):
+        return None
+    return f"non-finite gradient norm ({float(norm)})"
+
+
+def _truncate_log(path: Path, step: int, total_steps: int) -> None:
+    """Drop log lines past `step`: a resumed run rewrites them, exactly as the uninterrupted run would.
+
+    The final evaluation (a validation line at total_steps) is always rerun, so a run resumed from its final
+    checkpoint drops that line too rather than log it twice. Appending is not atomic: a kill can leave a torn last line.
+    """
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        checkpoint.write_text(path, "".join(line + "\n" for line in lines))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line from a killed run: it was past the checkpoint, and is rewritten
+            if entry["step"] <= step and not ("validation" in entry and entry["step"] >= total_steps):
+                kept.append(line + "\n")
+        checkpoint.write_text(path, "".join(kept))

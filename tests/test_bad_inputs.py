@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import recipe_doc, write_recipe
 from typer.testing import CliRunner
@@ -25,6 +26,7 @@ class Env:
     bert: Path
     cls: Path
     run: Path  # a finished `full` run (tiny BERT), shared: cases must never change it
+    adapter: Path  # a finished `adapter` run (tiny BERT), shared as well
     tmp: Path
 
     def doc(self, **train) -> dict:
@@ -44,6 +46,16 @@ class Env:
 def full_run(tiny_bert, cls_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad-inputs-run")
     doc = recipe_doc("cls", tiny_bert, cls_data, root / "run", method={"name": "full"}, max_steps=2)
+    result = runner.invoke(app, ["train", str(write_recipe(root / "recipe.yaml", doc))])
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_bert, cls_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad-inputs-adapter-run")
+    method = {"name": "adapter", "bottleneck": 4}
+    doc = recipe_doc("cls", tiny_bert, cls_data, root / "run", method=method, max_steps=1)
     result = runner.invoke(app, ["train", str(write_recipe(root / "recipe.yaml", doc))])
     assert result.exit_code == 0, result.output
     return root / "run"
@@ -104,6 +116,99 @@ def _plain_dir(env: Env) -> list:
     return ["eval", env.tmp / "plain-dir"]
 
 
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _with(env: Env, section: str, value) -> list:
+    """Train a recipe whose `section` is replaced outright (not merged into the default)."""
+    return env.train(env.doc() | {section: value})
+
+
+def _without_validation(env: Env, **train) -> list:
+    doc = env.doc(**train)
+    del doc["data"]["validation"]
+    return env.train(doc)
+
+
+def _cls_rows(env: Env, split: str = "train") -> list[str]:
+    return (env.cls / f"{split}.tsv").read_text().splitlines()
+
+
+def _empty_label_cell(env: Env) -> list:
+    rows = _cls_rows(env)
+    rows[2] = rows[2].rsplit("\t", 1)[0] + "\t"  # second data row: the label cell is empty
+    return env.train(data={"train": str(_tsv(env.tmp / "train.tsv", rows))})
+
+
+def _validation_without_text_column(env: Env) -> list:
+    rows = _cls_rows(env, "validation")
+    rows[0] = "text\tlabel"
+    return env.train(data={"validation": str(_tsv(env.tmp / "validation.tsv", rows))})
+
+
+def _garbage(env: Env, name: str, size: int = 512) -> str:
+    path = env.tmp / name
+    path.write_bytes(bytes(range(256)) * (size // 256))
+    return str(path)
+
+
+def _model_with_corrupt_config(env: Env) -> list:
+    folder = shutil.copytree(env.bert, env.tmp / "corrupt-config")
+    (folder / "config.json").write_text('{"model_type": "bert", ')
+    return env.train(model={"name": str(folder)})
+
+
+def _run_copy(env: Env, source: Path, name: str = "copy") -> Path:
+    return shutil.copytree(source, env.tmp / name)
+
+
+def _truncated_weights(env: Env) -> list:
+    copy = _run_copy(env, env.run)
+    weights = copy / "method.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return ["eval", copy]
+
+
+def _pickled_weights(env: Env) -> list:
+    copy = _run_copy(env, env.run)
+    torch.save({"classifier.weight": torch.zeros(2, 32)}, copy / "method.safetensors")
+    return ["eval", copy]
+
+
+def _other_methods_weights(env: Env, command: str) -> list:
+    """An adapter run's recipe beside a full run's weights: the weights do not fit the model the recipe builds."""
+    copy = _run_copy(env, env.run)
+    shutil.copy(env.adapter / "recipe.yaml", copy / "recipe.yaml")
+    return {"eval": ["eval", copy], "merge": ["merge", copy, env.tmp / "merged"],
+            "export": ["export", copy, env.tmp / "exported", "--format", "hf"]}[command]
+
+
+def _eval_without_validation(env: Env) -> list:
+    copy = _run_copy(env, env.run)
+    doc = yaml.safe_load((copy / "recipe.yaml").read_text())
+    del doc["data"]["validation"]
+    write_recipe(copy / "recipe.yaml", doc)
+    return ["eval", copy]
+
+
+def _run_without(env: Env, name: str) -> list:
+    copy = _run_copy(env, env.run)
+    path = copy / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return ["eval", copy]
+
+
+def _corrupt_run_record(env: Env) -> list:
+    copy = _run_copy(env, env.run)
+    (copy / "run.json").write_text('{"seed": 0, ')
+    return ["eval", copy]
+
+
+CPU_ONLY = {"fp16-on-cpu"}  # cases that are bad inputs only on a machine without CUDA
+
+
 # id: (arguments built from Env, exit code, substrings the one stderr line must hold)
 CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     "unknown-key": (lambda e: e.train(train={"lrr": 0.1}), 2, ["train.lrr", "unknown key", "'lr'"]),
@@ -151,6 +256,127 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     "eval-data-missing": (
         lambda e: ["eval", e.run, "--data", e.tmp / "absent.jsonl"], 1, ["absent.jsonl", "--data"],
     ),
+    # malformed recipe files
+    "yaml-tab-indentation": (
+        lambda e: ["train", _text(e.tmp / "tabs.yaml", "model:\n\tname: x\ntask: causal_lm\n")],
+        2, ["tabs.yaml", "line 2", "not valid YAML"],
+    ),
+    "yaml-unclosed-bracket": (
+        lambda e: ["train", _text(e.tmp / "open.yaml", "task: causal_lm\nmethod: {name: lora, r: [4\n")],
+        2, ["open.yaml", "not valid YAML"],
+    ),
+    "yaml-bad-tagged-scalar": (
+        lambda e: ["train", _text(e.tmp / "tag.yaml", "train: {lr: !!float fast}\n")], 2, ["tag.yaml", "not valid YAML"],
+    ),
+    "yaml-list-not-mapping": (
+        lambda e: ["train", _text(e.tmp / "list.yaml", "- model\n- task\n")], 2, ["list.yaml", "mapping", "not a list"],
+    ),
+    "recipe-empty": (lambda e: ["train", _text(e.tmp / "empty.yaml", "")], 2, ["empty.yaml", "is empty", "mapping"]),
+    "recipe-binary": (lambda e: ["train", _garbage(e, "binary.yaml")], 2, ["binary.yaml", "not a text file"]),
+    # unknown keys, per section
+    "unknown-key-model": (lambda e: e.train(model={"nmae": "x"}), 2, ["model.nmae", "unknown key", "'name'"]),
+    "unknown-key-data": (lambda e: e.train(data={"text_colum": "x"}), 2, ["data.text_colum", "'text_column'"]),
+    "unknown-key-method": (lambda e: e.train(method={"rank": 4}), 2, ["method.rank", "unknown key", "'r'"]),
+    "unknown-key-hub-source": (
+        lambda e: e.train(data={"train": {"hub": "glue", "split": "train", "confg": "sst2"}}),
+        2, ["data.train.confg", "'config'"],
+    ),
+    "unknown-top-level-key": (lambda e: e.train(e.doc() | {"Model": {}}), 2, ["Model", "unknown key", "'model'"]),
+    "unknown-task": (
+        lambda e: e.train(task="token_classification"), 2, ["task", "'token_classification'", "'causal_lm'"],
+    ),
+    "method-name-missing": (lambda e: _with(e, "method", {"r": 4}), 2, ["method.name", "missing", "lora"]),
+    "set-unknown-section": (lambda e: e.train(None, "--set", "trian.lr=0.1"), 2, ["trian", "unknown key", "'train'"]),
+    "set-bad-yaml-value": (lambda e: e.train(None, "--set", "train.lr=[1"), 2, ["--set train.lr", "not valid YAML"]),
+    # wrong types, per section
+    "wrong-type-model": (
+        lambda e: e.train(model={"trust_remote_code": "maybe"}), 2, ["model.trust_remote_code", "'maybe'"],
+    ),
+    "wrong-type-data": (lambda e: e.train(data={"max_length": "long"}), 2, ["data.max_length", "'long'"]),
+    "wrong-type-data-labels": (lambda e: e.train(data={"labels": "neg,pos"}), 2, ["data.labels", "list", "'neg,pos'"]),
+    "wrong-type-method": (lambda e: e.train(method={"r": "four"}), 2, ["method.r", "integer", "'four'"]),
+    "wrong-type-section": (lambda e: _with(e, "train", "fast"), 2, ["train", "dictionary", "'fast'"]),
+    "hub-source-without-split": (
+        lambda e: e.train(data={"train": {"hub": "nyu-mll/glue"}}), 2, ["data.train.split", "required"],
+    ),
+    # out of range
+    "grad-accum-zero": (lambda e: e.train(train={"grad_accum": 0}), 2, ["train.grad_accum", "greater than 0"]),
+    "warmup-ratio-above-one": (lambda e: e.train(train={"warmup_ratio": 1.5}), 2, ["train.warmup_ratio", "1.5"]),
+    "max-length-zero": (lambda e: e.train(data={"max_length": 0}), 2, ["data.max_length", "greater than 0"]),
+    "lora-dropout-one": (lambda e: e.train(method={"dropout": 1.0}), 2, ["method.dropout", "less than 1"]),
+    # conflicting options
+    "best-metric-without-validation": (
+        lambda e: _without_validation(e, best_metric="accuracy"), 2, ["train.best_metric", "data.validation"],
+    ),
+    "layers-selects-nothing": (
+        lambda e: _with(e, "method", {"name": "layers", "top_k": 0}), 2, ["method", "top_k", "module_types"],
+    ),
+    "fp16-on-cpu": (lambda e: e.train(train={"precision": "fp16"}), 2, ["train.precision", "fp16", "CUDA"]),
+    "output-dir-empty": (lambda e: e.train(e.doc() | {"output_dir": ""}), 2, ["output_dir", "empty"]),
+    "output-dir-root": (lambda e: e.train(e.doc() | {"output_dir": "/"}), 2, ["output_dir", "root"]),
+    "output-dir-cwd": (lambda e: e.train(e.doc() | {"output_dir": "."}), 2, ["output_dir", "current directory"]),
+    # data files
+    "parquet-garbage": (
+        lambda e: e.train(data={"train": _garbage(e, "train.parquet")}), 1, ["train.parquet", "cannot be read as parquet"],
+    ),
+    "csv-ragged-rows": (
+        lambda e: e.train(data={"train": str(_text(e.tmp / "train.csv", "sentence,label\ngood film,1\nbad film,0,x\n"))}),
+        1, ["train.csv", "cannot be read as csv", "line 3"],
+    ),
+    "csv-short-row": (
+        lambda e: e.train(data={"train": str(_text(e.tmp / "train.csv", "sentence,label\ngood film,1\nbad film\n"))}),
+        1, ["train.csv row 2", "'label'", "empty"],
+    ),
+    "unsupported-extension": (
+        lambda e: e.train(data={"train": str(_text(e.tmp / "train.txt", "good film\t1\n"))}),
+        1, ["train.txt", "unsupported file type", ".jsonl"],
+    ),
+    "label-cell-empty": (_empty_label_cell, 1, ["train.tsv row 2", "'label'", "empty"]),
+    "label-outside-data-labels": (
+        lambda e: e.train(data={"labels": ["neg"]}), 1, ["train.tsv row 2", "label 1", "data.labels"],
+    ),
+    "text-column-missing-in-validation": (
+        _validation_without_text_column, 1, ["validation.tsv", "'sentence'", "data.text_column"],
+    ),
+    # models
+    "model-corrupt-config": (_model_with_corrupt_config, 1, ["model.name", "corrupt-config", "config"]),
+    "gguf-file-missing": (
+        lambda e: e.train(model={"gguf_file": str(e.tmp / "absent.gguf")}), 1, ["model.gguf_file", "absent.gguf"],
+    ),
+    "gguf-path-missing": (
+        lambda e: e.train(model={"name": str(e.tmp / "absent.gguf")}), 1, ["model.name", "absent.gguf"],
+    ),
+    # run dirs for eval, merge, export
+    "eval-truncated-weights": (_truncated_weights, 1, ["method.safetensors", "cannot be read"]),
+    "eval-pickled-weights": (_pickled_weights, 1, ["method.safetensors", "cannot be read"]),
+    "eval-weights-of-another-method": (
+        lambda e: _other_methods_weights(e, "eval"), 1, ["method.safetensors", "does not fit"],
+    ),
+    "merge-weights-of-another-method": (
+        lambda e: _other_methods_weights(e, "merge"), 1, ["method.safetensors", "does not fit"],
+    ),
+    "export-weights-of-another-method": (
+        lambda e: _other_methods_weights(e, "export"), 1, ["method.safetensors", "does not fit"],
+    ),
+    "merge-adapter-run": (lambda e: ["merge", e.adapter, e.tmp / "merged"], 1, ["adapter", "cannot be folded"]),
+    "export-peft-of-adapter": (
+        lambda e: ["export", e.adapter, e.tmp / "peft", "--format", "peft"], 1, ["peft", "adapter", "--format hf"],
+    ),
+    "export-into-a-run": (lambda e: ["export", e.run, e.adapter, "--format", "hf"], 1, ["not empty", "new directory"]),
+    "eval-run-record-missing": (lambda e: _run_without(e, "run.json"), 1, ["run.json", "missing"]),
+    "eval-run-record-corrupt": (_corrupt_run_record, 1, ["run.json", "cannot be read"]),
+    "eval-tokenizer-missing": (lambda e: _run_without(e, "tokenizer"), 1, ["copy/tokenizer", "cannot load a tokenizer"]),
+    "merge-into-a-file": (
+        lambda e: ["merge", e.run, _text(e.tmp / "merged.txt", "mine\n")], 1, ["merged.txt", "not a directory"],
+    ),
+    "export-under-a-file": (
+        lambda e: ["export", e.run, _text(e.tmp / "file", "mine\n") / "out", "--format", "hf"],
+        1, ["file/out", "cannot be created"],
+    ),
+    "eval-split-unknown": (lambda e: ["eval", e.run, "--split", "test"], 2, ["--split test", "no test split", "--data"]),
+    "eval-split-without-validation": (
+        _eval_without_validation, 2, ["--split validation", "data.validation", "--data"],
+    ),
 }
 
 
@@ -158,12 +384,19 @@ def _snapshot(*roots: Path) -> dict[Path, tuple[int, bytes]]:
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for root in roots for p in root.rglob("*") if p.is_file()}
 
 
+def test_the_catalogue_is_large():
+    assert len(CASES) >= 45
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(case, tiny_bert, cls_data, full_run, tmp_path):
+def test_bad_input(case, tiny_bert, cls_data, full_run, adapter_run, tmp_path, monkeypatch):
+    if case in CPU_ONLY and torch.cuda.is_available():
+        pytest.skip("a bad input only without CUDA")
+    monkeypatch.chdir(tmp_path)  # relative paths a case might write land in its own folder, under the snapshot
     build, code, needles = CASES[case]
-    env = Env(tiny_bert, cls_data, full_run, tmp_path)
+    env = Env(tiny_bert, cls_data, full_run, adapter_run, tmp_path)
     args = [str(a) for a in build(env)]
-    before = _snapshot(tmp_path, full_run, cls_data)
+    before = _snapshot(tmp_path, full_run, adapter_run, cls_data)
 
     result = runner.invoke(app, args)
 
@@ -174,12 +407,12 @@ def test_bad_input(case, tiny_bert, cls_data, full_run, tmp_path):
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert _snapshot(tmp_path, full_run, cls_data) == before  # nothing written, nothing overwritten
+    assert _snapshot(tmp_path, full_run, adapter_run, cls_data) == before  # nothing written, nothing overwritten
 
 
-def test_overwrite_replaces_a_run(full_run, tiny_bert, cls_data, tmp_path):
+def test_overwrite_replaces_a_run(full_run, adapter_run, tiny_bert, cls_data, tmp_path):
     """The refusal above is lifted by --overwrite: the old run is replaced by the new one."""
-    env = Env(tiny_bert, cls_data, full_run, tmp_path)
+    env = Env(tiny_bert, cls_data, full_run, adapter_run, tmp_path)
     copy = _copy_run(env)
     (copy / "metrics.jsonl").write_text("")  # an old run's file, to see it replaced
     recipe = env.recipe(env.doc(max_steps=1) | {"output_dir": str(copy)})
@@ -188,3 +421,74 @@ def test_overwrite_replaces_a_run(full_run, tiny_bert, cls_data, tmp_path):
     assert yaml.safe_load((copy / "recipe.yaml").read_text())["train"]["max_steps"] == 1
     assert (copy / "metrics.jsonl").read_text().strip()
     assert [p.name for p in (copy / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+# Over-long rows are not an error: they are cut to data.max_length, and counted so the run record can say so.
+
+
+def _cls_rows_of(texts: list[str], pairs: list[str] | None = None):
+    from ftune.data import Rows
+
+    rows = [{"sentence": t, "label": i % 2} | ({"pair": pairs[i]} if pairs else {}) for i, t in enumerate(texts)]
+    return Rows(rows, "rows.tsv")
+
+
+def test_classification_counts_truncated_rows(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from ftune.data import encode_classification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    # [CLS] + words + [SEP]: 5, exactly 8 (fits, not cut), 22 and 9 tokens (cut)
+    texts = ["good film was", "good film was a plot and", " ".join(["good"] * 20), "good film was a plot and very"]
+    examples, truncated = encode_classification(_cls_rows_of(texts), tokenizer, "sentence", None, "label", ["0", "1"], 8)
+    assert [len(e["input_ids"]) for e in examples] == [5, 8, 8, 8]
+    assert truncated == 2
+    # sentence pairs: the pair's length counts as well
+    examples, truncated = encode_classification(
+        _cls_rows_of(["good", "good film"], ["bad", " ".join(["bad"] * 10)]), tokenizer, "sentence", "pair", "label",
+        ["0", "1"], 8,
+    )
+    assert truncated == 1 and [len(e["input_ids"]) for e in examples] == [5, 8]
+
+
+def test_sft_counts_truncated_and_dropped_rows(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from ftune.data import IGNORE_INDEX, Rows, encode_sft
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    row = {"instruction": "repeat the word", "input": "good", "output": "yes"}
+    (probe,), _, _ = encode_sft(Rows([row], "x"), tokenizer, "instruction", "input", "output", "alpaca", 1000)
+    prompt = probe["labels"].count(IGNORE_INDEX)
+    rows = [row,  # response + EOS: exactly fills prompt + 2
+            row | {"output": "yes yes yes"},  # cut, kept
+            row | {"instruction": "repeat the word please say the answer"}]  # the prompt alone is too long: dropped
+    examples, dropped, truncated = encode_sft(Rows(rows, "x"), tokenizer, "instruction", "input", "output", "alpaca",
+                                              prompt + 2)
+    assert (len(examples), dropped, truncated) == (2, 1, 1)
+    assert all(len(e["input_ids"]) == prompt + 2 for e in examples)
+
+
+def test_examples_carry_the_counts(tiny_bert, cls_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ftune import assemble
+    from ftune.recipe import validate_recipe
+
+    long_rows = ["sentence\tlabel"] + [f"{' '.join(['good'] * (3 + 4 * i))}\t{i % 2}" for i in range(6)]
+    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "out")
+    doc["data"] |= {"train": str(_tsv(tmp_path / "train.tsv", long_rows)), "max_length": 12}
+    recipe = validate_recipe(doc)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    encoded = assemble.encode(recipe, assemble.read_split(recipe, "train"), tokenizer, ["0", "1"])
+    # 2 + 3, 7, 11, 15, 19, 23 words: the last four exceed 12 tokens
+    assert (encoded.truncated, encoded.dropped, len(encoded.examples)) == (4, 0, 6)
+
+
+def test_eval_reports_truncated_rows(full_run, tmp_path):
+    long_rows = ["sentence\tlabel"] + [f"{' '.join(['good'] * 40)}\t1", "good film\t0"]
+    result = runner.invoke(app, ["eval", str(full_run), "--data", str(_tsv(tmp_path / "long.tsv", long_rows))])
+    assert result.exit_code == 0, result.output
+    assert "note: 1 of 2 rows were cut to data.max_length=32" in result.stderr
+    assert '"examples": 2' in result.stdout
