@@ -1,0 +1,488 @@
+"""Kill and resume: `python -m ftune train` is killed with SIGKILL at pseudo-random moments and resumed until it
+finishes; it must end exactly where an uninterrupted run of the same recipe ends.
+
+Per case, 7 kills (seeded): start, save, then step, step, clock, save shuffled, then final. The kinds:
+  start  the first run, a random moment after recipe.yaml appears (mostly before the first checkpoint)
+  clock  a random moment in the start-up (imports, model load) of a resumed run
+  step   a random moment just after the run logs a randomly chosen step (training, evaluation or a save)
+  save   the moment a chosen checkpoint's `.step-N.tmp` folder (or one of its files) appears: inside the write
+  final  the moment the final checkpoint is complete: the resume then starts from the final checkpoint
+After every kill, each complete checkpoint (one with state.json) must load: a kill during a save leaves the
+previous checkpoints intact. A run with no complete checkpoint must refuse --resume (exit 1, one line) and is
+started again with --overwrite.
+
+The uninterrupted reference runs in its own output_dir (recipe.yaml differs there only in output_dir): the final
+method.safetensors must be bitwise equal (its tensor bytes; the header is compared parsed, see _safetensors_parts),
+metrics.json "validation" equal, and metrics.jsonl equal but for tokens_per_s. A summary table goes to stdout (pytest -s) and, as JSON, to the pytest temp dir.
+
+Each process start costs seconds of imports, so the cases run two at a time (this is sized for a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from conftest import recipe_doc, write_recipe
+from safetensors.torch import load_file
+from torch import nn
+
+from ftune import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 1729
+MAX_STEPS, EVAL_EVERY = 8, 2
+CASES = {  # kind of data, method, train settings
+    "lora-cls": ("cls", {"name": "lora", "r": 4, "dropout": 0.1}, {"save_every": 1, "keep_checkpoints": 2}),
+    "full-sft": ("sft", {"name": "full"}, {"save_every": 2, "keep_checkpoints": 1}),
+    "adapter-drop-cls": ("cls", {"name": "adapter_drop", "placement": "houlsby", "bottleneck": 4, "drop_first": 1,
+                                 "robust": True},
+                         {"save_every": 1, "keep_checkpoints": 3, "grad_accum": 2, "best_metric": "loss",
+                          "best_mode": "min"}),
+}
+MIDDLE_KILLS = ["save", "step", "step", "clock"]  # shuffled per case, after "start" and "save", before "final"
+STARTED = "parameters train"  # stderr, printed once the run dir is prepared (and swept, when resuming)
+PHASES = ["before first checkpoint", "start-up of a resumed run", "training", "evaluation", "checkpoint write",
+          "after final checkpoint"]
+TIMEOUT = 120.0
+
+
+@dataclass
+class Case:
+    name: str
+    recipe: Path
+    out: Path
+    save_steps: list[int]
+    keep: int
+    rng: random.Random
+    reference_recipe: Path | None = None
+    reference: Path | None = None
+    startup_s: float = 0.0  # reference: launch to STARTED
+    per_step_s: float = 0.0  # reference: the rest, per step
+    kills: list[dict] = field(default_factory=list)
+    resumes: int = 0
+    refused_resume: int = 0
+    finished_early: int = 0
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "FTUNE_DEBUG"}
+    # one thread per process: two processes run at once on two cores, and tiny models gain nothing from more;
+    # the reference runs the same way, so the results compare exactly
+    return env | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _launch(recipe: Path, flags: list[str], stderr: Path) -> subprocess.Popen:
+    with open(stderr, "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "ftune", "train", str(recipe), *flags], cwd=REPO, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
+def _wait(proc: subprocess.Popen, condition, interval: float) -> bool:
+    """Poll `condition` until it holds (True) or the process has ended (False)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return condition()
+        time.sleep(interval)
+    proc.kill()
+    raise AssertionError(f"no progress in {TIMEOUT:.0f} s")
+
+
+def _complete(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+
+
+def _tmp_dirs(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob(".step-*.tmp"))
+
+
+def _log_lines(out: Path) -> list[str]:
+    path = out / "metrics.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _step_of(name: str) -> int:
+    return int(name.split("-")[1].split(".")[0])
+
+
+def _assert_checkpoints_load(out: Path, context: str) -> None:
+    """Every complete checkpoint opens: safetensors weights, optimizer state (weights_only), state.json."""
+    for folder in _complete(out):
+        try:
+            tensors = load_file(folder / checkpoint.WEIGHTS)
+            saved = torch.load(folder / "optimizer.pt", weights_only=True)
+            state = json.loads((folder / "state.json").read_text())
+        except Exception as e:  # noqa: BLE001 - any failure here is the finding
+            raise AssertionError(f"{context}: {folder.name} is complete but does not load: {e!r}") from None
+        assert tensors and {"optimizer", "scheduler", "rng"} <= saved.keys(), f"{context}: {folder.name}"
+        assert state["step"] == _step_of(folder.name), f"{context}: {folder.name}"
+
+
+def _phase(case: Case, stderr: str) -> str:
+    """Where the kill landed, read from what is on disk (heuristic except for checkpoint writes)."""
+    out = case.out
+    if STARTED in stderr and _tmp_dirs(out):  # made by the run just killed: a resume sweeps stale ones first
+        return "checkpoint write"
+    if not _complete(out):
+        return "before first checkpoint"
+    if STARTED not in stderr:
+        return "start-up of a resumed run"
+    if (out / "checkpoints" / f"step-{MAX_STEPS:08d}" / "state.json").is_file():
+        return "after final checkpoint"
+    lines = _log_lines(out)
+    try:
+        last = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        return "training"  # a torn line: counted separately
+    if "loss" in last and (last["step"] % EVAL_EVERY == 0 or last["step"] == MAX_STEPS):
+        return "evaluation"  # a step that evaluates is logged, its evaluation is not yet
+    return "training"
+
+
+def _flags(case: Case) -> list[str]:
+    """--resume from a complete checkpoint; otherwise resume must refuse cleanly, and the run starts over."""
+    out = case.out
+    if _complete(out):
+        return ["--resume"]
+    if not out.exists() or not any(out.iterdir()):
+        return []
+    if case.refused_resume == 0:  # once per case: the refusal costs a process start
+        log = out.parent / f"{case.name}-refuse.err"
+        proc = _launch(case.recipe, ["--resume"], log)
+        assert proc.wait(timeout=TIMEOUT) == 1, log.read_text()
+        lines = log.read_text().strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in lines[0], lines
+        assert lines[0].startswith("error: --resume:") and ("no complete checkpoint" in lines[0]
+                                                             or "no run to resume" in lines[0]), lines[0]
+        case.refused_resume += 1
+    return ["--overwrite"]
+
+
+def _kill_once(case: Case, kind: str, attempt: int) -> dict | None:
+    """One attempt killed at a point chosen by `kind`; None if the run finished before the kill."""
+    out, rng = case.out, case.rng
+    flags = _flags(case)
+    resume_step = _step_of(_complete(out)[-1].name) if flags == ["--resume"] else 0
+    detail = {}
+    if kind in ("step", "save") and resume_step >= MAX_STEPS - 1:
+        # a kill landed late: no step or save left to aim at, only a resumed run's start-up
+        kind, detail["planned"] = "clock", kind
+    before = set(_log_lines(out))
+    err = out.parent / f"{case.name}-{attempt}.err"
+    launched = time.monotonic()
+    proc = _launch(case.recipe, flags, err)
+    started = lambda: STARTED in err.read_text()
+
+    if kind == "start":
+        delay = rng.uniform(0.0, 0.1)
+        reached = _wait(proc, (out / checkpoint.RECIPE).is_file, 0.005)
+        if reached:
+            time.sleep(delay)
+        detail["delay_s"] = round(delay, 3)
+    elif kind == "clock":
+        delay = rng.uniform(0.3, 1.0) * case.startup_s
+        reached = _wait(proc, lambda: time.monotonic() >= launched + delay, 0.005)
+        detail["after_s"] = round(delay, 2)
+    elif kind == "step":  # one of the next two steps, never the last: progress is slow enough for every kill to land
+        target = min(resume_step + rng.randint(1, 2), MAX_STEPS - 1)
+        delay = rng.uniform(0.0, case.per_step_s)
+
+        def logged() -> bool:  # a line this attempt wrote (timing makes each one new) at or past the target
+            for line in _log_lines(out)[-3:]:
+                try:
+                    if line not in before and "tokens_per_s" in line and json.loads(line)["step"] >= target:
+                        return True
+                except json.JSONDecodeError:
+                    pass  # read while being appended
+            return False
+
+        reached = _wait(proc, logged, 0.002)
+        if reached:
+            time.sleep(delay)
+        detail |= {"target_step": target, "delay_s": round(delay, 3)}
+    elif kind == "save":
+        ahead = [s for s in case.save_steps if s > resume_step]
+        target = rng.choice(ahead[:-1][:2] or ahead)  # one of the next two saves, the final one only if it is all
+        inside = rng.choice(["(folder)", checkpoint.WEIGHTS, "optimizer.pt", checkpoint.METHOD_META])
+        tmp = out / "checkpoints" / f".step-{target:08d}.tmp"
+        mark = tmp if inside == "(folder)" else tmp / inside
+        done = out / "checkpoints" / f"step-{target:08d}" / "state.json"  # newer than any complete one at launch
+        # should the poll miss the write (a busy CPU), it kills just after it rather than let the run finish
+        reached = _wait(proc, started, 0.005) and _wait(proc, lambda: mark.exists() or done.exists(), 0.0002)
+        detail |= {"target_step": target, "at": inside}
+    elif kind == "final":
+        final = out / "checkpoints" / f"step-{MAX_STEPS:08d}" / "state.json"
+        reached = _wait(proc, started, 0.005) and _wait(proc, final.is_file, 0.0005)
+    else:
+        raise ValueError(kind)
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    rc = proc.wait(timeout=TIMEOUT)
+    stderr = err.read_text()
+    if rc == 0:
+        case.finished_early += 1
+        return None
+    assert rc == -signal.SIGKILL, f"{case.name} attempt {attempt} ({kind}) failed on its own (rc {rc}):\n{stderr}"
+    if flags == ["--resume"]:
+        case.resumes += 1
+
+    context = f"{case.name} attempt {attempt} ({kind})"
+    _assert_checkpoints_load(out, context)
+    torn = 0
+    for line in _log_lines(out):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+    in_save = STARTED in stderr and bool(_tmp_dirs(out))
+    return {"kind": kind, "flags": flags, "reached": bool(reached), "phase": _phase(case, stderr),
+            "in_save": in_save, "torn_log_lines": torn, **detail}
+
+
+def _reference(case: Case) -> None:
+    """The uninterrupted run; also times the start-up and the steps, to place the timed kills."""
+    err = case.out.parent / f"{case.name}-reference.err"
+    launched = time.monotonic()
+    proc = _launch(case.reference_recipe, [], err)
+    _wait(proc, lambda: STARTED in err.read_text(), 0.005)
+    case.startup_s = time.monotonic() - launched
+    _wait(proc, lambda: any(f'"step": {MAX_STEPS}, "loss"' in line for line in _log_lines(case.reference)), 0.005)
+    case.per_step_s = (time.monotonic() - launched - case.startup_s) / MAX_STEPS
+    assert proc.wait(timeout=TIMEOUT) == 0, err.read_text()
+
+
+def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """(header, tensor bytes). The header is compared parsed: safetensors writes its __metadata__ from a Rust
+    HashMap, so the order of those keys (not the tensors) differs from one process to the next."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _compare(case: Case) -> None:
+    out, reference = case.out, case.reference
+    header, data = _safetensors_parts(out / checkpoint.WEIGHTS)
+    expected_header, expected_data = _safetensors_parts(reference / checkpoint.WEIGHTS)
+    assert header == expected_header and data == expected_data, (
+        f"{case.name}: method.safetensors differs from the uninterrupted run")
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["validation"] == json.loads((reference / "metrics.json").read_text())["validation"], case.name
+
+    def log(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in _log_lines(run)]
+
+    assert log(out) == log(reference), f"{case.name}: metrics.jsonl differs from the uninterrupted run"
+
+
+def _run_case(case: Case) -> dict:
+    _reference(case)
+    middle = MIDDLE_KILLS[:]
+    case.rng.shuffle(middle)
+    for attempt, kind in enumerate(["start", "save", *middle, "final"]):
+        kill = _kill_once(case, kind, attempt)
+        if kill is None:
+            break  # finished before this kill: nothing left to interrupt
+        case.kills.append(kill)
+
+    # the last attempt runs to the end
+    flags = _flags(case)
+    latest = _complete(case.out)[-1] if flags == ["--resume"] else None
+    err = case.out.parent / f"{case.name}-last.err"
+    proc = _launch(case.recipe, flags, err)
+    assert proc.wait(timeout=TIMEOUT) == 0, err.read_text()
+    if latest is not None:
+        case.resumes += 1
+        said = f"resuming from {latest} (step {_step_of(latest.name)})"
+        assert said in err.read_text().splitlines(), f"{case.name}: --resume did not say {said!r} (on one line)"
+
+    _compare(case)
+    # rotation kept the newest keep_checkpoints complete checkpoints; nothing half-written is left
+    expected = [f"step-{s:08d}" for s in case.save_steps[-case.keep:]]
+    assert [p.name for p in _complete(case.out)] == expected, case.name
+    assert sorted(p.name for p in (case.out / "checkpoints").iterdir()) == expected, case.name
+    record = json.loads((case.out / "run.json").read_text())
+    assert "--resume" not in record["command"], "run.json should keep how the run started"
+    assert 1 <= len(record.get("resumes", [])) <= case.resumes, case.name
+    _assert_checkpoints_load(case.out, f"{case.name} finished")
+    return _summarise(case)
+
+
+def _summarise(case: Case) -> dict:
+    kills = case.kills
+    saves = [k for k in kills if k["kind"] == "save"]
+    return {
+        "case": case.name,
+        "kills": len(kills),
+        "resumed_runs": case.resumes,
+        "resumed_equal": True,  # _compare passed
+        "phases": {p: sum(k["phase"] == p for k in kills) for p in PHASES},
+        "save_kills_tried": len(saves),
+        "kills_inside_a_save": sum(k["in_save"] for k in kills),
+        "checkpoints_intact_after_kill_inside_save": sum(k["in_save"] for k in kills),  # asserted after each kill
+        "torn_log_lines": sum(k["torn_log_lines"] for k in kills),
+        "refused_resume_without_checkpoint": case.refused_resume,
+        "finished_before_a_kill": case.finished_early,
+        "kill_points": kills,
+    }
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, tmp_path_factory, tiny_bert, tiny_llama, cls_data,
+                                                        sft_data):
+    cases = []
+    for name, (kind, method, settings) in CASES.items():
+        model, data = (tiny_bert, cls_data) if kind == "cls" else (tiny_llama, sft_data)
+        doc = recipe_doc(kind, model, data, tmp_path / name, method, max_steps=MAX_STEPS, eval_every=EVAL_EVERY,
+                         **settings)
+        reference = tmp_path / f"{name}-reference"
+        every = settings["save_every"]
+        save_steps = sorted({s for s in range(1, MAX_STEPS + 1) if s % every == 0} | {MAX_STEPS})
+        cases.append(Case(name, write_recipe(tmp_path / f"{name}.yaml", doc), tmp_path / name, save_steps,
+                          settings["keep_checkpoints"], random.Random(f"{SEED}-{name}"),
+                          write_recipe(tmp_path / f"{name}-reference.yaml", doc | {"output_dir": str(reference)}),
+                          reference))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        rows = list(pool.map(_run_case, cases))
+
+    summary = {"seed": SEED, "cases": rows,
+               "total": {key: sum(r[key] for r in rows) for key in
+                         ("kills", "resumed_runs", "save_kills_tried", "kills_inside_a_save", "torn_log_lines")}}
+    summary["total"]["phases"] = {p: sum(r["phases"][p] for r in rows) for p in PHASES}
+    (tmp_path_factory.getbasetemp() / "kill_resume_summary.json").write_text(json.dumps(summary, indent=2))
+    print(_table(rows, summary["total"]))
+
+    assert summary["total"]["kills"] >= 20
+    assert all(r["kills_inside_a_save"] >= 1 for r in rows), "no kill landed inside a checkpoint write"
+
+
+def _table(rows: list[dict], total: dict) -> str:
+    short = ["pre-ckpt", "resume-start", "train", "eval", "save", "post-final"]
+    head = f"{'case':<18}{'kills':>6}{'resumed':>8}{'equal':>6}  " + " ".join(f"{s:>12}" for s in short)
+    head += f"{'save-kills':>11}{'in-save':>8}{'intact':>7}"
+    lines = ["", "kill/resume summary (phase of each kill; save-kills: tried / landed inside a write / intact)", head]
+    for r in [*rows, {"case": "total", "resumed_equal": all(r["resumed_equal"] for r in rows),
+                      "checkpoints_intact_after_kill_inside_save": total["kills_inside_a_save"], **total}]:
+        lines.append(f"{r['case']:<18}{r['kills']:>6}{r['resumed_runs']:>8}{'yes' if r['resumed_equal'] else 'NO':>6}  "
+                     + " ".join(f"{r['phases'][p]:>12}" for p in PHASES)
+                     + f"{r['save_kills_tried']:>11}{r['kills_inside_a_save']:>8}"
+                     f"{r['checkpoints_intact_after_kill_inside_save']:>7}")
+    return "\n".join(lines)
+
+
+# keep_checkpoints rotation, in-process on a toy model
+
+
+def _toy():
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    model, optimizer, scheduler = _toy()
+    for step in range(1, 6):
+        checkpoint.save_checkpoint(tmp_path, step, model, optimizer, scheduler, {"step": step}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+    # an incomplete folder (a kill mid-write or mid-delete) never counts as one of the kept
+    (tmp_path / "checkpoints" / "step-00000007").mkdir()
+    checkpoint.save_checkpoint(tmp_path, 6, model, optimizer, scheduler, {"step": 6}, keep=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-00000005", "step-00000006"]
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-00000006"
+
+
+def test_a_kill_while_rotating_leaves_no_broken_complete_checkpoint(tmp_path, monkeypatch):
+    """Deleting an old checkpoint is not atomic; a kill part-way must not leave a 'complete' one with files gone."""
+    model, optimizer, scheduler = _toy()
+    for step in (1, 2):
+        checkpoint.save_checkpoint(tmp_path, step, model, optimizer, scheduler, {"step": step}, keep=2)
+
+    class Killed(BaseException):
+        pass
+
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed_part_way(path, *args, **kwargs):
+        if Path(path).name == "step-00000001":
+            (Path(path) / checkpoint.WEIGHTS).unlink()  # the first file goes, then the process dies
+            raise Killed
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_part_way)
+    try:
+        checkpoint.save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"step": 3}, keep=2)
+    except Killed:
+        pass
+    monkeypatch.undo()
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    _assert_checkpoints_load(tmp_path, "after a kill mid-rotation")
+    # the half-deleted folder is swept when the run resumes, and so is a half-written one
+    (tmp_path / "checkpoints" / ".step-00000004.tmp").mkdir()
+    (tmp_path / checkpoint.RECIPE).write_text("x: 1\n")
+    assert checkpoint.prepare_run_dir(tmp_path, "x: 1\n", resume=True, overwrite=False).name == "step-00000003"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+
+def test_a_kill_during_overwrite_leaves_a_run_that_overwrite_accepts(tmp_path, monkeypatch):
+    """--overwrite deletes the old run; a kill part-way must not leave a folder ftune refuses as 'not an ftune run'."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / checkpoint.RECIPE).write_text("old: 1\n")
+
+    class Killed(BaseException):
+        pass
+
+    def killed_part_way(path, *args, **kwargs):  # the worst order: the recipe goes first, if it is in there
+        (Path(path) / checkpoint.RECIPE).unlink(missing_ok=True)
+        raise Killed
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_part_way)
+    try:
+        checkpoint.prepare_run_dir(run, "new: 1\n", resume=False, overwrite=True)
+    except Killed:
+        pass
+    monkeypatch.undo()
+    assert checkpoint.prepare_run_dir(run, "new: 1\n", resume=False, overwrite=True) is None
+    assert sorted(p.name for p in run.iterdir()) == [checkpoint.RECIPE]
+    assert (run / checkpoint.RECIPE).read_text() == "new: 1\n"
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_bert, cls_data):
+    """What a kill after the final checkpoint leads to: the resume reruns only the final evaluation. It must not log
+    it twice, nor delete and rewrite the final checkpoint (with keep_checkpoints 1, the only one)."""
+    import io
+
+    from rich.console import Console
+
+    from ftune.recipe import validate_recipe
+    from ftune.train import train
+
+    run = tmp_path / "run"
+    recipe = validate_recipe(recipe_doc("cls", tiny_bert, cls_data, run, max_steps=3, save_every=1, eval_every=2))
+    train(recipe, console=Console(file=io.StringIO()))
+    log, final = _log_lines(run), json.loads((run / "metrics.json").read_text())
+    (final_ckpt,) = _complete(run)
+    ckpt_files = {f.name: (f.stat().st_ino, f.read_bytes()) for f in final_ckpt.iterdir()}
+
+    (run / "metrics.json").unlink()  # as if killed before it was written
+    train(recipe, resume=True, console=Console(file=io.StringIO()))
+
+    assert _log_lines(run) == log
+    assert json.loads((run / "metrics.json").read_text())["validation"] == final["validation"]
+    assert _complete(run) == [final_ckpt]
+    assert {f.name: (f.stat().st_ino, f.read_bytes()) for f in final_ckpt.iterdir()} == ckpt_files
