@@ -64,7 +64,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     model = assemble.build_model(recipe, source, tokenizer, names)
     method = METHODS[recipe.method.name]
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers; the old goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_trainable, n_total = count_parameters(model)
     train_loader = make_loader(train_set.examples, t.batch_size, tokenizer.pad_token_id, t.seed, shuffle=True)
     val_loader = val_set and make_loader(val_set.examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed, shuffle=False)
@@ -86,7 +89,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
         record = {"seed": t.seed, "model_source": source, "trainable_params": n_trainable, "total_params": n_total,
                   "label_names": names, "train_source": train_set.source, "train_examples": len(train_set.examples),
-                  "train_rows_dropped": train_set.dropped, "validation_source": val_set and val_set.source,
+                  "train_rows_dropped": train_set.dropped, "train_rows_truncated": train_set.truncated,
+                  "validation_rows_truncated": val_set and val_set.truncated, "validation_source": val_set and val_set.source,
                   "total_steps": total_steps, "precision": precision, "device": str(accelerator.device)}
         checkpoint.write_json(out / checkpoint.RUN, checkpoint.run_record(record))
     console.print(f"[bold]{recipe.method.name}[/]: {n_trainable:,} of {n_total:,} parameters train "
