@@ -37,10 +37,19 @@ def load_tokenizer(recipe: Recipe):
     return source, models.load_tokenizer(source, spec.trust_remote_code, spec.revision)
 
 
-def label_names(recipe: Recipe, train_rows: data.Rows | None) -> list[str] | None:
+def label_names(recipe: Recipe, train_rows: data.Rows | None = None) -> list[str] | None:
+    """Class names: data.labels, else the training labels (read here when `train_rows` is not given)."""
     if recipe.task != "sequence_classification":
         return None
-    return list(recipe.data.labels) if recipe.data.labels else data.label_names_of(train_rows, recipe.data.label_column)
+    if recipe.data.labels:
+        return list(recipe.data.labels)
+    return data.label_names_of(train_rows or read_split(recipe, "train"), recipe.data.label_column)
+
+
+def eval_loader(recipe: Recipe, examples: list[dict[str, Any]], tokenizer):
+    """Evaluation batches in data order, the same for `train` and `ftune eval`."""
+    t = recipe.train
+    return data.make_loader(examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed, shuffle=False)
 
 
 def build_model(recipe: Recipe, source: str, tokenizer, names: list[str] | None) -> nn.Module:

@@ -124,6 +124,11 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler
     """A resumable checkpoint, written under a temporary name and renamed only when complete."""
     root = out / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
+    if (final / "state.json").is_file():
+        # steps only move forward, so a complete checkpoint of this step holds this very state (a run resumed from
+        # its final checkpoint); replacing it would open a window with no checkpoint at all
+        rotate_checkpoints(out, keep)
+        return
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(tmp, model, {"step": step})

@@ -76,10 +76,7 @@ def validate(recipe: Path, set_: Overrides = None) -> None:
 
     r = load_recipe(recipe, set_ or [])
     source, tokenizer = assemble.load_tokenizer(r)
-    names = list(r.data.labels) if r.data.labels else None
-    if r.task == "sequence_classification" and names is None:
-        names = assemble.label_names(r, assemble.read_split(r, "train"))
-    trainable, total = count_parameters(assemble.build_model(r, source, tokenizer, names))
+    trainable, total = count_parameters(assemble.build_model(r, source, tokenizer, assemble.label_names(r)))
     print(dump_recipe(r), end="")
     print(f"# model source: {source}\n# trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
@@ -113,7 +110,6 @@ def evaluate_run(
 ) -> None:
     """Score a trained run on a split or a file; metrics as JSON on stdout."""
     from ftune import assemble
-    from ftune.data import make_loader
     from ftune.errors import DataError
     from ftune.evaluate import evaluate
 
@@ -126,8 +122,7 @@ def evaluate_run(
     if encoded.truncated:
         err.print(f"note: {encoded.truncated} of {len(rows.rows)} rows were cut to data.max_length="
                   f"{recipe.data.max_length} tokens", soft_wrap=True)
-    loader = make_loader(encoded.examples, recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
-                         tokenizer.pad_token_id, recipe.train.seed, shuffle=False)
+    loader = assemble.eval_loader(recipe, encoded.examples, tokenizer)
     device = next(model.parameters()).device
     print(json.dumps({"source": rows.source, **evaluate(model, loader, recipe.task, device)}, indent=2))
 

@@ -70,7 +70,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_trainable, n_total = count_parameters(model)
     train_loader = make_loader(train_set.examples, t.batch_size, tokenizer.pad_token_id, t.seed, shuffle=True)
-    val_loader = val_set and make_loader(val_set.examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed, shuffle=False)
+    val_loader = val_set and assemble.eval_loader(recipe, val_set.examples, tokenizer)
 
     # optimisation
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
@@ -100,10 +100,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     # (the loss window is part of it so a resumed run logs the same means as an uninterrupted one)
     pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "train_seconds": 0.0, "window_loss": 0.0, "window_steps": 0,
            "skipped_steps": 0}
-    resumed_at = None
     if resume_from:
-        pos = {"skipped_steps": 0} | checkpoint.load_checkpoint(resume_from, raw_model, optimizer, scheduler)
-        resumed_at = pos["step"]
+        pos = checkpoint.load_checkpoint(resume_from, raw_model, optimizer, scheduler)
         console.print(f"resuming from {resume_from} (step {pos['step']})", soft_wrap=True)  # a long path stays whole
     _truncate_log(out / "metrics.jsonl", pos["step"], total_steps)
 
@@ -212,10 +210,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         checkpoint.save_weights(out, raw_model, _weights_meta(recipe, pos["step"], final))
     else:
         keep_if_best(final)
-    if pos["step"] != resumed_at:
-        checkpoint.save_checkpoint(out, pos["step"], raw_model, optimizer, scheduler, pos, t.keep_checkpoints)
-    else:  # resumed from the final checkpoint: re-saving it would delete the only copy first; just finish its
-        checkpoint.rotate_checkpoints(out, t.keep_checkpoints)  # rotation, which a kill may have cut short
+    checkpoint.save_checkpoint(out, pos["step"], raw_model, optimizer, scheduler, pos, t.keep_checkpoints)
     result = {"step": pos["step"], "skipped_steps": pos["skipped_steps"], "train_seconds": round(pos["train_seconds"], 2),
               "trainable_params": n_trainable, "total_params": n_total, "validation": final,
               "best": {t.best_metric: pos["best"]} if t.best_metric else None}
