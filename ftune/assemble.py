@@ -14,7 +14,7 @@ from torch import nn
 
 from ftune import checkpoint, data, models
 from ftune.errors import RecipeError, RunDirError
-from ftune.methods import attach
+from ftune.methods import METHODS, attach
 from ftune.recipe import Recipe, load_recipe
 
 
@@ -124,6 +124,9 @@ def load_run(run_dir: str | Path):
     tokenizer = models.load_tokenizer(str(run_dir / checkpoint.TOKENIZER))
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
     model = build_model(recipe, source, tokenizer, run["label_names"])
+    fold = METHODS[recipe.method.name].fold
+    if fold:  # method.safetensors holds what the reparameterisation produced, not the reparameterisation
+        fold(model)
     checkpoint.load_weights(run_dir, model)
     model.eval()
     return recipe, model, tokenizer

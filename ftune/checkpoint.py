@@ -9,7 +9,8 @@
       method.safetensors     the method's weights only (best by train.best_metric, else the last)
       method.json            which method, its config, the step the weights come from
       tokenizer/             the tokenizer, so eval/merge/export need nothing else
-      checkpoints/step-N/    resumable state: method.safetensors, optimizer.pt, state.json
+      checkpoints/step-N/    resumable state: method.safetensors, optimizer.pt, state.json (and
+                             method_state.safetensors for a method with training state, e.g. AdaLoRA)
 
 Every file is written to a temporary name, fsynced and renamed, so a crash never leaves half a file behind.
 A checkpoint is written as checkpoints/.step-N.tmp/ and renamed when whole; it counts as complete only with its
@@ -36,6 +37,7 @@ from torch import nn
 from ftune.errors import RunDirError
 
 WEIGHTS, METHOD_META, RECIPE, RUN, TOKENIZER = "method.safetensors", "method.json", "recipe.yaml", "run.json", "tokenizer"
+METHOD_STATE = "method_state.safetensors"
 
 
 def check_run_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bool) -> Path | None:
@@ -92,15 +94,21 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_weights(folder: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """The trainable parameters (the method's weights) as safetensors, plus `meta` as method.json."""
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "method": str(meta.get("method"))})
+def save_weights(folder: Path, model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """The method's weights as safetensors (default: the trainable parameters), plus `meta` as method.json."""
+    if tensors is None:
+        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    _save_tensors(folder / WEIGHTS, tensors, str(meta.get("method")))
+    write_json(folder / METHOD_META, meta)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], method: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp),
+              metadata={"format": "pt", "method": method})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, folder / WEIGHTS)
-    write_json(folder / METHOD_META, meta)
+    os.replace(tmp, path)
 
 
 def load_weights(folder: Path, model: nn.Module) -> None:
@@ -120,8 +128,12 @@ def load_weights(folder: Path, model: nn.Module) -> None:
             params[name].copy_(tensor)
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int) -> None:
-    """A resumable checkpoint, written under a temporary name and renamed only when complete."""
+def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int,
+                    method_state: dict[str, torch.Tensor] | None = None) -> None:
+    """A resumable checkpoint, written under a temporary name and renamed only when complete.
+
+    `method_state`: what the method needs besides its weights to resume exactly (`Method.training_state`).
+    """
     root = out / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     if (final / "state.json").is_file():
@@ -132,6 +144,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(tmp, model, {"step": step})
+    if method_state is not None:
+        _save_tensors(tmp / METHOD_STATE, method_state, "state")
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
         tmp / "optimizer.pt",
@@ -182,9 +196,17 @@ def note_resume(out: Path, checkpoint: Path) -> None:
     write_json(out / RUN, record)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `folder`; returns the loop position (state.json)."""
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_method_state=None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from `folder`; returns the loop position (state.json).
+
+    `load_method_state(model, tensors)` restores what `save_checkpoint` got as `method_state`.
+    """
     load_weights(folder, model)
+    if load_method_state is not None:
+        try:
+            load_method_state(model, load_file(str(folder / METHOD_STATE)))
+        except (FileNotFoundError, SafetensorError, OSError) as e:
+            raise RunDirError(f"{folder / METHOD_STATE}: cannot be read ({str(e).splitlines()[0]})") from None
     # weights_only: this file was written by ftune, yet it is never unpickled as arbitrary objects
     saved = torch.load(folder / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])

@@ -170,6 +170,9 @@ class Recipe(_Section):
     def _cross_field(self) -> Recipe:
         if self.train.best_metric and not self.data.validation:
             raise ValueError("train.best_metric needs data.validation to score against")
+        if self.train.gradient_checkpointing and not METHODS[self.method.name].gradient_checkpointing:
+            raise ValueError(f"train.gradient_checkpointing: {self.method.name} keeps per-layer key/value prefixes in "
+                             "the attention cache, which recomputation in backward would extend twice; set it to false")
         return self
 
 

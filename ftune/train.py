@@ -101,7 +101,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "train_seconds": 0.0, "window_loss": 0.0, "window_steps": 0,
            "skipped_steps": 0}
     if resume_from:
-        pos = checkpoint.load_checkpoint(resume_from, raw_model, optimizer, scheduler)
+        pos = checkpoint.load_checkpoint(resume_from, raw_model, optimizer, scheduler, method.load_training_state)
         console.print(f"resuming from {resume_from} (step {pos['step']})", soft_wrap=True)  # a long path stays whole
     _truncate_log(out / "metrics.jsonl", pos["step"], total_steps)
 
@@ -117,7 +117,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         best = pos["best"]
         if best is None or (value > best if t.best_mode == "max" else value < best):
             pos["best"] = value
-            checkpoint.save_weights(out, raw_model, _weights_meta(recipe, pos["step"], {t.best_metric: value}))
+            checkpoint.save_weights(out, raw_model, _weights_meta(recipe, pos["step"], {t.best_metric: value}),
+                                    method.saved_weights(raw_model))
+
+    def save_checkpoint(step: int) -> None:
+        state = method.training_state(raw_model) if method.training_state else None
+        checkpoint.save_checkpoint(out, step, raw_model, optimizer, scheduler, pos, t.keep_checkpoints, state)
 
     def stopped(why: str) -> TrainingError:  # the step being taken cannot be: nothing of it is saved
         latest = checkpoint.latest_checkpoint(out)
@@ -197,7 +202,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                     if t.best_metric:
                         keep_if_best(metrics)
                 if t.save_every and step % t.save_every == 0 and step < total_steps:
-                    checkpoint.save_checkpoint(out, step, raw_model, optimizer, scheduler, pos, t.keep_checkpoints)
+                    save_checkpoint(step)
                 if step >= total_steps:
                     break
             else:  # the epoch ran out before the step budget
@@ -207,10 +212,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     if final:
         log({"step": pos["step"], "validation": final})
     if not t.best_metric or not final:
-        checkpoint.save_weights(out, raw_model, _weights_meta(recipe, pos["step"], final))
+        checkpoint.save_weights(out, raw_model, _weights_meta(recipe, pos["step"], final), method.saved_weights(raw_model))
     else:
         keep_if_best(final)
-    checkpoint.save_checkpoint(out, pos["step"], raw_model, optimizer, scheduler, pos, t.keep_checkpoints)
+    save_checkpoint(pos["step"])
     result = {"step": pos["step"], "skipped_steps": pos["skipped_steps"], "train_seconds": round(pos["train_seconds"], 2),
               "trainable_params": n_trainable, "total_params": n_total, "validation": final,
               "best": {t.best_metric: pos["best"]} if t.best_metric else None}

@@ -31,6 +31,11 @@ def keep_model(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return model
 
 
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The method's weights: every parameter that trains, by its name in the (possibly wrapped) model."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
 @dataclass(frozen=True)
 class Method:
     """Everything ftune needs to know about one fine-tuning method.
@@ -51,6 +56,17 @@ class Method:
             None: peft has no equivalent.
         report: what the method learned that is worth reading after a run (AdapterFusion's attention over
             adapters per layer); saved as method_report.json after the final evaluation. None for most methods.
+        saved_weights: what method.safetensors holds. Default: the trainable parameters by name. A method that trains
+            through a reparameterisation (prefix tuning's MLP) returns the tensors it produces instead.
+        fold: turns a freshly attached model into the form `saved_weights` describes (drops the reparameterisation
+            for the tensors it produced), in place; `load_run` calls it before loading method.safetensors.
+        training_state: tensors besides the weights that an exact resume needs (AdaLoRA's importance averages and
+            rank masks); saved in every checkpoint. None for most methods.
+        load_training_state: restores what `training_state` returned.
+        gradient_checkpointing: False when the method cannot run under activation recomputation (prefixes held in
+            an attention cache would be extended twice); the recipe then refuses train.gradient_checkpointing.
+        quantized_base: True when every parameter the method trains lies outside the base weights, so the base may
+            be loaded 4- or 8-bit quantised (QLoRA); the recipe refuses model.quantization otherwise.
         summary: one line for `ftune methods`.
         paper: the paper the method follows.
     """
@@ -66,6 +82,12 @@ class Method:
     on_step_end: Callable[[nn.Module, int], None] | None = None
     peft_config: Callable[[nn.Module, Any], dict[str, Any]] | None = None
     report: Callable[[nn.Module], dict[str, Any]] | None = None
+    saved_weights: Callable[[nn.Module], dict[str, torch.Tensor]] = trainable_state_dict
+    fold: Callable[[nn.Module], None] | None = None
+    training_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+    load_training_state: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None
+    gradient_checkpointing: bool = True
+    quantized_base: bool = False
 
 
 def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
@@ -75,11 +97,6 @@ def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
         raise MethodError("the method selected no trainable parameters in this model")
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The method's weights: every parameter that trains, by its name in the (possibly wrapped) model."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
