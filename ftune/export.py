@@ -12,7 +12,8 @@ from ftune.errors import MethodError, RunDirError
 from ftune.methods import METHODS
 from ftune.methods.base import unwrap_merged
 
-PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
+                   "causal_lm": "CAUSAL_LM"}
 
 
 def merge_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -41,14 +42,17 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     if method.peft_config is None:
         raise MethodError(f"export --format peft: peft has no equivalent of {method.name}; use --format hf")
     config = method.peft_config(model, recipe.method)
-    method_params = {id(p) for p in method.trainable(model, recipe.method)}
-    # weights that train beside the method (the task head) travel as peft's modules_to_save
-    extra_owners = sorted({name.rpartition(".")[0] for name, p in model.named_parameters()
-                           if p.requires_grad and id(p) not in method_params})
+    if hasattr(model, "peft_weights"):  # soft prompts lay out their own (prompt-learning adapters differ)
+        tensors, extra_owners = model.peft_weights()
+    else:
+        method_params = {id(p) for p in method.trainable(model, recipe.method)}
+        # weights that train beside the method (the task head) travel as peft's modules_to_save
+        extra_owners = sorted({name.rpartition(".")[0] for name, p in model.named_parameters()
+                               if p.requires_grad and id(p) not in method_params})
+        tensors = {f"base_model.model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     config |= {"task_type": PEFT_TASK_TYPES[recipe.task], "modules_to_save": extra_owners or None,
                "base_model_name_or_path": recipe.model.name, "inference_mode": True}
-    tensors = {f"base_model.model.{n}": p.detach().cpu().contiguous()
-               for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
     _make_dir(out)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -25,6 +25,10 @@ CASES = {
     "adapter": {"placement": "houlsby", "bottleneck": 8},
     "adapter_drop": {"placement": "parallel", "bottleneck": 8, "drop_first": 1, "robust": True},
     "adapter_fusion": lambda arch, folders: {"adapters": [str(run) for run in folders["adapter_runs"]()[arch]]},
+    "prompt_tuning": {"n_tokens": 4},
+    "p_tuning": {"n_tokens": 4, "encoder": "lstm", "encoder_hidden": 8},
+    "prefix_tuning": {"n_tokens": 4, "mlp_hidden": 16},
+    "p_tuning_v2": {"n_tokens": 4},
 }
 # (method, architecture) pairs that must be refused with a MethodError rather than run.
 REFUSED = {("bitfit", "llama")}  # Llama's linears and RMSNorms have no biases

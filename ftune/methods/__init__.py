@@ -7,18 +7,21 @@ from typing import Annotated
 from pydantic import Field
 from torch import nn
 
-from ftune.methods import adapter, adapter_drop, adapter_fusion, bitfit, full, head, layers, lora
+from ftune.methods import (adalora, adapter, adapter_drop, adapter_fusion, bitfit, full, head, layers, lora, p_tuning,
+                           p_tuning_v2, prefix_tuning, prompt_tuning)
 from ftune.methods.base import Method, MethodConfig, set_trainable
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD, adapter.METHOD, adapter_drop.METHOD,
-              adapter_fusion.METHOD)
+              adapter_fusion.METHOD, prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, p_tuning_v2.METHOD,
+              adalora.METHOD)
 }
 
 AnyMethodConfig = Annotated[
     full.Config | head.Config | layers.Config | bitfit.Config | lora.Config | adapter.Config | adapter_drop.Config
-    | adapter_fusion.Config,
+    | adapter_fusion.Config | prompt_tuning.Config | p_tuning.Config | prefix_tuning.Config | p_tuning_v2.Config
+    | adalora.Config,
     Field(discriminator="name"),
 ]
 

@@ -1,0 +1,88 @@
+"""Prefix tuning: trainable key/value prefixes in every attention layer, learned through an MLP.
+
+Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", arXiv:2101.00190. Every layer's
+attention also attends to n prefix positions whose keys and values are trained. Optimising them directly is
+unstable (§4.3), so during training they are produced by a reparameterisation: n inputs (n, w) -> Linear(w, k) ->
+Tanh -> Linear(k, layers * 2 * w), with k = 512 (the reference code's mid_dim) and w = key/value heads x head dim
+(the model width d without grouped-query attention; w, as peft, where keys are narrower). After training the MLP is folded away and only the prefixes, (n, layers * 2 * kv_width), are
+saved: peft's PREFIX_TUNING layout, loadable as its `prompt_embeddings`. Works for encoders and decoders
+(anything that takes an attention cache); the cache also leaves room for encoder-decoder models.
+Default n = 20 (the issue's reference budget; the paper used 10 for table-to-text, 200 for summarisation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ftune.methods.base import Method, MethodConfig
+from ftune.methods.prompt_tuning import peft_prompt_fields
+from ftune.soft_prompts import Prompt, PrefixedModel, prefix_geometry
+
+
+class Config(MethodConfig):
+    name: Literal["prefix_tuning"] = "prefix_tuning"
+    n_tokens: int = Field(20, gt=0)
+    """Prefix length n (positions added to every layer's keys and values)."""
+    reparameterize: bool = True
+    """Train through the MLP (the paper's choice); false trains the prefixes directly."""
+    mlp_hidden: int = Field(512, gt=0)
+    """Width k of the reparameterisation MLP."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the prefixes during training."""
+
+
+class PrefixEncoder(nn.Module):
+    """(n, w) inputs -> Linear(w, k) -> Tanh -> Linear(k, width): the prefixes (n, width). Names as peft's."""
+
+    def __init__(self, n: int, d: int, hidden: int, width: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n, d)
+        self.transform = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, width))
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding.weight)
+
+
+def prefix_source(model: nn.Module, n: int, reparameterize: bool, hidden: int) -> nn.Module:
+    """The module that yields (n, layers * 2 * kv_width) prefixes: the MLP, or a plain N(0, 1) tensor (nn.Embedding's
+    initialisation, as peft and the P-tuning v2 code use)."""
+    layers, heads, head_dim = prefix_geometry(model.config)
+    width = layers * 2 * heads * head_dim
+    device = model.get_input_embeddings().weight.device
+    if reparameterize:
+        return PrefixEncoder(n, heads * head_dim, hidden, width).to(device)
+    return Prompt(torch.randn(n, width, device=device))
+
+
+def apply(model: nn.Module, cfg: Config) -> nn.Module:
+    return PrefixedModel(model, prefix_source(model, cfg.n_tokens, cfg.reparameterize, cfg.mlp_hidden), cfg.dropout)
+
+
+def trainable(model: PrefixedModel, cfg: Any) -> list[nn.Parameter]:
+    return list(model.source.parameters())
+
+
+def peft_config(model: PrefixedModel, cfg: Any) -> dict[str, Any]:
+    layers, heads, head_dim = prefix_geometry(model.config)
+    # saved prefixes are already folded, so peft takes them as they are (no projection)
+    return {"peft_type": "PREFIX_TUNING", **peft_prompt_fields(model, cfg.n_tokens), "token_dim": heads * head_dim,
+            "num_attention_heads": heads, "encoder_hidden_size": heads * head_dim, "prefix_projection": False}
+
+
+METHOD = Method(
+    name="prefix_tuning",
+    config_cls=Config,
+    apply=apply,
+    trainable=trainable,
+    saved_weights=PrefixedModel.saved_weights,
+    fold=PrefixedModel.fold,
+    peft_config=peft_config,
+    gradient_checkpointing=False,
+    quantized_base=True,
+    summary="key/value prefixes in every attention layer, trained through an MLP that is folded away",
+    paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190",
+)
