@@ -128,6 +128,32 @@ def evaluate_run(
 
 
 @command
+def predict(
+    runs: Annotated[list[Path], typer.Argument(help="One or more runs on the same base (several: soft-prompt runs).")],
+    input: Annotated[Path, typer.Option("--input", help="JSONL rows: the recipe's text column(s), and `task` "
+                                        "(a run's folder name or index) when several runs are given.")],
+    output: Annotated[Optional[Path], typer.Option(help="Write predictions here (JSONL) instead of stdout.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per batch; a batch may mix tasks.")] = 32,
+) -> None:
+    """Predict labels for JSONL rows with one frozen base serving several tasks (each row uses its task's prompt)."""
+    from ftune.errors import DataError, RunDirError
+    from ftune.predict import load_tasks, predict as run_predict, read_jsonl
+
+    if not input.is_file():
+        raise DataError(f"--input: {input} does not exist")
+    if output and output.exists():
+        raise RunDirError(f"--output: {output} exists; choose a new file")
+    rows = read_jsonl(input)
+    multi, tasks, tokenizer = load_tasks(runs)
+    lines = "".join(json.dumps(p) + "\n" for p in run_predict(multi, tasks, tokenizer, rows, batch_size))
+    if output:
+        output.write_text(lines)
+        err.print(f"{len(rows)} predictions written to {output}")
+    else:
+        print(lines, end="")
+
+
+@command
 def merge(run_dir: Path, out_dir: Path) -> None:
     """Write a standalone transformers model dir: base weights with the method folded in."""
     from ftune.export import merge_run

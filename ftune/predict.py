@@ -1,0 +1,170 @@
+"""`ftune predict`: several trained runs on one frozen base, loaded once; JSONL rows in, predictions out.
+
+Prompt tuning's promise (Lester et al. 2021, §1): one frozen model serves many tasks, each task only a prompt. The
+soft-prompt runs given here share one base model; their prompts (or prefixes) form a bank, and each row of a batch
+uses its own task's prompt, so one batch can mix rows of different tasks. Each task's head (its classifier, and any
+weight its checkpoint lacked) is kept per task in a `PerTask` module that answers each row with its own task's copy.
+A run alone is the special case of one task, so `predict` with one run of any method equals `ftune eval`'s model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ftune import assemble, checkpoint
+from ftune.errors import DataError, RunDirError
+from ftune.recipe import Recipe, load_recipe
+from ftune.soft_prompts import Prompt
+
+
+@dataclass
+class Task:
+    name: str
+    recipe: Recipe
+    labels: list[str]
+
+
+class PerTask(nn.Module):
+    """T copies of one module (a task head); row i of the output comes from copy `task_ids[i]`.
+
+    Every copy runs on the whole batch (heads are small), and outputs of different widths (tasks with different
+    label sets) are padded with -inf, which no argmax picks and softmax gives probability zero.
+    """
+
+    def __init__(self, copies: list[nn.Module]) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList(copies)
+        self.task_ids: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        outs = [m(*args, **kwargs) for m in self.copies]
+        width = max(o.shape[-1] for o in outs)
+        outs = [nn.functional.pad(o, (0, width - o.shape[-1]), value=float("-inf")) for o in outs]
+        return torch.stack(outs)[self.task_ids, torch.arange(len(self.task_ids), device=self.task_ids.device)]
+
+
+class MultiTask(nn.Module):
+    """One base model with a bank of soft prompts and per-task heads. forward(input_ids, attention_mask, task_ids)."""
+
+    def __init__(self, model: nn.Module, switches: list[PerTask]) -> None:
+        super().__init__()
+        self.model, self.switches = model, switches
+        self.banked = isinstance(getattr(model, "source", None), Prompt)  # a soft-prompt wrapper takes task_ids
+
+    def forward(self, task_ids: torch.Tensor, **batch):
+        for switch in self.switches:
+            switch.task_ids = task_ids
+        try:
+            return self.model(**batch, task_ids=task_ids) if self.banked else self.model(**batch)
+        finally:
+            for switch in self.switches:
+                switch.task_ids = None
+
+
+def load_tasks(run_dirs: list[Path]):
+    """(MultiTask model, tasks, tokenizer): the first run's base and method, the others' prompts and heads added."""
+    recipes = [load_recipe(Path(run) / checkpoint.RECIPE, stored=True) if (Path(run) / checkpoint.RECIPE).is_file()
+               else _not_a_run(run) for run in run_dirs]
+    first = recipes[0]
+    for run, r in zip(run_dirs, recipes):
+        if (r.model.name, r.model.dtype, r.task) != (first.model.name, first.model.dtype, first.task):
+            raise RunDirError(f"{run}: another base or task ({r.model.name}, {r.task}) than {run_dirs[0]} "
+                              f"({first.model.name}, {first.task}); predict serves runs of one base and task")
+    if first.task != "sequence_classification":
+        raise RunDirError(f"{run_dirs[0]}: predict serves sequence classification runs; score {first.task} runs "
+                          "with `ftune eval`")
+    _, model, tokenizer = assemble.load_run(run_dirs[0])
+    tasks = [Task(Path(run).name, r, assemble.read_run_record(run)["label_names"]) for run, r in zip(run_dirs, recipes)]
+    if len(run_dirs) == 1:
+        return MultiTask(model, []), tasks, tokenizer
+    if not isinstance(getattr(model, "source", None), Prompt):
+        raise RunDirError(f"{run_dirs[0]}: {first.method.name} is not a soft-prompt method; several runs share one "
+                          "batch through their prompts (prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2)")
+    states = [load_file(str(Path(run) / checkpoint.WEIGHTS)) for run in run_dirs]
+    kinds = {(r.method.name in ("prefix_tuning", "p_tuning_v2"), getattr(r.method, "tokens_before", None)) for r in recipes}
+    if len(kinds) > 1:
+        raise RunDirError("runs mix input prompts with layer prefixes (or different tokens_before); give runs of one kind")
+    prompts = [s.pop("source.weight") for s in states]
+    n = max(p.shape[0] for p in prompts)
+    bank = torch.stack([nn.functional.pad(p, (0, 0, 0, n - p.shape[0])) for p in prompts])
+    model.source = Prompt(bank.to(model.source.weight.device), [p.shape[0] for p in prompts])
+    owners = sorted({name.rpartition(".")[0] for name in states[0]})
+    switches = []
+    for owner in owners:
+        module = model.get_submodule(owner)
+        copies = []
+        for run, state in zip(run_dirs, states):
+            twin = copy.deepcopy(module)
+            for pname, _ in list(twin.named_parameters()):
+                key = f"{owner}.{pname}"
+                if key not in state:
+                    raise RunDirError(f"{run}: its weights lack {key}; it is not the same kind of run as the first")
+                parent, _, leaf = pname.rpartition(".")
+                setattr(twin.get_submodule(parent) if parent else twin, leaf, nn.Parameter(state[key], requires_grad=False))
+            copies.append(twin)
+        switch = PerTask(copies)
+        parent, _, leaf = owner.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, switch)
+        switches.append(switch)
+    return MultiTask(model.eval(), switches), tasks, tokenizer
+
+
+def _not_a_run(run) -> Any:
+    raise RunDirError(f"{run}: not a finished ftune run (no {checkpoint.RECIPE})")
+
+
+@torch.no_grad()
+def predict(multi: MultiTask, tasks: list[Task], tokenizer, rows: list[dict[str, Any]], batch_size: int = 32):
+    """One prediction per row: {"task", "label", "scores"}; a row names its task by run name or index."""
+    from ftune.data import Rows, collate
+
+    by_name = {t.name: i for i, t in enumerate(tasks)}
+    examples = []
+    for i, row in enumerate(rows):
+        key = row.get("task", 0 if len(tasks) == 1 else None)
+        index = by_name.get(key, key if isinstance(key, int) and 0 <= key < len(tasks) else None)
+        if index is None:
+            raise DataError(f"input row {i + 1}: task {key!r} is none of {list(by_name)} (or their indices)")
+        task = tasks[index]
+        d = task.recipe.data
+        labelled = {d.label_column: task.labels[0]} | row  # encoding wants a label; predictions ignore it
+        encoded = assemble.encode(task.recipe, Rows([labelled], f"input row {i + 1}"), tokenizer, task.labels)
+        examples.append(encoded.examples[0] | {"task": index})
+    device = next(multi.parameters()).device
+    out = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = collate(tokenizer.pad_token_id)(chunk)
+        batch.pop("labels")
+        task_ids = torch.tensor([e["task"] for e in chunk], device=device)
+        logits = multi(task_ids, **{k: v.to(device) for k, v in batch.items()}).logits.float()
+        for e, row_logits in zip(chunk, logits):
+            labels = tasks[e["task"]].labels
+            scores = row_logits[: len(labels)].softmax(-1)
+            out.append({"task": tasks[e["task"]].name, "label": labels[int(scores.argmax())],
+                        "scores": [round(float(s), 6) for s in scores], "logits": row_logits[: len(labels)].tolist()})
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {i + 1}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {i + 1}: a row is a JSON object")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: has no rows")
+    return rows
