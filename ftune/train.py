@@ -75,6 +75,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     # optimisation
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    if method.check_total_steps:  # before anything is written
+        method.check_total_steps(recipe.method, total_steps)
     warmup = t.warmup_steps or round(t.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t.scheduler, warmup, total_steps))
@@ -175,7 +177,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                 optimizer.step()
                 scheduler.step()
                 if method.on_step_end:
-                    method.on_step_end(raw_model, pos["step"] + 1)  # before zero_grad: it may read gradients
+                    method.on_step_end(raw_model, pos["step"] + 1, total_steps)  # before zero_grad: reads gradients
                 optimizer.zero_grad(set_to_none=True)
                 pos["step"] += 1
                 pos["window_steps"] += 1

@@ -29,6 +29,7 @@ CASES = {
     "p_tuning": {"n_tokens": 4, "encoder": "lstm", "encoder_hidden": 8},
     "prefix_tuning": {"n_tokens": 4, "mlp_hidden": 16},
     "p_tuning_v2": {"n_tokens": 4},
+    "adalora": {"init_r": 4, "target_r": 2, "dropout": 0.0},
 }
 # (method, architecture) pairs that must be refused with a MethodError rather than run.
 REFUSED = {("bitfit", "llama")}  # Llama's linears and RMSNorms have no biases

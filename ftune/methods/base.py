@@ -50,8 +50,13 @@ class Method:
         merge: folds the method into the base weights in place, so the model computes the same function with the
             method's own path switched off. None: the method cannot be merged (`ftune merge` refuses).
         unmerge: undoes `merge` exactly (up to float rounding).
-        on_step_end: called after each optimizer step, before `zero_grad` (AdaLoRA's budget schedule needs the
-            gradients). None for most methods.
+        on_step_end: `(model, step, total_steps)`, called after optimizer step `step` (1-based) of the run's
+            `total_steps`, before `zero_grad`: AdaLoRA's budget schedule reads the gradients and needs the run's
+            length, which the loop knows (a config field would have to follow epochs and batch size by hand).
+            None for most methods.
+        check_total_steps: `(cfg, total_steps)` refuses (MethodError) a config that cannot work over the run's
+            optimizer steps (AdaLoRA's tinit + tfinal must leave steps for the budget to fall); called by the loop
+            before anything is written. None for most methods.
         peft_config: the method's part of a peft `adapter_config.json`, for `ftune export --format peft`.
             None: peft has no equivalent.
         report: what the method learned that is worth reading after a run (AdapterFusion's attention over
@@ -79,7 +84,8 @@ class Method:
     apply: Callable[[nn.Module, Any], nn.Module] = keep_model
     merge: Callable[[nn.Module], None] | None = None
     unmerge: Callable[[nn.Module], None] | None = None
-    on_step_end: Callable[[nn.Module, int], None] | None = None
+    on_step_end: Callable[[nn.Module, int, int], None] | None = None
+    check_total_steps: Callable[[Any, int], None] | None = None
     peft_config: Callable[[nn.Module, Any], dict[str, Any]] | None = None
     report: Callable[[nn.Module], dict[str, Any]] | None = None
     saved_weights: Callable[[nn.Module], dict[str, torch.Tensor]] = trainable_state_dict

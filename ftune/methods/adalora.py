@@ -1,0 +1,150 @@
+"""AdaLoRA: SVD-form low-rank updates whose ranks are reallocated across matrices during training.
+
+Zhang et al. 2023, "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023,
+arXiv:2303.10512. Each target linear W (d_out x d_in) gains alpha / init_r · P Λ Q with P (d_out x init_r),
+Λ (init_r x 1, starting at 0) and Q (init_r x d_in): `svd_lora.SVDLinear`, as peft's. Training adds
+orth_reg_weight · R(P, Q) to the loss, only in train mode (peft adds it in eval too; ftune's eval loss is the task's).
+After every optimizer step `on_step_end` updates each triplet's importance and masks to a cubic budget falling from
+init_r to target_r per matrix (`svd_lora.allocate`); `report` lists the final rank of every matrix.
+
+The schedule spans the run's optimizer steps, passed in by the loop (no peft `total_step` to keep in step by hand).
+
+Defaults: init_r 12, target_r 8 (peft; the reference README); beta1 = beta2 = 0.85 (paper, reference code, peft);
+tinit 0, tfinal 0, deltaT 1, orth_reg_weight 0.5 (peft; the paper's grid is 0.1-0.5, the reference README uses 0.1);
+alpha 8, dropout 0 (peft's LoRA defaults, as ftune's lora); targets all-linear (as ftune's lora).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ftune import svd_lora
+from ftune.errors import MethodError
+from ftune.methods.base import Method, MethodConfig
+from ftune.methods.lora import target_linears
+from ftune.svd_lora import SVDLinear, svd_layers
+
+
+class Config(MethodConfig):
+    name: Literal["adalora"] = "adalora"
+    init_r: int = Field(12, gt=0)
+    """Rank every adapted matrix starts with."""
+    target_r: int = Field(8, gt=0)
+    """Average rank per matrix at the end: the final budget is target_r x the number of adapted matrices."""
+    alpha: float = Field(8.0, gt=0)
+    """The update is scaled by alpha / init_r (peft's lora_alpha)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the input of the update path only."""
+    targets: list[str] | Literal["all-linear"] = "all-linear"
+    """Linear layers to adapt, by module name or name suffix (e.g. [query, value]), or every linear of the body."""
+    tinit: int = Field(0, ge=0)
+    """Optimizer steps at the full budget before pruning starts."""
+    tfinal: int = Field(0, ge=0)
+    """Last optimizer steps at the final ranks (fixed; importance no longer updated)."""
+    deltaT: int = Field(1, gt=0)
+    """Optimizer steps between maskings while the budget falls."""
+    beta1: float = Field(0.85, gt=0, lt=1)
+    """EMA coefficient of the sensitivity |w · grad|."""
+    beta2: float = Field(0.85, gt=0, lt=1)
+    """EMA coefficient of the uncertainty |sensitivity - its EMA|."""
+    orth_reg_weight: float = Field(0.5, ge=0)
+    """Weight of the orthogonality regulariser on P and Q."""
+
+    @model_validator(mode="after")
+    def _falling_budget(self) -> Config:
+        if self.target_r >= self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must be below init_r ({self.init_r}): AdaLoRA prunes each "
+                             "matrix from init_r towards an average of target_r (for fixed ranks use lora)")
+        return self
+
+
+def _add_orthogonality(model: nn.Module, args: Any, outputs: Any) -> Any:
+    """Forward hook on the whole model: the regulariser joins the loss the loop minimises (training mode only)."""
+    loss, weight = getattr(outputs, "loss", None), model.adalora_config.orth_reg_weight
+    if model.training and isinstance(loss, torch.Tensor) and weight > 0:
+        outputs.loss = loss + weight * svd_lora.orthogonality(list(svd_layers(model).values()))
+    return outputs
+
+
+def apply(model: nn.Module, cfg: Config) -> nn.Module:
+    # a forward hook rather than a wrapper module: parameter names stay the model's own (checkpoints, peft export)
+    if svd_layers(model):
+        raise MethodError("adalora: the model already has AdaLoRA layers")
+    for name, linear in target_linears(model, cfg.targets).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, SVDLinear(linear, cfg.init_r, cfg.alpha, cfg.dropout))
+    model.adalora_config = cfg  # what on_step_end and the hook read: they get the model only
+    model.register_forward_hook(_add_orthogonality)
+    return model
+
+
+def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
+    return [p for m in svd_layers(model).values() for p in (m.lora_A, m.lora_E, m.lora_B)]
+
+
+def check_total_steps(cfg: Config, total_steps: int) -> None:
+    if cfg.tinit + cfg.tfinal >= total_steps:
+        raise MethodError(f"method.tinit + method.tfinal ({cfg.tinit} + {cfg.tfinal}) must be below the run's "
+                          f"{total_steps} optimizer steps, to leave steps where the rank budget falls; lower them "
+                          "or train longer")
+
+
+def on_step_end(model: nn.Module, step: int, total_steps: int) -> None:
+    svd_lora.allocate(list(svd_layers(model).values()), step, total_steps, model.adalora_config)
+
+
+def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": getattr(m, key) for name, m in svd_layers(model).items() for key in svd_lora.STATE}
+
+
+def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    expected = training_state(model)
+    if expected.keys() != tensors.keys():
+        odd = min(expected.keys() ^ tensors.keys())
+        raise MethodError(f"adalora: the checkpoint's rank and importance state does not fit this model ({odd})")
+    with torch.no_grad():
+        for key, buffer in expected.items():
+            buffer.copy_(tensors[key])
+
+
+def report(model: nn.Module) -> dict[str, Any]:
+    """Total rank reached (budget) against the target and initial budgets, R(P, Q), and the rank of each matrix."""
+    cfg, layers = model.adalora_config, svd_layers(model)
+    ranks = {name: int(m.rank_mask.sum()) for name, m in layers.items()}
+    with torch.no_grad():
+        orthogonality = float(svd_lora.orthogonality(list(layers.values())))
+    return {"budget": sum(ranks.values()), "target_budget": cfg.target_r * len(ranks),
+            "initial_budget": cfg.init_r * len(ranks), "orthogonality": orthogonality, "ranks": ranks}
+
+
+def merge(model: nn.Module) -> None:
+    for m in svd_layers(model).values():
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for m in svd_layers(model).values():
+        m.unmerge()
+
+
+def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
+    # pruned triplets are saved in place with λ = 0, so no rank_pattern (peft would expect tensors cut to it);
+    # total_step only drives peft's training schedule, yet peft refuses a config without one > tinit + tfinal
+    return {"peft_type": "ADALORA", "init_r": cfg.init_r, "target_r": cfg.target_r, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "target_modules": list(svd_layers(model)), "tinit": cfg.tinit,
+            "tfinal": cfg.tfinal, "deltaT": cfg.deltaT, "beta1": cfg.beta1, "beta2": cfg.beta2,
+            "orth_reg_weight": cfg.orth_reg_weight, "total_step": cfg.tinit + cfg.tfinal + 1, "rank_pattern": None,
+            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True}
+
+
+METHOD = Method(
+    name="adalora", config_cls=Config, apply=apply, trainable=trainable, merge=merge, unmerge=unmerge,
+    on_step_end=on_step_end, check_total_steps=check_total_steps, training_state=training_state,
+    load_training_state=load_training_state, report=report, peft_config=peft_config,
+    summary="SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)",
+    paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
+)
