@@ -122,44 +122,42 @@ def test_rank_allocation_equals_peft_in_lockstep(tiny_llama):
 RUN = {"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 3, "deltaT": 1, "alpha": 8}
 
 
-def _train(tiny_bert, cls_data, out, monkeypatch=None, method=None, spy=None, **train_args):
-    """A run through ftune's train(); `spy(model, step, total)` is called after the real hook each step."""
-    if spy:
-        real = METHODS["adalora"].on_step_end
-
-        def hook(model, step, total_steps):
-            real(model, step, total_steps)
-            spy(model, step, total_steps)
-
-        monkeypatch.setitem(METHODS, "adalora", dataclasses.replace(METHODS["adalora"], on_step_end=hook))
-    doc = recipe_doc("cls", tiny_bert, cls_data, out, {**RUN, **(method or {})}, **({"max_steps": 10, "lr": 2e-2} | train_args))
+def _train(tiny_bert, cls_data, out, method=None):
+    doc = recipe_doc("cls", tiny_bert, cls_data, out, {**RUN, **(method or {})}, max_steps=10, lr=2e-2)
     metrics = train(validate_recipe(doc))
     return json.loads((out / "method_report.json").read_text()), metrics
 
 
-def test_loop_calls_the_hook_and_ranks_are_reallocated(tiny_bert, cls_data, tmp_path, monkeypatch):
-    calls, orthogonality = [], []
+@pytest.fixture(scope="module")
+def hooked_run(tiny_bert, cls_data, tmp_path_factory):
+    """One run through ftune's train() with a spy after the real hook: its calls and R(P, Q) after each step."""
+    calls, orthogonality, real = [], [], METHODS["adalora"].on_step_end
 
-    def spy(model, step, total_steps):
+    def hook(model, step, total_steps):
+        real(model, step, total_steps)
         calls.append((step, total_steps))
         with torch.no_grad():
             orthogonality.append(float(svd_lora.orthogonality(list(svd_layers(model).values()))))
 
-    report, metrics = _train(tiny_bert, cls_data, tmp_path / "run", monkeypatch, spy=spy)
-    assert calls == [(step, 10) for step in range(1, 11)]
-    assert report == metrics["method_report"]
+    out = tmp_path_factory.mktemp("adalora") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(METHODS, "adalora", dataclasses.replace(METHODS["adalora"], on_step_end=hook))
+        report, metrics = _train(tiny_bert, cls_data, out)
+    return {"dir": out, "report": report, "metrics": metrics, "calls": calls, "orthogonality": orthogonality}
+
+
+def test_loop_calls_the_hook_and_ranks_are_reallocated(hooked_run):
+    report = hooked_run["report"]
+    assert hooked_run["calls"] == [(step, 10) for step in range(1, 11)]
+    assert report == hooked_run["metrics"]["method_report"]
     ranks = report["ranks"]
     assert len(ranks) == 2 * 6 + 1  # tiny BERT: 6 linears per block, 2 blocks, the pooler
     assert report["budget"] == sum(ranks.values()) == report["target_budget"] == 2 * len(ranks)
     assert report["initial_budget"] == 4 * len(ranks)
     assert len(set(ranks.values())) > 1, "every matrix kept the same rank: nothing was reallocated"
     # the saved weights carry the ranks: exactly the kept singular values are nonzero
-    weights = load_file(tmp_path / "run" / "method.safetensors")
+    weights = load_file(hooked_run["dir"] / "method.safetensors")
     assert {name: int((weights[f"{name}.lora_E"] != 0).sum()) for name in ranks} == ranks
-    # (d) the orthogonality term falls over training
-    assert report["orthogonality"] == pytest.approx(orthogonality[-1])
-    assert orthogonality[-1] < 0.8 * orthogonality[0]
-    assert sum(b < a for a, b in itertools.pairwise(orthogonality)) >= 8
 
 
 def test_without_the_hook_ranks_stay_at_init_r(tiny_bert, cls_data, tmp_path, monkeypatch):
@@ -170,10 +168,13 @@ def test_without_the_hook_ranks_stay_at_init_r(tiny_bert, cls_data, tmp_path, mo
     assert report["budget"] == report["initial_budget"] != report["target_budget"]
 
 
-def test_regulariser_weight_is_what_makes_orthogonality_fall(tiny_bert, cls_data, tmp_path):
-    with_reg, _ = _train(tiny_bert, cls_data, tmp_path / "reg")
+def test_orthogonality_falls_and_the_regulariser_is_why(hooked_run, tiny_bert, cls_data, tmp_path):
+    orthogonality = hooked_run["orthogonality"]
+    assert hooked_run["report"]["orthogonality"] == pytest.approx(orthogonality[-1])
+    assert orthogonality[-1] < 0.8 * orthogonality[0]
+    assert sum(b < a for a, b in itertools.pairwise(orthogonality)) >= 8
     without, _ = _train(tiny_bert, cls_data, tmp_path / "noreg", method={"orth_reg_weight": 0.0})
-    assert with_reg["orthogonality"] < without["orthogonality"] - 0.2
+    assert orthogonality[-1] < without["orthogonality"] - 0.2
 
 
 # (tinit, tfinal) with the resume at step 4 of 6: while the budget falls (importance decides step 5's final mask),
@@ -212,14 +213,13 @@ def test_resume_restores_ranks_and_importance(tinit, tfinal, tiny_bert, cls_data
     assert any(not torch.equal(forgetful[0][n], t) for n, t in weights.items())
 
 
-def test_peft_export_loads_in_peft(tiny_bert, cls_data, tmp_path):
+def test_peft_export_loads_in_peft(hooked_run, tiny_bert, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    _train(tiny_bert, cls_data, tmp_path / "run", max_steps=6)
-    out = export.export_peft(tmp_path / "run", tmp_path / "adapter")
+    out = export.export_peft(hooked_run["dir"], tmp_path / "adapter")
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     loaded = peft.PeftModel.from_pretrained(base, out).eval()
-    _, model, _ = load_run(tmp_path / "run")
+    _, model, _ = load_run(hooked_run["dir"])
     with torch.no_grad():
         assert (loaded(**_inputs()).logits - model(**_inputs()).logits).abs().max() <= 1e-5
 
