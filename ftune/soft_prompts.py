@@ -62,24 +62,34 @@ class _Wrapper(nn.Module):
         slots = torch.arange(bank.shape[1], device=device)[None] < lengths[ids][:, None]
         return bank[ids], slots, lengths[ids]
 
+    def produced(self) -> torch.Tensor:
+        """The prompt the source produces at inference: in eval mode (no encoder dropout), so saving mid-run neither
+        stores a dropped-out prompt nor draws from the random stream training uses."""
+        was_training = self.source.training
+        self.source.eval()
+        try:
+            with torch.no_grad():
+                return self.source().detach().clone()
+        finally:
+            self.source.train(was_training)
+
     def fold(self) -> None:
         """Replace a reparameterising encoder by the prompt it produces (what training leaves behind)."""
         if not isinstance(self.source, Prompt):
-            with torch.no_grad():
-                self.source = Prompt(self.source().detach().clone())
+            self.source = Prompt(self.produced())
 
     def saved_weights(self) -> dict[str, torch.Tensor]:
         """The trainable weights with the encoder folded: `source.weight` is the prompt itself."""
         own = {id(p) for p in self.source.parameters()}
         state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad and id(p) not in own}
-        return state | {"source.weight": self.source().detach()}
+        return state | {"source.weight": self.produced()}
 
     def peft_weights(self) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Tensors named as peft's prompt-learning adapters save them, and the modules peft must save beside them
         (the task head): the prompt as `prompt_embeddings`, a head weight as `base_model.<its name in the model>`."""
         own = {id(p) for p in self.source.parameters()}
         head = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in own}
-        tensors = {"prompt_embeddings": self.source().detach()} | {f"base_model.{n}": t for n, t in head.items()}
+        tensors = {"prompt_embeddings": self.produced()} | {f"base_model.{n}": t for n, t in head.items()}
         return tensors, sorted({n.rpartition(".")[0] for n in head})
 
 

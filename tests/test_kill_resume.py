@@ -48,6 +48,11 @@ CASES = {  # kind of data, method, train settings
                                  "robust": True},
                          {"save_every": 1, "keep_checkpoints": 3, "grad_accum": 2, "best_metric": "loss",
                           "best_mode": "min"}),
+    # whole-model wrappers: prefixes through a folded MLP (best weights saved folded mid-run), and input prompts
+    "prefix-cls": ("cls", {"name": "prefix_tuning", "n_tokens": 4, "mlp_hidden": 16, "dropout": 0.1},
+                   {"save_every": 1, "keep_checkpoints": 2, "best_metric": "accuracy"}),
+    "p-tuning-sft": ("sft", {"name": "p_tuning", "n_tokens": 4, "encoder": "lstm", "encoder_hidden": 8,
+                             "lstm_dropout": 0.1}, {"save_every": 2, "keep_checkpoints": 1}),
 }
 MIDDLE_KILLS = ["save", "step", "step", "clock"]  # shuffled per case, after "start" and "save", before "final"
 STARTED = "parameters train"  # stderr, printed once the run dir is prepared (and swept, when resuming)

@@ -185,3 +185,17 @@ def test_training_moves_only_the_prompt_and_head(name, prompt_runs):
     saved = load_file(str(prompt_runs[name, "cls"] / checkpoint.WEIGHTS))
     assert "source.weight" in saved and all(k == "source.weight" or k.startswith("model.") for k in saved)
     assert not any(k.startswith("source.") and k != "source.weight" for k in saved)
+
+
+def test_saving_mid_training_stores_the_inference_prompt(tiny_llama):
+    """A save during training (best weights, checkpoints) folds the encoder in eval mode: no dropped-out prompt is
+    stored, and the random stream training draws from is left untouched (exact resume depends on it)."""
+    model, _ = _ours("p_tuning-lstm", tiny_llama, "causal_lm", lstm_dropout=0.5)
+    model.train()
+    rng = torch.get_rng_state()
+    saved = METHODS["p_tuning"].saved_weights(model)["source.weight"]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.source.training  # training mode is restored
+    model.source.eval()
+    with torch.no_grad():
+        assert torch.equal(saved, model.source())
