@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ftune import checkpoint, data, models
+from ftune import checkpoint, data, models, quantize
 from ftune.errors import RecipeError, RunDirError
 from ftune.methods import METHODS, attach
 from ftune.recipe import Recipe, load_recipe
@@ -57,8 +57,10 @@ def build_model(recipe: Recipe, source: str, tokenizer, names: list[str] | None)
     spec = recipe.model
     model, missing = models.load_model(
         recipe.task, source, spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
-        trust_remote_code=spec.trust_remote_code, revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code, revision=spec.revision, quantization=spec.quantization,
     )
+    if spec.quantization:  # fp32 norms and head; input grads for checkpointed segments
+        quantize.prepare_for_training(model, recipe.train.gradient_checkpointing)
     head = models.head_parameters(model, recipe.task, missing)
     return attach(model, recipe.method, head)
 

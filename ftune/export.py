@@ -7,17 +7,23 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ftune import quantize
 from ftune.assemble import load_run
 from ftune.errors import MethodError, RunDirError
 from ftune.methods import METHODS
 from ftune.methods.base import unwrap_merged
+from ftune.models import DTYPES
 
 PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
                    "causal_lm": "CAUSAL_LM"}
 
 
 def merge_run(run_dir: str | Path, out: str | Path) -> Path:
-    """Fold the method into the base weights and save a plain HF model dir (+ tokenizer)."""
+    """Fold the method into the base weights and save a plain HF model dir (+ tokenizer).
+
+    A quantised base (QLoRA) is first dequantised, each weight to the values its forward used (see
+    `quantize.dequantize`); the saved model carries no quantization_config and loads with AutoModelFor*.
+    """
     out = _check_fresh(out)  # before any loading: a refusal costs nothing
     recipe, model, tokenizer = load_run(run_dir)
     method = METHODS[recipe.method.name]
@@ -25,8 +31,13 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
         raise MethodError(f"{method.name} adds modules that cannot be folded into the base weights, so there is no "
                           f"merged model; the run dir itself is the model (`ftune eval {run_dir}`)")
     _make_dir(out)
+    dtype = DTYPES[recipe.model.dtype]
+    if recipe.model.quantization:  # B A cannot be added to 4/8-bit codes: dequantise (to the compute dtype), then fold
+        quantize.dequantize(model, dtype)
     method.merge(model)
     model = unwrap_merged(model)
+    if recipe.model.quantization:  # training kept norms and head in fp32; the merged model has one dtype
+        model.to(dtype)
     for p in model.parameters():
         p.requires_grad_(True)
     model.save_pretrained(out)

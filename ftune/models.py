@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ftune import quantize
 from ftune.errors import ModelError
 
 # Hub id -> (package, GGUF file inside the package or None for a plain HF folder from `get_model_path()`).
@@ -75,8 +76,12 @@ def load_model(
     pad_token_id: int | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    quantization: quantize.Quantization | None = None,
 ) -> tuple[nn.Module, list[str]]:
-    """Load the base model for `task`. Returns the model and the names of weights the checkpoint lacked."""
+    """Load the base model for `task`. Returns the model and the names of weights the checkpoint lacked.
+
+    `quantization`: load the body's linears 4/8-bit through bitsandbytes (see ftune/quantize.py).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "revision": revision}
@@ -86,12 +91,16 @@ def load_model(
                    "label2id": {n: i for i, n in enumerate(names)}}
     else:
         auto = AutoModelForCausalLM
+    if quantization is not None:
+        kwargs["quantization_config"] = quantize.bnb_config(quantization, auto, source, kwargs)
     try:
         model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"model.name: cannot load {source}: {_first_line(e)}") from None
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # sequence classification finds the last real token by it
+    if quantization is not None:
+        quantize.after_loading(model, list(info.get("missing_keys", [])), DTYPES[dtype])
     return model, list(info.get("missing_keys", []))
 
 

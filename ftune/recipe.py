@@ -25,6 +25,8 @@ from typing_extensions import Annotated
 
 from ftune.errors import RecipeError
 from ftune.methods import METHODS, AnyMethodConfig
+from ftune.optim import OPTIMIZERS
+from ftune.quantize import Quantization
 
 TASKS = ("sequence_classification", "causal_lm")
 
@@ -44,6 +46,9 @@ class ModelSpec(_Section):
     """Hub revision (branch, tag or commit) when `name` is a Hub id."""
     trust_remote_code: bool = False
     """Run modelling code shipped with a Hub model. Off unless you trust its author."""
+    quantization: Quantization | None = None
+    """Load the base linears 4- or 8-bit quantised through bitsandbytes (QLoRA); only methods that train weights
+    outside them may use it (e.g. lora, adapters, head). Unquantised weights are kept in fp32. See ftune/quantize.py."""
 
 
 class HubSource(_Section):
@@ -113,6 +118,9 @@ class TrainSpec(_Section):
     """Micro-batches per optimizer step."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW decoupled weight decay."""
+    optimizer: Literal[OPTIMIZERS] = "adamw"
+    """adamw (torch), or bitsandbytes' adamw_8bit (8-bit moments), paged_adamw_8bit, paged_adamw_32bit, paged_adamw
+    (= paged_adamw_32bit): paged states move to CPU memory under GPU memory pressure (on CPU they are not paged)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the gradient norm to this; null disables clipping."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -173,6 +181,10 @@ class Recipe(_Section):
         if self.train.gradient_checkpointing and not METHODS[self.method.name].gradient_checkpointing:
             raise ValueError(f"train.gradient_checkpointing: {self.method.name} keeps per-layer key/value prefixes in "
                              "the attention cache, which recomputation in backward would extend twice; set it to false")
+        if self.model.quantization and not METHODS[self.method.name].quantized_base:
+            fit = ", ".join(n for n, m in METHODS.items() if m.quantized_base)
+            raise ValueError(f"model.quantization: {self.method.name} trains weights inside the quantised base linears, "
+                             f"which cannot be updated; use a method that trains outside them ({fit}) or drop it")
         return self
 
 

@@ -19,6 +19,7 @@ from ftune.errors import RecipeError, TrainingError
 from ftune.evaluate import evaluate
 from ftune.methods import METHODS
 from ftune.methods.base import count_parameters
+from ftune.optim import make_optimizer
 from ftune.recipe import Recipe, dump_recipe
 
 # skipped steps in a row (train.on_nonfinite: skip) that stop the run anyway: the fault is not a passing spike
@@ -78,7 +79,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     if method.check_total_steps:  # before anything is written
         method.check_total_steps(recipe.method, total_steps)
     warmup = t.warmup_steps or round(t.warmup_ratio * total_steps)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(t.optimizer, [p for p in model.parameters() if p.requires_grad], t.lr, t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t.scheduler, warmup, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)

@@ -142,7 +142,7 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
 
 METHOD = Method(
     name="adapter",
-    config_cls=Config,
+    config_cls=Config, quantized_base=True,
     apply=apply,
     trainable=trainable,
     summary="bottleneck adapters: houlsby, pfeiffer or parallel placement",

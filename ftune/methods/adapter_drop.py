@@ -52,6 +52,7 @@ METHOD = Method(
     config_cls=Config,
     apply=apply,
     trainable=adapter.trainable,
+    quantized_base=True,
     summary="adapters of the lowest k blocks skipped (fixed or robust k; k at inference)",
     paper="Rücklé et al. 2021, AdapterDrop, arXiv:2010.11918",
 )

@@ -146,5 +146,5 @@ def report(model: nn.Module) -> dict:
 
 
 METHOD = Method(name="adapter_fusion", config_cls=Config, apply=apply, trainable=trainable, report=report,
-                paper="Pfeiffer et al. 2021, AdapterFusion, arXiv:2005.00247",
+                paper="Pfeiffer et al. 2021, AdapterFusion, arXiv:2005.00247", quantized_base=True,
                 summary="attention over frozen stage-1 pfeiffer adapters (per-layer weights in method_report.json)")

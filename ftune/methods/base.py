@@ -106,9 +106,15 @@ def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights count once."""
+    """(trainable, total) parameter counts; tied weights count once; a quantised weight counts its logical shape."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return trainable, sum(_logical_numel(p) for p in model.parameters())
+
+
+def _logical_numel(p: nn.Parameter) -> int:
+    # bitsandbytes packs two 4-bit weights per byte; its quant_state keeps the shape the weight has
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
 
 
 def fold_nothing(model: nn.Module) -> None:

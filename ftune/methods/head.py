@@ -35,6 +35,7 @@ METHOD = Method(
     trainable=trainable,
     merge=fold_nothing,
     unmerge=fold_nothing,
+    quantized_base=True,
     summary="only the task head trains (linear probe)",
     paper="Pfeiffer et al. 2021, AdapterFusion, Table 1 'Head' baseline, arXiv:2005.00247",
 )

@@ -1,10 +1,12 @@
-"""LoRA: low-rank updates to frozen linear layers.
+"""LoRA: low-rank updates to frozen linear layers (options: rsLoRA scaling, DoRA; a quantised base is QLoRA).
 
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685. A frozen linear
 W (d_out x d_in) computes W x + (alpha / r) * B A dropout(x), with A (r x d_in) and B (d_out x r). As in the reference
 code and peft, A starts Kaiming-uniform (a = sqrt(5)) and B at zero, so step 0 equals the base model exactly.
 rsLoRA (Kalajdzievski 2023, arXiv:2312.03732) scales by alpha / sqrt(r) instead, which keeps the update's size
-stable as r grows. Defaults follow peft: r = 8, alpha = 8, dropout = 0.
+stable as r grows. DoRA (Liu et al. 2024, arXiv:2402.09353) adds a learned magnitude per output row. Over a 4/8-bit
+base (`model.quantization`, Dettmers et al. 2023) this is QLoRA. Defaults follow peft: r = 8, alpha = 8, dropout = 0.
+The layer itself lives in `ftune/lora_layers.py`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 from torch import nn
 
 from ftune.errors import MethodError
+from ftune.lora_layers import LoRALinear
 from ftune.methods.base import Method, MethodConfig
+from ftune.quantize import is_quantized_linear
 
 
 class Config(MethodConfig):
@@ -32,59 +35,19 @@ class Config(MethodConfig):
     """Linear layers to adapt, by module name or name suffix (e.g. [query, value]), or every linear of the body."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
+    dora: bool = False
+    """DoRA: also learn a magnitude per output row, W' = m (W + s B A) / ||W + s B A||_row (peft's use_dora)."""
 
 
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update.
+def target_linears(model: nn.Module, targets: list[str] | str) -> dict[str, nn.Module]:
+    """The linear layers `targets` names, by full module name. `all-linear` means every linear of the body.
 
-    Args:
-        base_layer: the linear layer to adapt; shapes (d_out, d_in).
-        r: rank of the update.
-        scaling: multiplier of B A (alpha / r, or alpha / sqrt(r) for rsLoRA).
-        dropout: dropout probability on the low-rank path's input.
+    A linear is an nn.Linear (not a subclass with other semantics) or a bitsandbytes 4/8-bit linear (QLoRA).
     """
-
-    def __init__(self, base_layer: nn.Linear, r: int, scaling: float, dropout: float) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        # fp32 factors even over a bf16 base: tiny updates to B vanish in bf16 rounding otherwise
-        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, **factory)  # Kaiming-uniform(a=sqrt 5)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **factory)
-        nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = scaling
-        self.merged = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.merged:
-            return y
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (update * self.scaling).to(y.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """(d_out, d_in): the dense update the low-rank path adds."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-
-    def merge(self) -> None:
-        if not self.merged:
-            weight = self.base_layer.weight
-            weight.data = (weight.data.float() + self.delta_weight().detach()).to(weight.dtype)
-            self.merged = True
-
-    def unmerge(self) -> None:
-        if self.merged:
-            weight = self.base_layer.weight
-            weight.data = (weight.data.float() - self.delta_weight().detach()).to(weight.dtype)
-            self.merged = False
-
-
-def target_linears(model: nn.Module, targets: list[str] | str) -> dict[str, nn.Linear]:
-    """The linear layers `targets` names, by full module name. `all-linear` means every linear of the body."""
     body = model.base_model
     prefix = next(n for n, m in model.named_modules() if m is body)
-    linears = {f"{prefix}.{n}" if prefix else n: m for n, m in body.named_modules() if type(m) is nn.Linear}
+    linears = {f"{prefix}.{n}" if prefix else n: m for n, m in body.named_modules()
+               if type(m) is nn.Linear or is_quantized_linear(m)}
     if targets == "all-linear":
         found = linears
     else:
@@ -104,12 +67,14 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     scaling = cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
     for name, linear in target_linears(model, cfg.targets).items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, LoRALinear(linear, cfg.r, scaling, cfg.dropout))
+        setattr(model.get_submodule(parent_name), child, LoRALinear(linear, cfg.r, scaling, cfg.dropout, cfg.dora))
     return model
 
 
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
-    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A.weight, m.lora_B.weight)]
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    return [p for m in layers for part in (m.lora_A, m.lora_B, m.lora_magnitude_vector) if part is not None
+            for p in part.parameters()]
 
 
 def merge(model: nn.Module) -> None:
@@ -130,6 +95,7 @@ def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.rslora,
+        "use_dora": cfg.dora,
         "target_modules": wrapped,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -145,6 +111,7 @@ METHOD = Method(
     merge=merge,
     unmerge=unmerge,
     peft_config=peft_config,
-    summary="low-rank updates B A on frozen linears (rsLoRA option)",
+    quantized_base=True,
+    summary="low-rank updates B A on frozen linears (rsLoRA, DoRA options; QLoRA over model.quantization)",
     paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685",
 )

@@ -1,0 +1,29 @@
+"""The optimizer, chosen by name (`train.optimizer`): torch's AdamW, or bitsandbytes' 8-bit / paged AdamW.
+
+8-bit AdamW (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", arXiv:2110.02861) keeps both
+moments block-wise quantised to 8 bits; bitsandbytes keeps tensors under 4096 elements in 32 bits. Paged optimizers
+(the QLoRA paper, §3) hold their state in CUDA unified memory, evicted to CPU RAM under memory pressure; on CPU
+bitsandbytes warns and runs them unpaged. All share AdamW's update and defaults (betas 0.9/0.999, eps 1e-8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ftune.quantize import require_bitsandbytes
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_adamw")
+_BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                "paged_adamw_32bit": "PagedAdamW32bit", "paged_adamw": "PagedAdamW"}
+
+
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float):
+    """The optimizer `name` (one of OPTIMIZERS) over `params`, with decoupled weight decay."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    require_bitsandbytes(f"train.optimizer: {name}")
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, _BNB_CLASSES[name])(params, lr=lr, weight_decay=weight_decay)
