@@ -104,47 +104,60 @@ def schema() -> None:
 
 @command(name="eval")
 def evaluate_run(
-    run_dir: Path,
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more runs; several of a mergeable method (LoRA, "
+                                                   "AdaLoRA, ...) are hot-swapped on one loaded base.")],
     split: Annotated[str, typer.Option(help="Split of the recipe's data to score.")] = "validation",
     data: Annotated[Optional[str], typer.Option(help="Score this file instead.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Score ONE adapter, the weighted sum of several LoRA runs' "
+                                                   "updates, e.g. 0.7,0.3 (one weight per run).")] = None,
 ) -> None:
-    """Score a trained run on a split or a file; metrics as JSON on stdout."""
-    from ftune import assemble
+    """Score trained runs on a split or a file: one run prints its metrics as JSON, several print one JSON line each."""
+    from ftune import assemble, hotswap
     from ftune.errors import DataError
-    from ftune.evaluate import evaluate
 
-    if data and not Path(data).exists():
+    def note(text: str) -> None:
+        err.print(text, soft_wrap=True)
+
+    if data and not Path(data).exists():  # before any loading: a refusal costs nothing
         raise DataError(f"--data: {data} does not exist")
-    recipe, model, tokenizer = assemble.load_run(run_dir)
-    names = assemble.read_run_record(run_dir)["label_names"]
-    rows = assemble.read_split(recipe, split, [data] if data else None)
-    encoded = assemble.encode(recipe, rows, tokenizer, names)
-    if encoded.truncated:
-        err.print(f"note: {encoded.truncated} of {len(rows.rows)} rows were cut to data.max_length="
-                  f"{recipe.data.max_length} tokens", soft_wrap=True)
-    loader = assemble.eval_loader(recipe, encoded.examples, tokenizer)
-    device = next(model.parameters()).device
-    print(json.dumps({"source": rows.source, **evaluate(model, loader, recipe.task, device)}, indent=2))
+    factors = hotswap.parse_weights(weights)
+    if factors is not None:
+        recipe, model, tokenizer, names = hotswap.combine(run_dirs, factors)
+        scored = hotswap.score(recipe, model, tokenizer, names, split, data, note)
+        print(json.dumps({"runs": [str(r) for r in run_dirs], "weights": factors, **scored}, indent=2))
+    elif len(run_dirs) == 1:
+        recipe, model, tokenizer = assemble.load_run(run_dirs[0])
+        names = assemble.read_run_record(run_dirs[0])["label_names"]
+        print(json.dumps(hotswap.score(recipe, model, tokenizer, names, split, data, note), indent=2))
+    else:
+        for scored in hotswap.score_runs(run_dirs, split, data, note):
+            print(json.dumps(scored))
 
 
 @command
 def predict(
-    runs: Annotated[list[Path], typer.Argument(help="One or more runs on the same base (several: soft-prompt runs).")],
+    runs: Annotated[list[Path], typer.Argument(help="One or more runs on the same base (several: soft-prompt runs, "
+                                               "or runs of a mergeable method, hot-swapped).")],
     input: Annotated[Path, typer.Option("--input", help="JSONL rows: the recipe's text column(s), and `task` "
                                         "(a run's folder name or index) when several runs are given.")],
     output: Annotated[Optional[Path], typer.Option(help="Write predictions here (JSONL) instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per batch; a batch may mix tasks.")] = 32,
+    weights: Annotated[Optional[str], typer.Option(help="Answer every row with ONE adapter, the weighted sum of "
+                                                   "several LoRA runs' updates, e.g. 0.7,0.3.")] = None,
 ) -> None:
-    """Predict labels for JSONL rows with one frozen base serving several tasks (each row uses its task's prompt)."""
+    """Predict labels for JSONL rows with one base serving several tasks (soft prompts per row, or hot-swapped
+    mergeable runs per task)."""
     from ftune.errors import DataError, RunDirError
-    from ftune.predict import load_tasks, predict as run_predict, read_jsonl
+    from ftune.hotswap import parse_weights
+    from ftune.predict import load_tasks, read_jsonl
+    from ftune.predict import predict as run_predict
 
     if not input.is_file():
         raise DataError(f"--input: {input} does not exist")
     if output and output.exists():
         raise RunDirError(f"--output: {output} exists; choose a new file")
     rows = read_jsonl(input)
-    multi, tasks, tokenizer = load_tasks(runs)
+    multi, tasks, tokenizer = load_tasks(runs, parse_weights(weights))
     lines = "".join(json.dumps(p) + "\n" for p in run_predict(multi, tasks, tokenizer, rows, batch_size))
     if output:
         output.write_text(lines)
@@ -159,6 +172,19 @@ def merge(run_dir: Path, out_dir: Path) -> None:
     from ftune.export import merge_run
 
     err.print(f"merged model written to {merge_run(run_dir, out_dir)}")
+
+
+@command(name="import-peft")
+def import_peft(
+    peft_dir: Path,
+    out_dir: Path,
+    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe giving model, task and data; its method section is "
+                                         "replaced by the adapter's LoRA config.")],
+) -> None:
+    """Turn a LoRA adapter dir saved by peft into an ftune run dir (eval, predict, merge, export work on it)."""
+    from ftune.peft_import import import_peft as run_import
+
+    err.print(f"ftune run written to {run_import(peft_dir, out_dir, recipe)}")
 
 
 class ExportFormat(str, Enum):

@@ -5,6 +5,10 @@ soft-prompt runs given here share one base model; their prompts (or prefixes) fo
 uses its own task's prompt, so one batch can mix rows of different tasks. Each task's head (its classifier, and any
 weight its checkpoint lacked) is kept per task in a `PerTask` module that answers each row with its own task's copy.
 A run alone is the special case of one task, so `predict` with one run of any method equals `ftune eval`'s model.
+
+Runs of a mergeable method (LoRA, DoRA, AdaLoRA) share the base by hot-swap instead (`ftune/hotswap.py`): rows are
+grouped by task, and each group runs with its run's update merged into the base and its head loaded; outputs keep the
+input order. `weights` combines several LoRA runs into one adapter (Σ w_i ΔW_i) that answers every row.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ftune import assemble, checkpoint
+from ftune import assemble, checkpoint, hotswap
 from ftune.errors import DataError, RunDirError
-from ftune.recipe import Recipe, load_recipe
+from ftune.recipe import Recipe
 from ftune.soft_prompts import Prompt
 
 
@@ -59,6 +63,14 @@ class MultiTask(nn.Module):
         self.model, self.switches = model, switches
         self.banked = isinstance(getattr(model, "source", None), Prompt)  # a soft-prompt wrapper takes task_ids
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def schedule(self, task_of: list[int]):
+        """All rows in one group: a batch may mix tasks (see `HotSwap.schedule` for the grouped kind)."""
+        yield self, list(range(len(task_of)))
+
     def forward(self, task_ids: torch.Tensor, **batch):
         for switch in self.switches:
             switch.task_ids = task_ids
@@ -69,25 +81,30 @@ class MultiTask(nn.Module):
                 switch.task_ids = None
 
 
-def load_tasks(run_dirs: list[Path]):
-    """(MultiTask model, tasks, tokenizer): the first run's base and method, the others' prompts and heads added."""
-    recipes = [load_recipe(Path(run) / checkpoint.RECIPE, stored=True) if (Path(run) / checkpoint.RECIPE).is_file()
-               else _not_a_run(run) for run in run_dirs]
+def load_tasks(run_dirs: list[Path], weights: list[float] | None = None):
+    """(model, tasks, tokenizer): several soft-prompt runs as one MultiTask (the first run's base and method, the
+    others' prompts and heads added); several runs of a mergeable method as a `HotSwap`; with `weights`, the weighted
+    combination of LoRA runs as one task."""
+    recipes = hotswap.read_recipes(run_dirs)
     first = recipes[0]
-    for run, r in zip(run_dirs, recipes):
-        if (r.model.name, r.model.dtype, r.task) != (first.model.name, first.model.dtype, first.task):
-            raise RunDirError(f"{run}: another base or task ({r.model.name}, {r.task}) than {run_dirs[0]} "
-                              f"({first.model.name}, {first.task}); predict serves runs of one base and task")
+    hotswap.check_same_base(run_dirs, recipes)
     if first.task != "sequence_classification":
         raise RunDirError(f"{run_dirs[0]}: predict serves sequence classification runs; score {first.task} runs "
                           "with `ftune eval`")
-    _, model, tokenizer = assemble.load_run(run_dirs[0])
+    if weights is not None:
+        recipe, model, tokenizer, names = hotswap.combine(run_dirs, weights)
+        return MultiTask(model, []), [Task("combined", recipe, names)], tokenizer
     tasks = [Task(Path(run).name, r, assemble.read_run_record(run)["label_names"]) for run, r in zip(run_dirs, recipes)]
+    if len(run_dirs) > 1 and hotswap.swappable(recipes):
+        bank = hotswap.load_bank(run_dirs, recipes)
+        return bank, tasks, bank.tokenizer
+    _, model, tokenizer = assemble.load_run(run_dirs[0])
     if len(run_dirs) == 1:
         return MultiTask(model, []), tasks, tokenizer
     if not isinstance(getattr(model, "source", None), Prompt):
-        raise RunDirError(f"{run_dirs[0]}: {first.method.name} is not a soft-prompt method; several runs share one "
-                          "batch through their prompts (prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2)")
+        raise RunDirError(f"{run_dirs[0]}: {first.method.name} is neither a soft-prompt method nor mergeable; several "
+                          "runs share one base through their prompts (prompt_tuning, p_tuning, prefix_tuning, "
+                          "p_tuning_v2) or by hot-swap (methods with merge: lora, adalora, ...)")
     states = [load_file(str(Path(run) / checkpoint.WEIGHTS)) for run in run_dirs]
     kinds = {(r.method.name in ("prefix_tuning", "p_tuning_v2"), getattr(r.method, "tokens_before", None)) for r in recipes}
     if len(kinds) > 1:
@@ -117,13 +134,11 @@ def load_tasks(run_dirs: list[Path]):
     return MultiTask(model.eval(), switches), tasks, tokenizer
 
 
-def _not_a_run(run) -> Any:
-    raise RunDirError(f"{run}: not a finished ftune run (no {checkpoint.RECIPE})")
-
-
 @torch.no_grad()
-def predict(multi: MultiTask, tasks: list[Task], tokenizer, rows: list[dict[str, Any]], batch_size: int = 32):
-    """One prediction per row: {"task", "label", "scores"}; a row names its task by run name or index."""
+def predict(multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, rows: list[dict[str, Any]],
+            batch_size: int = 32):
+    """One prediction per row, in input order: {"task", "label", "scores", "logits"}; a row names its task by run
+    name or index."""
     from ftune.data import Rows, collate
 
     by_name = {t.name: i for i, t in enumerate(tasks)}
@@ -138,19 +153,21 @@ def predict(multi: MultiTask, tasks: list[Task], tokenizer, rows: list[dict[str,
         labelled = {d.label_column: task.labels[0]} | row  # encoding wants a label; predictions ignore it
         encoded = assemble.encode(task.recipe, Rows([labelled], f"input row {i + 1}"), tokenizer, task.labels)
         examples.append(encoded.examples[0] | {"task": index})
-    device = next(multi.parameters()).device
-    out = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = collate(tokenizer.pad_token_id)(chunk)
-        batch.pop("labels")
-        task_ids = torch.tensor([e["task"] for e in chunk], device=device)
-        logits = multi(task_ids, **{k: v.to(device) for k, v in batch.items()}).logits.float()
-        for e, row_logits in zip(chunk, logits):
-            labels = tasks[e["task"]].labels
-            scores = row_logits[: len(labels)].softmax(-1)
-            out.append({"task": tasks[e["task"]].name, "label": labels[int(scores.argmax())],
-                        "scores": [round(float(s), 6) for s in scores], "logits": row_logits[: len(labels)].tolist()})
+    device = multi.device
+    out: list[dict[str, Any]] = [{}] * len(examples)
+    for forward, positions in multi.schedule([e["task"] for e in examples]):  # one group, or one per hot-swapped task
+        for start in range(0, len(positions), batch_size):
+            chunk = positions[start:start + batch_size]
+            batch = collate(tokenizer.pad_token_id)([examples[i] for i in chunk])
+            batch.pop("labels")
+            task_ids = torch.tensor([examples[i]["task"] for i in chunk], device=device)
+            logits = forward(task_ids, **{k: v.to(device) for k, v in batch.items()}).logits.float()
+            for i, row_logits in zip(chunk, logits):
+                task = tasks[examples[i]["task"]]
+                scores = row_logits[: len(task.labels)].softmax(-1)
+                out[i] = {"task": task.name, "label": task.labels[int(scores.argmax())],
+                          "scores": [round(float(s), 6) for s in scores],
+                          "logits": row_logits[: len(task.labels)].tolist()}
     return out
 
 
