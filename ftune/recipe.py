@@ -28,7 +28,7 @@ from ftune.methods import METHODS, AnyMethodConfig
 from ftune.optim import OPTIMIZERS
 from ftune.quantize import Quantization
 
-TASKS = ("sequence_classification", "causal_lm")
+TASKS = ("sequence_classification", "token_classification", "causal_lm")
 
 
 class _Section(BaseModel):
@@ -80,7 +80,13 @@ class DataSpec(_Section):
     label_column: str = "label"
     """Classification: column holding the label (an integer id or a class name)."""
     labels: list[str] | None = None
-    """Classification: class names in id order. Default: the sorted set of training labels."""
+    """Classification: class names in id order; token classification: tag names in id order (needed when the
+    tags are integer ids, e.g. the Hub's conll2003). Default: the sorted set of training labels (tags)."""
+    tokens_column: str = "tokens"
+    """Token classification: column holding a list of words per row (CoNLL .txt/.conll files fill it)."""
+    tags_column: str = "ner_tags"
+    """Token classification: column holding a list of tags per row, one per word: tag names (e.g. IOB2 B-PER)
+    or integer ids into data.labels."""
     instruction_column: str = "instruction"
     """SFT: column with the instruction."""
     input_column: str | None = "input"
@@ -148,8 +154,9 @@ class TrainSpec(_Section):
 
 class Recipe(_Section):
     model: ModelSpec
-    task: Literal["sequence_classification", "causal_lm"]
-    """What the model learns: sequence_classification or causal_lm (SFT). More tasks come later."""
+    task: Literal["sequence_classification", "token_classification", "causal_lm"]
+    """What the model learns: sequence_classification, token_classification (a tag per word, e.g. NER) or
+    causal_lm (SFT)."""
     data: DataSpec
     method: AnyMethodConfig
     train: TrainSpec = TrainSpec()

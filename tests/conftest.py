@@ -145,3 +145,55 @@ def _restore_torch_state():
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+# Token classification: a tiny CoNLL corpus whose tags follow from the words (so a few steps of training learn it):
+# a person is a first name (B-PER), optionally followed by a surname (I-PER); a place is one word (B-LOC).
+FIRST_NAMES, SURNAMES, PLACES = ["good", "great", "lovely"], ["superb", "fine"], ["bad", "awful", "poor"]
+CONLL_TAGS = ["B-LOC", "B-PER", "I-PER", "O"]  # the sorted tag set: the default data.labels
+
+
+def conll_sentence(rng: random.Random) -> list[tuple[str, str]]:
+    """(word, tag) pairs: filler words with one or two entities, never two entities side by side."""
+    words = [(w, "O") for w in rng.sample(FILLER, rng.randint(3, 6))]
+    for _ in range(rng.randint(1, 2)):
+        at = rng.randrange(len(words) + 1)
+        if rng.random() < 0.5:
+            entity = [(rng.choice(FIRST_NAMES), "B-PER")]
+            if rng.random() < 0.5:
+                entity.append((rng.choice(SURNAMES), "I-PER"))
+        else:
+            entity = [(rng.choice(PLACES), "B-LOC")]
+        words[at:at] = entity + [(rng.choice(FILLER), "O")]
+    return words
+
+
+def write_conll(path: Path, sentences: list[list[tuple[str, str]]]) -> Path:
+    """A CoNLL-2003-style file: `word POS TAG` lines, a blank line between sentences, a -DOCSTART- line first."""
+    lines = ["-DOCSTART- -X- O", ""]
+    for sentence in sentences:
+        lines += [f"{word} NN {tag}" for word, tag in sentence] + [""]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def conll_data(tmp_path_factory) -> Path:
+    """train.txt (48 sentences), validation.txt (16), test.txt (12) in a folder, like ../shared/data/conll2003."""
+    folder = tmp_path_factory.mktemp("conll")
+    rng = random.Random(2)
+    for split, n in (("train", 48), ("validation", 16), ("test", 12)):
+        write_conll(folder / f"{split}.txt", [conll_sentence(rng) for _ in range(n)])
+    return folder
+
+
+def token_recipe_doc(model: Path, data: Path, out: Path, method: dict | None = None, **train) -> dict:
+    """A complete tiny token-classification recipe reading the folder `data` (train.txt, validation.txt)."""
+    return {
+        "model": {"name": str(model)},
+        "task": "token_classification",
+        "data": {"train": str(data), "validation": str(data), "max_length": 32},
+        "method": method or {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "log_every": 1, "seed": 0, **train},
+        "output_dir": str(out),
+    }

