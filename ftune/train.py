@@ -116,6 +116,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             f.write(json.dumps(entry) + "\n")
 
     def keep_if_best(metrics: dict) -> None:
+        if t.best_metric not in metrics:  # e.g. f1 where the tags are not IOB2: known only once scored
+            raise TrainingError(f"train.best_metric: {t.best_metric!r} is not a validation metric of this run; "
+                                f"use one of {', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
         value = metrics[t.best_metric]
         best = pos["best"]
         if best is None or (value > best if t.best_mode == "max" else value < best):

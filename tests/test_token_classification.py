@@ -263,10 +263,12 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "alpha": 8}], ids=["full", "lora"])
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "alpha": 8},
+                                    {"name": "p_tuning_v2", "n_tokens": 4, "dropout": 0.0}],
+                         ids=["full", "lora", "p_tuning_v2"])
 def test_train_and_eval_end_to_end(arch, method, tiny_bert, tiny_llama, conll_data, tmp_path):
     model = tiny_bert if arch == "bert" else tiny_llama
-    lr = {"full": 3e-3, "lora": 3e-2 if arch == "bert" else 1e-2}[method["name"]]  # each learns in 30 steps
+    lr = {"full": 3e-3, "lora": 3e-2 if arch == "bert" else 1e-2, "p_tuning_v2": 3e-2}[method["name"]]  # each learns in 30 steps
     doc = token_recipe_doc(model, conll_data, tmp_path / "run", method, max_steps=30, log_every=5, lr=lr,
                            best_metric="f1")
     result = _invoke("train", write_recipe(tmp_path / "recipe.yaml", doc))
@@ -345,3 +347,16 @@ def test_lora_minilm_real_conll(tmp_path):
 def _text(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_best_metric_missing_for_non_iob2_tags(tiny_bert, tmp_path):
+    """Part-of-speech style tags have no entities, so no f1: best_metric f1 stops with one line naming the field."""
+    data = tmp_path / "pos"
+    data.mkdir()
+    sentence = "the DT\nmovie NN\nwas VB\ngood JJ\n"
+    for split in ("train", "validation"):
+        (data / f"{split}.txt").write_text("\n".join([sentence] * 6))
+    doc = token_recipe_doc(tiny_bert, data, tmp_path / "run", max_steps=2, eval_every=1, best_metric="f1")
+    result = _invoke("train", write_recipe(tmp_path / "recipe.yaml", doc))
+    assert result.exit_code == 1
+    assert "train.best_metric: 'f1' is not a validation metric" in result.output and "accuracy" in result.output
