@@ -237,12 +237,12 @@ def _kill_once(case: Case, kind: str, attempt: int) -> dict | None:
         proc.send_signal(signal.SIGKILL)
     rc = proc.wait(timeout=TIMEOUT)
     stderr = err.read_text()
+    if flags == ["--resume"] and rc in (0, -signal.SIGKILL):  # a resumed run that finished before the kill counts too
+        case.resumes += 1
     if rc == 0:
         case.finished_early += 1
         return None
     assert rc == -signal.SIGKILL, f"{case.name} attempt {attempt} ({kind}) failed on its own (rc {rc}):\n{stderr}"
-    if flags == ["--resume"]:
-        case.resumes += 1
 
     context = f"{case.name} attempt {attempt} ({kind})"
     _assert_checkpoints_load(out, context)
