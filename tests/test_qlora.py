@@ -372,3 +372,31 @@ def test_cli_train_with_set_quantization(tiny_llama, sft_data, tmp_path):
     source, tokenizer = assemble.load_tokenizer(unquantized)
     expected = count_parameters(assemble.build_model(unquantized, source, tokenizer, None))
     assert (record["trainable_params"], record["total_params"]) == expected  # 4-bit weights count their logical shape
+
+
+def test_resume_equals_uninterrupted(tiny_llama, sft_data, tmp_path):
+    """A QLoRA DoRA run with 8-bit AdamW, stopped after a checkpoint and resumed, ends bitwise equal (the base is
+    re-quantised on load: bitsandbytes' quantisation is deterministic)."""
+    method = {"name": "lora", "r": 4, "alpha": 8, "dora": True, "dropout": 0.1}
+    recipe = _recipe("sft", tiny_llama, sft_data, tmp_path / "run", method, max_steps=6, save_every=2,
+                     keep_checkpoints=3, eval_every=2, optimizer="adamw_8bit")
+    run = tmp_path / "run"
+    _train(recipe)
+    expected = load_file(str(run / checkpoint.WEIGHTS))
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    train(recipe, resume=True, console=Console(file=io.StringIO()))
+    resumed = load_file(str(run / checkpoint.WEIGHTS))
+    assert resumed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+@pytest.mark.parametrize("which", ["sft", "sft-dora"])
+def test_peft_export_of_a_qlora_run_loads_over_a_quantised_base(which, qlora_runs, tiny_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    out = export.export_peft(qlora_runs[which], tmp_path / "adapter")
+    base, _ = models.load_model("causal_lm", str(tiny_llama), quantization=quantize.Quantization(**NF4))
+    loaded = peft.PeftModel.from_pretrained(base, out).eval()
+    _, ours, _ = load_run(qlora_runs[which])
+    with torch.no_grad():
+        assert (loaded(**_inputs()).logits - ours(**_inputs()).logits).abs().max() <= 1e-5
