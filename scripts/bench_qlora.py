@@ -17,9 +17,9 @@ see the same random token batches, and run under bf16 autocast on CUDA, as `ftun
 Measured per side: tokens/s (batch x seq over the median step time; a step is forward + backward + optimizer step +
 zero_grad, `--warmup` untimed then `--steps` timed, CUDA synchronised); peak memory, `torch.cuda.max_memory_allocated`
 over load and training (CPU: peak RSS minus RSS before loading); memory after loading (the weights); the step-0 loss
-(B = 0, so ftune and peft agree within a pair: printed as |d loss|). The two sides of a pair alternate step by step
-(which goes first alternates too), so drift hits both alike; the pairs run one after the other, so that at most two
-processes hold GPU memory at once.
+(B = 0, so ftune and peft agree within a pair: printed as |d loss|). On CUDA each side runs alone on the GPU, one
+after the other; on CPU the two sides of a pair alternate step by step (which goes first alternates too), so that
+noisy neighbours hit both alike.
 Dev-only: ftune never imports this file.
 """
 
@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--r", type=int, default=16)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; --tiny: 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --tiny: 3)")
     p.add_argument("--optimizer", default="adamw", help="ftune's train.optimizer name, used by every side")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant) on every side")
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ", ".join(SIDES))
@@ -62,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 128, 2, 4, 2, 256
-        args.vocab, args.seq, args.batch, args.r, args.warmup, args.steps = 512, 64, 2, 4, 1, 3
+        args.vocab, args.seq, args.batch, args.r = 512, 64, 2, 4
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.steps = args.steps if args.steps is not None else (3 if args.tiny else 10)
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -212,24 +214,27 @@ def worker(args: argparse.Namespace, side: str, folder: str, conn) -> None:
 
 
 def run_pair(args, sides, folder) -> dict:
-    """Both sides of a pair alive at once, stepping alternately; returns per-side results."""
-    ctx, conns, procs = mp.get_context("spawn"), {}, []
-    for side in sides:
-        conns[side], child = ctx.Pipe()
-        procs.append(ctx.Process(target=worker, args=(args, side, folder, child)))
-        procs[-1].start()
-        child.close()
-    info = {side: conns[side].recv() for side in sides}
-    steps = {side: [] for side in sides}
-    for i in range(args.warmup + args.steps):
-        for side in sides if i % 2 == 0 else sides[::-1]:
-            conns[side].send(i)
-            steps[side].append(conns[side].recv())
-    for side in sides:
-        conns[side].send(None)
-        info[side]["peak_mb"] = conns[side].recv()
-    for p in procs:
-        p.join()
+    """CPU: both sides of a pair alive at once, stepping alternately (noisy neighbours hit both alike). CUDA: one
+    side at a time, each alone on the GPU (two caching allocators at seq 2048 could exhaust it); returns results."""
+    groups = [sides] if args.device == "cpu" else [[side] for side in sides]
+    info, steps = {}, {side: [] for side in sides}
+    for group in groups:
+        ctx, conns, procs = mp.get_context("spawn"), {}, []
+        for side in group:
+            conns[side], child = ctx.Pipe()
+            procs.append(ctx.Process(target=worker, args=(args, side, folder, child)))
+            procs[-1].start()
+            child.close()  # so that a worker that dies shows up here as EOFError, not a hang
+        info |= {side: conns[side].recv() for side in group}
+        for i in range(args.warmup + args.steps):
+            for side in group if i % 2 == 0 else group[::-1]:
+                conns[side].send(i)
+                steps[side].append(conns[side].recv())
+        for side in group:
+            conns[side].send(None)
+            info[side]["peak_mb"] = conns[side].recv()
+        for p in procs:
+            p.join()
     results = {}
     for side in sides:
         ms = [r["ms"] for r in steps[side][args.warmup:]]
