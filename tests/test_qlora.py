@@ -19,7 +19,6 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from ftune import assemble, checkpoint, export, models, quantize
-from ftune.assemble import load_run
 from ftune.errors import MethodError, RecipeError
 from ftune.lora_layers import LoRALinear
 from ftune.methods import METHODS, attach, lora
@@ -88,7 +87,7 @@ def test_nf4_training_loss_falls(qlora_runs):
               and "validation" not in e]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
-    _, model, _ = load_run(run)
+    _, model, _ = assemble.load_run(run)
     wrapped = [m.base_layer for m in model.modules() if isinstance(m, LoRALinear)]
     assert wrapped and all(isinstance(b, bnb.nn.Linear4bit) and b.weight.quant_type == "nf4" for b in wrapped)
     assert all(b.weight.quant_state.nested for b in wrapped)  # double_quant defaults on
@@ -267,14 +266,14 @@ def test_merged_qlora_model_loads_with_transformers(which, auto, qlora_runs, tmp
     merged = getattr(transformers, auto).from_pretrained(out).eval()
     assert not any(quantize.is_quantized_linear(m) for m in merged.modules())
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
-    _, quantized, _ = load_run(qlora_runs[which])
+    _, quantized, _ = assemble.load_run(qlora_runs[which])
     assert quantize.is_quantized(quantized)
     with torch.no_grad():
         assert (merged(**_inputs()).logits - quantized(**_inputs()).logits).abs().max() <= 1e-4
 
 
 def test_hot_swap_merge_refused_on_a_quantised_base(qlora_runs):
-    _, model, _ = load_run(qlora_runs["sft"])
+    _, model, _ = assemble.load_run(qlora_runs["sft"])
     with pytest.raises(MethodError, match="quantised"):
         METHODS["lora"].merge(model)
     assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
@@ -362,7 +361,6 @@ def test_cli_train_with_set_quantization(tiny_llama, sft_data, tmp_path):
     from typer.testing import CliRunner
 
     from ftune.cli import app
-
     path = write_recipe(tmp_path / "r.yaml", recipe_doc("sft", tiny_llama, sft_data, tmp_path / "run", max_steps=2))
     result = CliRunner().invoke(app, ["train", str(path), "--set", "model.quantization={bits: 4, compute_dtype: float32}",
                                       "--set", "train.optimizer=adamw_8bit"])
@@ -397,6 +395,6 @@ def test_peft_export_of_a_qlora_run_loads_over_a_quantised_base(which, qlora_run
     out = export.export_peft(qlora_runs[which], tmp_path / "adapter")
     base, _ = models.load_model("causal_lm", str(tiny_llama), quantization=quantize.Quantization(**NF4))
     loaded = peft.PeftModel.from_pretrained(base, out).eval()
-    _, ours, _ = load_run(qlora_runs[which])
+    _, ours, _ = assemble.load_run(qlora_runs[which])
     with torch.no_grad():
         assert (loaded(**_inputs()).logits - ours(**_inputs()).logits).abs().max() <= 1e-5
