@@ -53,8 +53,8 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     if method.peft_config is None:
         raise MethodError(f"export --format peft: peft has no equivalent of {method.name}; use --format hf")
     config = method.peft_config(model, recipe.method)
-    if hasattr(model, "peft_weights"):  # soft prompts lay out their own (prompt-learning adapters differ)
-        tensors, extra_owners = model.peft_weights()
+    if method.peft_weights:  # soft prompts: peft's prompt-learning layout differs from its tuners'
+        tensors, extra_owners = method.peft_weights(model)
     else:
         method_params = {id(p) for p in method.trainable(model, recipe.method)}
         # weights that train beside the method (the task head) travel as peft's modules_to_save

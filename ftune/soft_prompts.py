@@ -200,6 +200,11 @@ class PrefixedModel(_Wrapper):
                           past_key_values=cache, position_ids=positions, **kwargs)
 
 
+def prompt_parameters(model: _Wrapper, cfg: object = None) -> list[nn.Parameter]:
+    """`trainable` of every soft-prompt method: the source (a prompt tensor or the encoder producing it)."""
+    return list(model.source.parameters())
+
+
 def takes_cache(model: nn.Module) -> bool:
     """Whether `model.forward` accepts past_key_values itself or hands its keyword arguments on to a body that does
     (a transformers task model passes **kwargs to its base model)."""

@@ -7,8 +7,21 @@ from typing import Annotated
 from pydantic import Field
 from torch import nn
 
-from ftune.methods import (adalora, adapter, adapter_drop, adapter_fusion, bitfit, full, head, layers, lora, p_tuning,
-                           p_tuning_v2, prefix_tuning, prompt_tuning)
+from ftune.methods import (
+    adalora,
+    adapter,
+    adapter_drop,
+    adapter_fusion,
+    bitfit,
+    full,
+    head,
+    layers,
+    lora,
+    p_tuning,
+    p_tuning_v2,
+    prefix_tuning,
+    prompt_tuning,
+)
 from ftune.methods.base import Method, MethodConfig, set_trainable
 
 METHODS: dict[str, Method] = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -72,6 +72,10 @@ class Method:
             an attention cache would be extended twice); the recipe then refuses train.gradient_checkpointing.
         quantized_base: True when every parameter the method trains lies outside the base weights, so the base may
             be loaded 4- or 8-bit quantised (QLoRA); the recipe refuses model.quantization otherwise.
+        prompt_site: where a soft-prompt method's vectors enter, "input" (virtual tokens) or "layers" (key/value
+            prefixes); runs with the same site share one batch in `ftune predict`. None for other methods.
+        peft_weights: the tensors of `ftune export --format peft`, named as peft saves them, and the modules peft
+            saves beside them (the head). None: peft's tuner layout, `base_model.model.<name>` for each trainable.
         summary: one line for `ftune methods`.
         paper: the paper the method follows.
     """
@@ -94,6 +98,8 @@ class Method:
     load_training_state: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None
     gradient_checkpointing: bool = True
     quantized_base: bool = False
+    prompt_site: Literal["input", "layers"] | None = None
+    peft_weights: Callable[[nn.Module], tuple[dict[str, torch.Tensor], list[str]]] | None = None
 
 
 def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ftune.methods.base import Method, MethodConfig
 from ftune.methods.prompt_tuning import peft_prompt_fields
-from ftune.soft_prompts import PromptedModel, embedding_width
+from ftune.soft_prompts import PromptedModel, embedding_width, prompt_parameters
 
 
 class Config(MethodConfig):
@@ -67,10 +67,6 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     return PromptedModel(model, encoder, before=cfg.tokens_before)
 
 
-def trainable(model: PromptedModel, cfg: Config) -> list[nn.Parameter]:
-    return list(model.source.parameters())
-
-
 def peft_config(model: PromptedModel, cfg: Config) -> dict[str, Any]:
     if cfg.tokens_before is not None and cfg.tokens_before < cfg.n_tokens:
         from ftune.errors import MethodError
@@ -86,10 +82,12 @@ METHOD = Method(
     name="p_tuning",
     config_cls=Config,
     apply=apply,
-    trainable=trainable,
+    trainable=prompt_parameters,
     saved_weights=PromptedModel.saved_weights,
     fold=PromptedModel.fold,
     peft_config=peft_config,
+    peft_weights=PromptedModel.peft_weights,
+    prompt_site="input",
     quantized_base=True,
     summary="virtual tokens from an MLP or bi-LSTM prompt encoder, before and after the input",
     paper="Liu et al. 2021, GPT Understands, Too, arXiv:2103.10385",

@@ -20,7 +20,7 @@ from torch import nn
 
 from ftune.methods.base import Method, MethodConfig
 from ftune.methods.prompt_tuning import peft_prompt_fields
-from ftune.soft_prompts import Prompt, PrefixedModel, prefix_geometry
+from ftune.soft_prompts import PrefixedModel, Prompt, prefix_geometry, prompt_parameters
 
 
 class Config(MethodConfig):
@@ -62,12 +62,8 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     return PrefixedModel(model, prefix_source(model, cfg.n_tokens, cfg.reparameterize, cfg.mlp_hidden), cfg.dropout)
 
 
-def trainable(model: PrefixedModel, cfg: Any) -> list[nn.Parameter]:
-    return list(model.source.parameters())
-
-
 def peft_config(model: PrefixedModel, cfg: Any) -> dict[str, Any]:
-    layers, heads, head_dim = prefix_geometry(model.config)
+    _, heads, head_dim = prefix_geometry(model.config)
     # saved prefixes are already folded, so peft takes them as they are (no projection)
     return {"peft_type": "PREFIX_TUNING", **peft_prompt_fields(model, cfg.n_tokens), "token_dim": heads * head_dim,
             "num_attention_heads": heads, "encoder_hidden_size": heads * head_dim, "prefix_projection": False}
@@ -77,10 +73,12 @@ METHOD = Method(
     name="prefix_tuning",
     config_cls=Config,
     apply=apply,
-    trainable=trainable,
+    trainable=prompt_parameters,
     saved_weights=PrefixedModel.saved_weights,
     fold=PrefixedModel.fold,
     peft_config=peft_config,
+    peft_weights=PrefixedModel.peft_weights,
+    prompt_site="layers",
     gradient_checkpointing=False,
     quantized_base=True,
     summary="key/value prefixes in every attention layer, trained through an MLP that is folded away",

@@ -18,7 +18,7 @@ from torch import nn
 
 from ftune.errors import MethodError
 from ftune.methods.base import Method, MethodConfig
-from ftune.soft_prompts import Prompt, PromptedModel
+from ftune.soft_prompts import Prompt, PromptedModel, prompt_parameters
 
 
 class Config(MethodConfig):
@@ -58,10 +58,6 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     return PromptedModel(model, Prompt(initial_prompt(model, cfg.n_tokens, cfg.init, cfg.init_text)))
 
 
-def trainable(model: PromptedModel, cfg: Config) -> list[nn.Parameter]:
-    return list(model.source.parameters())
-
-
 def peft_config(model: PromptedModel, cfg: Config) -> dict[str, Any]:
     return {"peft_type": "PROMPT_TUNING", **peft_prompt_fields(model, cfg.n_tokens),
             "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
@@ -81,8 +77,10 @@ METHOD = Method(
     name="prompt_tuning",
     config_cls=Config,
     apply=apply,
-    trainable=trainable,
+    trainable=prompt_parameters,
     peft_config=peft_config,
+    peft_weights=PromptedModel.peft_weights,
+    prompt_site="input",
     quantized_base=True,
     summary="n trainable virtual-token embeddings before the input",
     paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691",
