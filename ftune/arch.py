@@ -25,15 +25,19 @@ class BlockLayout:
     """Module whose input is the feed-forward sub-block's input."""
     ffn_out: str
     """Output projection of the feed-forward sub-block (before the residual add)."""
+    query_value: tuple[str, str] | None = None
+    """The attention's query and value projections (LoRA's paper adapts these two); None where they are fused."""
 
 
-_BERT = BlockLayout("attention.self", "attention.output.dense", "intermediate", "output.dense")
-_DECODER = BlockLayout("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj")
+_BERT = BlockLayout("attention.self", "attention.output.dense", "intermediate", "output.dense",
+                    ("attention.self.query", "attention.self.value"))
+_DECODER = BlockLayout("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", ("self_attn.q_proj", "self_attn.v_proj"))
 LAYOUTS: dict[str, BlockLayout] = {
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
-    "mpnet": BlockLayout("attention.attn", "attention.attn.o", "intermediate", "output.dense"),
+    "mpnet": BlockLayout("attention.attn", "attention.attn.o", "intermediate", "output.dense",
+                         ("attention.attn.q", "attention.attn.v")),
     "llama": _DECODER,
     "qwen2": _DECODER,
     "qwen3": _DECODER,

@@ -14,7 +14,7 @@ from torch import nn
 
 from ftune import checkpoint, data, models, quantize
 from ftune.errors import RecipeError, RunDirError
-from ftune.methods import METHODS, attach
+from ftune.methods import attach, method_of
 from ftune.recipe import Recipe, load_recipe
 
 
@@ -137,7 +137,7 @@ def load_run(run_dir: str | Path):
     tokenizer = models.load_tokenizer(str(run_dir / checkpoint.TOKENIZER))
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
     model = build_model(recipe, source, tokenizer, run["label_names"])
-    fold = METHODS[recipe.method.name].fold
+    fold = method_of(recipe.method).fold
     if fold:  # method.safetensors holds what the reparameterisation produced, not the reparameterisation
         fold(model)
     checkpoint.load_weights(run_dir, model)

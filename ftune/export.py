@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from ftune import quantize
 from ftune.assemble import load_run
 from ftune.errors import MethodError, RunDirError
-from ftune.methods import METHODS
+from ftune.methods import method_of
 from ftune.methods.base import unwrap_merged
 from ftune.models import DTYPES
 
@@ -26,7 +26,7 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     """
     out = _check_fresh(out)  # before any loading: a refusal costs nothing
     recipe, model, tokenizer = load_run(run_dir)
-    method = METHODS[recipe.method.name]
+    method = method_of(recipe.method)
     if method.merge is None:
         raise MethodError(f"{method.name} adds modules that cannot be folded into the base weights, so there is no "
                           f"merged model; the run dir itself is the model (`ftune eval {run_dir}`)")
@@ -49,7 +49,7 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads."""
     out = _check_fresh(out)
     recipe, model, tokenizer = load_run(run_dir)
-    method = METHODS[recipe.method.name]
+    method = method_of(recipe.method)
     if method.peft_config is None:
         raise MethodError(f"export --format peft: peft has no equivalent of {method.name}; use --format hf")
     config = method.peft_config(model, recipe.method)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ftune import assemble, checkpoint, models
 from ftune.errors import DataError, MethodError, RecipeError, RunDirError
-from ftune.methods import METHODS
+from ftune.methods import METHODS, method_of
 from ftune.methods.lora import LoRALinear
 from ftune.recipe import Recipe, load_recipe
 
@@ -63,7 +63,7 @@ def check_same_base(run_dirs: list[Path], recipes: list[Recipe]) -> None:
 def swappable(recipes: list[Recipe]) -> bool:
     """True when the first run's method can be merged and unmerged: LoRA, DoRA, AdaLoRA; also the methods whose
     weights are the model's own (full, bitfit, layers, head: merge is a no-op, and a swap loads those weights)."""
-    method = METHODS[recipes[0].method.name]
+    method = method_of(recipes[0].method)
     return method.merge is not None and method.unmerge is not None
 
 
@@ -85,7 +85,7 @@ class HotSwap:
                  label_names: list[list[str] | None]) -> None:
         self.model, self.tokenizer, self.recipes, self.states = model, tokenizer, recipes, states
         self.label_names = label_names
-        self.method = METHODS[recipes[0].method.name]
+        self.method = method_of(recipes[0].method)
         self.merges = not recipes[0].model.quantization  # B A cannot be added to 4/8-bit codes and taken back exactly
         swapped = set().union(*states)
         # unmerged (quantised) bases are never written to: nothing to compare or restore

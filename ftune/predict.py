@@ -25,7 +25,7 @@ from torch import nn
 
 from ftune import assemble, checkpoint, hotswap
 from ftune.errors import DataError, RunDirError
-from ftune.methods import METHODS
+from ftune.methods import method_of
 from ftune.recipe import Recipe
 from ftune.soft_prompts import Prompt
 
@@ -102,13 +102,13 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None):
     _, model, tokenizer = assemble.load_run(run_dirs[0])
     if len(run_dirs) == 1:
         return MultiTask(model, []), tasks, tokenizer
-    sites = {METHODS[r.method.name].prompt_site for r in recipes}
+    sites = {method_of(r.method).prompt_site for r in recipes}
     if sites == {None}:
         raise RunDirError(f"{run_dirs[0]}: {first.method.name} is neither a soft-prompt method nor mergeable; several "
                           "runs share one base through their prompts (prompt_tuning, p_tuning, prefix_tuning, "
                           "p_tuning_v2) or by hot-swap (methods with merge: lora, adalora, ...)")
     states = [load_file(str(Path(run) / checkpoint.WEIGHTS)) for run in run_dirs]
-    kinds = {(METHODS[r.method.name].prompt_site, getattr(r.method, "tokens_before", None)) for r in recipes}
+    kinds = {(method_of(r.method).prompt_site, getattr(r.method, "tokens_before", None)) for r in recipes}
     if len(kinds) > 1 or None in sites:
         raise RunDirError("runs mix input prompts with layer prefixes or with other methods (or differ in "
                           "tokens_before); give runs of one kind")

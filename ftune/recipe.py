@@ -24,7 +24,7 @@ from pydantic import (
 from typing_extensions import Annotated
 
 from ftune.errors import RecipeError
-from ftune.methods import METHODS, AnyMethodConfig
+from ftune.methods import METHODS, AnyMethodConfig, method_of
 from ftune.optim import OPTIMIZERS
 from ftune.quantize import Quantization
 
@@ -159,9 +159,17 @@ class Recipe(_Section):
     causal_lm (SFT)."""
     data: DataSpec
     method: AnyMethodConfig
+    """One method section, or a list of them to apply together (e.g. lora and bitfit; see methods/compose.py)."""
     train: TrainSpec = TrainSpec()
     output_dir: str
     """Run directory; refuses one that holds another run unless --overwrite."""
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _list_composes(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return value[0] if len(value) == 1 else {"name": "compose", "methods": value}
+        return value
 
     @field_validator("output_dir")
     @classmethod
@@ -185,12 +193,13 @@ class Recipe(_Section):
     def _cross_field(self) -> Recipe:
         if self.train.best_metric and not self.data.validation:
             raise ValueError("train.best_metric needs data.validation to score against")
-        if self.train.gradient_checkpointing and not METHODS[self.method.name].gradient_checkpointing:
-            raise ValueError(f"train.gradient_checkpointing: {self.method.name} keeps per-layer key/value prefixes in "
+        method = method_of(self.method)
+        if self.train.gradient_checkpointing and not method.gradient_checkpointing:
+            raise ValueError(f"train.gradient_checkpointing: {method.name} keeps per-layer key/value prefixes in "
                              "the attention cache, which recomputation in backward would extend twice; set it to false")
-        if self.model.quantization and not METHODS[self.method.name].quantized_base:
+        if self.model.quantization and not method.quantized_base:
             fit = ", ".join(n for n, m in METHODS.items() if m.quantized_base)
-            raise ValueError(f"model.quantization: {self.method.name} trains weights inside the quantised base linears, "
+            raise ValueError(f"model.quantization: {method.name} trains weights inside the quantised base linears, "
                              f"which cannot be updated; use a method that trains outside them ({fit}) or drop it")
         return self
 
@@ -270,12 +279,12 @@ def _set_dotted(doc: dict[str, Any], item: str) -> None:
 def _explain(error: dict[str, Any], doc: dict[str, Any]) -> str:
     loc = _user_loc(error["loc"], doc)
     kind = error["type"]
+    field = _dotted(loc) or "recipe"
     if kind == "union_tag_invalid":
         tag = str(error.get("ctx", {}).get("tag", ""))
-        return f"method.name: unknown method {tag!r}{_did_you_mean(tag, METHODS)}; `ftune methods` lists them"
+        return f"{field}.name: unknown method {tag!r}{_did_you_mean(tag, METHODS)}; `ftune methods` lists them"
     if kind == "union_tag_not_found":
-        return f"method.name: missing; one of {', '.join(METHODS)}"
-    field = ".".join(_show_key(p) for p in loc) or "recipe"
+        return f"{field}.name: missing; one of {', '.join(METHODS)}"
     if kind == "extra_forbidden" and loc:
         return f"{field}: unknown key{_did_you_mean(loc[-1], _known_keys(loc[:-1], doc))}"
     if kind == "missing":
@@ -288,18 +297,27 @@ def _explain(error: dict[str, Any], doc: dict[str, Any]) -> str:
 
 def _user_loc(loc: tuple[Any, ...], doc: Any) -> list[Any]:
     """The keys a user wrote, from pydantic's error location: walk the document and drop the union members
-    pydantic adds ("str", "HubSource", "lora"), and the list index of a single value it wrapped into a list."""
+    pydantic adds ("str", "HubSource", "lora"), the list index of a single value it wrapped into a list, and the
+    `methods` key of a method list, which the recipe writes as `method: [...]`."""
     path, node = [], doc
     for part in loc:
         in_dict = isinstance(node, dict) and part in node
         if in_dict or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
             node = node[part]
-        elif isinstance(part, int) or _is_member_tag(part):
+        elif isinstance(part, int) or _is_member_tag(part) or (part == "methods" and isinstance(node, list)):
             continue
         else:
             node = None
         path.append(part)
     return path
+
+
+def _dotted(loc: list[Any]) -> str:
+    """`method[1].r`: keys joined by dots, list positions in brackets."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else ("." if text else "") + _show_key(part)
+    return text
 
 
 def _show_key(part: Any) -> str:
@@ -325,20 +343,28 @@ def _is_member_tag(part: Any) -> bool:
     return text in METHODS or text in {"str", "int", "float", "bool"} or text[:1].isupper() or "[" in text
 
 
-def _known_keys(parent: list[str], doc: dict[str, Any]) -> list[str]:
-    model: Any = Recipe
-    if parent[:1] == ["method"]:
-        section = doc.get("method")
-        method = METHODS.get(str(section.get("name"))) if isinstance(section, dict) else None
-        if method is None:
-            return []
-        model, parent = method.config_cls, parent[1:]
-    for part in (p for p in parent if isinstance(p, str)):
-        field = model.model_fields.get(part)
-        model = next(iter(_models_in(field.annotation)), None) if field else None
-        if model is None:
-            return []
-    return list(model.model_fields)
+def _known_keys(parent: list[Any], doc: dict[str, Any]) -> list[str]:
+    """The keys the section at `parent` accepts: walk the schema beside the document, and where a field holds any
+    method, take the config of the method the document names there."""
+    candidates, node = [Recipe], doc
+    for part in parent:
+        if not isinstance(part, int):
+            model = _chosen(candidates, node)
+            field = model.model_fields.get(part) if model else None
+            if field is None:
+                return []
+            candidates = _models_in(field.annotation)
+        node = node.get(part) if isinstance(node, dict) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node) else None)
+    model = _chosen(candidates, node)
+    return list(model.model_fields) if model else []
+
+
+def _chosen(candidates: list[type[BaseModel]], node: Any) -> type[BaseModel] | None:
+    if len(candidates) == 1:
+        return candidates[0]
+    name = node.get("name") if isinstance(node, dict) else None
+    return METHODS[name].config_cls if name in METHODS else None
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

@@ -17,7 +17,7 @@ from ftune import assemble, checkpoint
 from ftune.data import make_loader
 from ftune.errors import RecipeError, TrainingError
 from ftune.evaluate import evaluate
-from ftune.methods import METHODS
+from ftune.methods import method_of
 from ftune.methods.base import count_parameters
 from ftune.optim import make_optimizer
 from ftune.recipe import Recipe, dump_recipe
@@ -63,7 +63,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     train_set = assemble.encode(recipe, train_rows, tokenizer, names)
     val_set = assemble.encode(recipe, assemble.read_split(recipe, "validation"), tokenizer, names) if recipe.data.validation else None
     model = assemble.build_model(recipe, source, tokenizer, names)
-    method = METHODS[recipe.method.name]
+    method = method_of(recipe.method)
     if t.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers; the old goes in v6
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -96,7 +96,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                   "validation_rows_truncated": val_set and val_set.truncated, "validation_source": val_set and val_set.source,
                   "total_steps": total_steps, "precision": precision, "device": str(accelerator.device)}
         checkpoint.write_json(out / checkpoint.RUN, checkpoint.run_record(record))
-    console.print(f"[bold]{recipe.method.name}[/]: {n_trainable:,} of {n_total:,} parameters train "
+    console.print(f"[bold]{method.name}[/]: {n_trainable:,} of {n_total:,} parameters train "
                   f"({100 * n_trainable / n_total:.3f}%); {total_steps} steps on {accelerator.device}, {precision}")
 
     # position in the data: optimizer steps done, epoch, micro-batches consumed in that epoch

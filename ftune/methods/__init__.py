@@ -13,6 +13,7 @@ from ftune.methods import (
     adapter_drop,
     adapter_fusion,
     bitfit,
+    compose,
     full,
     head,
     layers,
@@ -28,15 +29,23 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD, adapter.METHOD, adapter_drop.METHOD,
               adapter_fusion.METHOD, prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, p_tuning_v2.METHOD,
-              adalora.METHOD)
+              adalora.METHOD, compose.METHOD)
 }
 
 AnyMethodConfig = Annotated[
     full.Config | head.Config | layers.Config | bitfit.Config | lora.Config | adapter.Config | adapter_drop.Config
     | adapter_fusion.Config | prompt_tuning.Config | p_tuning.Config | prefix_tuning.Config | p_tuning_v2.Config
-    | adalora.Config,
+    | adalora.Config | compose.Config,
     Field(discriminator="name"),
 ]
+compose.Config.model_rebuild(_types_namespace={"AnyMethodConfig": AnyMethodConfig})  # its parts are any method
+
+
+def method_of(cfg: MethodConfig) -> Method:
+    """The record that serves `cfg`: the registry entry, or, for a method built from other methods (compose and the
+    hybrids), the record its parts make for this config."""
+    method = METHODS[cfg.name]
+    return method.resolve(cfg) if method.resolve else method
 
 
 def attach(model: nn.Module, cfg: MethodConfig, head: list[nn.Parameter]) -> nn.Module:
@@ -45,7 +54,7 @@ def attach(model: nn.Module, cfg: MethodConfig, head: list[nn.Parameter]) -> nn.
     `head` is the task head and any weight the checkpoint lacked (see `models.head_parameters`): a new classifier
     must learn whichever method adapts the body.
     """
-    method = METHODS[cfg.name]
+    method = method_of(cfg)
     model = method.apply(model, cfg)
     params = list(method.trainable(model, cfg))
     set_trainable(model, params + (head if cfg.train_head else []))

@@ -143,7 +143,7 @@ def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
 
 METHOD = Method(
     name="adalora", config_cls=Config, apply=apply, trainable=trainable, merge=merge, unmerge=unmerge,
-    on_step_end=on_step_end, check_total_steps=check_total_steps, training_state=training_state,
+    claims=frozenset({"linear layers"}), on_step_end=on_step_end, check_total_steps=check_total_steps, training_state=training_state,
     load_training_state=load_training_state, report=report, peft_config=peft_config,
     summary="SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)",
     paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",

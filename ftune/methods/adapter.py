@@ -72,14 +72,14 @@ class AdapterAt(nn.Module):
     """An output projection followed (sequential) or accompanied (parallel) by a bottleneck adapter.
 
     Sequential: y + adapter(y). Parallel: y + adapter(x_in), where x_in is the sub-block's input, handed over by a
-    forward pre-hook on the sub-block (`block_input`), because the projection alone never sees it.
-    `active = False` skips the adapter entirely (AdapterDrop).
+    forward pre-hook on the sub-block (`block_input`), because the projection alone never sees it. `active = False`
+    skips the adapter entirely (AdapterDrop); a `gate` (UniPELT) scales its output by g(adapter input), (B, 1, 1).
     """
 
     def __init__(self, base_layer: nn.Module, adapter: Bottleneck, parallel: bool) -> None:
         super().__init__()
         self.base_layer, self.adapter, self.parallel = base_layer, adapter, parallel
-        self.active = True
+        self.active, self.gate = True, None
         self.block_input: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,8 @@ class AdapterAt(nn.Module):
             return y
         if not torch.is_autocast_enabled(source.device.type):  # autocast casts by itself; a copy would be wasted
             source = source.to(self.adapter.down.weight.dtype)
-        return y + self.adapter(source).to(y.dtype)
+        out = self.adapter(source)
+        return y + (out if self.gate is None else out * self.gate(source)).to(y.dtype)
 
     def remember_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.block_input = first_input(args, kwargs)
@@ -142,9 +143,8 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
 
 METHOD = Method(
     name="adapter",
-    config_cls=Config, quantized_base=True,
-    apply=apply,
-    trainable=trainable,
+    config_cls=Config, quantized_base=True, claims=frozenset({"sub-block outputs"}),
+    apply=apply, trainable=trainable,
     summary="bottleneck adapters: houlsby, pfeiffer or parallel placement",
     paper="Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2021, arXiv:2005.00247; He et al. 2022, arXiv:2110.04366",
 )

@@ -49,6 +49,7 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 METHOD = Method(
     name="adapter_drop",
+    claims=frozenset({"sub-block outputs"}),
     config_cls=Config,
     apply=apply,
     trainable=adapter.trainable,

@@ -20,8 +20,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, torch as safetensors_torch
 from torch import nn
 
 from ftune import checkpoint
@@ -85,7 +84,7 @@ def load_stage1(run_dir: str) -> tuple[adapter.Config, str, dict[str, torch.Tens
             what = m.name + (f" placement {m.placement}" if m.name == "adapter" else "")
             raise MethodError(f"{run_dir} is a {what} run; AdapterFusion fuses `adapter` runs with placement "
                               "pfeiffer in every block")
-        return m, recipe.model.name, load_file(str(path / checkpoint.WEIGHTS))
+        return m, recipe.model.name, safetensors_torch.load_file(str(path / checkpoint.WEIGHTS))
     except FtuneError as e:  # its message already names the run dir (or its recipe.yaml)
         raise MethodError(f"method.adapters: {str(e).splitlines()[0]}") from None
     except (OSError, SafetensorError) as e:
@@ -147,4 +146,5 @@ def report(model: nn.Module) -> dict:
 
 METHOD = Method(name="adapter_fusion", config_cls=Config, apply=apply, trainable=trainable, report=report,
                 paper="Pfeiffer et al. 2021, AdapterFusion, arXiv:2005.00247", quantized_base=True,
+                claims=frozenset({"sub-block outputs"}),
                 summary="attention over frozen stage-1 pfeiffer adapters (per-layer weights in method_report.json)")

@@ -76,6 +76,12 @@ class Method:
             prefixes); runs with the same site share one batch in `ftune predict`. None for other methods.
         peft_weights: the tensors of `ftune export --format peft`, named as peft saves them, and the modules peft
             saves beside them (the head). None: peft's tuner layout, `base_model.model.<name>` for each trainable.
+        claims: the parts of the model the method rebuilds, which no other method in the same run may rebuild too
+            ("linear layers", "sub-block outputs", "whole model" for a wrapper, "every weight" for full
+            fine-tuning); `compose` refuses two methods with a claim in common, and applies linear replacers first
+            and wrappers last.
+        resolve: a method built from other methods (compose, mam_adapter, unipelt) returns the record that serves
+            one config, made from its parts' records; `method_of(cfg)` calls it. None for single methods.
         summary: one line for `ftune methods`.
         paper: the paper the method follows.
     """
@@ -100,6 +106,8 @@ class Method:
     quantized_base: bool = False
     prompt_site: Literal["input", "layers"] | None = None
     peft_weights: Callable[[nn.Module], tuple[dict[str, torch.Tensor], list[str]]] | None = None
+    claims: frozenset[str] = frozenset()
+    resolve: Callable[[Any], Method] | None = None
 
 
 def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:

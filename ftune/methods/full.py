@@ -19,6 +19,7 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
 
 METHOD = Method(
     name="full",
+    claims=frozenset({"every weight"}),
     config_cls=Config,
     trainable=trainable,
     merge=fold_nothing,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import nn
 
+from ftune.arch import blocks_with_layout
 from ftune.errors import MethodError
 from ftune.lora_layers import LoRALinear
 from ftune.methods.base import Method, MethodConfig
@@ -31,8 +32,9 @@ class Config(MethodConfig):
     """The update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the input of the low-rank path only."""
-    targets: list[str] | Literal["all-linear"] = "all-linear"
-    """Linear layers to adapt, by module name or name suffix (e.g. [query, value]), or every linear of the body."""
+    targets: list[str] | Literal["all-linear", "query-value"] = "all-linear"
+    """Linear layers to adapt, by module name or name suffix (e.g. [query, value]), every linear of the body, or
+    each attention's query and value projections whatever the architecture calls them (the LoRA paper's choice)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
     dora: bool = False
@@ -50,6 +52,8 @@ def target_linears(model: nn.Module, targets: list[str] | str) -> dict[str, nn.M
                if type(m) is nn.Linear or is_quantized_linear(m)}
     if targets == "all-linear":
         found = linears
+    elif targets == "query-value":
+        found = {n: m for n, m in linears.items() if any(m is q for q in attention_query_value(model))}
     else:
         found = {n: m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in targets)}
         for t in targets:
@@ -59,6 +63,14 @@ def target_linears(model: nn.Module, targets: list[str] | str) -> dict[str, nn.M
     if not found:
         raise MethodError(f"method.targets: {type(model).__name__} has no nn.Linear layers to adapt")
     return found
+
+
+def attention_query_value(model: nn.Module) -> list[nn.Module]:
+    blocks, layout = blocks_with_layout(model)
+    if layout.query_value is None:
+        raise MethodError(f"method.targets: {model.config.model_type} fuses its query and value projections; "
+                          "name the linears to adapt instead")
+    return [block.get_submodule(path) for block in blocks for path in layout.query_value]
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
@@ -105,6 +117,7 @@ def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
 
 METHOD = Method(
     name="lora",
+    claims=frozenset({"linear layers"}),
     config_cls=Config,
     apply=apply,
     trainable=trainable,

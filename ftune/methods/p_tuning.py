@@ -80,6 +80,7 @@ def peft_config(model: PromptedModel, cfg: Config) -> dict[str, Any]:
 
 METHOD = Method(
     name="p_tuning",
+    claims=frozenset({"whole model"}),
     config_cls=Config,
     apply=apply,
     trainable=prompt_parameters,

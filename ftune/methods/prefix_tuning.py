@@ -71,6 +71,7 @@ def peft_config(model: PrefixedModel, cfg: Any) -> dict[str, Any]:
 
 METHOD = Method(
     name="prefix_tuning",
+    claims=frozenset({"whole model"}),
     config_cls=Config,
     apply=apply,
     trainable=prompt_parameters,

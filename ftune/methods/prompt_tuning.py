@@ -75,6 +75,7 @@ def peft_prompt_fields(model: nn.Module, n: int) -> dict[str, Any]:
 
 METHOD = Method(
     name="prompt_tuning",
+    claims=frozenset({"whole model"}),
     config_cls=Config,
     apply=apply,
     trainable=prompt_parameters,
