@@ -18,6 +18,7 @@ from ftune.methods import (
     head,
     layers,
     lora,
+    mam_adapter,
     p_tuning,
     p_tuning_v2,
     prefix_tuning,
@@ -29,13 +30,13 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD, adapter.METHOD, adapter_drop.METHOD,
               adapter_fusion.METHOD, prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, p_tuning_v2.METHOD,
-              adalora.METHOD, compose.METHOD)
+              adalora.METHOD, compose.METHOD, mam_adapter.METHOD)
 }
 
 AnyMethodConfig = Annotated[
     full.Config | head.Config | layers.Config | bitfit.Config | lora.Config | adapter.Config | adapter_drop.Config
     | adapter_fusion.Config | prompt_tuning.Config | p_tuning.Config | prefix_tuning.Config | p_tuning_v2.Config
-    | adalora.Config | compose.Config,
+    | adalora.Config | compose.Config | mam_adapter.Config,
     Field(discriminator="name"),
 ]
 compose.Config.model_rebuild(_types_namespace={"AnyMethodConfig": AnyMethodConfig})  # its parts are any method
