@@ -89,9 +89,16 @@ def methods(markdown: Annotated[bool, typer.Option(help="Print a Markdown table.
     if markdown:
         print("| method | what trains | paper |\n|---|---|---|")
     for m in METHODS.values():
-        fields = ", ".join(f"{k}=" + ("<required>" if v.is_required() else repr(v.default))
+        fields = ", ".join(f"{k}=" + ("<required>" if v.is_required() else _shown(v.default))
                            for k, v in m.config_cls.model_fields.items() if k != "name")
         print(f"| `{m.name}` | {m.summary} | {m.paper} |" if markdown else f"{m.name:<14} {m.summary}  [{fields}]")
+
+
+def _shown(default) -> str:
+    """A default as a recipe would write it; a hybrid's part as {name, options} without the part's own head flag."""
+    if hasattr(default, "model_dump"):
+        return repr(default.model_dump(exclude={"train_head"}))
+    return repr(default)
 
 
 @command

@@ -10,7 +10,7 @@
 #   .gpu/sst2     train.tsv, validation.tsv from ../shared/data/sst2
 #   .gpu/conll    train.txt, validation.txt, test.txt from ../shared/data/conll2003
 #   .gpu/src      a clean copy of the committed code: git archive HEAD ftune recipes | tar -x -C .gpu/src
-# Then, on the device:  bash .gpu/src/scripts/device_runs.sh soft-prompts   (or: conll)
+# Then, on the device:  bash .gpu/src/scripts/device_runs.sh soft-prompts   (or: conll, hybrids)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/.gpu/src HF_HUB_OFFLINE=1 FTUNE_CACHE=/tmp/ftc TOKENIZERS_PARALLELISM=false
@@ -34,6 +34,11 @@ case "${1:-soft-prompts}" in
     run prefix_tuning-1e-3 prefix_tuning_sst2 "$SST2" --set train.lr=1e-3
     run p_tuning_v2-1e-2 p_tuning_v2_sst2 "$SST2"
     run p_tuning_v2-3e-2 p_tuning_v2_sst2 "$SST2" --set train.lr=3e-2
+    ;;
+  hybrids)  # issue 4: SST-2, 1 epoch, batch 32: the hybrids beside the methods they are made of, one budget
+    for r in mam_adapter_sst2 unipelt_sst2 lora_sst2 adapter_sst2 prefix_tuning_sst2 lora_bitfit_sst2; do
+      run "$r" "$r" "$SST2"
+    done
     ;;
   conll)  # issue 6: CoNLL-2003, 1 epoch; test F1 by `ftune eval RUN --split test` afterwards
     for r in full_conll lora_conll p_tuning_v2_conll; do run "$r" "$r" "$CONLL"; done
