@@ -12,6 +12,9 @@ recomputed on the dropped input, W x_drop, so that dropout applies to the whole 
 
 The base layer may be a plain nn.Linear or a bitsandbytes 4-/8-bit linear (QLoRA): the factors and the magnitude
 are fp32 either way; a quantised weight is dequantised where DoRA needs the dense W.
+
+An optional `gate` (ftune/gates.py, UniPELT) scales the update per row by a value computed from the layer's input:
+W x + g(x) s B A x. The gate depends on the input, so no weight can hold it and a gated layer refuses to merge.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class LoRALinear(nn.Module):
         scaling: multiplier of B A (alpha / r, or alpha / sqrt(r) for rsLoRA).
         dropout: dropout probability on the low-rank path's input.
         dora: learn a magnitude vector too (DoRA); default False.
+
+    `gate`: None (plain LoRA), or a module mapping the input (B, T, d_in) to a factor (B, 1, 1) of the update.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, dora: bool = False) -> None:
@@ -62,6 +67,7 @@ class LoRALinear(nn.Module):
             with torch.no_grad():
                 self.lora_magnitude_vector = DoRAMagnitude(torch.linalg.norm(dense_weight(base_layer).float(), dim=1))
         self._merged_norm: torch.Tensor | None = None  # DoRA: the row norm the merge divided by, for unmerge
+        self.gate: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -69,7 +75,8 @@ class LoRALinear(nn.Module):
             return y
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:
-            return y + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(y.dtype)
+            update = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+            return y + (update if self.gate is None else update * self.gate(x)).to(y.dtype)
         return (y + self._dora_update(x, y)).to(y.dtype)
 
     def _dora_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,6 +101,9 @@ class LoRALinear(nn.Module):
         """Fold the update into the base weight: W + s B A, or for DoRA (m / ||W + s B A||_row) (W + s B A)."""
         if self.merged:
             return
+        if self.gate is not None:
+            raise MethodError("a gated LoRA layer (UniPELT) scales its update by a gate computed from each input, "
+                              "which no weight can hold; it cannot be merged (the run dir is the model)")
         self._refuse_quantized()
         weight = self.base_layer.weight
         with torch.no_grad():

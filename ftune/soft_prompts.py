@@ -169,6 +169,11 @@ class PrefixedModel(_Wrapper):
     2l holds the keys and 2l + 1 the values of n prefix positions. They enter the model as an attention cache,
     the interface transformers models share for keys and values computed before the input; the mask gains n
     leading ones and positions start at n, as for a continuation of the prefix.
+
+    For methods that act on the prefixes (UniPELT's gate scales them): `cache` is the attention cache a forward call
+    is running with, None outside one; while layer l's attention has not run yet its entry holds just the prefix, so a
+    forward pre-hook on that attention may rescale it. `prefixes_on = False` runs the wrapped model as it is, without
+    prefixes (a prefix scaled to zero would still draw softmax weight; this removes it).
     """
 
     def __init__(self, model: nn.Module, source: nn.Module, dropout: float = 0.0) -> None:
@@ -176,11 +181,14 @@ class PrefixedModel(_Wrapper):
             raise MethodError(f"{type(model).__name__} takes no attention cache, which prefixes enter through")
         super().__init__(model, source)
         self.dropout = nn.Dropout(dropout)
+        self.prefixes_on, self.cache = True, None
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 task_ids: torch.Tensor | None = None, **kwargs):
         from transformers import DynamicCache
 
+        if not self.prefixes_on:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         reference = input_ids if input_ids is not None else kwargs["inputs_embeds"]
         batch, device = reference.shape[0], reference.device
         prefixes, slots, lengths = self._bank(batch, device, task_ids)
@@ -196,8 +204,12 @@ class PrefixedModel(_Wrapper):
         mask = attention_mask if attention_mask is not None else torch.ones(reference.shape[:2], device=device,
                                                                              dtype=torch.long)
         positions = lengths[:, None] + (mask.cumsum(1) - 1).clamp(min=0)
-        return self.model(input_ids=input_ids, attention_mask=torch.cat([slots.to(mask.dtype), mask], 1),
-                          past_key_values=cache, position_ids=positions, **kwargs)
+        self.cache = cache
+        try:
+            return self.model(input_ids=input_ids, attention_mask=torch.cat([slots.to(mask.dtype), mask], 1),
+                              past_key_values=cache, position_ids=positions, **kwargs)
+        finally:
+            self.cache = None
 
 
 def prompt_parameters(model: _Wrapper, cfg: object = None) -> list[nn.Parameter]:

@@ -32,6 +32,7 @@ CASES = {
     "adalora": {"init_r": 4, "target_r": 2, "dropout": 0.0},
     "compose": {"methods": [{"name": "prefix_tuning", "n_tokens": 4, "mlp_hidden": 16}, {"name": "lora", "r": 4}]},
     "mam_adapter": {"prefix": {"n_tokens": 4, "mlp_hidden": 16}, "adapter": {"bottleneck": 8}},
+    "unipelt": {"lora": {"r": 2}, "adapter": {"bottleneck": 4}, "prefix": {"n_tokens": 3, "mlp_hidden": 8}},
 }
 # (method, architecture) pairs that must be refused with a MethodError rather than run.
 REFUSED = {("bitfit", "llama")}  # Llama's linears and RMSNorms have no biases

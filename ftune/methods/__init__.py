@@ -23,6 +23,7 @@ from ftune.methods import (
     p_tuning_v2,
     prefix_tuning,
     prompt_tuning,
+    unipelt,
 )
 from ftune.methods.base import Method, MethodConfig, set_trainable
 
@@ -30,13 +31,13 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD, adapter.METHOD, adapter_drop.METHOD,
               adapter_fusion.METHOD, prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, p_tuning_v2.METHOD,
-              adalora.METHOD, compose.METHOD, mam_adapter.METHOD)
+              adalora.METHOD, compose.METHOD, mam_adapter.METHOD, unipelt.METHOD)
 }
 
 AnyMethodConfig = Annotated[
     full.Config | head.Config | layers.Config | bitfit.Config | lora.Config | adapter.Config | adapter_drop.Config
     | adapter_fusion.Config | prompt_tuning.Config | p_tuning.Config | prefix_tuning.Config | p_tuning_v2.Config
-    | adalora.Config | compose.Config | mam_adapter.Config,
+    | adalora.Config | compose.Config | mam_adapter.Config | unipelt.Config,
     Field(discriminator="name"),
 ]
 compose.Config.model_rebuild(_types_namespace={"AnyMethodConfig": AnyMethodConfig})  # its parts are any method
