@@ -19,6 +19,11 @@ CASES = {
     # robust AdapterDrop draws k from the global RNG every batch: the draws must replay after a resume
     "adapter-drop-cls": ("cls", {"name": "adapter_drop", "placement": "houlsby", "bottleneck": 4, "drop_first": 1,
                                  "robust": True}),
+    # composites: AdaLoRA's rank state travels under its part's name; MAM saves its prefix folded mid-run
+    "adalora+bitfit-cls": ("cls", [{"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1},
+                                   {"name": "bitfit"}]),
+    "mam-cls": ("cls", {"name": "mam_adapter", "prefix": {"n_tokens": 3, "mlp_hidden": 8, "dropout": 0.1},
+                        "adapter": {"bottleneck": 4, "dropout": 0.1}}),
 }
 
 
