@@ -224,6 +224,12 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     "unknown-method": (lambda e: e.train(method={"name": "lorra"}), 2, ["method.name", "'lorra'", "'lora'"]),
     "negative-lr": (lambda e: e.train(train={"lr": -1e-3}), 2, ["train.lr", "-0.001"]),
     "lora-r-zero": (lambda e: e.train(method={"r": 0}), 2, ["method.r"]),
+    "methods-in-conflict": (lambda e: _with(e, "method", [{"name": "lora"}, {"name": "adalora"}]), 2,
+                            ["method:", "lora and adalora", "linear layers", "keep one"]),
+    "method-list-bad-part": (lambda e: _with(e, "method", [{"name": "lora", "r": 0}, {"name": "bitfit"}]), 2,
+                             ["method[0].r", "greater than 0"]),
+    "mam-adapter-placement": (lambda e: _with(e, "method", {"name": "mam_adapter", "adapter": {"placement": "houlsby"}}),
+                              2, ["method.adapter", "parallel"]),
     "batch-size-zero": (lambda e: e.train(train={"batch_size": 0}), 2, ["train.batch_size"]),
     "malformed-yaml": (
         lambda e: ["train", _tsv(e.tmp / "broken.yaml", ["model:", "  name: [unclosed", "task: causal_lm"])],
