@@ -20,7 +20,8 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from safetensors import SafetensorError, torch as safetensors_torch
+from safetensors import SafetensorError
+from safetensors import torch as safetensors_torch
 from torch import nn
 
 from ftune import checkpoint

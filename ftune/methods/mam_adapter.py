@@ -26,8 +26,8 @@ from torch import nn
 
 from ftune.combine import combine, keep_part_defaults
 from ftune.methods.adapter import Config as AdapterConfig
-from ftune.methods.prefix_tuning import Config as PrefixConfig
 from ftune.methods.base import Method, MethodConfig
+from ftune.methods.prefix_tuning import Config as PrefixConfig
 
 PREFIX = {"n_tokens": 30, "mlp_hidden": 800}
 ADAPTER = {"placement": "parallel", "parallel_at": "ffn", "bottleneck": 512, "scaling": 4.0}
