@@ -111,12 +111,17 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], method: str) -> 
     os.replace(tmp, path)
 
 
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """A run's method.safetensors, or a one-line RunDirError naming it (missing, truncated, not safetensors)."""
+    try:
+        return load_file(str(Path(folder) / WEIGHTS))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise RunDirError(f"{Path(folder) / WEIGHTS}: cannot be read ({str(e).splitlines()[0]})") from None
+
+
 def load_weights(folder: Path, model: nn.Module) -> None:
     """Load method weights into a freshly attached model: the names must be exactly its trainable parameters."""
-    try:
-        tensors = load_file(str(folder / WEIGHTS))
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise RunDirError(f"{folder / WEIGHTS}: cannot be read ({str(e).splitlines()[0]})") from None
+    tensors = read_weights(folder)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
     if missing or unexpected:

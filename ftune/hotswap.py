@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from ftune import assemble, checkpoint, models
@@ -65,13 +63,6 @@ def swappable(recipes: list[Recipe]) -> bool:
     weights are the model's own (full, bitfit, layers, head: merge is a no-op, and a swap loads those weights)."""
     method = method_of(recipes[0].method)
     return method.merge is not None and method.unmerge is not None
-
-
-def read_state(run: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(Path(run) / checkpoint.WEIGHTS))
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise RunDirError(f"{Path(run) / checkpoint.WEIGHTS}: cannot be read ({str(e).splitlines()[0]})") from None
 
 
 class HotSwap:
@@ -189,7 +180,7 @@ def load_bank(run_dirs: list[Path], recipes: list[Recipe] | None = None) -> HotS
                                   f"{', '.join(sorted(TRAINING_ONLY))} may differ)")
     _, model, tokenizer = assemble.load_run(run_dirs[0])
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    states = [read_state(run) for run in run_dirs]
+    states = [checkpoint.read_weights(run) for run in run_dirs]
     for run, state in zip(run_dirs, states):
         if state.keys() != expected:
             odd = min(expected ^ state.keys())
@@ -234,7 +225,7 @@ def combine(run_dirs: list[Path], weights: list[float]):
     model = assemble.build_model(recipe, source, tokenizer, names)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     factors = {f"{name}.{part}.weight" for name in layers for part in ("lora_A", "lora_B")}
-    states = [read_state(run) for run in run_dirs]
+    states = [checkpoint.read_weights(run) for run in run_dirs]
     for run, state in zip(run_dirs, states):
         if state.keys() - factors:
             raise RecipeError(f"--weights: {run} trained head weights ({min(state.keys() - factors)}); heads of "

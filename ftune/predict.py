@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ftune import assemble, checkpoint, hotswap
@@ -107,7 +106,7 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None):
         raise RunDirError(f"{run_dirs[0]}: {first.method.name} is neither a soft-prompt method nor mergeable; several "
                           "runs share one base through their prompts (prompt_tuning, p_tuning, prefix_tuning, "
                           "p_tuning_v2) or by hot-swap (methods with merge: lora, adalora, ...)")
-    states = [load_file(str(Path(run) / checkpoint.WEIGHTS)) for run in run_dirs]
+    states = [checkpoint.read_weights(run) for run in run_dirs]
     kinds = {(method_of(r.method).prompt_site, getattr(r.method, "tokens_before", None)) for r in recipes}
     if len(kinds) > 1 or None in sites:
         raise RunDirError("runs mix input prompts with layer prefixes or with other methods (or differ in "

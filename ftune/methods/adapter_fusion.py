@@ -20,8 +20,6 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from safetensors import SafetensorError
-from safetensors import torch as safetensors_torch
 from torch import nn
 
 from ftune import checkpoint
@@ -85,11 +83,9 @@ def load_stage1(run_dir: str) -> tuple[adapter.Config, str, dict[str, torch.Tens
             what = m.name + (f" placement {m.placement}" if m.name == "adapter" else "")
             raise MethodError(f"{run_dir} is a {what} run; AdapterFusion fuses `adapter` runs with placement "
                               "pfeiffer in every block")
-        return m, recipe.model.name, safetensors_torch.load_file(str(path / checkpoint.WEIGHTS))
-    except FtuneError as e:  # its message already names the run dir (or its recipe.yaml)
+        return m, recipe.model.name, checkpoint.read_weights(path)
+    except FtuneError as e:  # its message already names the run dir, its recipe.yaml or its weights file
         raise MethodError(f"method.adapters: {str(e).splitlines()[0]}") from None
-    except (OSError, SafetensorError) as e:
-        raise MethodError(f"method.adapters: {run_dir}: {checkpoint.WEIGHTS} cannot be read ({e})") from None
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
