@@ -190,3 +190,14 @@ def test_merge_and_peft_export_are_refused_otherwise(runs, tmp_path):
         export.export_peft(runs["lora-bitfit"], tmp_path / "p")
     assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
     assert "compose" in METHODS and "mam_adapter" in METHODS
+
+
+def test_a_quantised_base_needs_every_part_to_train_outside_it():
+    def with_quantization(method):
+        doc = recipe_doc("cls", Path("unused"), Path("unused"), Path("runs/unused"), method)
+        doc["data"]["train"], doc["model"]["quantization"] = "train.tsv", {"bits": 4}
+        return validate_recipe(doc)
+
+    assert with_quantization(MAM).model.quantization.bits == 4
+    with pytest.raises(RecipeError, match="model.quantization: lora\\+bitfit trains weights inside"):
+        with_quantization([{"name": "lora"}, {"name": "bitfit"}])
