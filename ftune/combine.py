@@ -119,6 +119,13 @@ def combine(name: str, config_cls: type[MethodConfig], parts: Sequence[MethodCon
     )
 
 
+def resolved_trainable(model: nn.Module, cfg: MethodConfig) -> list[nn.Parameter]:
+    """`trainable` of the registry entry of a method built from others: what the record made for `cfg` trains."""
+    from ftune.methods import method_of
+
+    return list(method_of(cfg).trainable(model, cfg))
+
+
 def keep_part_defaults(data: Any, defaults: dict[str, dict[str, Any]]) -> Any:
     """A hybrid's `model_validator(mode="before")`: a part the recipe gives in part (`adapter: {bottleneck: 16}`)
     keeps the hybrid's defaults for the rest (its placement, scaling), not the part method's own defaults."""

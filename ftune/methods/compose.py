@@ -15,9 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
-from torch import nn
 
-from ftune.combine import check_compatible, combine
+from ftune.combine import check_compatible, combine, resolved_trainable
 from ftune.methods.base import Method, MethodConfig
 
 if TYPE_CHECKING:
@@ -48,12 +47,8 @@ def resolve(cfg: Config) -> Method:
     return combine("+".join(part.name for part in cfg.methods), Config, cfg.methods)
 
 
-def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
-    return resolve(cfg).trainable(model, cfg)
-
-
 METHOD = Method(
-    name="compose", config_cls=Config, trainable=trainable, resolve=resolve,
+    name="compose", config_cls=Config, trainable=resolved_trainable, resolve=resolve,
     summary="several methods together (a recipe's `method:` as a list), e.g. LoRA + BitFit, prefix + adapter",
     paper="the parts' papers",
 )

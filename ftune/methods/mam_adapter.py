@@ -22,9 +22,8 @@ import dataclasses
 from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
-from torch import nn
 
-from ftune.combine import combine, keep_part_defaults
+from ftune.combine import combine, keep_part_defaults, resolved_trainable
 from ftune.methods.adapter import Config as AdapterConfig
 from ftune.methods.base import Method, MethodConfig
 from ftune.methods.prefix_tuning import Config as PrefixConfig
@@ -59,12 +58,8 @@ def resolve(cfg: Config) -> Method:
     return dataclasses.replace(parts, summary=METHOD.summary, paper=METHOD.paper)
 
 
-def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
-    return resolve(cfg).trainable(model, cfg)
-
-
 METHOD = Method(
-    name="mam_adapter", config_cls=Config, trainable=trainable, resolve=resolve,
+    name="mam_adapter", config_cls=Config, trainable=resolved_trainable, resolve=resolve,
     summary="prefix tuning on attention + a scaled parallel adapter on the feed-forward block",
     paper="He et al. 2022, Towards a Unified View of Parameter-Efficient Transfer Learning, arXiv:2110.04366",
 )

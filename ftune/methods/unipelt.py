@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import field_validator, model_validator
 from torch import nn
 
-from ftune.combine import combine, keep_part_defaults
+from ftune.combine import combine, keep_part_defaults, resolved_trainable
 from ftune.gates import Gate, add_gates, gates_by_block
 from ftune.methods import adapter as adapter_method
 from ftune.methods import lora as lora_method
@@ -99,12 +99,8 @@ def resolve(cfg: Config) -> Method:
                                peft_config=None, peft_weights=None, summary=METHOD.summary, paper=METHOD.paper)
 
 
-def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
-    return resolve(cfg).trainable(model, cfg)
-
-
 METHOD = Method(
-    name="unipelt", config_cls=Config, trainable=trainable, resolve=resolve,
+    name="unipelt", config_cls=Config, trainable=resolved_trainable, resolve=resolve,
     summary="LoRA + prefix tuning + a pfeiffer adapter, each scaled by a learned gate (mean gates in method_report.json)",
     paper="Mao et al. 2022, UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning, arXiv:2110.07577",
 )
