@@ -42,6 +42,10 @@ METHOD_STATE = "method_state.safetensors"
 
 def check_run_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bool) -> Path | None:
     """Refuse an unusable `out` (RunDirError); returns the checkpoint to resume from, if resuming."""
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        what = "is a file" if blocking == out else f"lies under {blocking}, which is a file"
+        raise RunDirError(f"output_dir: {out} {what}, not a folder; choose another output_dir")
     holds_run = (out / RECIPE).is_file()
     if resume:
         if not holds_run:

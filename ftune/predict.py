@@ -175,7 +175,13 @@ def predict(multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, ro
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for i, line in enumerate(path.read_text().splitlines()):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); JSONL rows are UTF-8, one JSON object a line") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    for i, line in enumerate(text.splitlines()):
         if line.strip():
             try:
                 row = json.loads(line)

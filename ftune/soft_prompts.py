@@ -177,9 +177,11 @@ class PrefixedModel(_Wrapper):
     """
 
     def __init__(self, model: nn.Module, source: nn.Module, dropout: float = 0.0) -> None:
-        if not takes_cache(model):
+        keyword = cache_keyword(model)
+        if keyword is None:
             raise MethodError(f"{type(model).__name__} takes no attention cache, which prefixes enter through")
         super().__init__(model, source)
+        self.cache_keyword = keyword
         self.dropout = nn.Dropout(dropout)
         self.prefixes_on, self.cache = True, None
 
@@ -207,7 +209,7 @@ class PrefixedModel(_Wrapper):
         self.cache = cache
         try:
             return self.model(input_ids=input_ids, attention_mask=torch.cat([slots.to(mask.dtype), mask], 1),
-                              past_key_values=cache, position_ids=positions, **kwargs)
+                              position_ids=positions, **{self.cache_keyword: cache}, **kwargs)
         finally:
             self.cache = None
 
@@ -217,15 +219,27 @@ def prompt_parameters(model: _Wrapper, cfg: object = None) -> list[nn.Parameter]
     return list(model.source.parameters())
 
 
-def takes_cache(model: nn.Module) -> bool:
-    """Whether `model.forward` accepts past_key_values itself or hands its keyword arguments on to a body that does
-    (a transformers task model passes **kwargs to its base model)."""
+CACHE_KEYWORDS = ("cache", "past_key_values")
+"""The forward keyword of the attention cache: `cache` from transformers 5.24, `past_key_values` before it."""
+
+
+def cache_keyword(model: nn.Module) -> str | None:
+    """The keyword `model.forward` takes the attention cache by, itself or through the body it hands its keyword
+    arguments to (a transformers task model passes **kwargs to its base model); None when it takes none.
+
+    Read from the signatures once, at wrap time: transformers 5.24 renamed `past_key_values` to `cache` (the old name
+    still arrives through a deprecation shim until 5.40, but a signature shows only the new one).
+    """
     params = inspect.signature(model.forward).parameters
-    if "past_key_values" in params:
-        return True
+    own = next((k for k in CACHE_KEYWORDS if k in params), None)
+    if own:
+        return own
     passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     body = getattr(model, "base_model", model)
-    return passes_on and body is not model and "past_key_values" in inspect.signature(body.forward).parameters
+    if not passes_on or body is model:
+        return None
+    body_params = inspect.signature(body.forward).parameters
+    return next((k for k in CACHE_KEYWORDS if k in body_params), None)
 
 
 def prefix_geometry(config) -> tuple[int, int, int]:

@@ -197,3 +197,22 @@ def token_recipe_doc(model: Path, data: Path, out: Path, method: dict | None = N
         "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "log_every": 1, "seed": 0, **train},
         "output_dir": str(out),
     }
+
+
+# Failures of peft itself on a transformers release it does not support yet, by the message peft raises. A comparison
+# with peft that hits one is skipped (naming both versions), never passed: ftune's side is still tested by the rest of
+# the suite. peft 0.21.2 on transformers 5.24 (past_key_values renamed to cache): prefix tuning of a classifier.
+PEFT_BREAKS = ("Model does not support past key values",)
+
+
+def peft_side(call):
+    """Run peft's side of an equivalence test, skipping only where peft itself fails with a known break."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is one of the known breaks
+        if not any(known in str(e) for known in PEFT_BREAKS):
+            raise
+        import peft
+        import transformers
+
+        pytest.skip(f"peft {peft.__version__} fails on transformers {transformers.__version__}: {str(e).splitlines()[0]}")

@@ -260,6 +260,17 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     ),
     "output-dir-holds-a-run": (lambda e: e.train(e.doc() | {"output_dir": str(e.run)}), 1, ["output_dir", "--overwrite"]),
     "output-dir-not-a-run": (_not_a_run, 1, ["output_dir", "not an ftune run"]),
+    "output-dir-is-a-file": (
+        lambda e: e.train(None, "--set", f"output_dir={_text(e.tmp / 'taken', 'a file')}"), 1,
+        ["output_dir", "taken", "is a file"],
+    ),
+    "output-dir-under-a-file": (
+        lambda e: e.train(e.doc() | {"output_dir": str(_text(e.tmp / "taken", "a file") / "run")}), 1,
+        ["output_dir", "is a file"],
+    ),
+    "predict-input-not-utf8": (
+        lambda e: ["predict", e.run, "--input", _garbage(e, "rows.jsonl")], 1, ["rows.jsonl", "not UTF-8"],
+    ),
     "resume-without-run": (lambda e: e.train(None, "--resume"), 1, ["--resume", "no run"]),
     "resume-without-checkpoint": (_resume_without_checkpoint, 1, ["--resume", "no complete checkpoint"]),
     "resume-other-recipe": (_resume_other_recipe, 1, ["--resume", "recipe differs"]),

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from ftune.combine import check_compatible, combine, resolved_trainable
 from ftune.methods.base import Method, MethodConfig
+from ftune.methods.combine import check_compatible, combine, resolved_trainable
 
 if TYPE_CHECKING:
     from ftune.methods import AnyMethodConfig

@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from ftune.combine import combine, keep_part_defaults, resolved_trainable
 from ftune.methods.adapter import Config as AdapterConfig
 from ftune.methods.base import Method, MethodConfig
+from ftune.methods.combine import combine, keep_part_defaults, resolved_trainable
 from ftune.methods.prefix_tuning import Config as PrefixConfig
 
 PREFIX = {"n_tokens": 30, "mlp_hidden": 800}

@@ -36,12 +36,12 @@ from typing import Any, Literal
 from pydantic import field_validator, model_validator
 from torch import nn
 
-from ftune.combine import combine, keep_part_defaults, resolved_trainable
 from ftune.gates import Gate, add_gates, gates_by_block
 from ftune.methods import adapter as adapter_method
 from ftune.methods import lora as lora_method
 from ftune.methods import prefix_tuning
 from ftune.methods.base import Method, MethodConfig
+from ftune.methods.combine import combine, keep_part_defaults, resolved_trainable
 
 DEFAULTS = {"lora": {"r": 8, "alpha": 16, "targets": "query-value"}, "adapter": {"placement": "pfeiffer", "bottleneck": 48},
             "prefix": {"n_tokens": 10, "mlp_hidden": 512}}
