@@ -6,28 +6,19 @@ here, so a run rebuilt from its directory is the model that was trained.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ftune import checkpoint, data, models, quantize
+from ftune import models
+from ftune.data import loader, sources
 from ftune.errors import RecipeError, RunDirError
 from ftune.methods import attach, method_of
+from ftune.models import quantize
 from ftune.recipe import Recipe, load_recipe
-
-
-@dataclass
-class Examples:
-    """Encoded examples of one split plus what the run record should say about them."""
-
-    examples: list[dict[str, Any]]
-    source: str
-    dropped: int = 0
-    """Rows left out: truncation to data.max_length left them no token to learn from (SFT)."""
-    truncated: int = 0
-    """Rows kept but cut to data.max_length."""
+from ftune.run import checkpoint
+from ftune.tasks import TASKS, Encoded
 
 
 def load_tokenizer(recipe: Recipe):
@@ -37,46 +28,43 @@ def load_tokenizer(recipe: Recipe):
     return source, models.load_tokenizer(source, spec.trust_remote_code, spec.revision)
 
 
-def label_names(recipe: Recipe, train_rows: data.Rows | None = None) -> list[str] | None:
-    """Class (tag) names: data.labels, else the training labels (read here when `train_rows` is not given)."""
-    d = recipe.data
-    if recipe.task == "causal_lm":
+def label_names(recipe: Recipe, train_rows: sources.Rows | None = None) -> list[str] | None:
+    """Class (tag) names: data.labels, else the training labels (read here when `train_rows` is not given); None for
+    a task without classes."""
+    task = TASKS[recipe.task]
+    if not task.has_classes:
         return None
-    if d.labels:
-        return list(d.labels)
-    rows = train_rows or read_split(recipe, "train")
-    if recipe.task == "token_classification":
-        return data.tag_names_of(rows, d.tokens_column, d.tags_column)
-    return data.label_names_of(rows, d.label_column)
+    if recipe.data.labels:
+        return list(recipe.data.labels)
+    return task.class_names(train_rows or read_split(recipe, "train"), recipe.data)
 
 
 def eval_loader(recipe: Recipe, examples: list[dict[str, Any]], tokenizer):
     """Evaluation batches in data order, the same for `train` and `ftune eval`."""
     t = recipe.train
-    return data.make_loader(examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed, shuffle=False)
+    return loader.make_loader(examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed,
+                              shuffle=False)
 
 
 def build_model(recipe: Recipe, source: str, tokenizer, names: list[str] | None) -> nn.Module:
     """The base model with the recipe's method attached and exactly the method's parameters trainable."""
     spec = recipe.model
     model, missing = models.load_model(
-        recipe.task, source, spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
+        TASKS[recipe.task], source, spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
         trust_remote_code=spec.trust_remote_code, revision=spec.revision, quantization=spec.quantization,
     )
     if spec.quantization:  # fp32 norms and head; input grads for checkpointed segments
         quantize.prepare_for_training(model, recipe.train.gradient_checkpointing)
-    head = models.head_parameters(model, recipe.task, missing)
+    head = models.head_parameters(model, TASKS[recipe.task], missing)
     return attach(model, recipe.method, head)
 
 
-def read_split(recipe: Recipe, split: str, sources: list[Any] | None = None) -> data.Rows:
+def read_split(recipe: Recipe, split: str, given: list[Any] | None = None) -> sources.Rows:
     """Rows of `split`: data.train or data.validation; any other split only from a recipe folder's `<split>.*`."""
-    if not sources:
-        sources = _split_sources(recipe, split)
     d = recipe.data
     limit = d.max_train_rows if split == "train" else d.max_validation_rows
-    conll_columns = (d.tokens_column, d.tags_column) if recipe.task == "token_classification" else None
-    return data.read_rows(sources, split, limit, conll_columns)
+    conll_columns = (d.tokens_column, d.tags_column) if TASKS[recipe.task].reads_conll else None
+    return sources.read_rows(given or _split_sources(recipe, split), split, limit, conll_columns)
 
 
 def _split_sources(recipe: Recipe, split: str) -> list[Any]:
@@ -95,22 +83,23 @@ def _split_sources(recipe: Recipe, split: str) -> list[Any]:
     return folders
 
 
-def encode(recipe: Recipe, rows: data.Rows, tokenizer, names: list[str] | None) -> Examples:
-    d = recipe.data
-    if recipe.task == "sequence_classification":
-        examples, truncated = data.encode_classification(
-            rows, tokenizer, d.text_column, d.text_pair_column, d.label_column, names, d.max_length
-        )
-        return Examples(examples, rows.source, truncated=truncated)
-    if recipe.task == "token_classification":
-        examples, truncated = data.encode_token_classification(
-            rows, tokenizer, d.tokens_column, d.tags_column, names, d.max_length
-        )
-        return Examples(examples, rows.source, truncated=truncated)
-    examples, dropped, truncated = data.encode_sft(
-        rows, tokenizer, d.instruction_column, d.input_column, d.response_column, d.template, d.max_length
-    )
-    return Examples(examples, rows.source, dropped, truncated)
+def encode(recipe: Recipe, rows: sources.Rows, tokenizer, names: list[str] | None) -> Encoded:
+    return TASKS[recipe.task].encode(rows, tokenizer, recipe.data, names)
+
+
+def build_extra_models(recipe: Recipe, needs: dict[str, str]) -> dict[str, nn.Module]:
+    """The frozen models an objective reads (a teacher, a reference), by role: each a finished ftune run dir (its
+    base with its method) or a model name (loaded for the recipe's task); in eval mode, without gradients, built once
+    beside the trained model."""
+    built = {}
+    for role, where in needs.items():
+        if (Path(where) / checkpoint.RECIPE).is_file():
+            _, model, _ = load_run(where)
+        else:
+            model, _ = models.load_model(TASKS[recipe.task], models.resolve_model(where),
+                                         trust_remote_code=recipe.model.trust_remote_code)
+        built[role] = model.eval().requires_grad_(False)
+    return built
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def train(
 ) -> None:
     """Train a recipe; weights, metrics and a reproducible record go to its output_dir."""
     from ftune.recipe import load_recipe
-    from ftune.train import train as run_training
+    from ftune.run.train import train as run_training
 
     result = run_training(load_recipe(recipe, set_ or []), resume=resume, overwrite=overwrite, console=err)
     print(json.dumps(result, indent=2))
@@ -119,7 +119,8 @@ def evaluate_run(
                                                    "updates, e.g. 0.7,0.3 (one weight per run).")] = None,
 ) -> None:
     """Score trained runs on a split or a file: one run prints its metrics as JSON, several print one JSON line each."""
-    from ftune import assemble, hotswap
+    from ftune import assemble
+    from ftune.serve import hotswap
     from ftune.errors import DataError
 
     def note(text: str) -> None:
@@ -130,12 +131,13 @@ def evaluate_run(
     factors = hotswap.parse_weights(weights)
     if factors is not None:
         recipe, model, tokenizer, names = hotswap.combine(run_dirs, factors)
-        scored = hotswap.score(recipe, model, tokenizer, names, split, data, note)
+        scored = hotswap.score(recipe, model, tokenizer, names, split, data, note, hotswap.trained_precision(run_dirs[0]))
         print(json.dumps({"runs": [str(r) for r in run_dirs], "weights": factors, **scored}, indent=2))
     elif len(run_dirs) == 1:
         recipe, model, tokenizer = assemble.load_run(run_dirs[0])
         names = assemble.read_run_record(run_dirs[0])["label_names"]
-        print(json.dumps(hotswap.score(recipe, model, tokenizer, names, split, data, note), indent=2))
+        scored = hotswap.score(recipe, model, tokenizer, names, split, data, note, hotswap.trained_precision(run_dirs[0]))
+        print(json.dumps(scored, indent=2))
     else:
         for scored in hotswap.score_runs(run_dirs, split, data, note):
             print(json.dumps(scored))
@@ -155,9 +157,9 @@ def predict(
     """Predict labels for JSONL rows with one base serving several tasks (soft prompts per row, or hot-swapped
     mergeable runs per task)."""
     from ftune.errors import DataError, RunDirError
-    from ftune.hotswap import parse_weights
-    from ftune.predict import load_tasks, read_jsonl
-    from ftune.predict import predict as run_predict
+    from ftune.serve.hotswap import parse_weights
+    from ftune.serve.predict import load_tasks, read_jsonl
+    from ftune.serve.predict import predict as run_predict
 
     if not input.is_file():
         raise DataError(f"--input: {input} does not exist")
@@ -176,7 +178,7 @@ def predict(
 @command
 def merge(run_dir: Path, out_dir: Path) -> None:
     """Write a standalone transformers model dir: base weights with the method folded in."""
-    from ftune.export import merge_run
+    from ftune.serve.export import merge_run
 
     err.print(f"merged model written to {merge_run(run_dir, out_dir)}")
 
@@ -189,7 +191,7 @@ def import_peft(
                                          "replaced by the adapter's LoRA config.")],
 ) -> None:
     """Turn a LoRA adapter dir saved by peft into an ftune run dir (eval, predict, merge, export work on it)."""
-    from ftune.peft_import import import_peft as run_import
+    from ftune.serve.peft_import import import_peft as run_import
 
     err.print(f"ftune run written to {run_import(peft_dir, out_dir, recipe)}")
 
@@ -202,7 +204,7 @@ class ExportFormat(str, Enum):
 @command
 def export(run_dir: Path, out_dir: Path, format: Annotated[ExportFormat, typer.Option()] = ExportFormat.peft) -> None:
     """Export a run as a peft adapter dir (--format peft) or a merged transformers model (--format hf)."""
-    from ftune.export import export_peft, merge_run
+    from ftune.serve.export import export_peft, merge_run
 
     written = export_peft(run_dir, out_dir) if format is ExportFormat.peft else merge_run(run_dir, out_dir)
     err.print(f"{format.value} export written to {written}")

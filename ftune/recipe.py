@@ -25,10 +25,12 @@ from typing_extensions import Annotated
 
 from ftune.errors import RecipeError
 from ftune.methods import METHODS, AnyMethodConfig, method_of
-from ftune.optim import OPTIMIZERS
-from ftune.quantize import Quantization
+from ftune.models.quantize import Quantization
+from ftune.objectives import AnyObjectiveConfig
+from ftune.run.optim import OPTIMIZERS
+from ftune.tasks import TASKS
 
-TASKS = ("sequence_classification", "token_classification", "causal_lm")
+TaskName = Literal[tuple(TASKS)]  # the task registry's names (ftune/tasks/)
 
 
 class _Section(BaseModel):
@@ -48,7 +50,7 @@ class ModelSpec(_Section):
     """Run modelling code shipped with a Hub model. Off unless you trust its author."""
     quantization: Quantization | None = None
     """Load the base linears 4- or 8-bit quantised through bitsandbytes (QLoRA); only methods that train weights
-    outside them may use it (e.g. lora, adapters, head). Unquantised weights are kept in fp32. See ftune/quantize.py."""
+    outside them may use it (e.g. lora, adapters, head). Unquantised weights are kept in fp32. See ftune/models/quantize.py."""
 
 
 class HubSource(_Section):
@@ -117,7 +119,10 @@ class TrainSpec(_Section):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     """Warmup as a fraction of all optimizer steps."""
     batch_size: int = Field(16, gt=0)
-    """Examples per micro-batch."""
+    """Examples per micro-batch, on each process (batch_scope: per_device) or over all of them (global)."""
+    batch_scope: Literal["per_device", "global"] = "per_device"
+    """Whether batch_size counts one process's examples or all processes' together (it must then divide by the
+    number of processes). run.json records the global batch: batch per device × processes × grad_accum."""
     eval_batch_size: int | None = Field(None, gt=0)
     """Examples per evaluation batch (default: 2 x batch_size)."""
     grad_accum: int = Field(1, gt=0)
@@ -154,12 +159,14 @@ class TrainSpec(_Section):
 
 class Recipe(_Section):
     model: ModelSpec
-    task: Literal["sequence_classification", "token_classification", "causal_lm"]
+    task: TaskName
     """What the model learns: sequence_classification, token_classification (a tag per word, e.g. NER) or
-    causal_lm (SFT)."""
+    causal_lm (SFT); one file each in ftune/tasks/."""
     data: DataSpec
     method: AnyMethodConfig
     """One method section, or a list of them to apply together (e.g. lora and bitfit; see methods/compose.py)."""
+    objective: AnyObjectiveConfig = AnyObjectiveConfig()
+    """What training minimises; default the task's own loss (ftune/objectives/)."""
     train: TrainSpec = TrainSpec()
     output_dir: str
     """Run directory; refuses one that holds another run unless --overwrite."""

@@ -102,10 +102,11 @@ def load_side(args, side: str, folder: str):
 
     qlora = side.endswith("qlora")
     if side.startswith("ftune"):
-        from ftune import models, quantize
+        from ftune import models
+        from ftune.models import quantize
         from ftune.methods import attach
         from ftune.methods.lora import Config
-        from ftune.optim import make_optimizer
+        from ftune.run.optim import make_optimizer
 
         q = quantize.Quantization(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16") if qlora else None
         model, missing = models.load_model("causal_lm", folder, "bfloat16", quantization=q)
@@ -136,7 +137,7 @@ def load_side(args, side: str, folder: str):
                                                      gradient_checkpointing_kwargs=ckpt)
     elif args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-    if qlora and args.device == "cpu":  # bitsandbytes' CPU inference repack would break training (see ftune/quantize.py)
+    if qlora and args.device == "cpu":  # bitsandbytes' CPU inference repack would break training (see ftune/models/quantize.py)
         import bitsandbytes as bnb
 
         for module in model.modules():
@@ -169,7 +170,7 @@ class Side:
 
         import torch
 
-        for name in ("transformers", "peft", "bitsandbytes", "ftune.methods", "ftune.models", "ftune.quantize"):
+        for name in ("transformers", "peft", "bitsandbytes", "ftune.methods", "ftune.models", "ftune.models.quantize"):
             importlib.import_module(name)  # the same imports on every side, before the memory baseline
         self.torch, self.args, self.cuda = torch, args, args.device.startswith("cuda")
         g = torch.Generator().manual_seed(args.seed + 1)

@@ -46,12 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def score(model, recipe, examples, tokenizer) -> dict:
     from ftune import assemble
-    from ftune.evaluate import evaluate
+    from ftune.run.evaluate import evaluate
+    from ftune.tasks import TASKS
 
     loader = assemble.eval_loader(recipe, examples, tokenizer)
     device = next(model.parameters()).device
     started = time.perf_counter()
-    metrics = evaluate(model.eval(), loader, recipe.task, device)
+    names = getattr(model.config, "id2label", None)
+    names = [names[i] for i in range(len(names))] if names and TASKS[recipe.task].has_classes else None
+    metrics = evaluate(model.eval(), loader, TASKS[recipe.task], names, device)
     return {**metrics, "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -60,11 +63,13 @@ def main() -> None:
     import torch
     import transformers
 
-    from ftune import assemble, checkpoint, export, models
+    from ftune import assemble, models
+    from ftune.run import checkpoint
+    from ftune.serve import export
     from ftune.methods import METHODS
     from ftune.methods.base import unwrap_merged
     from ftune.recipe import load_recipe
-    from ftune.train import train
+    from ftune.run.train import train
 
     transformers.logging.set_verbosity_error()
     if args.recipe:

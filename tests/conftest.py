@@ -105,7 +105,7 @@ def adapter_runs(tiny_bert, tiny_llama, cls_data, tmp_path_factory) -> dict[str,
     from rich.console import Console
 
     from ftune.recipe import validate_recipe
-    from ftune.train import train
+    from ftune.run.train import train
 
     root, runs = tmp_path_factory.mktemp("adapter-runs"), {}
     for arch, model in (("bert", tiny_bert), ("llama", tiny_llama)):

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from ftune import models
 from ftune.assemble import load_run
 from ftune.errors import MethodError
-from ftune.methods import attach
+from ftune.layers.bottleneck import Bottleneck
+from ftune.methods import METHODS, attach
 from ftune.methods.adapter_fusion import Config, Fusion
 from ftune.recipe import dump_recipe, validate_recipe
-from ftune.train import train
+from ftune.run.train import train
 
 TASK = "sequence_classification"
 
@@ -98,6 +99,53 @@ def test_full_run_writes_a_report_and_rebuilds(tiny_bert, cls_data, adapter_runs
     rows = (cls_data / "validation.tsv").read_text().splitlines()[1:]
     assert report["tokens"] == sum(len(tokenizer(r.split("\t")[0])["input_ids"]) for r in rows)
     assert len([m for m in rebuilt.modules() if isinstance(m, Fusion)]) == 2  # re-read from the stage-1 runs
+
+
+def _two_fusions(weight: float) -> torch.nn.Module:
+    """Two fusion layers of width 6 over two adapters each, as `loss_term` finds them in a model."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*(Fusion(torch.nn.Linear(6, 6), [Bottleneck(6, 3, "relu", 0.0, 1.0, False)
+                                                                 for _ in range(2)], 6, 1.0, ["a", "b"], weight)
+                                 for _ in range(2)))
+
+
+def test_value_identity_term_is_zero_at_identity_and_the_papers_sum_elsewhere():
+    """λ Σ_layers ‖I − V‖²_F (Pfeiffer et al. 2021): 0 at the start (V = I), the sum by hand after a change to V."""
+    term = METHODS["adapter_fusion"].loss_term
+    model = _two_fusions(0.03)
+    assert float(term(model)) == 0.0
+    with torch.no_grad():
+        for f in model:
+            f.value.weight.add_(torch.randn(6, 6) * 0.1)
+    by_hand = sum(0.03 * float(((torch.eye(6) - f.value.weight) ** 2).sum()) for f in model)
+    assert float(term(model)) == pytest.approx(by_hand, rel=1e-6) and by_hand > 0
+    assert float(term(_two_fusions(0.0))) == 0.0
+
+
+def test_value_identity_term_pulls_v_towards_the_identity():
+    model = _two_fusions(0.01)
+    with torch.no_grad():
+        for f in model:
+            f.value.weight.add_(torch.randn(6, 6) * 0.1)
+    distance = [float((torch.eye(6) - f.value.weight).norm()) for f in model]
+    METHODS["adapter_fusion"].loss_term(model).backward()
+    with torch.no_grad():
+        for f, before in zip(model, distance):
+            assert f.query.weight.grad is None and f.key.weight.grad is None  # it acts on V only
+            torch.testing.assert_close(f.value.weight.grad, 2 * 0.01 * (f.value.weight - torch.eye(6)))
+            assert float((torch.eye(6) - (f.value.weight - 1.0 * f.value.weight.grad)).norm()) < before
+
+
+def test_value_identity_weight_comes_from_the_config(tiny_bert, adapter_runs):
+    torch.manual_seed(0)
+    model, missing = models.load_model(TASK, str(tiny_bert), num_labels=2, pad_token_id=0)
+    cfg = Config(adapters=[str(r) for r in adapter_runs["bert"]], value_identity_weight=0.5)
+    model = attach(model, cfg, models.head_parameters(model, TASK, missing))
+    fusions = [m for m in model.modules() if isinstance(m, Fusion)]
+    with torch.no_grad():
+        fusions[1].value.weight[0, 0] += 2.0
+    assert float(METHODS["adapter_fusion"].loss_term(model)) == pytest.approx(0.5 * 4.0)
+    assert Config(adapters=["x"]).value_identity_weight == 0.01  # the reference code's λ
 
 
 @pytest.fixture(scope="module")

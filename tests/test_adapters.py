@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from ftune.arch import LAYOUTS
+from ftune.models.arch import LAYOUTS
 from ftune.errors import MethodError
 from ftune.methods import adapter, adapter_drop, attach
 from ftune.models import head_parameters

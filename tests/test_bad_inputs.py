@@ -465,7 +465,7 @@ def test_overwrite_replaces_a_run(full_run, adapter_run, tiny_bert, cls_data, tm
 
 
 def _cls_rows_of(texts: list[str], pairs: list[str] | None = None):
-    from ftune.data import Rows
+    from ftune.data.sources import Rows
 
     rows = [{"sentence": t, "label": i % 2} | ({"pair": pairs[i]} if pairs else {}) for i, t in enumerate(texts)]
     return Rows(rows, "rows.tsv")
@@ -474,7 +474,7 @@ def _cls_rows_of(texts: list[str], pairs: list[str] | None = None):
 def test_classification_counts_truncated_rows(tiny_bert):
     from transformers import AutoTokenizer
 
-    from ftune.data import encode_classification
+    from ftune.tasks.sequence_classification import encode_classification
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     # [CLS] + words + [SEP]: 5, exactly 8 (fits, not cut), 22 and 9 tokens (cut)
@@ -493,7 +493,9 @@ def test_classification_counts_truncated_rows(tiny_bert):
 def test_sft_counts_truncated_and_dropped_rows(tiny_llama):
     from transformers import AutoTokenizer
 
-    from ftune.data import IGNORE_INDEX, Rows, encode_sft
+    from ftune.data.sources import Rows
+    from ftune.tasks import IGNORE_INDEX
+    from ftune.tasks.causal_lm import encode_sft
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     row = {"instruction": "repeat the word", "input": "good", "output": "yes"}

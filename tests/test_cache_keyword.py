@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.soft_prompts import PrefixedModel, Prompt, cache_keyword
+from ftune.layers.soft_prompts import PrefixedModel, Prompt, cache_keyword
 
 
 def _config():

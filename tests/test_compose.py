@@ -12,16 +12,17 @@ from conftest import recipe_doc
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
-from ftune import export, models
+from ftune.serve import export
+from ftune import models
 from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.errors import MethodError, RecipeError
-from ftune.lora_layers import LoRALinear
+from ftune.layers.lora import LoRALinear
 from ftune.methods import METHODS, attach, method_of
 from ftune.methods.adapter import Bottleneck
 from ftune.methods.base import count_parameters
 from ftune.recipe import validate_recipe
-from ftune.train import train
+from ftune.run.train import train
 
 PREFIX = {"name": "prefix_tuning", "n_tokens": 3, "mlp_hidden": 16}
 MAM = {"name": "mam_adapter", "prefix": {"n_tokens": 3, "mlp_hidden": 16}, "adapter": {"bottleneck": 8}}

@@ -36,7 +36,7 @@ from conftest import recipe_doc, write_recipe
 from safetensors.torch import load_file
 from torch import nn
 
-from ftune import checkpoint
+from ftune.run import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1729
@@ -475,7 +475,7 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_bert, cls_data):
     from rich.console import Console
 
     from ftune.recipe import validate_recipe
-    from ftune.train import train
+    from ftune.run.train import train
 
     run = tmp_path / "run"
     recipe = validate_recipe(recipe_doc("cls", tiny_bert, cls_data, run, max_steps=3, save_every=1, eval_every=2))

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftune import checkpoint, models
+from ftune.run import checkpoint
+from ftune import models
 from ftune.errors import MethodError
 from ftune.methods import METHODS, attach, method_of
 from ftune.methods.base import count_parameters, unwrap_merged

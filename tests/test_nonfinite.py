@@ -21,11 +21,12 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ftune import assemble, checkpoint
+from ftune import assemble
+from ftune.run import checkpoint
 from ftune.cli import app
 from ftune.errors import RecipeError, TrainingError
 from ftune.recipe import validate_recipe
-from ftune.train import train
+from ftune.run.train import train
 
 
 def _quiet() -> Console:
@@ -33,8 +34,8 @@ def _quiet() -> Console:
 
 
 def _poison(monkeypatch, at_call: int, what: str) -> dict:
-    """From now on, built models turn their `at_call`-th training forward pass bad: a NaN loss (`what="loss"`), or a
-    finite loss whose gradient is infinite (`what="grad"`). Returns a counter of training forward passes."""
+    """From now on, built models turn their `at_call`-th training forward pass bad: NaN logits, so a NaN loss
+    (`what="loss"`), or finite logits whose gradient is infinite (`what="grad"`). Returns a counter of training forward passes."""
     real = assemble.build_model
     seen = {"calls": 0}
 
@@ -47,9 +48,9 @@ def _poison(monkeypatch, at_call: int, what: str) -> dict:
             seen["calls"] += 1
             if seen["calls"] == at_call:
                 if what == "loss":
-                    output.loss = output.loss * float("nan")
+                    output.logits = output.logits * float("nan")
                 else:
-                    output.loss.register_hook(lambda grad: grad * float("inf"))
+                    output.logits.register_hook(lambda grad: grad * float("inf"))
             return output
 
         model.register_forward_hook(hook)

@@ -13,11 +13,11 @@ from conftest import recipe_doc, write_recipe
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ftune import export
+from ftune.serve import export
 from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.methods import lora
-from ftune.peft_import import import_peft
+from ftune.serve.peft_import import import_peft
 
 peft = pytest.importorskip("peft")
 HAS_DORA = "dora" in lora.Config.model_fields

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.errors import RunDirError
-from ftune.predict import load_tasks, predict
+from ftune.serve.predict import load_tasks, predict
 from ftune.recipe import validate_recipe
-from ftune.train import train
+from ftune.run.train import train
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,17 @@ from conftest import recipe_doc
 from rich.console import Console
 from safetensors.torch import load_file
 
-from ftune import assemble, checkpoint, export, models, quantize
+from ftune import assemble, models
+from ftune.run import checkpoint
+from ftune.serve import export
+from ftune.models import quantize
 from ftune.errors import MethodError, RecipeError
-from ftune.lora_layers import LoRALinear
+from ftune.layers.lora import LoRALinear
 from ftune.methods import METHODS, attach, lora, method_of
 from ftune.methods.base import count_parameters
-from ftune.optim import make_optimizer
+from ftune.run.optim import make_optimizer
 from ftune.recipe import validate_recipe
-from ftune.train import train
+from ftune.run.train import train
 
 bnb = pytest.importorskip("bitsandbytes")
 

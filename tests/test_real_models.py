@@ -9,7 +9,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from ftune.recipe import load_recipe
-from ftune.train import train
+from ftune.run.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ import pytest
 from conftest import recipe_doc
 from safetensors.torch import load_file
 
-from ftune.checkpoint import latest_checkpoint
+from ftune.run.checkpoint import latest_checkpoint
 from ftune.recipe import validate_recipe
-from ftune.train import train
+from ftune.run.train import train
 
 CASES = {
     "lora-cls": ("cls", {"name": "lora", "r": 4, "dropout": 0.1}),  # dropout: the RNG state must resume too

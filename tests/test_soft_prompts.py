@@ -10,13 +10,15 @@ import pytest
 import torch
 from conftest import peft_side, recipe_doc
 
-from ftune import checkpoint, export, models
+from ftune.run import checkpoint
+from ftune.serve import export
+from ftune import models
 from ftune.assemble import load_run
 from ftune.errors import RecipeError
 from ftune.methods import METHODS, attach
 from ftune.recipe import validate_recipe
-from ftune.soft_prompts import Prompt
-from ftune.train import train
+from ftune.layers.soft_prompts import Prompt
+from ftune.run.train import train
 
 peft = pytest.importorskip("peft")
 

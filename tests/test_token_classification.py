@@ -14,13 +14,16 @@ from conftest import CONLL_TAGS, SHARED_DATA, token_recipe_doc, write_conll, wri
 from torch import nn
 from typer.testing import CliRunner
 
-from ftune import assemble, data
+from ftune import assemble
 from ftune.cli import app
-from ftune.conll import read_conll
-from ftune.data import IGNORE_INDEX, Rows, encode_token_classification, read_rows, tag_names_of
+from ftune.data.conll import read_conll
+from ftune.data.loader import collate
+from ftune.data.sources import Rows, read_rows
 from ftune.errors import DataError
-from ftune.evaluate import evaluate, tagging_metrics
 from ftune.recipe import validate_recipe
+from ftune.run.evaluate import evaluate
+from ftune.tasks import IGNORE_INDEX, TASKS
+from ftune.tasks.token_classification import encode_token_classification, tag_names_of, tagging_metrics
 
 runner = CliRunner()
 COLUMNS = ("tokens", "ner_tags")
@@ -136,7 +139,7 @@ def test_truncation_is_counted(tmp_path):
 
 
 def test_collate_pads_tags_with_ignore_index():
-    batch = data.collate(0)([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 1, IGNORE_INDEX]},
+    batch = collate(0)([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 1, IGNORE_INDEX]},
                              {"input_ids": [5], "labels": [2]}])
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 1, IGNORE_INDEX], [2, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -245,7 +248,7 @@ def test_evaluate_reads_only_labelled_positions():
     logits = torch.zeros(2, 6, 3).scatter_(-1, predicted.unsqueeze(-1), math.log(2))
     batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.ones(2, 6, dtype=torch.long),
              "labels": labels}
-    metrics = evaluate(_FixedLogits(logits, names), [batch], "token_classification", torch.device("cpu"))
+    metrics = evaluate(_FixedLogits(logits, names), [batch], TASKS["token_classification"], names, torch.device("cpu"))
     # labelled: (B-PER, I-PER, O) predicted (B-PER, I-PER, B-PER); (O, B-PER) predicted (O, B-PER): 4 of 5 right
     assert metrics["loss"] == pytest.approx((4 * math.log(2) + math.log(4)) / 5)
     assert metrics["accuracy"] == pytest.approx(4 / 5)
@@ -296,8 +299,8 @@ def test_lora_run_merges_and_exports_to_peft(tiny_bert, conll_data, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForTokenClassification
 
-    from ftune.export import export_peft, merge_run
-    from ftune.train import train
+    from ftune.run.train import train
+    from ftune.serve.export import export_peft, merge_run
 
     run = tmp_path / "run"
     train(validate_recipe(token_recipe_doc(tiny_bert, conll_data, run)))
@@ -322,7 +325,7 @@ def test_lora_minilm_real_conll(tmp_path):
     import importlib.util
 
     from ftune.recipe import load_recipe
-    from ftune.train import train
+    from ftune.run.train import train
 
     if not (SHARED_DATA / "conll2003").exists():
         pytest.skip(f"{SHARED_DATA / 'conll2003'} is absent (real data lives beside the checkout)")

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from ftune import models
 from ftune.cli import app
 from ftune.errors import MethodError
-from ftune.gates import Gate, force
-from ftune.lora_layers import LoRALinear
+from ftune.layers.gates import Gate, force
+from ftune.layers.lora import LoRALinear
 from ftune.methods import attach, compose, method_of
 from ftune.methods.unipelt import Config
 

@@ -3,11 +3,10 @@
 Zhang et al. 2023, "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023,
 arXiv:2303.10512. Each target linear W (d_out x d_in) gains alpha / init_r · P Λ Q with P (d_out x init_r),
 Λ (init_r x 1, starting at 0) and Q (init_r x d_in): `svd_lora.SVDLinear`, as peft's. Training adds
-orth_reg_weight · R(P, Q) to the loss, only in train mode (peft adds it in eval too; ftune's eval loss is the task's).
-After every optimizer step `on_step_end` updates each triplet's importance and masks to a cubic budget falling from
-init_r to target_r per matrix (`svd_lora.allocate`); `report` lists the final rank of every matrix.
-
-The schedule spans the run's optimizer steps, passed in by the loop (no peft `total_step` to keep in step by hand).
+orth_reg_weight · R(P, Q) to the loss (`loss_term`; peft adds it to outputs.loss in eval too, ftune's eval loss is the
+task's). After every optimizer step `on_step_end` updates each triplet's importance and masks to a cubic budget falling
+from init_r to target_r per matrix (`svd_lora.allocate`); `report` lists the final rank of every matrix. The schedule
+spans the run's optimizer steps, passed in by the loop (no peft `total_step` to keep in step by hand).
 
 Defaults: init_r 12, target_r 8 (peft; the reference README); beta1 = beta2 = 0.85 (paper, reference code, peft);
 tinit 0, tfinal 0, deltaT 1, orth_reg_weight 0.5 (peft; the paper's grid is 0.1-0.5, the reference README uses 0.1);
@@ -16,17 +15,18 @@ alpha 8, dropout 0 (peft's LoRA defaults, as ftune's lora); targets all-linear (
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ftune import svd_lora
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig
+from ftune.layers import svd as svd_lora
+from ftune.layers.svd import SVDLinear, svd_layers
+from ftune.methods.base import Method, MethodConfig, switched_off
 from ftune.methods.lora import target_linears
-from ftune.svd_lora import SVDLinear, svd_layers
 
 
 class Config(MethodConfig):
@@ -62,28 +62,27 @@ class Config(MethodConfig):
         return self
 
 
-def _add_orthogonality(model: nn.Module, args: Any, outputs: Any) -> Any:
-    """Forward hook on the whole model: the regulariser joins the loss the loop minimises (training mode only)."""
-    loss, weight = getattr(outputs, "loss", None), model.adalora_config.orth_reg_weight
-    if model.training and isinstance(loss, torch.Tensor) and weight > 0:
-        outputs.loss = loss + weight * svd_lora.orthogonality(list(svd_layers(model).values()))
-    return outputs
-
-
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
-    # a forward hook rather than a wrapper module: parameter names stay the model's own (checkpoints, peft export)
     if svd_layers(model):
         raise MethodError("adalora: the model already has AdaLoRA layers")
     for name, linear in target_linears(model, cfg.targets).items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, SVDLinear(linear, cfg.init_r, cfg.alpha, cfg.dropout))
-    model.adalora_config = cfg  # what on_step_end and the hook read: they get the model only
-    model.register_forward_hook(_add_orthogonality)
+    model.adalora_config = cfg  # what on_step_end, loss_term and report read: they get the model only
     return model
 
 
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     return [p for m in svd_layers(model).values() for p in (m.lora_A, m.lora_E, m.lora_B)]
+
+
+def loss_term(model: nn.Module) -> torch.Tensor:
+    """orth_reg_weight · R(P, Q), a scalar (see `svd_lora.orthogonality`)."""
+    return model.adalora_config.orth_reg_weight * svd_lora.orthogonality(list(svd_layers(model).values()))
+
+
+def disabled(model: nn.Module) -> AbstractContextManager[None]:
+    return switched_off(svd_layers(model).values())
 
 
 def check_total_steps(cfg: Config, total_steps: int) -> None:
@@ -143,8 +142,9 @@ def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
 
 METHOD = Method(
     name="adalora", config_cls=Config, apply=apply, trainable=trainable, merge=merge, unmerge=unmerge,
-    claims=frozenset({"linear layers"}), on_step_end=on_step_end, check_total_steps=check_total_steps, training_state=training_state,
-    load_training_state=load_training_state, report=report, peft_config=peft_config,
+    claims=frozenset({"linear layers"}), on_step_end=on_step_end, check_total_steps=check_total_steps,
+    training_state=training_state, load_training_state=load_training_state, report=report, peft_config=peft_config,
+    loss_term=loss_term, disabled=disabled,
     summary="SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)",
     paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
 )

@@ -11,22 +11,26 @@ Parameters per adapter: 2md + d + m. The up-projection starts at zero, so step 0
 the down-projection is truncated-normal(std 1e-2) for sequential adapters (Houlsby) and Kaiming-uniform for
 parallel ones (He et al., App. A.3). Sequential adapters sit on the output projection, before the dropout that
 HF encoders apply ahead of the residual and LayerNorm (AdapterHub applies them just after that dropout).
+The modules themselves live in ftune/layers/bottleneck.py.
+
+Switched off (`disabled`), every adapter is skipped; Houlsby's trained layer norms are the one part a flag cannot
+undo, so `apply` keeps their pretrained values (2d numbers per norm, non-persistent buffers, as peft keeps the
+original of a module it trains) and `disabled` swaps those in for the block, without copying anything then.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
-import torch
 from pydantic import Field
 from torch import nn
 
-from ftune.arch import blocks_with_layout, first_input, replace_submodule
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig
-
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+from ftune.layers.bottleneck import AdapterAt, Bottleneck
+from ftune.methods.base import Method, MethodConfig, switched_off
+from ftune.models.arch import blocks_with_layout, replace_submodule
 
 
 class Config(MethodConfig):
@@ -50,50 +54,8 @@ class Config(MethodConfig):
     """Multiplier of the adapter output; default 4 for parallel adapters (He et al.), 1 otherwise."""
 
 
-class Bottleneck(nn.Module):
-    """d -> m -> d: up(dropout(act(down(x)))) * scaling. Shapes: x (..., d) -> (..., d)."""
-
-    def __init__(self, d: int, m: int, activation: str, dropout: float, scaling: float, parallel: bool) -> None:
-        super().__init__()
-        self.down, self.up = nn.Linear(d, m), nn.Linear(m, d)
-        if parallel:
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        else:
-            nn.init.trunc_normal_(self.down.weight, std=1e-2, a=-2e-2, b=2e-2)
-        for zero_at_start in (self.down.bias, self.up.weight, self.up.bias):
-            nn.init.zeros_(zero_at_start)
-        self.act, self.dropout, self.scaling = ACTIVATIONS[activation](), nn.Dropout(dropout), scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.dropout(self.act(self.down(x)))) * self.scaling
-
-
-class AdapterAt(nn.Module):
-    """An output projection followed (sequential) or accompanied (parallel) by a bottleneck adapter.
-
-    Sequential: y + adapter(y). Parallel: y + adapter(x_in), where x_in is the sub-block's input, handed over by a
-    forward pre-hook on the sub-block (`block_input`), because the projection alone never sees it. `active = False`
-    skips the adapter entirely (AdapterDrop); a `gate` (UniPELT) scales its output by g(adapter input), (B, 1, 1).
-    """
-
-    def __init__(self, base_layer: nn.Module, adapter: Bottleneck, parallel: bool) -> None:
-        super().__init__()
-        self.base_layer, self.adapter, self.parallel = base_layer, adapter, parallel
-        self.active, self.gate = True, None
-        self.block_input: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        source, self.block_input = (self.block_input if self.parallel else y), None
-        if not self.active:
-            return y
-        if not torch.is_autocast_enabled(source.device.type):  # autocast casts by itself; a copy would be wasted
-            source = source.to(self.adapter.down.weight.dtype)
-        out = self.adapter(source)
-        return y + (out if self.gate is None else out * self.gate(source)).to(y.dtype)
-
-    def remember_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.block_input = first_input(args, kwargs)
+PRETRAINED = "pretrained_"
+"""Prefix of the buffers holding a Houlsby norm's pretrained parameters (`pretrained_weight`, `pretrained_bias`)."""
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -123,6 +85,10 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
             if parallel:
                 blocks[i].get_submodule(getattr(layout, f"{site}_in")).register_forward_pre_hook(
                     wrapper.remember_input, with_kwargs=True)
+    if cfg.placement == "houlsby":  # the values `disabled` brings back; taken before any training
+        for norm in block_norms(model):
+            for name, p in norm.named_parameters(recurse=False):
+                norm.register_buffer(PRETRAINED + name, p.detach().clone(), persistent=False)
     return model
 
 
@@ -132,19 +98,39 @@ def adapters_by_block(model: nn.Module) -> list[list[AdapterAt]]:
     return [[m for m in block.modules() if isinstance(m, AdapterAt)] for block in blocks]
 
 
+def block_norms(model: nn.Module) -> list[nn.Module]:
+    """The layer norms inside the blocks (by class name, as `layers.module_types`), which Houlsby also trains."""
+    blocks, _ = blocks_with_layout(model)
+    return [m for block in blocks for m in block.modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))]
+
+
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     params = [p for m in model.modules() if isinstance(m, Bottleneck) for p in m.parameters()]
     if cfg.placement == "houlsby":  # the paper also trains the layer norms of every block
-        blocks, _ = blocks_with_layout(model)
-        params += [p for block in blocks for m in block.modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
-                   for p in m.parameters(recurse=False)]
+        params += [p for m in block_norms(model) for p in m.parameters(recurse=False)]
     return params
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Every adapter skipped, and Houlsby's norms at their pretrained values (swapped in by reference, not copied)."""
+    kept = [(p, getattr(m, PRETRAINED + name)) for m in block_norms(model)
+            for name, p in m.named_parameters(recurse=False) if hasattr(m, PRETRAINED + name)]
+    with switched_off(m for m in model.modules() if isinstance(m, AdapterAt)):
+        trained = [p.data for p, _ in kept]
+        try:
+            for p, pretrained in kept:  # neither a copy nor a version bump: a graph built before backpropagates after
+                p.data = pretrained
+            yield
+        finally:
+            for (p, _), value in zip(kept, trained):
+                p.data = value
 
 
 METHOD = Method(
     name="adapter",
     config_cls=Config, quantized_base=True, claims=frozenset({"sub-block outputs"}),
-    apply=apply, trainable=trainable,
+    apply=apply, trainable=trainable, disabled=disabled,
     summary="bottleneck adapters: houlsby, pfeiffer or parallel placement",
     paper="Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2021, arXiv:2005.00247; He et al. 2022, arXiv:2110.04366",
 )

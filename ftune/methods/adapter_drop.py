@@ -4,7 +4,8 @@ Rücklé et al. 2021, "AdapterDrop: On the Efficiency of Adapters in Transformer
 of blocks 0..k-1 are not computed at all. Specialised AdapterDrop fixes k in training; robust AdapterDrop draws
 k ~ U{0, ..., drop_first} for every training batch so one model serves any k at inference (the paper's 12-layer
 models draw from 0..11; its main result uses k = 5). Evaluation uses `inference_drop`. All other options and the
-modules are those of `adapter`: this method only decides which of them run.
+modules are those of `adapter`: this method only decides which of them run. Switched off (`disabled`, as
+`adapter`'s) it draws no k either, so the random stream is the base model's.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     per_block = adapter.adapters_by_block(model)
 
     def choose_dropped_blocks(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not all(w.enabled for wrappers in per_block for w in wrappers):  # switched off: no draw, as no adapter
+            return
         if module.training:
             # the global torch RNG: seeded by the recipe and restored on --resume, so the draws replay exactly
             k = int(torch.randint(0, cfg.drop_first + 1, ())) if cfg.robust else cfg.drop_first
@@ -53,7 +56,9 @@ METHOD = Method(
     config_cls=Config,
     apply=apply,
     trainable=adapter.trainable,
+    disabled=adapter.disabled,
     quantized_base=True,
+    unused_parameters=True,
     summary="adapters of the lowest k blocks skipped (fixed or robust k; k at inference)",
     paper="Rücklé et al. 2021, AdapterDrop, arXiv:2010.11918",
 )

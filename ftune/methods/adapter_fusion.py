@@ -6,7 +6,9 @@ Stage 1: N `adapter` runs (placement pfeiffer, every block) on one base model; s
     y = base(x) (..., d);  z_i = adapter_i(y), no residual (..., N, d);  s = softmax_i((Q y)·(K z_i) / temperature);
     out = y + Σ_i s_i V z_i.   Q, K, V: d x d with bias, 3(d² + d) trained parameters per block (+ the head).
 Q, K start random; V exactly the identity (the paper adds 1e-6 off-diagonal noise; the exact identity makes one
-fused adapter reproduce its stage-1 model). The paper's l2 pull of V to the identity is left out (no loss hook).
+fused adapter reproduce its stage-1 model). The paper l2-regularises V towards the identity: `loss_term` is
+λ Σ_blocks ‖I − V‖²_F, λ = `value_identity_weight`, 0.01 as the reference code (adapter-transformers' default
+"dynamic" fusion; the paper gives no λ), once per optimizer step. The layer is `ftune/layers/fusion.py`.
 Saved weights: Q/K/V and the head; eval and resume re-read the adapters from the listed run dirs, which must stay
 (relative paths: from the working directory). Runs on different base models are refused; the stage-2 recipe must
 name that base model too (checked by shape only). Eval calls sum s over non-padded tokens (all if no attention_mask),
@@ -15,6 +17,7 @@ restarting when eval follows training; `report`: {"adapters": [dirs], "tokens": 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Literal
 
@@ -22,11 +25,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ftune import checkpoint
-from ftune.arch import blocks_with_layout, replace_submodule
 from ftune.errors import FtuneError, MethodError
+from ftune.layers.fusion import Fusion
 from ftune.methods import adapter
-from ftune.methods.base import Method, MethodConfig
+from ftune.methods.base import Method, MethodConfig, switched_off
+from ftune.models.arch import blocks_with_layout, replace_submodule
+from ftune.run import checkpoint
 
 
 class Config(MethodConfig):
@@ -37,35 +41,8 @@ class Config(MethodConfig):
     """Softmax temperature of the attention over adapters."""
     value_init: Literal["identity"] = "identity"
     """V starts as the exact identity (the only option)."""
-
-
-class Fusion(nn.Module):
-    """The base output projection, N frozen stage-1 `Bottleneck`s, and the trained query/key/value linears."""
-
-    def __init__(self, base_layer: nn.Module, adapters: list[adapter.Bottleneck], d: int, temperature: float,
-                 sources: list[str]) -> None:
-        super().__init__()
-        self.base_layer, self.adapters = base_layer, nn.ModuleList(adapters)
-        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        with torch.no_grad():  # Q, K random (BERT's N(0, 0.02)) as the paper; V the identity; zero biases
-            for linear in (self.query, self.key, self.value):
-                linear.weight.copy_(torch.eye(d) if linear is self.value else torch.randn(d, d) * 0.02)
-                linear.bias.zero_()
-        self.temperature, self.sources = temperature, list(sources)
-        self.token_mask: torch.Tensor | None = None  # handed over per call by the model's pre-hook (see apply)
-        self.weight_sum, self.tokens = torch.zeros(len(adapters), dtype=torch.float64), 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        h = y.to(self.value.weight.dtype)  # as AdapterAt: adapters and fusion keep their dtype under a bf16 base
-        z = torch.stack([a(h) for a in self.adapters], dim=-2)
-        s = (torch.einsum("...d,...nd->...n", self.query(h), self.key(z)) / self.temperature).softmax(dim=-1)
-        if not self.training:
-            mask = self.token_mask
-            mask = mask.to(s.dtype) if mask is not None and mask.shape == s.shape[:-1] else torch.ones_like(s[..., 0])
-            self.weight_sum += (s.detach() * mask.unsqueeze(-1)).flatten(0, -2).sum(0).double().cpu()
-            self.tokens += int(mask.sum())
-        return y + torch.einsum("...n,...nd->...d", s, self.value(z)).to(y.dtype)
+    value_identity_weight: float = Field(0.01, ge=0)
+    """λ of the pull of V towards the identity, λ Σ_blocks ‖I − V‖²_F in the training loss; 0 switches it off."""
 
 
 def load_stage1(run_dir: str) -> tuple[adapter.Config, str, dict[str, torch.Tensor]]:
@@ -112,7 +89,8 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
             bottleneck = adapter.Bottleneck(d, m, acfg.activation, acfg.dropout, acfg.scaling or 1.0, False)
             bottleneck.load_state_dict(state)
             bottlenecks.append(bottleneck)
-        fusion = Fusion(block.get_submodule(layout.ffn_out), bottlenecks, d, cfg.temperature, cfg.adapters)
+        fusion = Fusion(block.get_submodule(layout.ffn_out), bottlenecks, d, cfg.temperature, cfg.adapters,
+                        cfg.value_identity_weight)
         replace_submodule(block, layout.ffn_out, fusion.to(device))
         fusions.append(fusion)
     last = {"training": True}
@@ -134,6 +112,15 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     return [p for f in fusions for linear in (f.query, f.key, f.value) for p in linear.parameters()]
 
 
+def loss_term(model: nn.Module) -> torch.Tensor:
+    """λ Σ_blocks ‖I − V‖²_F over every fusion layer, a scalar."""
+    return torch.stack([m.value_pull() for m in model.modules() if isinstance(m, Fusion)]).sum()
+
+
+def disabled(model: nn.Module) -> AbstractContextManager[None]:
+    return switched_off(m for m in model.modules() if isinstance(m, Fusion))
+
+
 def report(model: nn.Module) -> dict:
     """Mean softmax weight per adapter and block over the last evaluation's tokens ("layers" empty if none)."""
     fusions = [m for block in blocks_with_layout(model)[0] for m in block.modules() if isinstance(m, Fusion)]
@@ -142,6 +129,7 @@ def report(model: nn.Module) -> dict:
 
 
 METHOD = Method(name="adapter_fusion", config_cls=Config, apply=apply, trainable=trainable, report=report,
+                loss_term=loss_term, disabled=disabled,
                 paper="Pfeiffer et al. 2021, AdapterFusion, arXiv:2005.00247", quantized_base=True,
                 claims=frozenset({"sub-block outputs"}),
                 summary="attention over frozen stage-1 pfeiffer adapters (per-layer weights in method_report.json)")

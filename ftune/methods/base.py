@@ -6,7 +6,8 @@ loop, `eval`, `merge` and `export` only ever talk to a method through this recor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,6 +83,23 @@ class Method:
             and wrappers last.
         resolve: a method built from other methods (compose, mam_adapter, unipelt) returns the record that serves
             one config, made from its parts' records; `method_of(cfg)` calls it. None for single methods.
+        disabled: `with method.disabled(model):` the model `attach` returned computes exactly the base model's
+            outputs (the reference model of preference tuning, as peft's `disable_adapter()`), without copying any
+            weight: each module the method added skips its own path, so it also draws no dropout or other random
+            numbers (Houlsby adapters also swap in their norms' pretrained values, kept by `apply`). On exit, also
+            by an exception, every switch is as it was. The task head (`train_head`) is no part of the method and
+            stays as it is. Refuses (MethodError) a merged model. None: the method trains base weights in place
+            (full, layers, bitfit; head trains the output layer of a causal LM), which only a copy could undo.
+        loss_term: a regulariser the method adds to the training loss, a scalar tensor on the graph of the trainable
+            parameters (AdaLoRA's orthogonality of P and Q, AdapterFusion's pull of V towards the identity), with
+            its weight from the method config. The loop calls it on the model `attach` returned (not a DDP
+            wrapper) once per micro-batch in training mode, after that micro-batch's forward, and adds
+            `loss_term(model) / grad_accum` to the micro-batch's loss before backward, so the term counts once per
+            optimizer step whatever grad_accum is. It depends on the weights only (not on the batch); evaluation
+            losses leave it out. None: no regulariser (most methods).
+        unused_parameters: True when some of the method's parameters may get no gradient in a step (AdapterDrop
+            skips the lowest blocks' adapters, a random number of them per batch); DDP is then told to look for them,
+            else it waits for their gradients forever.
         summary: one line for `ftune methods`.
         paper: the paper the method follows.
     """
@@ -108,6 +126,9 @@ class Method:
     peft_weights: Callable[[nn.Module], tuple[dict[str, torch.Tensor], list[str]]] | None = None
     claims: frozenset[str] = frozenset()
     resolve: Callable[[Any], Method] | None = None
+    disabled: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None
+    loss_term: Callable[[nn.Module], torch.Tensor] | None = None
+    unused_parameters: bool = False
 
 
 def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
@@ -129,6 +150,24 @@ def _logical_numel(p: nn.Parameter) -> int:
     # bitsandbytes packs two 4-bit weights per byte; its quant_state keeps the shape the weight has
     state = getattr(p, "quant_state", None)
     return state.shape.numel() if state is not None else p.numel()
+
+
+@contextlib.contextmanager
+def switched_off(modules: Iterable[nn.Module], flag: str = "enabled") -> Iterator[None]:
+    """`Method.disabled` for methods whose modules skip their own path while `flag` is False (LoRALinear.enabled,
+    PrefixedModel.prefixes_on, ...): clears it on each of `modules` for the block, then gives each its own value back.
+    A merged module holds its update inside the base weight, which no flag can take out: refused."""
+    modules = list(modules)
+    if any(getattr(m, "merged", False) for m in modules):
+        raise MethodError("the method is merged into the base weights, so it cannot be switched off; unmerge first")
+    before = [getattr(m, flag) for m in modules]
+    for m in modules:
+        setattr(m, flag, False)
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, before):
+            setattr(m, flag, value)
 
 
 def fold_nothing(model: nn.Module) -> None:

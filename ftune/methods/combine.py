@@ -6,12 +6,14 @@ modules into the blocks, then a soft prompt, which wraps the whole model. What t
 trains. Two parts conflict when they rebuild the same part of the model (`Method.claims`). Everything else follows
 from the parts: the run saves what a soft-prompt part saves (its folded prompt and every other trainable weight) or
 else every trainable weight; merge works when every part merges; gradient checkpointing and a quantised base are
-allowed when every part allows them. peft has no equivalent format.
+allowed when every part allows them; switching off (`disabled`) works when every part can be switched off, and
+switches them all off; the loss term is the sum of the parts' terms. peft has no equivalent format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -99,6 +101,17 @@ def combine(name: str, config_cls: type[MethodConfig], parts: Sequence[MethodCon
                 own = f"{rec.name}."
                 rec.load_training_state(model, {k[len(own):]: v for k, v in state.items() if k.startswith(own)})
 
+    @contextlib.contextmanager
+    def disabled(model: nn.Module) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:  # unwinds in reverse, also when entering a later part fails
+            for rec in records:
+                stack.enter_context(rec.disabled(model))
+            yield
+
+    def loss_term(model: nn.Module) -> torch.Tensor:
+        terms = [rec.loss_term(model) for rec in records if rec.loss_term]
+        return sum(terms[1:], terms[0])
+
     # a soft prompt wraps the model last, and its saved form covers every trainable weight inside the wrapper
     saving = [rec.saved_weights for rec in records if rec.saved_weights is not trainable_state_dict]
     mergeable = all(rec.merge for rec in records)
@@ -114,6 +127,9 @@ def combine(name: str, config_cls: type[MethodConfig], parts: Sequence[MethodCon
         load_training_state=load_training_state if any(r.load_training_state for r in records) else None,
         gradient_checkpointing=all(r.gradient_checkpointing for r in records),
         quantized_base=all(r.quantized_base for r in records),
+        unused_parameters=any(r.unused_parameters for r in records),
+        disabled=disabled if all(r.disabled for r in records) else None,
+        loss_term=loss_term if any(r.loss_term for r in records) else None,
         claims=frozenset().union(*(r.claims for r in records)),
         summary=" + ".join(r.summary for r in records), paper="; ".join(r.paper for r in records),
     )

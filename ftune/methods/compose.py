@@ -4,7 +4,7 @@ E.g. LoRA + BitFit (low-rank updates and every bias), or prefix tuning + a paral
     method:
       - {name: lora, targets: query-value}
       - {name: bitfit}
-The parts are applied in the order the model needs and train together (ftune/combine.py says how). The task head
+The parts are applied in the order the model needs and train together (ftune/methods/combine.py says how). The task head
 trains unless a part sets `train_head: false`. Parts that rebuild the same part of the model are refused with the
 reason: LoRA and AdaLoRA both replace the linears, two adapter methods both wrap the sub-block outputs, two soft
 prompts both wrap the model, and full fine-tuning already trains every weight.

@@ -6,22 +6,23 @@ code and peft, A starts Kaiming-uniform (a = sqrt(5)) and B at zero, so step 0 e
 rsLoRA (Kalajdzievski 2023, arXiv:2312.03732) scales by alpha / sqrt(r) instead, which keeps the update's size
 stable as r grows. DoRA (Liu et al. 2024, arXiv:2402.09353) adds a learned magnitude per output row. Over a 4/8-bit
 base (`model.quantization`, Dettmers et al. 2023) this is QLoRA. Defaults follow peft: r = 8, alpha = 8, dropout = 0.
-The layer itself lives in `ftune/lora_layers.py`.
+The layer itself lives in `ftune/layers/lora.py`.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 from pydantic import Field
 from torch import nn
 
-from ftune.arch import blocks_with_layout
 from ftune.errors import MethodError
-from ftune.lora_layers import LoRALinear
-from ftune.methods.base import Method, MethodConfig
-from ftune.quantize import is_quantized_linear
+from ftune.layers.lora import LoRALinear
+from ftune.methods.base import Method, MethodConfig, switched_off
+from ftune.models.arch import blocks_with_layout
+from ftune.models.quantize import is_quantized_linear
 
 
 class Config(MethodConfig):
@@ -99,6 +100,11 @@ def unmerge(model: nn.Module) -> None:
         m.unmerge()
 
 
+def disabled(model: nn.Module) -> AbstractContextManager[None]:
+    """Every LoRA layer computes its base layer alone (DoRA's magnitude and a UniPELT gate included)."""
+    return switched_off(m for m in model.modules() if isinstance(m, LoRALinear))
+
+
 def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
     wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     return {
@@ -123,6 +129,7 @@ METHOD = Method(
     trainable=trainable,
     merge=merge,
     unmerge=unmerge,
+    disabled=disabled,
     peft_config=peft_config,
     quantized_base=True,
     summary="low-rank updates B A on frozen linears (rsLoRA, DoRA options; QLoRA over model.quantization)",

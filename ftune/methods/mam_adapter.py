@@ -5,7 +5,7 @@ He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer Learning
 one on the feed-forward block (a parallel adapter with its output scaled by s, which §4.5 finds best there):
     attention: keys and values of every layer gain l prefix positions (`prefix_tuning`, trained through its MLP);
     FFN: h <- h + s * up(relu(down(x))), x the FFN's input, down Kaiming-uniform, up zero (`adapter`, parallel).
-Composed from those two methods (ftune/combine.py); its config holds theirs, under `prefix` and `adapter`.
+Composed from those two methods (ftune/methods/combine.py); its config holds theirs, under `prefix` and `adapter`.
 
 Defaults are the paper's MAM adapter as Table 6 defines it for generation (XSum, WMT; jxhe/unify-parameter-efficient-
 tuning README): l = 30 prefixes through a 800-wide MLP (the reference code's mid_dim, also AdapterHub's MAMConfig),

@@ -16,9 +16,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ftune.layers.soft_prompts import PromptedModel, embedding_width, prompt_parameters
 from ftune.methods.base import Method, MethodConfig
-from ftune.methods.prompt_tuning import peft_prompt_fields
-from ftune.soft_prompts import PromptedModel, embedding_width, prompt_parameters
+from ftune.methods.prompt_tuning import disabled, peft_prompt_fields
 
 
 class Config(MethodConfig):
@@ -84,6 +84,7 @@ METHOD = Method(
     config_cls=Config,
     apply=apply,
     trainable=prompt_parameters,
+    disabled=disabled,
     saved_weights=PromptedModel.saved_weights,
     fold=PromptedModel.fold,
     peft_config=peft_config,

@@ -12,15 +12,16 @@ Default n = 20 (the issue's reference budget; the paper used 10 for table-to-tex
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from ftune.methods.base import Method, MethodConfig
+from ftune.layers.soft_prompts import PrefixedModel, Prompt, prefix_geometry, prompt_parameters
+from ftune.methods.base import Method, MethodConfig, switched_off
 from ftune.methods.prompt_tuning import peft_prompt_fields
-from ftune.soft_prompts import PrefixedModel, Prompt, prefix_geometry, prompt_parameters
 
 
 class Config(MethodConfig):
@@ -62,6 +63,11 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     return PrefixedModel(model, prefix_source(model, cfg.n_tokens, cfg.reparameterize, cfg.mlp_hidden), cfg.dropout)
 
 
+def disabled(model: nn.Module) -> AbstractContextManager[None]:
+    """The wrapper runs the model without prefixes, on the caller's inputs as they are."""
+    return switched_off((m for m in model.modules() if isinstance(m, PrefixedModel)), "prefixes_on")
+
+
 def peft_config(model: PrefixedModel, cfg: Any) -> dict[str, Any]:
     _, heads, head_dim = prefix_geometry(model.config)
     # saved prefixes are already folded, so peft takes them as they are (no projection)
@@ -75,6 +81,7 @@ METHOD = Method(
     config_cls=Config,
     apply=apply,
     trainable=prompt_parameters,
+    disabled=disabled,
     saved_weights=PrefixedModel.saved_weights,
     fold=PrefixedModel.fold,
     peft_config=peft_config,

@@ -10,6 +10,7 @@ The default length 20 follows the issue's budget (the paper's 100 serves T5-XXL)
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
@@ -17,8 +18,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig
-from ftune.soft_prompts import Prompt, PromptedModel, prompt_parameters
+from ftune.layers.soft_prompts import Prompt, PromptedModel, prompt_parameters
+from ftune.methods.base import Method, MethodConfig, switched_off
 
 
 class Config(MethodConfig):
@@ -58,6 +59,11 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     return PromptedModel(model, Prompt(initial_prompt(model, cfg.n_tokens, cfg.init, cfg.init_text)))
 
 
+def disabled(model: nn.Module) -> AbstractContextManager[None]:
+    """`disabled` of the virtual-token methods: the wrapper hands the caller's inputs to the model as they are."""
+    return switched_off((m for m in model.modules() if isinstance(m, PromptedModel)), "prompts_on")
+
+
 def peft_config(model: PromptedModel, cfg: Config) -> dict[str, Any]:
     return {"peft_type": "PROMPT_TUNING", **peft_prompt_fields(model, cfg.n_tokens),
             "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
@@ -65,7 +71,7 @@ def peft_config(model: PromptedModel, cfg: Config) -> dict[str, Any]:
 
 def peft_prompt_fields(model: nn.Module, n: int) -> dict[str, Any]:
     """The fields every peft prompt-learning config shares (peft fills them from the model config the same way)."""
-    from ftune.soft_prompts import embedding_width, prefix_geometry
+    from ftune.layers.soft_prompts import embedding_width, prefix_geometry
 
     layers, _, _ = prefix_geometry(model.config)
     heads = getattr(model.config, "num_attention_heads", None) or model.config.n_head
@@ -79,6 +85,7 @@ METHOD = Method(
     config_cls=Config,
     apply=apply,
     trainable=prompt_parameters,
+    disabled=disabled,
     peft_config=peft_config,
     peft_weights=PromptedModel.peft_weights,
     prompt_site="input",

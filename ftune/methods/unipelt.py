@@ -2,7 +2,7 @@
 
 Mao et al. 2022, "UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning", arXiv:2110.07577.
 The three sub-modules are ftune's own `lora`, `adapter` (placement pfeiffer) and `prefix_tuning`, applied together by
-`combine` (ftune/combine.py); each gets gates (ftune/gates.py): g = mean over the row's real tokens of sigmoid(w·h + b), (B, 1, 1),
+`combine` (ftune/methods/combine.py); each gets gates (ftune/layers/gates.py): g = mean over the row's real tokens of sigmoid(w·h + b), (B, 1, 1),
 w (d,) and b trained, from the sub-module's input h (B, T, d):
     LoRA    (each adapted linear, input x):         W x + g_L(x) · (alpha / r) B A x
     adapter (after each block's FFN, input y):      y + g_A(y) · adapter(y)
@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import field_validator, model_validator
 from torch import nn
 
-from ftune.gates import Gate, add_gates, gates_by_block
+from ftune.layers.gates import Gate, add_gates, gates_by_block
 from ftune.methods import adapter as adapter_method
 from ftune.methods import lora as lora_method
 from ftune.methods import prefix_tuning

@@ -7,15 +7,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ftune import quantize
 from ftune.assemble import load_run
 from ftune.errors import MethodError, RunDirError
 from ftune.methods import method_of
 from ftune.methods.base import unwrap_merged
-from ftune.models import DTYPES
-
-PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
-                   "causal_lm": "CAUSAL_LM"}
+from ftune.models import DTYPES, quantize
+from ftune.tasks import TASKS
 
 
 def merge_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -61,7 +58,7 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
         extra_owners = sorted({name.rpartition(".")[0] for name, p in model.named_parameters()
                                if p.requires_grad and id(p) not in method_params})
         tensors = {f"base_model.model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    config |= {"task_type": PEFT_TASK_TYPES[recipe.task], "modules_to_save": extra_owners or None,
+    config |= {"task_type": TASKS[recipe.task].peft_task_type, "modules_to_save": extra_owners or None,
                "base_model_name_or_path": recipe.model.name, "inference_mode": True}
     tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
     _make_dir(out)

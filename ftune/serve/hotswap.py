@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftune import assemble, checkpoint, models
+from ftune import assemble, models
 from ftune.errors import DataError, MethodError, RecipeError, RunDirError
 from ftune.methods import METHODS, method_of
 from ftune.methods.lora import LoRALinear
 from ftune.recipe import Recipe, load_recipe
+from ftune.run import checkpoint
 
 # config fields that act only in training: hot-swapped runs may differ in them (the rest is the attached structure)
 TRAINING_ONLY = {"dropout"}
@@ -255,9 +256,11 @@ def parse_weights(text: str | None) -> list[float] | None:
 
 
 def score(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, split: str,
-          data: str | None, note: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """`ftune eval` for one model: {"source", metrics...} on a split of the recipe's data, or on a file."""
-    from ftune.evaluate import evaluate
+          data: str | None, note: Callable[[str], None] = lambda _: None, precision: str = "fp32") -> dict[str, Any]:
+    """`ftune eval` for one model: {"source", metrics...} on a split of the recipe's data, or on a file, under the
+    mixed precision the run trained with (run.json's `precision`), as its evaluations during training were."""
+    from ftune.run.evaluate import evaluate
+    from ftune.tasks import TASKS
 
     if data and not Path(data).exists():
         raise DataError(f"--data: {data} does not exist")
@@ -268,7 +271,7 @@ def score(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, 
              f"{recipe.data.max_length} tokens")
     loader = assemble.eval_loader(recipe, encoded.examples, tokenizer)
     device = next(model.parameters()).device
-    return {"source": rows.source, **evaluate(model, loader, recipe.task, device)}
+    return {"source": rows.source, **evaluate(model, loader, TASKS[recipe.task], names, device, precision)}
 
 
 def score_runs(run_dirs: list[Path], split: str, data: str | None,
@@ -282,12 +285,18 @@ def score_runs(run_dirs: list[Path], split: str, data: str | None,
         for i, (run, recipe) in enumerate(zip(run_dirs, recipes)):
             with bank.active(i) as model:
                 results.append({"run": str(run), **score(recipe, model, bank.tokenizer, bank.label_names[i], split,
-                                                         data, note)})
+                                                         data, note, trained_precision(run))})
         bank.restore_base()
         return results
     results = []
     for run in run_dirs:
         recipe, model, tokenizer = assemble.load_run(run)
         names = assemble.read_run_record(run)["label_names"]
-        results.append({"run": str(run), **score(recipe, model, tokenizer, names, split, data, note)})
+        results.append({"run": str(run), **score(recipe, model, tokenizer, names, split, data, note,
+                                                 trained_precision(run))})
     return results
+
+
+def trained_precision(run_dir: str | Path) -> str:
+    """The mixed precision a run trained (and evaluated) with, from run.json."""
+    return assemble.read_run_record(run_dir).get("precision", "fp32")

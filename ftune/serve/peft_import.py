@@ -26,16 +26,17 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ftune import assemble, checkpoint, models
+from ftune import assemble, models
 from ftune.errors import MethodError, RunDirError
 from ftune.methods.base import count_parameters
 from ftune.methods.lora import Config as LoRAConfig
 from ftune.methods.lora import LoRALinear
 from ftune.recipe import Recipe, dump_recipe, load_recipe, validate_recipe
+from ftune.run import checkpoint
+from ftune.tasks import TASKS
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-TASKS = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification", "CAUSAL_LM": "causal_lm"}
 MAPPED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora", "use_dora": "dora"}
 # read below (from the config or, exactly, from the weights)
 READ_ELSEWHERE = {"peft_type", "task_type", "target_modules", "exclude_modules", "modules_to_save", "bias",
@@ -120,15 +121,10 @@ def _read_weights(peft_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_task(config: dict[str, Any], recipe: Recipe, peft_dir: Path) -> None:
-    kind = config.get("task_type")
-    if kind is not None and TASKS.get(kind) != recipe.task:
+    kind, expected = config.get("task_type"), TASKS[recipe.task].peft_task_type
+    if kind is not None and kind != expected:
         raise MethodError(f"{peft_dir / CONFIG}: task_type is {kind!r}, the recipe's task is {recipe.task} "
-                          f"({'expects ' + _peft_task(recipe.task) if _peft_task(recipe.task) else 'no peft type'}); "
-                          "give a recipe for the adapter's task")
-
-
-def _peft_task(task: str) -> str | None:
-    return next((k for k, v in TASKS.items() if v == task), None)
+                          f"(expects {expected}); give a recipe for the adapter's task")
 
 
 def _ftune_names(tensors: dict[str, torch.Tensor], peft_dir: Path):

@@ -20,8 +20,8 @@ import inspect
 import torch
 from torch import nn
 
-from ftune.data import IGNORE_INDEX
 from ftune.errors import MethodError
+from ftune.tasks import IGNORE_INDEX
 
 
 class Prompt(nn.Module):
@@ -100,6 +100,7 @@ class PromptedModel(_Wrapper):
     templates); `before=None` puts all in front. Placeholder ids stand at the virtual positions, so the model's own
     use of input_ids (BERT's token types, a decoder classifier finding the last non-pad token) keeps working; a
     hook on the input embedding swaps the prompt vectors in. Shapes: prompt (n, d) with d the embedding width.
+    `prompts_on = False` runs the wrapped model on the caller's inputs as they are (the method switched off).
     """
 
     def __init__(self, model: nn.Module, source: nn.Module, before: int | None = None) -> None:
@@ -108,6 +109,7 @@ class PromptedModel(_Wrapper):
         self.pad = model.config.pad_token_id
         self.placeholder = 1 if self.pad == 0 else 0  # any id but padding: its embedding is replaced anyway
         self._virtual: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.prompts_on = True
         model.get_input_embeddings().register_forward_hook(self._swap_in)
 
     def _swap_in(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -118,6 +120,9 @@ class PromptedModel(_Wrapper):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None,
                 token_type_ids=None, task_ids: torch.Tensor | None = None, **kwargs):
+        if not self.prompts_on:  # token_type_ids only if given: decoders take none
+            extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra, **kwargs)
         batch, width = input_ids.shape
         device = input_ids.device
         prompts, slots, _ = self._bank(batch, device, task_ids)
@@ -155,6 +160,9 @@ class PromptedModel(_Wrapper):
                              position_ids=(new_mask.cumsum(1) - 1).clamp(min=0), **kwargs)
         finally:
             self._virtual = None
+        if n > a and out.logits.dim() == 3:
+            raise MethodError("virtual tokens after the input (method.tokens_before < n_tokens) suit sequence "
+                              "classification only; put them all before the input for this task")
         if out.logits.dim() == 3:  # per-token outputs: drop the virtual positions again
             t = torch.arange(width, device=device)[None]
             at = t + a * (t >= first) + (n - a) * (t >= first + length)

@@ -8,11 +8,12 @@ bitsandbytes warns and runs them unpaged. All share AdamW's update and defaults 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 
-from ftune.quantize import require_bitsandbytes
+from ftune.models.quantize import require_bitsandbytes
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_adamw")
 _BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
@@ -27,3 +28,22 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, w
     import bitsandbytes as bnb
 
     return getattr(bnb.optim, _BNB_CLASSES[name])(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_multiplier(kind: str, warmup: int, total: int):
+    """Linear warmup to the peak, then linear or cosine decay to zero, or constant (as transformers' schedules).
+
+    Written out rather than imported: transformers' optimization module drags in bitsandbytes at import.
+    """
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return 1.0
+
+    return multiplier

@@ -52,6 +52,7 @@ class SVDLinear(nn.Module):
         dropout: dropout probability on the update path's input.
 
     Λ starts at 0 and P, Q ~ N(0, 0.02) (reference code and peft), so step 0 equals the base model.
+    `enabled = False` skips the update (and its dropout): the layer computes base_layer(x) alone.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float) -> None:
@@ -66,11 +67,11 @@ class SVDLinear(nn.Module):
         add_importance_state(self)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha
-        self.merged = False
+        self.merged, self.enabled = False, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         x = self.dropout(x.to(self.lora_A.dtype))  # the operation order of peft's SVDLinear, for equal outputs
         update = (x @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling / (self.ranknum + 1e-5)

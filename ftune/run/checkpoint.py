@@ -85,8 +85,13 @@ def prepare_run_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: boo
     return None
 
 
+def _temporary(path: Path) -> Path:
+    """A temporary name beside `path` that no other process or earlier attempt uses (pid and a random suffix)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temporary(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -107,7 +112,7 @@ def save_weights(folder: Path, model: nn.Module, meta: dict[str, Any], tensors: 
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], method: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temporary(path)
     save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp),
               metadata={"format": "pt", "method": method})
     with open(tmp, "rb") as f:
@@ -138,10 +143,11 @@ def load_weights(folder: Path, model: nn.Module) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int,
-                    method_state: dict[str, torch.Tensor] | None = None) -> None:
+                    method_state: dict[str, torch.Tensor] | None = None, rng: list[dict] | None = None) -> None:
     """A resumable checkpoint, written under a temporary name and renamed only when complete.
 
     `method_state`: what the method needs besides its weights to resume exactly (`Method.training_state`).
+    `rng`: every process's random state in rank order (`rng_state()` of each); default this process's alone.
     """
     root = out / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
@@ -156,7 +162,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler
     if method_state is not None:
         _save_tensors(tmp / METHOD_STATE, method_state, "state")
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or [rng_state()]},
         tmp / "optimizer.pt",
     )
     write_json(tmp / "state.json", state)  # last: its presence is what makes a checkpoint complete
@@ -189,7 +195,10 @@ def _delete_checkpoint(folder: Path) -> None:
 
 
 def _sweep_checkpoints(out: Path) -> None:
-    """Remove what a killed run left half-done: `.step-N.tmp` folders and checkpoints without a state.json."""
+    """Remove what a killed run left half-done: temporary files, `.step-N.tmp` folders, checkpoints without a
+    state.json."""
+    for leftover in out.glob(".*.tmp"):
+        leftover.unlink()
     root = out / "checkpoints"
     for folder in root.glob(".step-*.tmp"):
         shutil.rmtree(folder)
@@ -205,8 +214,8 @@ def note_resume(out: Path, checkpoint: Path) -> None:
     write_json(out / RUN, record)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_method_state=None) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `folder`; returns the loop position (state.json).
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_method_state=None, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and process `rank`'s RNG from `folder`; returns the loop position.
 
     `load_method_state(model, tensors)` restores what `save_checkpoint` got as `method_state`.
     """
@@ -220,12 +229,17 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_m
     saved = torch.load(folder / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    _set_rng_state(saved["rng"])
+    states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
+    if rank >= len(states):
+        raise RunDirError(f"--resume: {folder} was written by {len(states)} process(es); resume with as many "
+                          "(the data order and random streams are per process)")
+    _set_rng_state(states[rank])
     return json.loads((folder / "state.json").read_text())
 
 
 def run_record(extra: dict[str, Any]) -> dict[str, Any]:
-    """What reproduces a run: versions, git sha of the working tree, command line, plus `extra`."""
+    """What reproduces a run: versions, the git revision of ftune's own code (None when it is not a git checkout,
+    e.g. installed from a wheel), command line, plus `extra`."""
     import accelerate
     import datasets
     import transformers
@@ -233,7 +247,9 @@ def run_record(extra: dict[str, Any]) -> dict[str, Any]:
     import ftune
 
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        code = Path(ftune.__file__).resolve().parent
+        sha = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
     versions = {"ftune": ftune.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
@@ -242,7 +258,7 @@ def run_record(extra: dict[str, Any]) -> dict[str, Any]:
     return {"versions": versions, "git_sha": sha or None, "command": sys.argv, **extra}
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

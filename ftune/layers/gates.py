@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ftune.arch import blocks_with_layout, first_input
-from ftune.lora_layers import LoRALinear
-from ftune.soft_prompts import PrefixedModel
+from ftune.layers.bottleneck import AdapterAt
+from ftune.layers.lora import LoRALinear
+from ftune.layers.soft_prompts import PrefixedModel
+from ftune.models.arch import blocks_with_layout, first_input
 
 
 class Gate(nn.Module):
@@ -64,8 +65,6 @@ class Gate(nn.Module):
 
 def gates_by_block(model: nn.Module) -> list[dict[str, Gate]]:
     """Each block's gates by report name: lora.<path in the block>, adapter.<path>, prefix."""
-    from ftune.methods.adapter import AdapterAt  # not at the top: the method registry imports this module
-
     blocks, layout = blocks_with_layout(model)
     rows = []
     for block in blocks:
@@ -81,7 +80,7 @@ def add_gates(model: PrefixedModel) -> PrefixedModel:
     """Gate every LoRA layer, adapter and per-layer prefix of `model`, a PrefixedModel around a model with LoRA
     layers and adapters. Each attention gets a `prefix_gate` and a pre-hook that scales its layer's cache entry (just
     the prefix at that time); the model gets a pre-hook that hands the attention mask to every gate."""
-    from ftune.methods.adapter import AdapterAt, hidden_size
+    from ftune.methods.adapter import hidden_size  # not at the top: the method registry imports this module
 
     device = next(model.parameters()).device
     for m in list(model.modules()):

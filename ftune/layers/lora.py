@@ -13,8 +13,10 @@ recomputed on the dropped input, W x_drop, so that dropout applies to the whole 
 The base layer may be a plain nn.Linear or a bitsandbytes 4-/8-bit linear (QLoRA): the factors and the magnitude
 are fp32 either way; a quantised weight is dequantised where DoRA needs the dense W.
 
-An optional `gate` (ftune/gates.py, UniPELT) scales the update per row by a value computed from the layer's input:
+An optional `gate` (ftune/layers/gates.py, UniPELT) scales the update per row by a value computed from the layer's input:
 W x + g(x) s B A x. The gate depends on the input, so no weight can hold it and a gated layer refuses to merge.
+
+`enabled = False` computes the base layer alone (the method's `disabled`): no update, no dropout draw, no gate call.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.quantize import dense_weight, is_quantized_linear
+from ftune.models.quantize import dense_weight, is_quantized_linear
 
 
 class DoRAMagnitude(nn.Module):
@@ -49,6 +51,7 @@ class LoRALinear(nn.Module):
         dora: learn a magnitude vector too (DoRA); default False.
 
     `gate`: None (plain LoRA), or a module mapping the input (B, T, d_in) to a factor (B, 1, 1) of the update.
+    `enabled`: True; False skips the update (and its dropout and gate), so the layer computes base_layer(x) alone.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, dora: bool = False) -> None:
@@ -68,10 +71,11 @@ class LoRALinear(nn.Module):
                 self.lora_magnitude_vector = DoRAMagnitude(torch.linalg.norm(dense_weight(base_layer).float(), dim=1))
         self._merged_norm: torch.Tensor | None = None  # DoRA: the row norm the merge divided by, for unmerge
         self.gate: nn.Module | None = None
+        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:

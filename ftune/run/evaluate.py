@@ -1,0 +1,46 @@
+"""Scoring a model on a loader, the same way during training and in `ftune eval`: the task's scorer over the
+model's logits, under the precision the run trained with, over every process's shard of the rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ftune.tasks import Task
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: torch.device):
+    """The mixed-precision context of `train.precision` as resolved for the run ("fp32": none). Training (through
+    accelerate, which wraps the forward in the same context) and evaluation of the finished run both use it, so
+    their numbers agree."""
+    dtype = AUTOCAST.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, label_names: list[str] | None, device: torch.device,
+             precision: str = "fp32", gather: Callable[[object], list] | None = None) -> dict[str, float]:
+    """The task's metrics over the loader's rows; with `gather` (several processes, each scoring its own shard), over
+    the union of every process's rows, the same on every process."""
+    was_training = model.training
+    model.eval()
+    scorer = task.scorer(label_names)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with autocast(precision, device):
+            logits = model(**batch).logits
+        scorer.add(logits.float(), labels)
+    model.train(was_training)
+    if gather is not None:
+        scorers = gather(scorer)
+        scorer = scorers[0]
+        for other in scorers[1:]:
+            scorer.merge(other)
+    return scorer.result()

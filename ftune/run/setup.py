@@ -1,0 +1,168 @@
+"""Everything the training loop starts from, built in order: processes, data, model and method, objective,
+optimizer and schedule, the run directory (written only once all of that has loaded), and a resumed position."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ftune import assemble
+from ftune.data.loader import make_loader
+from ftune.errors import RecipeError
+from ftune.methods import method_of
+from ftune.methods.base import Method, count_parameters
+from ftune.objectives import OBJECTIVES, Bound
+from ftune.recipe import Recipe, dump_recipe
+from ftune.run import checkpoint, processes
+from ftune.run.optim import lr_multiplier, make_optimizer
+from ftune.tasks import TASKS, Task
+
+
+@dataclass
+class Position:
+    """Where training is; saved in every checkpoint (state.json) and restored by --resume, so a resumed run logs and
+    decides exactly as the uninterrupted one."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    batch: int = 0
+    """Global micro-batches of this epoch consumed (each is `world` processes' micro-batches)."""
+    best: float | None = None
+    """Best value of train.best_metric so far."""
+    train_seconds: float = 0.0
+    window_loss: float = 0.0
+    """Sum of the step losses since the last log line (the mean over processes)."""
+    window_steps: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class Run:
+    """What `prepare` built for the loop."""
+
+    recipe: Recipe
+    out: Path
+    accelerator: Accelerator
+    precision: str
+    model: nn.Module
+    """As prepared by accelerate (DDP/FSDP-wrapped with several processes); `raw_model` is the module itself."""
+    raw_model: nn.Module
+    method: Method
+    task: Task
+    objective: Bound
+    optimizer: Any
+    scheduler: Any
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    label_names: list[str] | None
+    total_steps: int
+    counts: tuple[int, int]
+    """(trainable, total) parameters."""
+    pos: Position
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def accelerator_for(recipe: Recipe, method: Method, precision: str) -> Accelerator:
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # accelerate keeps one mixed-precision setting per interpreter; a second run in the same process (a notebook,
+    # `ftune compare`, tests) may ask for another. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # a method that skips some of its parameters in a step (AdapterDrop) must say so, or DDP waits for their gradients
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=method.unused_parameters)
+    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), kwargs_handlers=[ddp])
+
+
+def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) -> Run:
+    t, out = recipe.train, Path(recipe.output_dir)
+    checkpoint.check_run_dir(out, dump_recipe(recipe), resume=resume, overwrite=overwrite)  # fail before any work
+    precision = resolve_precision(t.precision)
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("train.precision: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on CPU")
+    method, task = method_of(recipe.method), TASKS[recipe.task]
+    accelerator = accelerator_for(recipe, method, precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_device = t.batch_size if t.batch_scope == "per_device" else t.batch_size // world
+    if t.batch_scope == "global" and t.batch_size % world:
+        raise RecipeError(f"train.batch_size: {t.batch_size} (global) does not split over {world} processes; "
+                          f"use a multiple of {world} or batch_scope: per_device")
+    from accelerate.utils import set_seed
+
+    set_seed(t.seed)
+
+    source, tokenizer = assemble.load_tokenizer(recipe)
+    train_rows = assemble.read_split(recipe, "train")
+    names = assemble.label_names(recipe, train_rows)
+    train_set = assemble.encode(recipe, train_rows, tokenizer, names)
+    val_set = assemble.encode(recipe, assemble.read_split(recipe, "validation"), tokenizer, names) if recipe.data.validation else None
+    model = assemble.build_model(recipe, source, tokenizer, names)
+    objective = OBJECTIVES[recipe.objective.name]
+    bound = objective.bind(recipe.objective, task, assemble.build_extra_models(recipe, objective.extra_models(recipe.objective)))
+    if t.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers; the old goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    counts = count_parameters(model)
+    train_loader = make_loader(train_set.examples, per_device, tokenizer.pad_token_id, t.seed, True, rank, world)
+    val_loader = val_set and assemble.eval_loader(recipe, val_set.examples[rank::world], tokenizer)
+
+    steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    if method.check_total_steps:  # before anything is written
+        method.check_total_steps(recipe.method, total_steps)
+    warmup = t.warmup_steps or round(t.warmup_ratio * total_steps)
+    optimizer = make_optimizer(t.optimizer, [p for p in model.parameters() if p.requires_grad], t.lr, t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t.scheduler, warmup, total_steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw_model = accelerator.unwrap_model(model)
+
+    # nothing is written until the recipe, data and model have all loaded; then only by the main process
+    resume_from = checkpoint.latest_checkpoint(out) if resume else None
+    if accelerator.is_main_process:
+        checkpoint.prepare_run_dir(out, dump_recipe(recipe), resume=resume, overwrite=overwrite)
+        if resume_from:  # tokenizer/ and run.json were written before the first checkpoint: keep the run's record
+            checkpoint.note_resume(out, resume_from)
+        else:
+            tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
+            record = {"seed": t.seed, "model_source": source, "trainable_params": counts[0], "total_params": counts[1],
+                      "label_names": names, "train_source": train_set.source, "train_examples": len(train_set.examples),
+                      "train_rows_dropped": train_set.dropped, "train_rows_truncated": train_set.truncated,
+                      "validation_rows_truncated": val_set and val_set.truncated,
+                      "validation_source": val_set and val_set.source, "total_steps": total_steps,
+                      "precision": precision, "device": str(accelerator.device), "world_size": world,
+                      "distributed": str(accelerator.distributed_type.value).lower(),
+                      "batch_per_device": per_device, "global_batch": per_device * world * t.grad_accum}
+            checkpoint.write_json(out / checkpoint.RUN, checkpoint.run_record(record))
+    processes.barrier(accelerator)  # the run dir is ready before any process reads a checkpoint from it
+    pos = Position()
+    if resume_from:
+        state = checkpoint.load_checkpoint(resume_from, raw_model, optimizer, scheduler, method.load_training_state,
+                                           rank=rank)
+        pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
+        console.print(f"resuming from {resume_from} (step {pos.step})", soft_wrap=True)  # a long path stays whole
+    return Run(recipe, out, accelerator, precision, model, raw_model, method, task, bound, optimizer, scheduler,
+               train_loader, val_loader, names, total_steps, counts, pos)
+
+
+def state_of(pos: Position) -> dict[str, Any]:
+    return asdict(pos)

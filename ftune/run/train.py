@@ -1,0 +1,227 @@
+"""The training loop: one function, read top to bottom. Tasks, objectives and methods plug in through their
+records; one process or several (accelerate) run the same lines (ftune/run/processes.py holds what they agree on)."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ftune.errors import TrainingError
+from ftune.recipe import Recipe
+from ftune.run import checkpoint, processes
+from ftune.run.evaluate import evaluate
+from ftune.run.setup import Position, Run, prepare, state_of
+
+# skipped steps in a row (train.on_nonfinite: skip) that stop the run anyway: the fault is not a passing spike
+MAX_SKIPS_IN_A_ROW = 25
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
+    """Train `recipe` into `recipe.output_dir` and return the final metrics (also written to metrics.json)."""
+    console = console or Console(stderr=True)
+    run = prepare(recipe, resume=resume, overwrite=overwrite, console=console)
+    t, pos, acc, model = recipe.train, run.pos, run.accelerator, run.model
+    n_trainable, n_total = run.counts
+    console.print(f"[bold]{run.method.name}[/]: {n_trainable:,} of {n_total:,} parameters train "
+                  f"({100 * n_trainable / n_total:.3f}%); {run.total_steps} steps on {acc.device} "
+                  f"× {acc.num_processes}, {run.precision}")
+    if run.main:
+        _truncate_log(run.out / "metrics.jsonl", pos.step, run.total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro_batches = _micro_batches(run.train_loader, pos)
+    window = torch.tensor(pos.window_loss, device=acc.device)  # summed on the device; read at log steps only
+    window_tokens, window_start, started = 0, time.perf_counter(), time.perf_counter() - pos.train_seconds
+    skips_in_a_row = 0
+    model.train()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console,
+                        disable=not (console.is_terminal and run.main), transient=True)
+    bar = progress.add_task("train", total=run.total_steps, completed=pos.step, stats="")
+    with progress:
+        while pos.step < run.total_steps:
+            batches = [next(micro_batches) for _ in range(t.grad_accum)]
+            # the step's loss is the mean over every row or token it sees, on every process: its count comes first
+            step_count = processes.total(acc, sum(run.objective.count(b) for b in batches))
+            window_tokens += sum(int(b["attention_mask"].sum()) for b in batches)  # host tensors: no device sync
+            step_loss = torch.zeros((), device=acc.device)
+            for i, batch in enumerate(batches):
+                batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                # gradients are reduced across processes once per step, on its last micro-batch
+                with nullcontext() if i == len(batches) - 1 else acc.no_sync(model):
+                    with acc.autocast():
+                        loss_sum, _ = run.objective.loss(model, batch)
+                    loss = loss_sum * (acc.num_processes / step_count)  # DDP averages over processes: undo it
+                    if run.method.loss_term:
+                        loss = loss + run.method.loss_term(run.raw_model) / t.grad_accum
+                    acc.backward(loss)
+                step_loss += loss.detach()
+            norm = _clip(acc, params, t.max_grad_norm)
+            # one collective and one host read per step: whether any process saw a non-finite loss or norm
+            seen = processes.total(acc, torch.stack([step_loss.float(), norm.float()]))
+            bad = _why_bad(seen) if acc.scaler is None else None
+            if bad:  # nothing of this step reaches the weights, the optimizer or the scheduler
+                if t.on_nonfinite == "stop":
+                    raise _stopped(run, bad)
+                run.optimizer.zero_grad(set_to_none=True)
+                pos.skipped_steps += 1
+                skips_in_a_row += 1
+                console.print(f"step {pos.step + 1}: {bad}; skipped (train.on_nonfinite: skip)", soft_wrap=True)
+                if skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    raise _stopped(run, f"{skips_in_a_row} steps in a row skipped, the last for a {bad}")
+                continue
+            skips_in_a_row = 0
+            run.optimizer.step()
+            run.scheduler.step()
+            if run.method.on_step_end:
+                run.method.on_step_end(run.raw_model, pos.step + 1, run.total_steps)  # before zero_grad: reads grads
+            run.optimizer.zero_grad(set_to_none=True)
+            pos.step += 1
+            pos.window_steps += 1
+            window += seen[0] / acc.num_processes
+            pos.train_seconds = time.perf_counter() - started
+            step = pos.step
+
+            if step % t.log_every == 0 or step == run.total_steps:
+                span = time.perf_counter() - window_start
+                entry = {"step": step, "loss": float(window) / pos.window_steps, "lr": run.scheduler.get_last_lr()[0],
+                         "tokens_per_s": window_tokens * acc.num_processes / span, "epoch": pos.epoch,
+                         "skipped_steps": pos.skipped_steps}
+                _log(run, entry)
+                progress.update(bar, stats=f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:,.0f} tok/s")
+                window.zero_()
+                pos.window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+            progress.update(bar, completed=step)
+
+            if run.val_loader and t.eval_every and step % t.eval_every == 0 and step < run.total_steps:
+                metrics = _score(run)
+                _log(run, {"step": step, "validation": metrics})
+                console.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), soft_wrap=True)
+                if t.best_metric:
+                    _keep_if_best(run, metrics)
+            if t.save_every and step % t.save_every == 0 and step < run.total_steps:
+                pos.window_loss = float(window)
+                _save_checkpoint(run)
+
+    final = _score(run) if run.val_loader else {}
+    if final:
+        _log(run, {"step": pos.step, "validation": final})
+    if not t.best_metric or not final:
+        _save_weights(run, final)
+    else:
+        _keep_if_best(run, final)
+    pos.window_loss = float(window)
+    _save_checkpoint(run)
+    result = {"step": pos.step, "skipped_steps": pos.skipped_steps, "train_seconds": round(pos.train_seconds, 2),
+              "trainable_params": n_trainable, "total_params": n_total, "validation": final,
+              "best": {t.best_metric: pos.best} if t.best_metric else None}
+    if run.method.report:  # read after the final evaluation, which the report may summarise
+        result["method_report"] = run.method.report(run.raw_model)
+        if run.main:
+            checkpoint.write_json(run.out / "method_report.json", result["method_report"])
+    if run.main:
+        checkpoint.write_json(run.out / "metrics.json", result)
+    processes.barrier(acc)  # no process leaves before the run directory is complete
+    return result
+
+
+def _micro_batches(loader, pos: Position):
+    """This process's micro-batches from `pos` on, epoch after epoch; `pos.epoch`/`pos.batch` follow what was taken."""
+    while True:
+        loader.batch_sampler.set_position(pos.epoch, pos.batch)
+        for batch in loader:
+            pos.batch += 1
+            yield batch
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+
+
+def _clip(acc, params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The gradient norm, clipped to `max_norm` if set (computed anyway: a non-finite norm drops the step). fp16 is
+    left to its loss scaler, which skips overflowing steps and lowers the scale itself (routine, not an error)."""
+    if max_norm:
+        return torch.as_tensor(acc.clip_grad_norm_(params, max_norm), device=acc.device)
+    grads = [p.grad for p in params if p.grad is not None]
+    if acc.scaler is not None or not grads:
+        return torch.zeros((), device=acc.device)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _why_bad(seen: torch.Tensor) -> str | None:
+    """Why the step must be dropped: `seen` is (loss, gradient norm) summed over the processes (a NaN anywhere stays)."""
+    loss, norm = seen.tolist()
+    if not torch.isfinite(seen[0]):
+        return f"non-finite loss ({loss})"
+    if not torch.isfinite(seen[1]):
+        return f"non-finite gradient norm ({norm})"
+    return None
+
+
+def _stopped(run: Run, why: str) -> TrainingError:
+    """The step being taken cannot be: nothing of it is saved."""
+    latest = checkpoint.latest_checkpoint(run.out)
+    kept = f"the last checkpoint, {latest.relative_to(run.out)}, is intact" if latest else "no checkpoint was saved yet"
+    hint = ", or set train.on_nonfinite: skip" if run.recipe.train.on_nonfinite == "stop" else ""
+    return TrainingError(f"step {run.pos.step + 1} of {run.total_steps}: {why}; training stopped without saving this "
+                         f"step ({kept}). Lower train.lr or check the data{hint}")
+
+
+def _score(run: Run) -> dict:
+    gather = (lambda scorer: processes.gather(run.accelerator, scorer)) if run.accelerator.num_processes > 1 else None
+    return evaluate(run.model, run.val_loader, run.task, run.label_names, run.accelerator.device, run.precision, gather)
+
+
+def _log(run: Run, entry: dict) -> None:
+    if run.main:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _keep_if_best(run: Run, metrics: dict) -> None:
+    t = run.recipe.train
+    if t.best_metric not in metrics:  # e.g. f1 where the tags are not IOB2: known only once scored
+        raise TrainingError(f"train.best_metric: {t.best_metric!r} is not a validation metric of this run; "
+                            f"use one of {', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
+    value, best = metrics[t.best_metric], run.pos.best
+    if best is None or (value > best if t.best_mode == "max" else value < best):
+        run.pos.best = value
+        _save_weights(run, {t.best_metric: value})
+
+
+def _save_weights(run: Run, metrics: dict) -> None:
+    tensors = run.method.saved_weights(run.raw_model)  # every process: a sharded model gathers its weights here
+    if run.main:
+        meta = {"method": run.recipe.method.name, "config": run.recipe.method.model_dump(mode="json"),
+                "step": run.pos.step, "metrics": metrics}
+        checkpoint.save_weights(run.out, run.raw_model, meta, tensors)
+
+
+def _save_checkpoint(run: Run) -> None:
+    state = run.method.training_state(run.raw_model) if run.method.training_state else None
+    rng = processes.gather(run.accelerator, checkpoint.rng_state())  # each process draws its own dropout masks
+    if run.main:
+        checkpoint.save_checkpoint(run.out, run.pos.step, run.raw_model, run.optimizer, run.scheduler,
+                                   state_of(run.pos), run.recipe.train.keep_checkpoints, state, rng)
+    processes.barrier(run.accelerator)
+
+
+def _truncate_log(path: Path, step: int, total_steps: int) -> None:
+    """Drop log lines past `step`: a resumed run rewrites them, exactly as the uninterrupted run would.
+
+    The final evaluation (a validation line at total_steps) is always rerun, so a run resumed from its final
+    checkpoint drops that line too rather than log it twice. Appending is not atomic: a kill can leave a torn last line.
+    """
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line from a killed run: it was past the checkpoint, and is rewritten
+            if entry["step"] <= step and not ("validation" in entry and entry["step"] >= total_steps):
+                kept.append(line + "\n")
+        checkpoint.write_text(path, "".join(kept))

@@ -1,0 +1,17 @@
+"""The task registry: one file per task, one entry each (a test keeps files, registry and the recipe in sync)."""
+
+from __future__ import annotations
+
+from ftune.tasks import causal_lm, sequence_classification, token_classification
+from ftune.tasks.base import IGNORE_INDEX, Encoded, Task
+
+TASKS: dict[str, Task] = {t.name: t for t in (sequence_classification.TASK, token_classification.TASK, causal_lm.TASK)}
+
+
+
+def task_of(task: Task | str) -> Task:
+    """A task record, given the record or its registry name (the recipe's `task:`)."""
+    return task if isinstance(task, Task) else TASKS[task]
+
+
+__all__ = ["IGNORE_INDEX", "TASKS", "Encoded", "Task", "task_of"]

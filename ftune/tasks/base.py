@@ -1,0 +1,87 @@
+"""The task interface: a `Task` is a small record of functions, as a `Method` is (ftune/methods/base.py).
+
+A task says what a row is and how the model learns from it: how rows are encoded into examples, which transformers
+model class it trains, the loss from the model's logits as (sum, count) so that accumulation and several processes
+weight every token or row alike, the metrics, and what `ftune predict` prints. Nothing outside ftune/tasks/ asks
+which task a recipe names; it asks the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+IGNORE_INDEX = -100  # label id the losses skip: prompt tokens, padding, a word's later sub-tokens
+
+
+@dataclass
+class Encoded:
+    """Encoded examples of one split, and what the run record should say about them."""
+
+    examples: list[dict[str, Any]]
+    source: str
+    dropped: int = 0
+    """Rows left out: truncation to data.max_length left them no token to learn from (SFT)."""
+    truncated: int = 0
+    """Rows kept but cut to data.max_length."""
+
+
+class Scorer(Protocol):
+    """Accumulates one evaluation: `add` per batch, `merge` another process's scorer, `result` the metrics."""
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None: ...
+    def merge(self, other: Scorer) -> None: ...
+    def result(self) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything ftune needs to know about one task.
+
+    Attributes:
+        name: registry key, the recipe's `task:` value.
+        summary: one line for the README and `ftune validate`.
+        model_class: the transformers auto class trained (e.g. "AutoModelForSequenceClassification").
+        peft_task_type: peft's `task_type` for export and import.
+        encode: `(rows, tokenizer, data_spec, label_names) -> Encoded`; a bad row is a DataError naming it.
+        loss: `(logits, labels) -> (sum, count)`: the summed loss of the batch in fp32 and what it is an average
+            over (rows, or tokens that carry loss). The loop divides the sum by the count of the whole optimizer step
+            (every micro-batch, every process), so accumulation equals one large batch.
+        count: `labels -> count` as `loss` counts, read before the forward (the step's total must be known first).
+        scorer: `label_names -> Scorer`, the metrics of one evaluation.
+        class_names: `(rows, data_spec) -> names` when data.labels is not given; None for a task without classes
+            (a causal LM keeps its own head).
+        reads_conll: .txt/.conll files are read as CoNLL word-per-line files into the recipe's token/tag columns.
+        predict_row: `(logits of one row, label_names) -> dict` printed by `ftune predict`; None: `predict` refuses
+            the task (score it with `ftune eval`).
+    """
+
+    name: str
+    summary: str
+    model_class: str
+    peft_task_type: str
+    encode: Callable[..., Encoded]
+    loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    count: Callable[[torch.Tensor], torch.Tensor]
+    scorer: Callable[[list[str] | None], Scorer]
+    class_names: Callable[..., list[str]] | None = None
+    reads_conll: bool = False
+    predict_row: Callable[[torch.Tensor, list[str]], dict[str, Any]] | None = None
+
+    @property
+    def has_classes(self) -> bool:
+        """The model gets a new classifier head (one output per class or tag) that trains under every method."""
+        return self.class_names is not None
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy summed over the positions whose label is not IGNORE_INDEX, and their number.
+
+    logits (B, T, C), labels (B, T); fp32 whatever the compute dtype (bf16 log-softmax loses the small terms).
+    """
+    total = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (labels != IGNORE_INDEX).sum()

@@ -1,0 +1,116 @@
+"""Sequence classification: a class per row (or per sentence pair), a new classifier head on the body.
+
+Rows hold a text column (and optionally a second text for pairs) and a label: a class name, or an integer id into
+the class names (data.labels, else the sorted distinct training labels). Metrics: accuracy, macro F1 and Matthews
+correlation (scikit-learn), the mean cross-entropy, and the number of examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ftune.data.sources import Rows, column
+from ftune.errors import DataError
+from ftune.tasks.base import Encoded, Task
+
+
+def class_names(rows: Rows, spec) -> list[str]:
+    """Default class names: the sorted distinct training labels, as strings (ids sort numerically)."""
+    values = set(column(rows, spec.label_column, "label_column", blank_ok=False))
+    return [str(v) for v in sorted(values, key=lambda v: (isinstance(v, str), v))]
+
+
+def encode_classification(
+    rows: Rows, tokenizer, text_column: str, pair_column: str | None, label_column: str,
+    label_names: list[str], max_length: int,
+) -> tuple[list[dict[str, Any]], int]:
+    """Token ids and a class id per row. A label outside `label_names` is an error naming the row.
+
+    Returns the examples and the number of rows cut to `max_length` (they are kept, truncated).
+    """
+    texts = column(rows, text_column, "text_column")
+    pairs = column(rows, pair_column, "text_pair_column") if pair_column else None
+    # a label is a class name, else an integer id into label_names
+    index = {name: i for i, name in enumerate(label_names)}
+    ids = range(len(label_names))
+    labels = []
+    for i, value in enumerate(column(rows, label_column, "label_column", blank_ok=False)):
+        key = str(value) if str(value) in index else value
+        if key not in index and not (type(value) is int and value in ids):
+            raise DataError(
+                f"{rows.source} row {i + 1}: label {value!r} is not one of the classes {label_names} "
+                "(set data.labels to list every class)"
+            )
+        labels.append(index.get(key, key))
+    texts, pairs = [str(t) for t in texts], [str(p) for p in pairs] if pairs else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
+    # only a row that came out at exactly max_length can have been cut: tokenize those again, uncut, to count
+    full = [i for i, ids in enumerate(encoded) if len(ids) >= max_length]
+    truncated = 0
+    if full:
+        uncut = tokenizer([texts[i] for i in full], [pairs[i] for i in full] if pairs else None, verbose=False)
+        truncated = sum(len(ids) > max_length for ids in uncut["input_ids"])
+    return [{"input_ids": ids, "labels": y} for ids, y in zip(encoded, labels)], truncated
+
+
+def encode(rows: Rows, tokenizer, spec, names: list[str]) -> Encoded:
+    examples, truncated = encode_classification(rows, tokenizer, spec.text_column, spec.text_pair_column,
+                                                spec.label_column, names, spec.max_length)
+    return Encoded(examples, rows.source, truncated=truncated)
+
+
+def loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of (B, C) logits against (B,) class ids, and B."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum"), torch.tensor(labels.numel())
+
+
+def count(labels: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(labels.numel())
+
+
+class Scorer:
+    def __init__(self, names: list[str] | None = None) -> None:
+        self.loss_sum, self.predictions, self.golds = 0.0, [], []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += float(loss(logits, labels)[0])
+        self.predictions += logits.argmax(-1).tolist()
+        self.golds += labels.tolist()
+
+    def merge(self, other: Scorer) -> None:
+        self.loss_sum += other.loss_sum
+        self.predictions += other.predictions
+        self.golds += other.golds
+
+    def result(self) -> dict[str, float]:
+        from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+        golds, predictions = self.golds, self.predictions
+        return {"loss": self.loss_sum / max(len(golds), 1), "accuracy": float(accuracy_score(golds, predictions)),
+                "macro_f1": float(f1_score(golds, predictions, average="macro")),
+                "mcc": float(matthews_corrcoef(golds, predictions)), "examples": len(golds)}
+
+
+def predict_row(logits: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """The class, its softmax scores and the logits (of this run's classes only)."""
+    logits = logits[: len(names)]
+    scores = logits.softmax(-1)
+    return {"label": names[int(scores.argmax())], "scores": [round(float(s), 6) for s in scores],
+            "logits": logits.tolist()}
+
+
+TASK = Task(
+    name="sequence_classification",
+    summary="a class per row or sentence pair (accuracy, macro F1, MCC)",
+    model_class="AutoModelForSequenceClassification",
+    peft_task_type="SEQ_CLS",
+    encode=encode,
+    loss=loss,
+    count=count,
+    scorer=Scorer,
+    class_names=class_names,
+    predict_row=predict_row,
+)
