@@ -46,6 +46,7 @@ def command(fn=None, *, name: str | None = None):
         except FtuneError as e:
             if os.environ.get("FTUNE_DEBUG") == "1":
                 raise
+            err.quiet = False  # a process other than the main one is quiet while training, but never about an error
             err.print(f"[red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
@@ -58,13 +59,64 @@ def train(
     set_: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous run in output_dir.")] = False,
+    nproc: Annotated[int, typer.Option(min=1, help="Train on N processes on this machine (N GPUs, or N CPU "
+                                       "processes): runs `accelerate launch --multi_gpu --num_processes N -m ftune "
+                                       "train ...`.")] = 1,
 ) -> None:
     """Train a recipe; weights, metrics and a reproducible record go to its output_dir."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not inside a launch already
+        raise typer.Exit(_launch(nproc, recipe, set_ or [], resume, overwrite))
     from ftune.recipe import load_recipe
     from ftune.run.train import train as run_training
 
     result = run_training(load_recipe(recipe, set_ or []), resume=resume, overwrite=overwrite, console=err)
-    print(json.dumps(result, indent=2))
+    if "RANK" not in os.environ or os.environ["RANK"] == "0":
+        print(json.dumps(result, indent=2))
+
+
+def _launch(nproc: int, recipe: Path, overrides: list[str], resume: bool, overwrite: bool) -> int:
+    """`ftune train --nproc N`: the same command under accelerate's launcher (its exit code is ours). Several machines
+    are accelerate's own options: `accelerate launch --num_machines M --machine_rank R --main_process_ip HOST
+    --num_processes TOTAL --multi_gpu -m ftune train RECIPE` on each machine."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port: two runs on one machine must not share a rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port),
+               "-m", "ftune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)),
+               *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]
+    launcher = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
+    for line in _without_launcher_noise(launcher.stderr):
+        sys.stderr.write(line)
+    return launcher.wait()
+
+
+def _without_launcher_noise(lines):
+    """The processes' stderr, less what torch's launcher adds when one fails: its log lines and the traceback of its
+    own ChildFailedError (each process has already printed its one-line error). Any other traceback passes."""
+    import re
+
+    held: list[str] = []
+    for line in lines:
+        if os.environ.get("FTUNE_DEBUG") == "1":
+            yield line
+        elif held:
+            held.append(line)
+            if not line[:1].isspace():  # the exception line closes the traceback
+                if "ChildFailedError" in line:
+                    return  # the launcher's own failure report, to the end of its output
+                yield from held
+                held = []
+        elif line.startswith("Traceback (most recent call last):"):
+            held = [line]
+        elif not re.match(r"[WEI]\d{4} \d\d:\d\d:\d\d", line):
+            yield line
+    yield from held
 
 
 @command

@@ -89,7 +89,9 @@ def accelerator_for(recipe: Recipe, method: Method, precision: str) -> Accelerat
     AcceleratorState._reset_state(reset_partial_state=False)
     # a method that skips some of its parameters in a step (AdapterDrop) must say so, or DDP waits for their gradients
     ddp = DistributedDataParallelKwargs(find_unused_parameters=method.unused_parameters)
-    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), kwargs_handlers=[ddp])
+    # cpu=True where there is no GPU: several CPU processes then form a gloo process group (accelerate's MULTI_CPU)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(precision, precision),
+                       kwargs_handlers=[ddp])
 
 
 def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) -> Run:
@@ -100,6 +102,7 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
         raise RecipeError("train.precision: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on CPU")
     method, task = method_of(recipe.method), TASKS[recipe.task]
     accelerator = accelerator_for(recipe, method, precision)
+    console.quiet = not accelerator.is_main_process  # progress and notes once; errors still reach every stderr
     rank, world = accelerator.process_index, accelerator.num_processes
     per_device = t.batch_size if t.batch_scope == "per_device" else t.batch_size // world
     if t.batch_scope == "global" and t.batch_size % world:
@@ -133,7 +136,8 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
     warmup = t.warmup_steps or round(t.warmup_ratio * total_steps)
     optimizer = make_optimizer(t.optimizer, [p for p in model.parameters() if p.requires_grad], t.lr, t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t.scheduler, warmup, total_steps))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the schedule stays ftune's: accelerate would step a prepared one once per process per optimizer step
+    model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
     # nothing is written until the recipe, data and model have all loaded; then only by the main process
