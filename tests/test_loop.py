@@ -133,3 +133,20 @@ def test_the_sampler_resumes_mid_epoch():
     later = EpochBatches(50, 4, seed=1, rank=1, world=2)
     later.set_position(0, 3)
     assert list(later) == whole[3:] and len(later) == len(whole) - 3
+
+
+def test_the_record_names_ftunes_own_revision(tmp_path, tiny_bert, cls_data, monkeypatch):
+    """run.json's git_sha is the revision of ftune's code, wherever the command runs from (not the cwd's repo)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+    if not head:
+        pytest.skip("ftune's code is not a git checkout here")
+    monkeypatch.chdir(tmp_path)  # not inside any repository
+    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", max_steps=1)
+    train(validate_recipe(doc), console=Console(file=io.StringIO()))
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["git_sha"] == head
+    assert (record["world_size"], record["batch_per_device"], record["global_batch"]) == (1, 8, 8)
