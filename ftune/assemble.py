@@ -13,12 +13,12 @@ from torch import nn
 
 from ftune import models
 from ftune.data import loader, sources
-from ftune.errors import RecipeError, RunDirError
+from ftune.errors import ModelError, RecipeError, RunDirError
 from ftune.methods import attach, method_of
 from ftune.models import quantize
 from ftune.recipe import Recipe, load_recipe
 from ftune.run import checkpoint
-from ftune.tasks import TASKS, Encoded
+from ftune.tasks import TASKS, Decoding, Encoded
 
 
 def load_tokenizer(recipe: Recipe):
@@ -40,10 +40,12 @@ def label_names(recipe: Recipe, train_rows: sources.Rows | None = None) -> list[
 
 
 def eval_loader(recipe: Recipe, examples: list[dict[str, Any]], tokenizer):
-    """Evaluation batches in data order, the same for `train` and `ftune eval`."""
+    """Evaluation batches in data order, the same for `train` and `ftune eval`; for a task that generates, with the
+    tokenizer and the recipe's generation settings its scorer needs."""
     t = recipe.train
+    decoding = Decoding(tokenizer, recipe.generation.model_dump()) if TASKS[recipe.task].generate else None
     return loader.make_loader(examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed,
-                              shuffle=False)
+                              shuffle=False, decoding=decoding)
 
 
 def build_model(recipe: Recipe, source: str, tokenizer, names: list[str] | None) -> nn.Module:
@@ -84,7 +86,21 @@ def _split_sources(recipe: Recipe, split: str) -> list[Any]:
 
 
 def encode(recipe: Recipe, rows: sources.Rows, tokenizer, names: list[str] | None) -> Encoded:
-    return TASKS[recipe.task].encode(rows, tokenizer, recipe.data, names)
+    task = TASKS[recipe.task]
+    extra = {"config": model_config(recipe)} if task.encodes_with_config else {}
+    return task.encode(rows, tokenizer, recipe.data, names, **extra)
+
+
+def model_config(recipe: Recipe):
+    """The base model's transformers config (read without loading weights), for a task that encodes with it."""
+    from transformers import AutoConfig
+
+    spec = recipe.model
+    source = models.resolve_model(spec.name, spec.gguf_file, spec.revision)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"model.name: cannot load the config of {source}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 
 
 def build_extra_models(recipe: Recipe, needs: dict[str, str]) -> dict[str, nn.Module]:

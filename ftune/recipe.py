@@ -97,6 +97,14 @@ class DataSpec(_Section):
     """SFT: column with the response; only its tokens carry loss."""
     template: Literal["auto", "chat", "alpaca"] = "auto"
     """SFT prompt format: the tokenizer's chat template (`auto` uses it when there is one), or Alpaca's."""
+    source_column: str = "source"
+    """Seq2seq: column with the input text (e.g. a document or dialogue to summarise)."""
+    target_column: str = "target"
+    """Seq2seq: column with the output text the decoder learns (e.g. the summary); its tokens carry the loss."""
+    source_prefix: str = ""
+    """Seq2seq: text put before every source, e.g. "summarize: " for T5."""
+    max_target_length: int = Field(128, gt=0)
+    """Seq2seq: target tokens per example after truncation (the source is cut to max_length)."""
     max_length: int = Field(128, gt=0)
     """Tokens per example after truncation."""
     max_train_rows: int | None = Field(None, gt=0)
@@ -120,6 +128,9 @@ class TrainSpec(_Section):
     """Warmup as a fraction of all optimizer steps."""
     batch_size: int = Field(16, gt=0)
     """Examples per micro-batch, on each process (batch_scope: per_device) or over all of them (global)."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes: ddp (each holds the whole model; gradients averaged) or fsdp (FSDP2: parameters,
+    gradients and optimizer state sharded, one unit per transformer block; CUDA GPUs only). See README."""
     batch_scope: Literal["per_device", "global"] = "per_device"
     """Whether batch_size counts one process's examples or all processes' together (it must then divide by the
     number of processes). run.json records the global batch: batch per device × processes × grad_accum."""
@@ -157,17 +168,32 @@ class TrainSpec(_Section):
     """Whether a larger or smaller best_metric is better."""
 
 
+class GenerationSpec(_Section):
+    """How a generating task (seq2seq) produces text, in validation (ROUGE) and `ftune predict`: greedy or beam search."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    """Tokens generated per row at most."""
+    num_beams: int = Field(1, gt=0)
+    """Beam width; 1 is greedy decoding."""
+    length_penalty: float = 1.0
+    """Beam search: exponent of the length normalisation; above 1 favours longer outputs."""
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    """Never repeat an n-gram of this size (0: no constraint)."""
+
+
 class Recipe(_Section):
     model: ModelSpec
     task: TaskName
-    """What the model learns: sequence_classification, token_classification (a tag per word, e.g. NER) or
-    causal_lm (SFT); one file each in ftune/tasks/."""
+    """What the model learns: sequence_classification, token_classification (a tag per word, e.g. NER),
+    causal_lm (SFT) or seq2seq (source text to target text, e.g. summarisation); one file each in ftune/tasks/."""
     data: DataSpec
     method: AnyMethodConfig
     """One method section, or a list of them to apply together (e.g. lora and bitfit; see methods/compose.py)."""
     objective: AnyObjectiveConfig = AnyObjectiveConfig()
     """What training minimises; default the task's own loss (ftune/objectives/)."""
     train: TrainSpec = TrainSpec()
+    generation: GenerationSpec = GenerationSpec()
+    """Generation settings of tasks that generate text (seq2seq): validation metrics and `ftune predict`."""
     output_dir: str
     """Run directory; refuses one that holds another run unless --overwrite."""
 

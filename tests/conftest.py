@@ -61,6 +61,91 @@ def build_llama(folder: Path) -> Path:
     return folder
 
 
+def _word_tokenizer(specials: list[str], template: str, **special_tokens):
+    """A whitespace word-level fast tokenizer over WORDS that wraps every text in `template` (e.g. "$A </s>")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(specials + WORDS + [".", ","])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=special_tokens["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in template.split() if t in vocab])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens), len(vocab)
+
+
+def build_t5(folder: Path) -> Path:
+    """A tiny T5 (pre-norm, relative position buckets, tied embeddings) with T5's special ids: pad 0 (also the
+    decoder start), </s> 1, <unk> 2; every text ends with </s>."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer, size = _word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", pad_token="<pad>", eos_token="</s>",
+                                      unk_token="<unk>")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_bart(folder: Path) -> Path:
+    """A tiny BART (post-norm, learned positions, biases) with BART's special ids: <s> 0, <pad> 1, </s> 2 (also the
+    decoder start), <unk> 3; every text is <s> ... </s>."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer, size = _word_tokenizer(["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>", bos_token="<s>",
+                                      pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2)
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return build_t5(tmp_path_factory.mktemp("models") / "tiny-t5")
+
+
+@pytest.fixture(scope="session")
+def tiny_bart(tmp_path_factory) -> Path:
+    return build_bart(tmp_path_factory.mktemp("models") / "tiny-bart")
+
+
+@pytest.fixture(scope="session")
+def s2s_data(tmp_path_factory) -> Path:
+    """A learnable 'summarisation': the summary of a review is its sentiment word followed by "movie"."""
+    folder = tmp_path_factory.mktemp("s2s")
+    rng = random.Random(3)
+    for split, n in (("train", 32), ("validation", 8)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                sentiment = rng.choice(POSITIVE if i % 2 else NEGATIVE)
+                words = rng.sample(FILLER, rng.randint(3, 7)) + [sentiment]
+                rng.shuffle(words)
+                f.write(json.dumps({"document": " ".join(words), "summary": f"{sentiment} movie"}) + "\n")
+    return folder
+
+
+def s2s_recipe_doc(model: Path, data: Path, out: Path, method: dict | None = None, **train) -> dict:
+    """A complete tiny seq2seq recipe reading `data`/{train,validation}.jsonl (document -> summary)."""
+    return {
+        "model": {"name": str(model)},
+        "task": "seq2seq",
+        "data": {"train": str(data / "train.jsonl"), "validation": str(data / "validation.jsonl"),
+                 "source_column": "document", "target_column": "summary", "max_length": 32, "max_target_length": 8},
+        "method": method or {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "log_every": 1, "seed": 0, **train},
+        "generation": {"max_new_tokens": 6},
+        "output_dir": str(out),
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return build_bert(tmp_path_factory.mktemp("models") / "tiny-bert")

@@ -230,6 +230,13 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
                              ["method[0].r", "greater than 0"]),
     "mam-adapter-placement": (lambda e: _with(e, "method", {"name": "mam_adapter", "adapter": {"placement": "houlsby"}}),
                               2, ["method.adapter", "parallel"]),
+    "sparse-density-zero": (lambda e: _with(e, "method", {"name": "sparse", "density": 0}), 2,
+                            ["method.density", "greater than 0"]),
+    "sparse-density-above-one": (lambda e: _with(e, "method", {"name": "sparse", "density": 1.5}), 2,
+                                 ["method.density", "less than or equal to 1"]),
+    "l2sp-alone": (lambda e: _with(e, "method", {"name": "l2sp"}), 2, ["method", "l2sp trains nothing itself"]),
+    "l2sp-with-lora": (lambda e: _with(e, "method", [{"name": "lora"}, {"name": "l2sp"}]), 2,
+                       ["method", "lora trains new weights"]),
     "batch-size-zero": (lambda e: e.train(train={"batch_size": 0}), 2, ["train.batch_size"]),
     "malformed-yaml": (
         lambda e: ["train", _tsv(e.tmp / "broken.yaml", ["model:", "  name: [unclosed", "task: causal_lm"])],

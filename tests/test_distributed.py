@@ -170,6 +170,75 @@ def test_killed_two_process_run_resumes_bitwise(still_bert, cls_data, tmp_path):
     assert record["resumes"] and record["world_size"] == 2
 
 
+# accelerate 1.15 shards only on GPUs and trains CPU processes as plain DDP; this shim (test only, on the launched
+# processes' PYTHONPATH) forces its state to FSDP so that ftune's sharded path (FSDP2: gathered weights and optimizer
+# state, restored shards) runs over gloo here. On GPUs accelerate does the same by itself.
+FSDP_ON_CPU = """
+import os
+if os.environ.get("RANK") is not None:
+    import ftune.run.fsdp as fsdp
+    import ftune.run.setup as setup
+    fsdp.gpus_shard = lambda: True
+    real = setup.accelerator_for
+    def forced(recipe, *args, **kwargs):
+        acc = real(recipe, *args, **kwargs)
+        if recipe.train.distributed == "fsdp":
+            from accelerate import FullyShardedDataParallelPlugin
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            acc.state.distributed_type = DistributedType.FSDP
+            acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+                fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
+                reshard_after_forward=True)
+        return acc
+    setup.accelerator_for = forced
+"""
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_equals_one_process_and_resumes(method, still_bert, cls_data, tmp_path):
+    """FSDP2 over two processes (batch 4 each) ends where one process of batch 8 ends; a run resumed from its
+    step-3 checkpoint (weights and optimizer state gathered whole, handed back as shards) ends bitwise where the
+    uninterrupted FSDP run ends."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(FSDP_ON_CPU)
+    env = {"PYTHONPATH": f"{shim}{os.pathsep}{REPO}"}
+    one = _ftune("train", _recipe(tmp_path, "one", still_bert, cls_data, METHODS[method], batch_size=8))
+    assert one.returncode == 0, one.stderr
+    settings = {"batch_size": 4, "distributed": "fsdp", "save_every": 1, "keep_checkpoints": 10}
+    sharded = _ftune("train", _recipe(tmp_path, "fsdp", still_bert, cls_data, METHODS[method], **settings), "--nproc",
+                     2, env=env)
+    assert sharded.returncode == 0, sharded.stderr
+    assert json.loads((tmp_path / "fsdp" / "run.json").read_text())["distributed"] == "fsdp"
+    assert _max_difference(_weights(tmp_path / "one"), _weights(tmp_path / "fsdp")) <= 1e-5
+    # resume: a copy of the run cut back to its step-3 checkpoint, as a kill after that save leaves it
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "fsdp", again)
+    for later in [p for p in (again / "checkpoints").glob("step-*") if int(p.name.split("-")[1]) > 3]:
+        shutil.rmtree(later)
+    for name in ("metrics.json", "method.safetensors", "method.json"):
+        (again / name).unlink()
+    doc = yaml.safe_load((again / "recipe.yaml").read_text()) | {"output_dir": str(again)}
+    recipe = write_recipe(tmp_path / "again.yaml", doc)
+    (again / "recipe.yaml").write_text((tmp_path / "again.yaml").read_text())
+    resumed = _ftune("train", recipe, "--nproc", 2, "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((again / "run.json").read_text())["resumes"][0]["from"] == "checkpoints/step-00000003"
+    a, b = _weights(tmp_path / "fsdp"), _weights(again)
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_fsdp_without_gpus_is_refused_in_one_line(still_bert, cls_data, tmp_path):
+    recipe = _recipe(tmp_path, "run", still_bert, cls_data, METHODS["lora"], batch_size=4, distributed="fsdp")
+    result = _ftune("train", recipe, "--nproc", 2)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("train.distributed: fsdp shards over CUDA GPUs" in e for e in errors), result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_input_is_one_line_on_every_process(still_bert, cls_data, tmp_path):
     recipe = _recipe(tmp_path, "run", still_bert, cls_data, METHODS["lora"], batch_size=4, max_steps=1)
     assert _ftune("train", recipe, "--nproc", 2).returncode == 0

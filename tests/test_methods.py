@@ -34,6 +34,8 @@ CASES = {
     "compose": {"methods": [{"name": "prefix_tuning", "n_tokens": 4, "mlp_hidden": 16}, {"name": "lora", "r": 4}]},
     "mam_adapter": {"prefix": {"n_tokens": 4, "mlp_hidden": 16}, "adapter": {"bottleneck": 8}},
     "unipelt": {"lora": {"r": 2}, "adapter": {"bottleneck": 4}, "prefix": {"n_tokens": 3, "mlp_hidden": 8}},
+    "sparse": {"selection": "random", "density": 0.05},  # a placeholder mask before calibration: trains as any mask
+    "l2sp": {"methods": [{"name": "full"}, {"name": "l2sp"}]},
 }
 # (method, architecture) pairs that must be refused with a MethodError rather than run.
 REFUSED = {("bitfit", "llama")}  # Llama's linears and RMSNorms have no biases

@@ -7,27 +7,34 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ftune.tasks.base import IGNORE_INDEX
+from ftune.tasks.base import IGNORE_INDEX, Decoding
 
 
 def collate(pad_token_id: int):
-    """Pad a list of examples to the longest one (right padding; the attention mask hides it)."""
+    """Pad a list of examples to the longest one (right padding; the attention mask hides it).
+
+    Per-token labels are padded with IGNORE_INDEX to the longest label row (as wide as input_ids for token tasks; as
+    wide as the target for seq2seq, whose `decoder_input_ids` are padded with the pad id: the decoder is causal, so
+    padding after a row's target changes none of its positions).
+    """
+
+    def pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+        out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
 
     def _collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        per_token = isinstance(examples[0]["labels"], list)
-        labels = torch.full((len(examples), width), IGNORE_INDEX) if per_token else torch.empty(len(examples), dtype=torch.long)
-        for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[row, :n] = torch.tensor(e["input_ids"])
-            mask[row, :n] = 1
-            if per_token:
-                labels[row, :n] = torch.tensor(e["labels"])
-            else:
-                labels[row] = e["labels"]
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids = pad([e["input_ids"] for e in examples], pad_token_id)
+        mask = pad([[1] * len(e["input_ids"]) for e in examples], 0)
+        if isinstance(examples[0]["labels"], list):
+            labels = pad([e["labels"] for e in examples], IGNORE_INDEX)
+        else:
+            labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "decoder_input_ids" in examples[0]:
+            batch["decoder_input_ids"] = pad([e["decoder_input_ids"] for e in examples], pad_token_id)
+        return batch
 
     return _collate
 
@@ -73,10 +80,16 @@ class EpochBatches(Sampler[list[int]]):
 
 
 def make_loader(examples: list[dict[str, Any]], batch_size: int, pad_token_id: int, seed: int, shuffle: bool,
-                rank: int = 0, world: int = 1) -> DataLoader:
-    """Training batches of this process (`EpochBatches`); evaluation passes shuffle=False and its own shard."""
+                rank: int = 0, world: int = 1, decoding: Decoding | None = None) -> DataLoader:
+    """Training batches of this process (`EpochBatches`); evaluation passes shuffle=False and its own shard.
+
+    `decoding`: what scoring these rows needs besides the model, for a task that generates text (evaluation reads
+    it as `loader.decoding`); None otherwise.
+    """
     batches = EpochBatches(len(examples), batch_size, seed, shuffle, rank, world)
     # its own generator: a DataLoader iterator otherwise draws a worker seed from the global RNG, which would
     # shift dropout masks between a resumed run and an uninterrupted one
-    return DataLoader(examples, batch_sampler=batches, collate_fn=collate(pad_token_id),
-                      generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(examples, batch_sampler=batches, collate_fn=collate(pad_token_id),
+                        generator=torch.Generator().manual_seed(seed))
+    loader.decoding = decoding
+    return loader

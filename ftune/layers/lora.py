@@ -73,6 +73,12 @@ class LoRALinear(nn.Module):
         self.gate: nn.Module | None = None
         self.enabled = True
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as peft's layers offer it: models read a linear's `weight` (T5's feed-forward
+        casts its input to `wo.weight.dtype`)."""
+        return self.base_layer.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.merged or not self.enabled:

@@ -118,20 +118,15 @@ class PromptedModel(_Wrapper):
         where, vectors = self._virtual
         return torch.where(where[..., None], vectors.to(output.dtype), output)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None,
-                token_type_ids=None, task_ids: torch.Tensor | None = None, **kwargs):
-        if not self.prompts_on:  # token_type_ids only if given: decoders take none
-            extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra, **kwargs)
+    def _layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, task_ids: torch.Tensor | None):
+        """Where the n virtual tokens go in each row of the (B, width + n) sequence: returns (virtual (B, W+n) bool,
+        the vectors at every position (B, W+n, d), src (B, W+n): the caller position each real position copies,
+        the new mask (B, W+n), first (B, 1): left padding, length (B, 1): real tokens, a: virtual tokens before)."""
         batch, width = input_ids.shape
         device = input_ids.device
         prompts, slots, _ = self._bank(batch, device, task_ids)
         n = prompts.shape[1]
         a = n if self.before is None else min(self.before, n)
-        per_token = labels is not None and labels.dim() == 2
-        if n > a and per_token:
-            raise MethodError("virtual tokens after the input (method.tokens_before < n_tokens) suit sequence "
-                              "classification only; put them all before the input for this task")
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         first = (mask.cumsum(1) == 0).sum(1, keepdim=True)  # left padding before each row's tokens
         length = mask.sum(1, keepdim=True)
@@ -141,16 +136,57 @@ class PromptedModel(_Wrapper):
         virtual = front | back
         slot = torch.where(front, k, k - length).clamp(0, n - 1)
         src = torch.where(k < 0, j, torch.where(k < a + length, first + k - a, j - n)).clamp(0, width - 1)
+        new_mask = torch.where(virtual, slots.gather(1, slot).to(mask.dtype), mask.gather(1, src))
+        vectors = prompts.gather(1, slot[..., None].expand(-1, -1, prompts.shape[-1]))
+        return virtual, vectors, src, new_mask, first, length, a
+
+    def encoder_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      task_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """An encoder-decoder model's prompted encoder input: (inputs_embeds (B, W+n, d), attention mask (B, W+n)).
+
+        Embedded directly rather than through the placeholder hook: T5 and BART share one embedding between encoder
+        and decoder, and the decoder's input must stay as it is. Positions need no care: T5's are relative, BART's
+        encoder numbers the (right-padded) sequence from its start, prompt included, as the row alone.
+        """
+        virtual, vectors, src, new_mask, _, _, _ = self._layout(input_ids, attention_mask, task_ids)
+        embedded = self.model.get_input_embeddings()(input_ids.gather(1, src))
+        return torch.where(virtual[..., None], vectors.to(embedded.dtype), embedded), new_mask
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 task_ids: torch.Tensor | None = None, **settings) -> torch.Tensor:
+        """Generated ids of an encoder-decoder model whose encoder reads the prompted input (transformers' generate
+        takes the encoder's inputs_embeds); the prompts switched off, the wrapped model's own generate."""
+        if not self.prompts_on:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
+        if not self.model.config.is_encoder_decoder:
+            raise MethodError("generating through a prompt is implemented for encoder-decoder (seq2seq) models")
+        embeds, mask = self.encoder_input(input_ids, attention_mask, task_ids)
+        return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None,
+                token_type_ids=None, task_ids: torch.Tensor | None = None, **kwargs):
+        if not self.prompts_on:  # token_type_ids only if given: decoders take none
+            extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra, **kwargs)
+        if self.model.config.is_encoder_decoder:  # the prompt goes into the encoder; the decoder's side is untouched
+            embeds, mask = self.encoder_input(input_ids, attention_mask, task_ids)
+            return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
+        width = input_ids.shape[1]
+        device = input_ids.device
+        virtual, vectors, src, new_mask, first, length, a = self._layout(input_ids, attention_mask, task_ids)
+        n = virtual.shape[1] - width
+        per_token = labels is not None and labels.dim() == 2
+        if n > a and per_token:
+            raise MethodError("virtual tokens after the input (method.tokens_before < n_tokens) suit sequence "
+                              "classification only; put them all before the input for this task")
 
         def spread(values: torch.Tensor, fill) -> torch.Tensor:
             return torch.where(virtual, torch.as_tensor(fill, dtype=values.dtype, device=device), values.gather(1, src))
 
-        new_mask = torch.where(virtual, slots.gather(1, slot).to(mask.dtype), mask.gather(1, src))
         if token_type_ids is not None:
             kwargs["token_type_ids"] = spread(token_type_ids, 0)
         if per_token:
             labels = spread(labels, IGNORE_INDEX)
-        vectors = prompts.gather(1, slot[..., None].expand(-1, -1, prompts.shape[-1]))
         self._virtual = (virtual, vectors)
         try:
             ids = spread(input_ids, self.placeholder)
@@ -256,7 +292,7 @@ def prefix_geometry(config) -> tuple[int, int, int]:
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     hidden = getattr(config, "hidden_size", None) or config.n_embd
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads  # d_kv: T5
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     return layers, kv_heads, head_dim
 

@@ -69,6 +69,12 @@ class SVDLinear(nn.Module):
         self.scaling = alpha
         self.merged, self.enabled = False, True
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as peft's layers offer it: models read a linear's `weight` (T5's feed-forward
+        casts its input to `wo.weight.dtype`)."""
+        return self.base_layer.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.merged or not self.enabled:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from torch import nn
 
 from ftune.methods import (
@@ -16,6 +16,7 @@ from ftune.methods import (
     compose,
     full,
     head,
+    l2sp,
     layers,
     lora,
     mam_adapter,
@@ -23,24 +24,36 @@ from ftune.methods import (
     p_tuning_v2,
     prefix_tuning,
     prompt_tuning,
+    sparse,
     unipelt,
 )
-from ftune.methods.base import Method, MethodConfig, set_trainable
+from ftune.methods.base import Method, MethodConfig, set_trainable, train_nothing
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD, adapter.METHOD, adapter_drop.METHOD,
               adapter_fusion.METHOD, prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, p_tuning_v2.METHOD,
-              adalora.METHOD, compose.METHOD, mam_adapter.METHOD, unipelt.METHOD)
+              adalora.METHOD, compose.METHOD, mam_adapter.METHOD, unipelt.METHOD, sparse.METHOD, l2sp.METHOD)
 }
 
-AnyMethodConfig = Annotated[
+_AnyPart = Annotated[
     full.Config | head.Config | layers.Config | bitfit.Config | lora.Config | adapter.Config | adapter_drop.Config
     | adapter_fusion.Config | prompt_tuning.Config | p_tuning.Config | prefix_tuning.Config | p_tuning_v2.Config
-    | adalora.Config | compose.Config | mam_adapter.Config | unipelt.Config,
+    | adalora.Config | compose.Config | mam_adapter.Config | unipelt.Config | sparse.Config | l2sp.Config,
     Field(discriminator="name"),
 ]
-compose.Config.model_rebuild(_types_namespace={"AnyMethodConfig": AnyMethodConfig})  # its parts are any method
+
+
+def _trains_something(cfg: MethodConfig) -> MethodConfig:
+    if METHODS[cfg.name].trainable is train_nothing:  # L2-SP: a part that adds to what another method trains
+        raise ValueError(f"{cfg.name} trains nothing itself; list it with a method that trains pretrained weights, "
+                         f"e.g. method: [{{name: full}}, {{name: {cfg.name}}}]")
+    return cfg
+
+
+AnyMethodConfig = Annotated[_AnyPart, AfterValidator(_trains_something)]
+"""A recipe's method: any registered method that trains something on its own."""
+compose.Config.model_rebuild(_types_namespace={"AnyMethodConfig": _AnyPart})  # its parts are any method
 
 
 def method_of(cfg: MethodConfig) -> Method:

@@ -6,6 +6,10 @@ attention output and after the feed-forward output of every layer, layer norms t
 Parameter-Efficient Transfer Learning" (arXiv:2110.04366): a *parallel* adapter reads the sub-block's input and
 adds s * adapter(input) to its output, s = 4 by default.
 
+Encoder-decoder models (T5, BART) get adapters in the blocks of both stacks (after self-attention and the
+feed-forward block; not after cross-attention, as AdapterHub's default `cross_adapter: false`); `layers` counts the
+encoder's blocks first, then the decoder's.
+
 Shapes: d = hidden size, m = bottleneck (default d / reduction_factor, reduction 16 as adapters' SeqBnConfig).
 Parameters per adapter: 2md + d + m. The up-projection starts at zero, so step 0 equals the base model exactly;
 the down-projection is truncated-normal(std 1e-2) for sequential adapters (Houlsby) and Kaiming-uniform for
@@ -30,7 +34,7 @@ from torch import nn
 from ftune.errors import MethodError
 from ftune.layers.bottleneck import AdapterAt, Bottleneck
 from ftune.methods.base import Method, MethodConfig, switched_off
-from ftune.models.arch import blocks_with_layout, replace_submodule
+from ftune.models.arch import block_stacks, replace_submodule
 
 
 class Config(MethodConfig):
@@ -65,10 +69,11 @@ def hidden_size(model: nn.Module) -> int:
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
     if any(isinstance(m, AdapterAt) for m in model.modules()):
         raise MethodError("adapter: the model already has adapters")
-    blocks, layout = blocks_with_layout(model)
-    chosen = cfg.layers if cfg.layers is not None else range(len(blocks))
-    if any(i < 0 or i >= len(blocks) for i in chosen):
-        raise MethodError(f"method.layers: indices must lie in 0..{len(blocks) - 1}")
+    stacks = block_stacks(model)  # an encoder-decoder's blocks count encoder first, then decoder
+    placed = [(block, layout) for blocks, layout in stacks for block in blocks]
+    chosen = cfg.layers if cfg.layers is not None else range(len(placed))
+    if any(i < 0 or i >= len(placed) for i in chosen):
+        raise MethodError(f"method.layers: indices must lie in 0..{len(placed) - 1}")
     parallel = cfg.placement == "parallel"
     sites = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}.get(cfg.placement) or (
         ("attn", "ffn") if cfg.parallel_at == "both" else (cfg.parallel_at,))
@@ -77,13 +82,14 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     scaling = cfg.scaling or (4.0 if parallel else 1.0)
     device = next(model.parameters()).device
     for i in chosen:
+        block, layout = placed[i]
         for site in sites:
             out_path = getattr(layout, f"{site}_out")
             adapter = Bottleneck(d, m, cfg.activation, cfg.dropout, scaling, parallel).to(device)
-            wrapper = AdapterAt(blocks[i].get_submodule(out_path), adapter, parallel)
-            replace_submodule(blocks[i], out_path, wrapper)
+            wrapper = AdapterAt(block.get_submodule(out_path), adapter, parallel)
+            replace_submodule(block, out_path, wrapper)
             if parallel:
-                blocks[i].get_submodule(getattr(layout, f"{site}_in")).register_forward_pre_hook(
+                block.get_submodule(getattr(layout, f"{site}_in")).register_forward_pre_hook(
                     wrapper.remember_input, with_kwargs=True)
     if cfg.placement == "houlsby":  # the values `disabled` brings back; taken before any training
         for norm in block_norms(model):
@@ -93,15 +99,15 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 
 def adapters_by_block(model: nn.Module) -> list[list[AdapterAt]]:
-    """The adapter wrappers of each block, in block order (for AdapterDrop and reports)."""
-    blocks, _ = blocks_with_layout(model)
-    return [[m for m in block.modules() if isinstance(m, AdapterAt)] for block in blocks]
+    """The adapter wrappers of each block, in block order (encoder before decoder; for AdapterDrop and reports)."""
+    return [[m for m in block.modules() if isinstance(m, AdapterAt)] for blocks, _ in block_stacks(model)
+            for block in blocks]
 
 
 def block_norms(model: nn.Module) -> list[nn.Module]:
     """The layer norms inside the blocks (by class name, as `layers.module_types`), which Houlsby also trains."""
-    blocks, _ = blocks_with_layout(model)
-    return [m for block in blocks for m in block.modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))]
+    return [m for blocks, _ in block_stacks(model) for block in blocks for m in block.modules()
+            if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))]
 
 
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:

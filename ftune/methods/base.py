@@ -100,6 +100,16 @@ class Method:
         unused_parameters: True when some of the method's parameters may get no gradient in a step (AdapterDrop
             skips the lowest blocks' adapters, a random number of them per batch); DDP is then told to look for them,
             else it waits for their gradients forever.
+        calibrate: `(model, cfg, batches, loss_fn)`, data-dependent choices made before training: sparse
+            fine-tuning's mask (from squared gradients or a short full fine-tune), L2-SP's w0. `batches` iterates the
+            whole training set's micro-batches, again on each pass (every process the same rows, on the host: the
+            method moves them to the model's device); `loss_fn(model, batch)` is the objective's (sum, count). Called by setup.prepare once the model is attached (trainable parameters
+            set) and before the optimizer is made, in a fresh training run only: a resumed run gets the same state
+            from its checkpoint (weights, `load_training_state`), a reloaded run (eval, merge) from
+            method.safetensors. It must leave no gradients behind. None for most methods.
+        decay_exempt: `model -> parameters` that the optimizer must not weight-decay (L2-SP's, which its penalty
+            regularises instead); found structurally, so a resumed run makes the same parameter groups. None: all
+            trainable parameters decay with train.weight_decay.
         summary: one line for `ftune methods`.
         paper: the paper the method follows.
     """
@@ -129,6 +139,8 @@ class Method:
     disabled: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None
     loss_term: Callable[[nn.Module], torch.Tensor] | None = None
     unused_parameters: bool = False
+    calibrate: Callable[[nn.Module, Any, Iterable[dict[str, torch.Tensor]], Callable], None] | None = None
+    decay_exempt: Callable[[nn.Module], list[nn.Parameter]] | None = None
 
 
 def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
@@ -170,14 +182,31 @@ def switched_off(modules: Iterable[nn.Module], flag: str = "enabled") -> Iterato
             setattr(m, flag, value)
 
 
+def train_nothing(model: nn.Module, cfg: MethodConfig) -> list[nn.Parameter]:
+    """`trainable` of a method that only adds to what others train (L2-SP's loss term): it combines with `full`."""
+    return []
+
+
 def fold_nothing(model: nn.Module) -> None:
     """Merge/unmerge for methods whose trained weights already are the model's weights (full, head, bitfit)."""
 
 
 def unwrap_merged(model: nn.Module) -> nn.Module:
-    """Replace every merged wrapper (a module with `merged=True` and a `base_layer`) by its folded base layer."""
+    """Replace every merged wrapper (a module with `merged=True` and a `base_layer`) by its folded base layer; drop
+    every merged parametrisation (a sparse difference, whose W already holds it) and the merged module that held the
+    difference, so the model has plain weights under their own names."""
+    from torch.nn.utils import parametrize
+
     for name, module in list(model.named_modules()):
         if getattr(module, "merged", False) and isinstance(getattr(module, "base_layer", None), nn.Module):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
+    for module in list(model.modules()):
+        for tensor in list(getattr(module, "parametrizations", {}) if parametrize.is_parametrized(module) else {}):
+            if all(getattr(p, "merged", False) for p in module.parametrizations[tensor]):
+                parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
+    for name, module in list(model.named_modules()):
+        if getattr(module, "merged", False) and getattr(module, "saved_buffers", None):
+            parent_name, _, child = name.rpartition(".")
+            delattr(model.get_submodule(parent_name) if parent_name else model, child)
     return model

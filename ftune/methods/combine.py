@@ -7,7 +7,9 @@ trains. Two parts conflict when they rebuild the same part of the model (`Method
 from the parts: the run saves what a soft-prompt part saves (its folded prompt and every other trainable weight) or
 else every trainable weight; merge works when every part merges; gradient checkpointing and a quantised base are
 allowed when every part allows them; switching off (`disabled`) works when every part can be switched off, and
-switches them all off; the loss term is the sum of the parts' terms. peft has no equivalent format.
+switches them all off; the loss term is the sum of the parts' terms; calibration runs each part's in apply order, and
+the parameters exempt from weight decay are the union of the parts'. A part that trains nothing itself (L2-SP) may
+join `full`, and only methods that train pretrained weights. peft has no equivalent format.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftune.methods.base import Method, MethodConfig, trainable_state_dict
+from ftune.methods.base import Method, MethodConfig, train_nothing, trainable_state_dict
 
 STAGES = {"linear layers": 0, "sub-block outputs": 1, "whole model": 2}
 """Apply order by claim; a method that claims nothing (head, layers, bitfit) only picks weights: stage 1."""
@@ -34,10 +36,21 @@ def check_compatible(parts: Sequence[MethodConfig]) -> None:
     for name in names:
         if names.count(name) > 1:
             raise ValueError(f"{name} is listed twice; give each method one section")
-    for rec in records:
-        if "every weight" in rec.claims:
+    # a part that rebuilds nothing and trains nothing itself (L2-SP) only adds to what the others train
+    adders = [rec for rec in records if rec.trainable is train_nothing and not rec.claims]
+    trainers = [rec for rec in records if rec not in adders]
+    for rec in trainers:
+        if "every weight" in rec.claims and len(trainers) > 1:
             raise ValueError(f"{rec.name} already trains every weight, so it combines with no other method; "
                              "list it alone")
+    for rec in adders:
+        if not trainers:
+            raise ValueError(f"{rec.name} trains nothing itself; list it with a method that trains pretrained "
+                             f"weights, e.g. method: [{{name: full}}, {{name: {rec.name}}}]")
+        # pretrained weights train in place (no `disabled`: full, layers, bitfit) or as a sparse difference
+        if other := next((r for r in trainers if r.disabled is not None and "every weight" not in r.claims), None):
+            raise ValueError(f"{rec.name} pulls trained pretrained weights toward their start, but {other.name} "
+                             "trains new weights; combine it with full, layers, bitfit or sparse")
     for i, a in enumerate(records):
         for b in records[i + 1:]:
             if shared := sorted(a.claims & b.claims):
@@ -108,6 +121,15 @@ def combine(name: str, config_cls: type[MethodConfig], parts: Sequence[MethodCon
                 stack.enter_context(rec.disabled(model))
             yield
 
+    def calibrate(model: nn.Module, cfg: Any, batches: Any, loss_fn: Any) -> None:
+        for rec, part in pairs:
+            if rec.calibrate:
+                rec.calibrate(model, part, batches, loss_fn)
+
+    def decay_exempt(model: nn.Module) -> list[nn.Parameter]:
+        exempt = {id(p): p for rec in records if rec.decay_exempt for p in rec.decay_exempt(model)}
+        return list(exempt.values())
+
     def loss_term(model: nn.Module) -> torch.Tensor:
         terms = [rec.loss_term(model) for rec in records if rec.loss_term]
         return sum(terms[1:], terms[0])
@@ -130,6 +152,8 @@ def combine(name: str, config_cls: type[MethodConfig], parts: Sequence[MethodCon
         unused_parameters=any(r.unused_parameters for r in records),
         disabled=disabled if all(r.disabled for r in records) else None,
         loss_term=loss_term if any(r.loss_term for r in records) else None,
+        calibrate=calibrate if any(r.calibrate for r in records) else None,
+        decay_exempt=decay_exempt if any(r.decay_exempt for r in records) else None,
         claims=frozenset().union(*(r.claims for r in records)),
         summary=" + ".join(r.summary for r in records), paper="; ".join(r.paper for r in records),
     )

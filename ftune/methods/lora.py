@@ -21,7 +21,7 @@ from torch import nn
 from ftune.errors import MethodError
 from ftune.layers.lora import LoRALinear
 from ftune.methods.base import Method, MethodConfig, switched_off
-from ftune.models.arch import blocks_with_layout
+from ftune.models.arch import attention_sites, block_stacks
 from ftune.models.quantize import is_quantized_linear
 
 
@@ -49,8 +49,10 @@ def target_linears(model: nn.Module, targets: list[str] | str) -> dict[str, nn.M
     """
     body = model.base_model
     prefix = next(n for n, m in model.named_modules() if m is body)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # a seq2seq model (T5) is its own base_model: its output layer lies inside `body`, and is no part of it
     linears = {f"{prefix}.{n}" if prefix else n: m for n, m in body.named_modules()
-               if type(m) is nn.Linear or is_quantized_linear(m)}
+               if (type(m) is nn.Linear or is_quantized_linear(m)) and m is not output}
     if targets == "all-linear":
         found = linears
     elif targets == "query-value":
@@ -67,11 +69,15 @@ def target_linears(model: nn.Module, targets: list[str] | str) -> dict[str, nn.M
 
 
 def attention_query_value(model: nn.Module) -> list[nn.Module]:
-    blocks, layout = blocks_with_layout(model)
-    if layout.query_value is None:
-        raise MethodError(f"method.targets: {model.config.model_type} fuses its query and value projections; "
-                          "name the linears to adapt instead")
-    return [block.get_submodule(path) for block in blocks for path in layout.query_value]
+    """Each attention's Wq and Wv: self-attention in every stack, and an encoder-decoder's cross-attention."""
+    found = []
+    for blocks, layout in block_stacks(model):
+        for _, query_value in attention_sites(layout):
+            if query_value is None:
+                raise MethodError(f"method.targets: {model.config.model_type} fuses its query and value projections; "
+                                  "name the linears to adapt instead")
+            found += [block.get_submodule(path) for block in blocks for path in query_value]
+    return found
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:

@@ -4,11 +4,16 @@ Methods that insert modules beside or after a sub-block (adapters, AdapterFusion
 look the places up here instead of knowing model internals. Each entry gives, relative to one transformer block:
 the module whose *input* is the sub-block's input, and the output projection whose *output* is the sub-block's
 output just before the residual connection.
+
+Encoder-decoder models (T5, BART) have two stacks of blocks, each with its own layout (`SEQ2SEQ_LAYOUTS`): encoder
+blocks hold self-attention and a feed-forward block; decoder blocks also a cross-attention over the encoder's output
+(`cross_in`, `cross_out`, `cross_query_value`). `block_stacks` gives every stack with its layout, for any supported
+model; `blocks_with_layout` serves methods written for one stack and refuses an encoder-decoder model by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 from torch import nn
 
@@ -27,6 +32,12 @@ class BlockLayout:
     """Output projection of the feed-forward sub-block (before the residual add)."""
     query_value: tuple[str, str] | None = None
     """The attention's query and value projections (LoRA's paper adapts these two); None where they are fused."""
+    cross_in: str | None = None
+    """Decoder blocks of encoder-decoder models: the cross-attention module (its input: the decoder's hidden states)."""
+    cross_out: str | None = None
+    """Output projection of the cross-attention sub-block."""
+    cross_query_value: tuple[str, str] | None = None
+    """The cross-attention's query and value projections."""
 
 
 _BERT = BlockLayout("attention.self", "attention.output.dense", "intermediate", "output.dense",
@@ -47,12 +58,37 @@ LAYOUTS: dict[str, BlockLayout] = {
     "gpt2": BlockLayout("attn", "attn.c_proj", "mlp", "mlp.c_proj"),
 }
 
+# T5 (pre-norm): block.layer = [self-attention, (cross-attention,) feed-forward]. The FFN's output is the whole
+# `DenseReluDense` module's (ReLU and gated variants alike), not `wo`'s: T5 reads `wo.weight` to cast its input, which
+# an adapter wrapped around `wo` would hide. BART (post-norm): fairseq's names.
+_T5_SELF = ("layer.0.SelfAttention", "layer.0.SelfAttention.o")
+_T5_QV = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.v")
+_T5_CROSS = ("layer.1.EncDecAttention", "layer.1.EncDecAttention.o", ("layer.1.EncDecAttention.q", "layer.1.EncDecAttention.v"))
+_T5 = (BlockLayout(*_T5_SELF, "layer.1.DenseReluDense", "layer.1.DenseReluDense", _T5_QV),
+       BlockLayout(*_T5_SELF, "layer.2.DenseReluDense", "layer.2.DenseReluDense", _T5_QV, *_T5_CROSS))
+_BART_ENCODER = BlockLayout("self_attn", "self_attn.out_proj", "fc1", "fc2", ("self_attn.q_proj", "self_attn.v_proj"))
+_BART = (_BART_ENCODER, BlockLayout(*astuple(_BART_ENCODER)[:5], "encoder_attn", "encoder_attn.out_proj",
+                                    ("encoder_attn.q_proj", "encoder_attn.v_proj")))
+SEQ2SEQ_LAYOUTS: dict[str, tuple[BlockLayout, BlockLayout]] = {"t5": _T5, "mt5": _T5, "bart": _BART}
+"""Encoder-decoder architectures: (encoder block layout, decoder block layout)."""
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks, found structurally: the longest ModuleList of identical module types.
 
-    BERT's `encoder.layer`, Llama's `model.layers` and GPT-2's `h` all have this shape, without a name table.
+    BERT's `encoder.layer`, Llama's `model.layers` and GPT-2's `h` all have this shape, without a name table. An
+    encoder-decoder model's output side is its decoder: the decoder's blocks (e.g. `layers.top_k` counts from there).
     """
+    if is_encoder_decoder(model):
+        return _uniform_stack(model.get_decoder())
+    return _uniform_stack(model)
+
+
+def _uniform_stack(model: nn.Module) -> nn.ModuleList:
     best: nn.ModuleList | None = None
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
@@ -65,14 +101,39 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
 
 def block_layout(model: nn.Module) -> BlockLayout:
     """The layout of `model`'s blocks, or a MethodError naming the architecture and the supported ones."""
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    model_type = _model_type(model)
+    if model_type in SEQ2SEQ_LAYOUTS:
+        raise MethodError(f"{model_type} is an encoder-decoder model, and this method supports models with one stack "
+                          f"of blocks ({', '.join(LAYOUTS)})")
     if model_type not in LAYOUTS:
-        raise MethodError(f"architecture {model_type!r} is not supported by this method; supported: {', '.join(LAYOUTS)}")
+        supported = ", ".join([*LAYOUTS, *SEQ2SEQ_LAYOUTS])
+        raise MethodError(f"architecture {model_type!r} is not supported by this method; supported: {supported}")
     return LAYOUTS[model_type]
 
 
 def blocks_with_layout(model: nn.Module) -> tuple[nn.ModuleList, BlockLayout]:
+    """The one stack of a single-stack model and its layout (MethodError for an encoder-decoder model)."""
     return transformer_blocks(model), block_layout(model)
+
+
+def block_stacks(model: nn.Module) -> list[tuple[nn.ModuleList, BlockLayout]]:
+    """Every stack of blocks with its layout, input side first: [(blocks, layout)] for an encoder or a decoder,
+    [(encoder blocks, encoder layout), (decoder blocks, decoder layout)] for an encoder-decoder model."""
+    model_type = _model_type(model)
+    if model_type in SEQ2SEQ_LAYOUTS:
+        encoder, decoder = SEQ2SEQ_LAYOUTS[model_type]
+        return [(_uniform_stack(model.get_encoder()), encoder), (_uniform_stack(model.get_decoder()), decoder)]
+    return [blocks_with_layout(model)]
+
+
+def attention_sites(layout: BlockLayout) -> list[tuple[str, tuple[str, str] | None]]:
+    """(attention module, its query/value projections) of one block: self-attention, and cross-attention if any."""
+    sites = [(layout.attn_in, layout.query_value)]
+    return sites + ([(layout.cross_in, layout.cross_query_value)] if layout.cross_in else [])
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
 
 
 def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -104,9 +104,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_weights(folder: Path, model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """The method's weights as safetensors (default: the trainable parameters), plus `meta` as method.json."""
+    """The method's weights as safetensors (default: the trainable parameters and the buffers the method's modules
+    name in `saved_buffers`), plus `meta` as method.json."""
     if tensors is None:
-        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad} | saved_buffers(model)
     _save_tensors(folder / WEIGHTS, tensors, str(meta.get("method")))
     write_json(folder / METHOD_META, meta)
 
@@ -129,25 +130,36 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(folder: Path, model: nn.Module) -> None:
-    """Load method weights into a freshly attached model: the names must be exactly its trainable parameters."""
+    """Load method weights into a freshly attached model: the names must be exactly its trainable parameters and
+    `saved_buffers` (a sparse mask's indices, which the values need: loaded first)."""
     tensors = read_weights(folder)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = saved_buffers(model)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad} | buffers.keys()
     missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
     if missing or unexpected:
         which = f"missing {sorted(missing)[0]}" if missing else f"unexpected {sorted(unexpected)[0]}"
         raise RunDirError(f"{folder / WEIGHTS}: does not fit this method and model ({which}); was it written by another run?")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) | buffers
     with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+        for name in sorted(tensors, key=lambda n: n not in buffers):
+            params[name].copy_(tensors[name])
+
+
+def saved_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that are part of a method's weights, by name: those its modules list in `saved_buffers`."""
+    return {f"{name}.{b}" if name else b: getattr(m, b) for name, m in model.named_modules()
+            for b in getattr(m, "saved_buffers", ())}
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int,
-                    method_state: dict[str, torch.Tensor] | None = None, rng: list[dict] | None = None) -> None:
+                    method_state: dict[str, torch.Tensor] | None = None, rng: list[dict] | None = None,
+                    gathered: tuple[dict, dict] | None = None) -> None:
     """A resumable checkpoint, written under a temporary name and renamed only when complete.
 
     `method_state`: what the method needs besides its weights to resume exactly (`Method.training_state`).
     `rng`: every process's random state in rank order (`rng_state()` of each); default this process's alone.
+    `gathered`: (weights, optimizer state) already gathered whole from a sharded model (ftune/run/fsdp.py); default
+    the model's trainable parameters and the optimizer's own state dict.
     """
     root = out / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
@@ -158,13 +170,12 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler
         return
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(tmp, model, {"step": step})
+    weights, optimizer_state = gathered or (None, optimizer.state_dict())
+    save_weights(tmp, model, {"step": step}, weights)
     if method_state is not None:
         _save_tensors(tmp / METHOD_STATE, method_state, "state")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or [rng_state()]},
-        tmp / "optimizer.pt",
-    )
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng or [rng_state()]},
+               tmp / "optimizer.pt")
     write_json(tmp / "state.json", state)  # last: its presence is what makes a checkpoint complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -214,12 +225,15 @@ def note_resume(out: Path, checkpoint: Path) -> None:
     write_json(out / RUN, record)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_method_state=None, rank: int = 0) -> dict:
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_method_state=None, rank: int = 0,
+                    restore_sharded=None) -> dict:
     """Restore weights, optimizer, scheduler and process `rank`'s RNG from `folder`; returns the loop position.
 
     `load_method_state(model, tensors)` restores what `save_checkpoint` got as `method_state`.
+    `restore_sharded(weights, optimizer_state)` hands whole tensors to a sharded model (ftune/run/fsdp.py: load).
     """
-    load_weights(folder, model)
+    if restore_sharded is None:
+        load_weights(folder, model)
     if load_method_state is not None:
         try:
             load_method_state(model, load_file(str(folder / METHOD_STATE)))
@@ -227,7 +241,10 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_m
             raise RunDirError(f"{folder / METHOD_STATE}: cannot be read ({str(e).splitlines()[0]})") from None
     # weights_only: this file was written by ftune, yet it is never unpickled as arbitrary objects
     saved = torch.load(folder / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    if restore_sharded is None:
+        optimizer.load_state_dict(saved["optimizer"])
+    else:
+        restore_sharded(read_weights(folder), saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
     if rank >= len(states):

@@ -1,5 +1,6 @@
 """Scoring a model on a loader, the same way during training and in `ftune eval`: the task's scorer over the
-model's logits, under the precision the run trained with, over every process's shard of the rows."""
+model's logits (and, for a generating task, the text it writes), under the precision the run trained with, over
+every process's shard of the rows."""
 
 from __future__ import annotations
 
@@ -27,16 +28,32 @@ def autocast(precision: str, device: torch.device):
 def evaluate(model: nn.Module, loader: DataLoader, task: Task, label_names: list[str] | None, device: torch.device,
              precision: str = "fp32", gather: Callable[[object], list] | None = None) -> dict[str, float]:
     """The task's metrics over the loader's rows; with `gather` (several processes, each scoring its own shard), over
-    the union of every process's rows, the same on every process."""
+    the union of every process's rows, the same on every process.
+
+    A task that generates (seq2seq) also writes each row's text, under the same precision context, with the
+    tokenizer and settings the loader carries (`loader.decoding`, see assemble.eval_loader), and its scorer scores it.
+    """
     was_training = model.training
     model.eval()
-    scorer = task.scorer(label_names)
+    generating = task.generate is not None
+    if generating:
+        decoding = getattr(loader, "decoding", None)
+        if decoding is None:
+            raise ValueError(f"{task.name} generates text to score: build its loader with a Decoding")
+        scorer = task.scorer(label_names, decoding)
+        # DDP has no generate; the module it wraps does
+        writer = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    else:
+        scorer = task.scorer(label_names)
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with autocast(precision, device):
             logits = model(**batch).logits
+            texts = task.generate(writer, batch, decoding) if generating else None
         scorer.add(logits.float(), labels)
+        if generating:
+            scorer.add_generated(texts, labels)
     model.train(was_training)
     if gather is not None:
         scorers = gather(scorer)

@@ -20,8 +20,15 @@ _BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
                 "paged_adamw_32bit": "PagedAdamW32bit", "paged_adamw": "PagedAdamW"}
 
 
-def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float):
-    """The optimizer `name` (one of OPTIMIZERS) over `params`, with decoupled weight decay."""
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
+                   exempt: Iterable[torch.nn.Parameter] = ()):
+    """The optimizer `name` (one of OPTIMIZERS) over `params`, with decoupled weight decay except on `exempt`
+    (a second parameter group with weight_decay 0: L2-SP's parameters, which its own penalty regularises)."""
+    params, skip = list(params), {id(p) for p in exempt}
+    if skip:
+        groups = [{"params": [p for p in params if id(p) not in skip]},
+                  {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
+        params = [g for g in groups if g["params"]]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     require_bitsandbytes(f"train.optimizer: {name}")

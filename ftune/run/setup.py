@@ -18,10 +18,11 @@ from ftune import assemble
 from ftune.data.loader import make_loader
 from ftune.errors import RecipeError
 from ftune.methods import method_of
-from ftune.methods.base import Method, count_parameters
+from ftune.methods.base import Method, count_parameters, trainable_state_dict
+from ftune.models.arch import transformer_blocks
 from ftune.objectives import OBJECTIVES, Bound
 from ftune.recipe import Recipe, dump_recipe
-from ftune.run import checkpoint, processes
+from ftune.run import checkpoint, fsdp, processes
 from ftune.run.optim import lr_multiplier, make_optimizer
 from ftune.tasks import TASKS, Task
 
@@ -89,9 +90,18 @@ def accelerator_for(recipe: Recipe, method: Method, precision: str) -> Accelerat
     AcceleratorState._reset_state(reset_partial_state=False)
     # a method that skips some of its parameters in a step (AdapterDrop) must say so, or DDP waits for their gradients
     ddp = DistributedDataParallelKwargs(find_unused_parameters=method.unused_parameters)
+    sharding = None
+    if recipe.train.distributed == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        fsdp.check(method.name, method.saved_weights is not trainable_state_dict,
+                   bool(method.on_step_end or method.training_state))
+        # the unit class (the transformer block) is named once the model is built, before prepare wraps it
+        sharding = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                  state_dict_type="FULL_STATE_DICT", reshard_after_forward=True)
     # cpu=True where there is no GPU: several CPU processes then form a gloo process group (accelerate's MULTI_CPU)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(precision, precision),
-                       kwargs_handlers=[ddp])
+                       kwargs_handlers=[ddp], fsdp_plugin=sharding)
 
 
 def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) -> Run:
@@ -125,6 +135,10 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method.calibrate and not resume:  # a sparse mask, L2-SP's w0: before the optimizer; a resumed run has them
+        model.to(accelerator.device)
+        every_row = make_loader(train_set.examples, per_device, tokenizer.pad_token_id, t.seed, True)  # same on all
+        method.calibrate(model, recipe.method, every_row, bound.loss)
     counts = count_parameters(model)
     train_loader = make_loader(train_set.examples, per_device, tokenizer.pad_token_id, t.seed, True, rank, world)
     val_loader = val_set and assemble.eval_loader(recipe, val_set.examples[rank::world], tokenizer)
@@ -134,8 +148,12 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
     if method.check_total_steps:  # before anything is written
         method.check_total_steps(recipe.method, total_steps)
     warmup = t.warmup_steps or round(t.warmup_ratio * total_steps)
-    optimizer = make_optimizer(t.optimizer, [p for p in model.parameters() if p.requires_grad], t.lr, t.weight_decay)
+    exempt = method.decay_exempt(model) if method.decay_exempt else []
+    optimizer = make_optimizer(t.optimizer, [p for p in model.parameters() if p.requires_grad], t.lr, t.weight_decay,
+                               exempt)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t.scheduler, warmup, total_steps))
+    if sharded(accelerator):
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = [type(transformer_blocks(model)[0]).__name__]
     # the schedule stays ftune's: accelerate would step a prepared one once per process per optimizer step
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
@@ -160,12 +178,20 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
     processes.barrier(accelerator)  # the run dir is ready before any process reads a checkpoint from it
     pos = Position()
     if resume_from:
+        restore = (lambda w, o: fsdp.load(raw_model, optimizer, w, o)) if sharded(accelerator) else None
         state = checkpoint.load_checkpoint(resume_from, raw_model, optimizer, scheduler, method.load_training_state,
-                                           rank=rank)
+                                           rank=rank, restore_sharded=restore)
         pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
         console.print(f"resuming from {resume_from} (step {pos.step})", soft_wrap=True)  # a long path stays whole
     return Run(recipe, out, accelerator, precision, model, raw_model, method, task, bound, optimizer, scheduler,
                train_loader, val_loader, names, total_steps, counts, pos)
+
+
+def sharded(accelerator: Accelerator) -> bool:
+    """Whether the model's parameters are sharded over the processes (FSDP)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def state_of(pos: Position) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ftune.errors import TrainingError
 from ftune.recipe import Recipe
-from ftune.run import checkpoint, processes
+from ftune.run import checkpoint, fsdp, processes
 from ftune.run.evaluate import evaluate
-from ftune.run.setup import Position, Run, prepare, state_of
+from ftune.run.setup import Position, Run, prepare, sharded, state_of
 
 # skipped steps in a row (train.on_nonfinite: skip) that stop the run anyway: the fault is not a passing spike
 MAX_SKIPS_IN_A_ROW = 25
@@ -144,7 +144,9 @@ def _clip(acc, params: list[torch.nn.Parameter], max_norm: float | None) -> torc
     """The gradient norm, clipped to `max_norm` if set (computed anyway: a non-finite norm drops the step). fp16 is
     left to its loss scaler, which skips overflowing steps and lowers the scale itself (routine, not an error)."""
     if max_norm:
-        return torch.as_tensor(acc.clip_grad_norm_(params, max_norm), device=acc.device)
+        norm = acc.clip_grad_norm_(params, max_norm)
+        # sharded gradients (FSDP2) give the norm as a DTensor of partial sums: made whole, it is the full norm
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else torch.as_tensor(norm, device=acc.device)
     grads = [p.grad for p in params if p.grad is not None]
     if acc.scaler is not None or not grads:
         return torch.zeros((), device=acc.device)
@@ -193,7 +195,8 @@ def _keep_if_best(run: Run, metrics: dict) -> None:
 
 
 def _save_weights(run: Run, metrics: dict) -> None:
-    tensors = run.method.saved_weights(run.raw_model)  # every process: a sharded model gathers its weights here
+    # every process: a sharded model gathers its weights whole (a collective)
+    tensors = fsdp.gathered_weights(run.raw_model) if sharded(run.accelerator) else run.method.saved_weights(run.raw_model)
     if run.main:
         meta = {"method": run.recipe.method.name, "config": run.recipe.method.model_dump(mode="json"),
                 "step": run.pos.step, "metrics": metrics}
@@ -203,9 +206,12 @@ def _save_weights(run: Run, metrics: dict) -> None:
 def _save_checkpoint(run: Run) -> None:
     state = run.method.training_state(run.raw_model) if run.method.training_state else None
     rng = processes.gather(run.accelerator, checkpoint.rng_state())  # each process draws its own dropout masks
+    gathered = None
+    if sharded(run.accelerator):
+        gathered = (fsdp.gathered_weights(run.raw_model), fsdp.gathered_optimizer(run.raw_model, run.optimizer))
     if run.main:
         checkpoint.save_checkpoint(run.out, run.pos.step, run.raw_model, run.optimizer, run.scheduler,
-                                   state_of(run.pos), run.recipe.train.keep_checkpoints, state, rng)
+                                   state_of(run.pos), run.recipe.train.keep_checkpoints, state, rng, gathered)
     processes.barrier(run.accelerator)
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ftune.tasks import causal_lm, sequence_classification, token_classification
-from ftune.tasks.base import IGNORE_INDEX, Encoded, Task
+from ftune.tasks import causal_lm, seq2seq, sequence_classification, token_classification
+from ftune.tasks.base import IGNORE_INDEX, Decoding, Encoded, Task
 
-TASKS: dict[str, Task] = {t.name: t for t in (sequence_classification.TASK, token_classification.TASK, causal_lm.TASK)}
-
+TASKS: dict[str, Task] = {t.name: t for t in (sequence_classification.TASK, token_classification.TASK, causal_lm.TASK,
+                                               seq2seq.TASK)}
 
 
 def task_of(task: Task | str) -> Task:
@@ -14,4 +14,4 @@ def task_of(task: Task | str) -> Task:
     return task if isinstance(task, Task) else TASKS[task]
 
 
-__all__ = ["IGNORE_INDEX", "TASKS", "Encoded", "Task", "task_of"]
+__all__ = ["IGNORE_INDEX", "TASKS", "Decoding", "Encoded", "Task", "task_of"]

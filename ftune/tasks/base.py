@@ -30,11 +30,24 @@ class Encoded:
 
 
 class Scorer(Protocol):
-    """Accumulates one evaluation: `add` per batch, `merge` another process's scorer, `result` the metrics."""
+    """Accumulates one evaluation: `add` per batch, `merge` another process's scorer, `result` the metrics.
+
+    A generating task's scorer (Task.generate set) is built as `scorer(label_names, decoding)` and also receives
+    each batch's generated text: `add_generated(texts, labels)`.
+    """
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None: ...
     def merge(self, other: Scorer) -> None: ...
     def result(self) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What generating text needs besides the model: the tokenizer (to decode) and the recipe's generation settings
+    (`generation:`, as `generate` keyword arguments: max_new_tokens, num_beams, ...)."""
+
+    tokenizer: Any
+    settings: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,12 @@ class Task:
             (a causal LM keeps its own head).
         reads_conll: .txt/.conll files are read as CoNLL word-per-line files into the recipe's token/tag columns.
         predict_row: `(logits of one row, label_names) -> dict` printed by `ftune predict`; None: `predict` refuses
-            the task (score it with `ftune eval`).
+            the task (score it with `ftune eval`), unless it generates.
+        encodes_with_config: `encode` also takes the base model's transformers config as `config=` (a seq2seq
+            decoder starts from the model's `decoder_start_token_id`, which the tokenizer does not know).
+        generate: `(model, inputs, decoding) -> texts`: one generated text per row of a batch (its inputs, without
+            labels), in the caller's precision context. Set for tasks scored on generated text (ROUGE): evaluation
+            hands it to the scorer's `add_generated`, and `ftune predict` prints it. None: scored from logits alone.
     """
 
     name: str
@@ -70,6 +88,8 @@ class Task:
     class_names: Callable[..., list[str]] | None = None
     reads_conll: bool = False
     predict_row: Callable[[torch.Tensor, list[str]], dict[str, Any]] | None = None
+    encodes_with_config: bool = False
+    generate: Callable[[Any, dict[str, torch.Tensor], Decoding], list[str]] | None = None
 
     @property
     def has_classes(self) -> bool:
