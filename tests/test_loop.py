@@ -42,9 +42,9 @@ def _first_step_gradients(monkeypatch, doc: dict, tmp_path: Path) -> tuple[dict[
     seen: dict[str, torch.Tensor] = {}
     real = setup.make_optimizer
 
-    def recording(name, params, lr, weight_decay):
+    def recording(name, params, *args, **kwargs):
         params = list(params)
-        optimizer = real(name, params, lr, weight_decay)
+        optimizer = real(name, params, *args, **kwargs)
 
         def record(optimizer, args, kwargs):
             if not seen:

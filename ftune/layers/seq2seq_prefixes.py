@@ -49,6 +49,33 @@ def seq2seq_prefix_width(model: nn.Module, sites: str) -> tuple[int, int]:
     return heads * head_dim, chunks
 
 
+class Sites(nn.Module):
+    """One prefix encoder per site of an encoder-decoder model, their outputs side by side: (n, sum of widths)."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self) -> torch.Tensor:
+        return torch.cat([part() for part in self.parts], -1)
+
+
+def peft_decoder_order(model: EncoderDecoderPrefixes) -> list[int]:
+    """Which of ftune's decoder layers each of peft's key/value pairs holds.
+
+    peft (0.21) duplicates the prefix for an encoder-decoder model and regroups it by four, so decoder layer l reads
+    the pair at index 2l mod L of the tensor it loads: a permutation for odd L, which the export undoes; for even L
+    two layers share one pair in peft, which cannot hold ftune's prefixes."""
+    layers = model.layers[1]
+    if model.sites != "decoder":
+        raise MethodError("export --format peft: peft puts prefixes in the decoder's self-attention only; this run "
+                          "also has them in the encoder and the cross-attention (method.sites: all)")
+    if layers % 2 == 0:
+        raise MethodError(f"export --format peft: peft gives decoder layer l the prefix pair 2l mod L, so with "
+                          f"{layers} decoder layers some layers share one pair; it cannot hold this run's prefixes")
+    return [next(l for l in range(layers) if (2 * l) % layers == p) for p in range(layers)]
+
+
 class EncoderDecoderPrefixes(PrefixedModel):
     """Prefixes in an encoder-decoder model (see the module docstring); `sites` "all" or "decoder"."""
 

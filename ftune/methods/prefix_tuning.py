@@ -4,8 +4,8 @@ Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", 
 attention also attends to n prefix positions whose keys and values are trained. Optimising them directly is
 unstable (§4.3), so during training they are produced by a reparameterisation: n inputs (n, w) -> Linear(w, k) ->
 Tanh -> Linear(k, layers * 2 * w), with k = 512 (the reference code's mid_dim) and w = key/value heads x head dim
-(the model width d without grouped-query attention; w, as peft, where keys are narrower). After training the MLP is folded away and only the prefixes, (n, layers * 2 * kv_width), are
-saved: peft's PREFIX_TUNING layout, loadable as its `prompt_embeddings`. Works for encoders and decoders
+(the model width d without grouped-query attention; w, as peft, where keys are narrower). After training the MLP
+is folded away and only the prefixes, (n, layers * 2 * kv_width), are peft's PREFIX_TUNING layout, loadable as its `prompt_embeddings`. Works for encoders and decoders
 (anything that takes an attention cache). Encoder-decoder models (T5, BART) get prefixes in the encoder's
 self-attention, the decoder's self-attention and the cross-attention, as the paper does (`sites: all`, one MLP per
 site as its code has), or in the decoder's self-attention only (`sites: decoder`, peft's placement); see
@@ -22,8 +22,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ftune.errors import MethodError
-from ftune.layers.seq2seq_prefixes import EncoderDecoderPrefixes, seq2seq_prefix_width
+from ftune.layers.seq2seq_prefixes import (
+    EncoderDecoderPrefixes,
+    Sites,
+    peft_decoder_order,
+    seq2seq_prefix_width,
+)
 from ftune.layers.soft_prompts import PrefixedModel, Prompt, prefix_geometry, prompt_parameters
 from ftune.methods.base import Method, MethodConfig, switched_off
 from ftune.methods.prompt_tuning import peft_prompt_fields
@@ -68,17 +72,6 @@ def prefix_source(model: nn.Module, n: int, reparameterize: bool, hidden: int) -
     return Prompt(torch.randn(n, width, device=device))
 
 
-class Sites(nn.Module):
-    """One prefix encoder per site of an encoder-decoder model, their outputs side by side: (n, sum of widths)."""
-
-    def __init__(self, parts: list[nn.Module]) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-
-    def forward(self) -> torch.Tensor:
-        return torch.cat([part() for part in self.parts], -1)
-
-
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
     if not is_encoder_decoder(model):
         return PrefixedModel(model, prefix_source(model, cfg.n_tokens, cfg.reparameterize, cfg.mlp_hidden), cfg.dropout)
@@ -103,7 +96,7 @@ def peft_config(model: PrefixedModel, cfg: Any) -> dict[str, Any]:
     _, heads, head_dim = prefix_geometry(model.config)
     fields = peft_prompt_fields(model, cfg.n_tokens)
     if isinstance(model, EncoderDecoderPrefixes):
-        peft_decoder_order(model, cfg)  # refuses what peft cannot hold
+        peft_decoder_order(model)  # refuses what peft cannot hold
         # two submodules: peft then hands the prefixes to the model as an EncoderDecoderCache
         fields |= {"num_transformer_submodules": 2, "num_layers": model.layers[1]}
     # saved prefixes are already folded, so peft takes them as they are (no projection)
@@ -111,29 +104,12 @@ def peft_config(model: PrefixedModel, cfg: Any) -> dict[str, Any]:
             "num_attention_heads": heads, "encoder_hidden_size": heads * head_dim, "prefix_projection": False}
 
 
-def peft_decoder_order(model: EncoderDecoderPrefixes, cfg: Any) -> list[int]:
-    """Which of ftune's decoder layers each of peft's key/value pairs holds.
-
-    peft (0.21) duplicates the prefix for an encoder-decoder model and regroups it by four, so decoder layer l reads
-    the pair at index 2l mod L of the tensor it loads. For odd L that is a permutation, and the export reorders the
-    pairs to match; for even L two layers share one pair in peft, which cannot hold ftune's prefixes."""
-    layers = model.layers[1]
-    if cfg.sites != "decoder":
-        raise MethodError("export --format peft: peft puts prefixes in the decoder's self-attention only; this run "
-                          "also has them in the encoder and the cross-attention (method.sites: all)")
-    if layers % 2 == 0:
-        raise MethodError(f"export --format peft: peft gives decoder layer l the prefix pair 2l mod L, so with "
-                          f"{layers} decoder layers some layers share one pair; it cannot hold this run's prefixes")
-    return [next(l for l in range(layers) if (2 * l) % layers == p) for p in range(layers)]
-
-
 def peft_weights(model: PrefixedModel) -> tuple[dict[str, torch.Tensor], list[str]]:
     tensors, owners = model.peft_weights()
     if isinstance(model, EncoderDecoderPrefixes):
-        order = peft_decoder_order(model, model.method_config)
         prompt = tensors["prompt_embeddings"]
-        pairs = prompt.view(prompt.shape[0], model.layers[1], -1)
-        tensors["prompt_embeddings"] = pairs[:, order].reshape(prompt.shape)
+        pairs = prompt.view(prompt.shape[0], model.layers[1], -1)[:, peft_decoder_order(model)]
+        tensors["prompt_embeddings"] = pairs.reshape(prompt.shape)
     return tensors, owners
 
 

@@ -4,6 +4,7 @@ records; one process or several (accelerate) run the same lines (ftune/run/proce
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,7 +36,6 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         _truncate_log(run.out / "metrics.jsonl", pos.step, run.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     micro_batches = _micro_batches(run.train_loader, pos)
-    window = torch.tensor(pos.window_loss, device=acc.device)  # summed on the device; read at log steps only
     window_tokens, window_start, started = 0, time.perf_counter(), time.perf_counter() - pos.train_seconds
     skips_in_a_row = 0
     model.train()
@@ -47,8 +47,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         while pos.step < run.total_steps:
             batches = [next(micro_batches) for _ in range(t.grad_accum)]
             # the step's loss is the mean over every row or token it sees, on every process: its count comes first
-            step_count = processes.total(acc, sum(run.objective.count(b) for b in batches))
-            window_tokens += sum(int(b["attention_mask"].sum()) for b in batches)  # host tensors: no device sync
+            step_count = processes.total(acc, sum(run.objective.count(b) for b in batches)).clamp(min=1)
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # host tensors: no device sync
             step_loss = torch.zeros((), device=acc.device)
             for i, batch in enumerate(batches):
                 batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
@@ -61,10 +61,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                         loss = loss + run.method.loss_term(run.raw_model) / t.grad_accum
                     acc.backward(loss)
                 step_loss += loss.detach()
-            norm = _clip(acc, params, t.max_grad_norm)
-            # one collective and one host read per step: whether any process saw a non-finite loss or norm
-            seen = processes.total(acc, torch.stack([step_loss.float(), norm.float()]))
-            bad = _why_bad(seen) if acc.scaler is None else None
+            norm = _clip(acc, params, t.max_grad_norm).float()
+            # the step's one collective and one host read (none per micro-batch): loss, norm and tokens over every
+            # process, so a non-finite value anywhere is every process's decision
+            seen = processes.total(acc, torch.stack([step_loss.float(), norm, torch.tensor(float(tokens), device=norm.device)]))
+            loss_all, norm_all, tokens_all = seen.tolist()
+            bad = _why_bad(loss_all, norm_all) if acc.scaler is None else None
             if bad:  # nothing of this step reaches the weights, the optimizer or the scheduler
                 if t.on_nonfinite == "stop":
                     raise _stopped(run, bad)
@@ -83,19 +85,18 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             run.optimizer.zero_grad(set_to_none=True)
             pos.step += 1
             pos.window_steps += 1
-            window += seen[0] / acc.num_processes
+            pos.window_loss += loss_all / acc.num_processes
+            window_tokens += tokens_all
             pos.train_seconds = time.perf_counter() - started
             step = pos.step
 
             if step % t.log_every == 0 or step == run.total_steps:
                 span = time.perf_counter() - window_start
-                entry = {"step": step, "loss": float(window) / pos.window_steps, "lr": run.scheduler.get_last_lr()[0],
-                         "tokens_per_s": window_tokens * acc.num_processes / span, "epoch": pos.epoch,
-                         "skipped_steps": pos.skipped_steps}
+                entry = {"step": step, "loss": pos.window_loss / pos.window_steps, "lr": run.scheduler.get_last_lr()[0],
+                         "tokens_per_s": window_tokens / span, "epoch": pos.epoch, "skipped_steps": pos.skipped_steps}
                 _log(run, entry)
                 progress.update(bar, stats=f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:,.0f} tok/s")
-                window.zero_()
-                pos.window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+                pos.window_loss, pos.window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             progress.update(bar, completed=step)
 
             if run.val_loader and t.eval_every and step % t.eval_every == 0 and step < run.total_steps:
@@ -105,7 +106,6 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                 if t.best_metric:
                     _keep_if_best(run, metrics)
             if t.save_every and step % t.save_every == 0 and step < run.total_steps:
-                pos.window_loss = float(window)
                 _save_checkpoint(run)
 
     final = _score(run) if run.val_loader else {}
@@ -115,7 +115,6 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         _save_weights(run, final)
     else:
         _keep_if_best(run, final)
-    pos.window_loss = float(window)
     _save_checkpoint(run)
     result = {"step": pos.step, "skipped_steps": pos.skipped_steps, "train_seconds": round(pos.train_seconds, 2),
               "trainable_params": n_trainable, "total_params": n_total, "validation": final,
@@ -153,12 +152,11 @@ def _clip(acc, params: list[torch.nn.Parameter], max_norm: float | None) -> torc
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def _why_bad(seen: torch.Tensor) -> str | None:
-    """Why the step must be dropped: `seen` is (loss, gradient norm) summed over the processes (a NaN anywhere stays)."""
-    loss, norm = seen.tolist()
-    if not torch.isfinite(seen[0]):
+def _why_bad(loss: float, norm: float) -> str | None:
+    """Why the step must be dropped: loss and gradient norm summed over the processes (a NaN anywhere stays one)."""
+    if not math.isfinite(loss):
         return f"non-finite loss ({loss})"
-    if not torch.isfinite(seen[1]):
+    if not math.isfinite(norm):
         return f"non-finite gradient norm ({norm})"
     return None
 
