@@ -119,7 +119,8 @@ def tiny_bart(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def s2s_data(tmp_path_factory) -> Path:
-    """A learnable 'summarisation': the summary of a review is its sentiment word followed by "movie"."""
+    """A learnable 'summarisation': the summary of a review is its sentiment word, "movie", and "plot" when the review
+    mentions the plot (so targets differ in length and batches carry padding)."""
     folder = tmp_path_factory.mktemp("s2s")
     rng = random.Random(3)
     for split, n in (("train", 32), ("validation", 8)):
@@ -128,7 +129,8 @@ def s2s_data(tmp_path_factory) -> Path:
                 sentiment = rng.choice(POSITIVE if i % 2 else NEGATIVE)
                 words = rng.sample(FILLER, rng.randint(3, 7)) + [sentiment]
                 rng.shuffle(words)
-                f.write(json.dumps({"document": " ".join(words), "summary": f"{sentiment} movie"}) + "\n")
+                summary = f"{sentiment} movie" + (" plot" if "plot" in words else "")
+                f.write(json.dumps({"document": " ".join(words), "summary": summary}) + "\n")
     return folder
 
 

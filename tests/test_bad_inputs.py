@@ -3,6 +3,7 @@ usage, 1: runtime), no traceback, and nothing on disk overwritten."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +214,33 @@ def _token_train(env: Env, name: str, text: str) -> list:
     return env.train(doc)
 
 
+def _s2s_train(env: Env, rows: list[dict], model: Path | None = None) -> list:
+    """A seq2seq recipe (document -> summary) on a tiny T5 built into the case's folder, training on `rows`."""
+    from conftest import build_t5, s2s_recipe_doc
+
+    data = env.tmp / "s2s"
+    data.mkdir()
+    for split in ("train", "validation"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return env.train(s2s_recipe_doc(model or build_t5(env.tmp / "t5"), data, env.tmp / "out"))
+
+
+def _prefix_without_cache(env: Env) -> list:
+    """Prefix tuning on a tiny DistilBERT (BERT's vocabulary), whose forward takes no attention cache."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    folder = env.tmp / "distilbert"
+    torch.manual_seed(0)
+    vocab = (env.bert / "vocab.txt").read_text().split()
+    DistilBertForMaskedLM(DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=1, n_heads=4, hidden_dim=64)
+                          ).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (env.bert / name).is_file():
+            shutil.copy(env.bert / name, folder / name)
+    doc = env.doc() | {"model": {"name": str(folder)}, "method": {"name": "prefix_tuning", "n_tokens": 4}}
+    return env.train(doc)
+
+
 CPU_ONLY = {"fp16-on-cpu"}  # cases that are bad inputs only on a machine without CUDA
 
 
@@ -390,6 +418,18 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     "token-integer-tags-without-labels": (
         lambda e: _token_train(e, "train.jsonl", '{"tokens": ["good"], "ner_tags": [1]}\n'), 1,
         ["train.jsonl row 1", "integer ids", "data.labels"],
+    ),
+    # seq2seq
+    "seq2seq-without-target-column": (
+        lambda e: _s2s_train(e, [{"document": "the movie was good"}]), 1,
+        ["train.jsonl", "no column 'summary'", "data.target_column"],
+    ),
+    "seq2seq-on-an-encoder": (
+        lambda e: _s2s_train(e, [{"document": "good", "summary": "good"}], e.bert), 1,
+        ["model.name", "decoder_start_token_id", "not an encoder-decoder model"],
+    ),
+    "prefix-tuning-without-attention-cache": (
+        _prefix_without_cache, 1, ["DistilBertForSequenceClassification", "takes no attention cache"],
     ),
     # run dirs for eval, merge, export
     "eval-truncated-weights": (_truncated_weights, 1, ["method.safetensors", "cannot be read"]),

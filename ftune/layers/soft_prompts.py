@@ -9,6 +9,10 @@ Padding and positions: each row's real tokens are one contiguous run (right- or 
 computed from the attention mask, so a padded row gives the output it gives alone. Per-token outputs (causal LM,
 token classification) come back with the virtual positions removed, aligned with the caller's input_ids and labels.
 
+Encoder-decoder models (T5, BART): input prompts go before the encoder's input (PromptedModel.encoder_input), the
+decoder's input is untouched, and `generate` runs through the prompt; prefixes go into the encoder's self-attention,
+the decoder's self-attention and the cross-attention (ftune/layers/seq2seq_prefixes.py).
+
 Several tasks in one batch: a source may hold a bank of T prompts (shape (T, n, d), with per-task lengths for
 prompts shorter than n); `task_ids` (B,) picks each row's prompt, and a shorter prompt's unused slots are masked.
 """

@@ -27,7 +27,7 @@ from ftune.methods import (
     sparse,
     unipelt,
 )
-from ftune.methods.base import Method, MethodConfig, set_trainable, train_nothing
+from ftune.methods.base import Method, MethodConfig, only_with_others, set_trainable
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -45,7 +45,7 @@ _AnyPart = Annotated[
 
 
 def _trains_something(cfg: MethodConfig) -> MethodConfig:
-    if METHODS[cfg.name].trainable is train_nothing:  # L2-SP: a part that adds to what another method trains
+    if METHODS[cfg.name].trainable is only_with_others:  # L2-SP: a part that adds to what another method trains
         raise ValueError(f"{cfg.name} trains nothing itself; list it with a method that trains pretrained weights, "
                          f"e.g. method: [{{name: full}}, {{name: {cfg.name}}}]")
     return cfg

@@ -182,9 +182,10 @@ def switched_off(modules: Iterable[nn.Module], flag: str = "enabled") -> Iterato
             setattr(m, flag, value)
 
 
-def train_nothing(model: nn.Module, cfg: MethodConfig) -> list[nn.Parameter]:
-    """`trainable` of a method that only adds to what others train (L2-SP's loss term): it combines with `full`."""
-    return []
+def only_with_others(model: nn.Module, cfg: MethodConfig) -> list[nn.Parameter]:
+    """`trainable` of a method that trains nothing itself and only adds to what the other parts of a method list
+    train (L2-SP's loss term; it may join `full`). A composite skips it; alone it is refused (MethodError)."""
+    raise MethodError(f"{cfg.name} trains nothing itself; list it with a method that trains pretrained weights")
 
 
 def fold_nothing(model: nn.Module) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftune.methods.base import Method, MethodConfig, train_nothing, trainable_state_dict
+from ftune.methods.base import Method, MethodConfig, only_with_others, trainable_state_dict
 
 STAGES = {"linear layers": 0, "sub-block outputs": 1, "whole model": 2}
 """Apply order by claim; a method that claims nothing (head, layers, bitfit) only picks weights: stage 1."""
@@ -37,7 +37,7 @@ def check_compatible(parts: Sequence[MethodConfig]) -> None:
         if names.count(name) > 1:
             raise ValueError(f"{name} is listed twice; give each method one section")
     # a part that rebuilds nothing and trains nothing itself (L2-SP) only adds to what the others train
-    adders = [rec for rec in records if rec.trainable is train_nothing and not rec.claims]
+    adders = [rec for rec in records if rec.trainable is only_with_others and not rec.claims]
     trainers = [rec for rec in records if rec not in adders]
     for rec in trainers:
         if "every weight" in rec.claims and len(trainers) > 1:
@@ -75,7 +75,8 @@ def combine(name: str, config_cls: type[MethodConfig], parts: Sequence[MethodCon
         return model
 
     def trainable(model: nn.Module, cfg: Any) -> list[nn.Parameter]:
-        chosen = {id(p): p for rec, part in pairs for p in rec.trainable(model, part)}  # shared weights count once
+        chosen = {id(p): p for rec, part in pairs if rec.trainable is not only_with_others
+                  for p in rec.trainable(model, part)}  # shared weights count once
         return list(chosen.values())
 
     def merge(model: nn.Module) -> None:

@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig, fold_nothing, train_nothing
+from ftune.methods.base import Method, MethodConfig, fold_nothing, only_with_others
 
 
 class Config(MethodConfig):
@@ -45,16 +45,14 @@ class Anchor(nn.Module):
     def __init__(self, alpha: float, beta: float) -> None:
         super().__init__()
         self.alpha, self.beta = alpha, beta
+        self.started = False
         self.names: list[str] = []
         self.pulled: list[nn.Parameter] = []
         self.new: list[nn.Parameter] = []
 
     def start(self, model: nn.Module, w0: dict[str, torch.Tensor]) -> None:
         pulled, self.new = _split(model)
-        self.names, self.pulled = [n for n, _ in pulled], [p for _, p in pulled]
-        if not self.pulled:
-            raise MethodError("l2sp: no pretrained weight trains in this model, so there is nothing to pull toward "
-                              "its start; combine it with full, layers, bitfit or sparse")
+        self.names, self.pulled, self.started = [n for n, _ in pulled], [p for _, p in pulled], True
         for i, (name, p) in enumerate(pulled):
             self.register_buffer(f"w0_{i}", w0[name].to(p.device, p.dtype).clone(), persistent=False)
 
@@ -85,6 +83,9 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 def calibrate(model: nn.Module, cfg: Config, batches: Any, loss_fn: Any) -> None:
     """w0: the trained pretrained weights as they are before the first step."""
+    if not _split(model)[0]:
+        raise MethodError("l2sp: no pretrained weight trains in this model, so there is nothing to pull toward its "
+                          "start; combine it with full, layers, bitfit or sparse")
     _anchor(model).start(model, {n: p.detach() for n, p in _split(model)[0]})
 
 
@@ -98,9 +99,12 @@ def load_training_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 
 def loss_term(model: nn.Module) -> torch.Tensor:
-    """α/2 Σ ‖w - w0‖² + β/2 Σ ‖w_new‖², summed in fp32."""
+    """α/2 Σ ‖w - w0‖² + β/2 Σ ‖w_new‖², summed in fp32. A model trained outside ftune's loop (never calibrated)
+    takes w0 on this first call, before any step."""
     anchor = _anchor(model)
-    zero = torch.zeros((), device=anchor.pulled[0].device)
+    if not anchor.started:
+        anchor.start(model, {n: p.detach() for n, p in _split(model)[0]})
+    zero = torch.zeros((), device=next(model.parameters()).device)
     pulled = sum((torch.sum((p.float() - w0.float()) ** 2) for p, w0 in anchor.pairs()), zero)
     new = sum((torch.sum(p.float() ** 2) for p in anchor.new), zero)
     return anchor.alpha / 2 * pulled + anchor.beta / 2 * new
@@ -121,7 +125,7 @@ METHOD = Method(
     name="l2sp",
     config_cls=Config,
     apply=apply,
-    trainable=train_nothing,
+    trainable=only_with_others,
     calibrate=calibrate,
     training_state=training_state,
     load_training_state=load_training_state,

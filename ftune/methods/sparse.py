@@ -14,13 +14,13 @@ default density 0.005, the FISH keep ratio. The task head trains densely on top 
 (the FISH code counts the classifier within k instead). Stored sparse (ftune/layers/sparse.py): a (k,) `values`
 parameter and a (k,) `indices` buffer; method.safetensors holds both and the head, and the optimizer keeps state for
 the k values only. merge adds ΔW into W exactly and unmerge puts W's own entries back bit for bit. peft has no
-equivalent. A resumed or reloaded run reads its mask from its files and never recomputes it.
+equivalent. A resumed or reloaded run reads its mask from its files and never recomputes it. The scores are computed
+in ftune/layers/sparse_select.py.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Literal
 
@@ -30,10 +30,8 @@ from torch import nn
 
 from ftune.errors import MethodError
 from ftune.layers.sparse import SparseDelta, adapted_weights, attach_to, stores
+from ftune.layers.sparse_select import LossFn, fisher_scores, moved_entries, random_positions
 from ftune.methods.base import Method, MethodConfig, switched_off, trainable_state_dict
-
-Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Config(MethodConfig):
@@ -63,93 +61,21 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     return [store.values for store in stores(model)]
 
 
-def calibrate(model: nn.Module, cfg: Config, batches: Iterable[Batch], loss_fn: LossFn) -> None:
+def calibrate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, torch.Tensor]], loss_fn: LossFn) -> None:
     """Choose the mask from `batches` (the training data, on the model's device) and `loss_fn` (sum, count)."""
     (store,) = stores(model)
     k = store.values.numel()
     if cfg.selection == "random":
         chosen = random_positions(store.size, k, store.indices.device)
     else:
-        score = fisher_scores if cfg.selection == "fisher" else moved_entries
-        chosen = torch.topk(score(model, store, batches, loss_fn, cfg), k, sorted=False).indices
+        scores = (fisher_scores(model, store, batches, loss_fn, cfg.samples) if cfg.selection == "fisher" else
+                  moved_entries(model, store, batches, loss_fn, cfg.full_steps, cfg.full_lr))
+        chosen = torch.topk(scores, k, sorted=False).indices
     store.set_indices(chosen)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast(store.indices, 0)  # one mask on every process, whatever rounding differed
     for p in model.parameters():
         p.grad = None
-
-
-def fisher_scores(model: nn.Module, store: SparseDelta, batches: Iterable[Batch], loss_fn: LossFn,
-                  cfg: Config) -> torch.Tensor:
-    """(N,): Σ over cfg.samples examples of (∂ loss / ∂ W)², each example alone, in eval mode (no dropout)."""
-    probes = _probes(model, store)
-    scores = torch.zeros(store.size, device=probes[0].device)
-    rows = (({k: v[i:i + 1] for k, v in b.items()} for i in range(len(b["input_ids"])))
-            for b in _cycle(batches, scores.device))
-    was_training, seen = model.training, 0
-    model.eval()
-    try:
-        for row in itertools.chain.from_iterable(rows):
-            total, count = loss_fn(model, row)
-            if not count:
-                continue  # a row without a scored token
-            (total / count).backward()
-            for offset, probe in zip(store.offsets, probes):
-                scores[offset:offset + probe.numel()] += probe.grad.view(-1).square()
-                probe.grad = None
-            seen += 1
-            if seen == cfg.samples:
-                break
-    finally:
-        store.probes = None
-        model.train(was_training)
-    return scores
-
-
-def moved_entries(model: nn.Module, store: SparseDelta, batches: Iterable[Batch], loss_fn: LossFn,
-                  cfg: Config) -> torch.Tensor:
-    """(N,): |w - w0| after cfg.full_steps steps of full fine-tuning; everything it moved is put back after."""
-    probes = _probes(model, store)  # the full fine-tune moves these dense differences, never W itself
-    head = [p for p in model.parameters() if p.requires_grad and p is not store.values]
-    start = [p.detach().clone() for p in head]
-    optimizer = torch.optim.AdamW(probes + head, lr=cfg.full_lr, weight_decay=0.0)
-    was_training = model.training
-    model.train()
-    try:
-        for batch in itertools.islice(_cycle(batches, store.values.device), cfg.full_steps):
-            total, count = loss_fn(model, batch)
-            (total / count.clamp(min=1)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return torch.cat([probe.detach().abs().view(-1) for probe in probes])
-    finally:
-        store.probes = None
-        model.train(was_training)
-        with torch.no_grad():
-            for p, p0 in zip(head, start):
-                p.copy_(p0)
-
-
-def random_positions(size: int, k: int, device: torch.device) -> torch.Tensor:
-    """k distinct positions in [0, size), uniform, from the global RNG (seeded by train.seed)."""
-    if 2 * k > size:
-        return torch.randperm(size)[:k].to(device)
-    found = torch.empty(0, dtype=torch.long)
-    while found.numel() < k:  # draws with repeats, deduplicated; few rounds while k ≤ size / 2
-        found = torch.unique(torch.cat([found, torch.randint(size, (k + k // 8 + 8,))]))
-    return found[torch.randperm(found.numel())[:k]].to(device)
-
-
-def _probes(model: nn.Module, store: SparseDelta) -> list[torch.Tensor]:
-    store.probes = [torch.zeros(w.shape, device=w.device, requires_grad=True) for w in adapted_weights(model, store)]
-    return store.probes
-
-
-def _cycle(batches: Iterable[Batch], device: torch.device):
-    """The batches on `device`, pass after pass."""
-    while True:
-        for batch in batches:
-            yield {k: v.to(device) for k, v in batch.items()}
 
 
 def saved_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -91,9 +91,9 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
 def _uniform_stack(model: nn.Module) -> nn.ModuleList:
     best: nn.ModuleList | None = None
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
+        uniform = isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
+        if uniform and (best is None or len(module) > len(best)):
+            best = module
     if best is None:
         raise MethodError(f"{type(model).__name__} has no stack of transformer blocks (no uniform ModuleList)")
     return best

@@ -31,6 +31,7 @@ from torch import nn
 from ftune import assemble, models
 from ftune.errors import DataError, MethodError, RecipeError, RunDirError
 from ftune.methods import METHODS, method_of
+from ftune.methods.base import trainable_state_dict
 from ftune.methods.lora import LoRALinear
 from ftune.recipe import Recipe, load_recipe
 from ftune.run import checkpoint
@@ -60,10 +61,11 @@ def check_same_base(run_dirs: list[Path], recipes: list[Recipe]) -> None:
 
 
 def swappable(recipes: list[Recipe]) -> bool:
-    """True when the first run's method can be merged and unmerged: LoRA, DoRA, AdaLoRA; also the methods whose
-    weights are the model's own (full, bitfit, layers, head: merge is a no-op, and a swap loads those weights)."""
+    """True when the first run's method can be merged and unmerged and its saved weights are its trainable parameters
+    (what a swap loads): LoRA, DoRA, AdaLoRA; also the methods whose weights are the model's own (full, bitfit, layers,
+    head: merge is a no-op, and a swap loads those weights). Not sparse, whose runs carry their own mask."""
     method = method_of(recipes[0].method)
-    return method.merge is not None and method.unmerge is not None
+    return method.merge is not None and method.unmerge is not None and method.saved_weights is trainable_state_dict
 
 
 class HotSwap:

@@ -29,7 +29,7 @@ from ftune.methods import method_of
 from ftune.recipe import Recipe
 from ftune.run import checkpoint
 from ftune.serve import hotswap
-from ftune.tasks import TASKS
+from ftune.tasks import TASKS, Decoding
 
 
 @dataclass
@@ -91,9 +91,12 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None):
     recipes = hotswap.read_recipes(run_dirs)
     first = recipes[0]
     hotswap.check_same_base(run_dirs, recipes)
-    if TASKS[first.task].predict_row is None:
-        serves = ", ".join(name for name, task in TASKS.items() if task.predict_row)
+    kind = TASKS[first.task]
+    if kind.predict_row is None and kind.generate is None:
+        serves = ", ".join(name for name, task in TASKS.items() if task.predict_row or task.generate)
         raise RunDirError(f"{run_dirs[0]}: predict serves {serves} runs; score {first.task} runs with `ftune eval`")
+    if kind.generate is not None and len(run_dirs) > 1 and weights is None:
+        raise RunDirError(f"{run_dirs[1]}: predict writes {first.task} text with one run at a time; give one run")
     if weights is not None:
         recipe, model, tokenizer, names = hotswap.combine(run_dirs, weights)
         return MultiTask(model, []), [Task("combined", recipe, names)], tokenizer
@@ -142,8 +145,8 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None):
 @torch.no_grad()
 def predict(multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, rows: list[dict[str, Any]],
             batch_size: int = 32):
-    """One prediction per row, in input order: {"task", "label", "scores", "logits"}; a row names its task by run
-    name or index."""
+    """One prediction per row, in input order: {"task", "label", "scores", "logits"}, or {"task", "text"} for a task
+    that generates (seq2seq: the recipe's `generation:` settings); a row names its task by run name or index."""
     from ftune.data.loader import collate
     from ftune.data.sources import Rows
 
@@ -156,7 +159,8 @@ def predict(multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, ro
             raise DataError(f"input row {i + 1}: task {key!r} is none of {list(by_name)} (or their indices)")
         task = tasks[index]
         d = task.recipe.data
-        labelled = {d.label_column: task.labels[0]} | row  # encoding wants a label; predictions ignore it
+        # encoding wants a label (or a target text); predictions ignore it
+        labelled = ({d.target_column: ""} if TASKS[task.recipe.task].generate else {d.label_column: task.labels[0]}) | row
         encoded = assemble.encode(task.recipe, Rows([labelled], f"input row {i + 1}"), tokenizer, task.labels)
         examples.append(encoded.examples[0] | {"task": index})
     device = multi.device
@@ -166,6 +170,13 @@ def predict(multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, ro
             chunk = positions[start:start + batch_size]
             batch = collate(tokenizer.pad_token_id)([examples[i] for i in chunk])
             batch.pop("labels")
+            kind = TASKS[tasks[examples[chunk[0]]["task"]].recipe.task]
+            if kind.generate is not None:  # one run: write each row's text
+                decoding = Decoding(tokenizer, tasks[0].recipe.generation.model_dump())
+                texts = kind.generate(multi.model, {k: v.to(device) for k, v in batch.items()}, decoding)
+                for i, text in zip(chunk, texts):
+                    out[i] = {"task": tasks[examples[i]["task"]].name, "text": text}
+                continue
             task_ids = torch.tensor([examples[i]["task"] for i in chunk], device=device)
             logits = forward(task_ids, **{k: v.to(device) for k, v in batch.items()}).logits.float()
             for i, row_logits in zip(chunk, logits):
