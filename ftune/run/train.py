@@ -172,7 +172,8 @@ def _stopped(run: Run, why: str) -> TrainingError:
 
 def _score(run: Run) -> dict:
     gather = (lambda scorer: processes.gather(run.accelerator, scorer)) if run.accelerator.num_processes > 1 else None
-    return evaluate(run.model, run.val_loader, run.task, run.label_names, run.accelerator.device, run.precision, gather)
+    return evaluate(run.model, run.val_loader, run.task, run.label_names, run.accelerator.device, run.precision, gather,
+                    run.decoding)
 
 
 def _log(run: Run, entry: dict) -> None:

@@ -273,7 +273,9 @@ def score(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, 
              f"{recipe.data.max_length} tokens")
     loader = assemble.eval_loader(recipe, encoded.examples, tokenizer)
     device = next(model.parameters()).device
-    return {"source": rows.source, **evaluate(model, loader, TASKS[recipe.task], names, device, precision)}
+    metrics = evaluate(model, loader, TASKS[recipe.task], names, device, precision,
+                       decoding=assemble.decoding(recipe, tokenizer))
+    return {"source": rows.source, **metrics}
 
 
 def score_runs(run_dirs: list[Path], split: str, data: str | None,
