@@ -172,8 +172,8 @@ def evaluate_run(
 ) -> None:
     """Score trained runs on a split or a file: one run prints its metrics as JSON, several print one JSON line each."""
     from ftune import assemble
-    from ftune.serve import hotswap
     from ftune.errors import DataError
+    from ftune.serve import hotswap
 
     def note(text: str) -> None:
         err.print(text, soft_wrap=True)

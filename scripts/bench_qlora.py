@@ -103,9 +103,9 @@ def load_side(args, side: str, folder: str):
     qlora = side.endswith("qlora")
     if side.startswith("ftune"):
         from ftune import models
-        from ftune.models import quantize
         from ftune.methods import attach
         from ftune.methods.lora import Config
+        from ftune.models import quantize
         from ftune.run.optim import make_optimizer
 
         q = quantize.Quantization(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16") if qlora else None

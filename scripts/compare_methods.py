@@ -60,10 +60,12 @@ def main() -> None:
 
 
 def _saved_params(run_dir: Path) -> int:
+    """Values saved: floating-point entries only (a sparse run's integer indices say where its values go)."""
     from safetensors import safe_open
 
     with safe_open(str(run_dir / "method.safetensors"), "pt") as f:
-        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open is not a dict
+        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys()  # noqa: SIM118 - safe_open is not a dict
+                   if f.get_slice(k).get_dtype().startswith(("F", "BF")))
 
 
 def _numel(shape: list[int]) -> int:

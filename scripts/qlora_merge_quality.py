@@ -65,12 +65,12 @@ def main() -> None:
     import transformers
 
     from ftune import assemble, models
-    from ftune.run import checkpoint
-    from ftune.serve import export
     from ftune.methods import METHODS
     from ftune.methods.base import unwrap_merged
     from ftune.recipe import load_recipe
+    from ftune.run import checkpoint
     from ftune.run.train import train
+    from ftune.serve import export
 
     transformers.logging.set_verbosity_error()
     if args.recipe:

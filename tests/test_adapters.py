@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from ftune.models.arch import LAYOUTS
 from ftune.errors import MethodError
 from ftune.methods import adapter, adapter_drop, attach
 from ftune.models import head_parameters
+from ftune.models.arch import LAYOUTS
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64,
          "vocab_size": 64, "max_position_embeddings": 64, "pad_token_id": 0, "num_labels": 2}

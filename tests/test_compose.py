@@ -12,7 +12,6 @@ from conftest import recipe_doc
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
-from ftune.serve import export
 from ftune import models
 from ftune.assemble import load_run
 from ftune.cli import app
@@ -23,6 +22,7 @@ from ftune.methods.adapter import Bottleneck
 from ftune.methods.base import count_parameters
 from ftune.recipe import validate_recipe
 from ftune.run.train import train
+from ftune.serve import export
 
 PREFIX = {"name": "prefix_tuning", "n_tokens": 3, "mlp_hidden": 16}
 MAM = {"name": "mam_adapter", "prefix": {"n_tokens": 3, "mlp_hidden": 16}, "adapter": {"bottleneck": 8}}

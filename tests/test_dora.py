@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import recipe_doc
 
-from ftune.run import checkpoint
-from ftune.serve import export
 from ftune import models
 from ftune.assemble import load_run
 from ftune.methods import METHODS, attach, lora
 from ftune.methods.base import count_parameters, unwrap_merged
 from ftune.recipe import validate_recipe
+from ftune.run import checkpoint
 from ftune.run.train import train
+from ftune.serve import export
 
 peft = pytest.importorskip("peft")
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import recipe_doc
 
-from ftune.serve import export
 from ftune.assemble import load_run
 from ftune.errors import MethodError
 from ftune.methods import lora
 from ftune.recipe import validate_recipe
 from ftune.run.train import train
+from ftune.serve import export
 
 peft = pytest.importorskip("peft")
 

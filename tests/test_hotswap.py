@@ -19,14 +19,14 @@ from conftest import FILLER, recipe_doc
 from rich.console import Console
 from typer.testing import CliRunner
 
-from ftune.serve import hotswap
 from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.errors import MethodError, RecipeError, RunDirError
 from ftune.methods import METHODS, lora
-from ftune.serve.predict import load_tasks, predict
 from ftune.recipe import validate_recipe
 from ftune.run.train import train
+from ftune.serve import hotswap
+from ftune.serve.predict import load_tasks, predict
 
 HAS_DORA = "dora" in lora.Config.model_fields
 FAMILIES = {

@@ -122,7 +122,7 @@ def test_the_processes_read_disjoint_rows_covering_the_epoch(size, batch, world)
         parts = [s[step] for s in shards] if step < len(shards[0]) else []
         if len(together) >= world:
             assert sorted(i for p in parts for i in p) == sorted(together)
-            assert sum(parts, []) == together  # contiguous parts, in rank order
+            assert [i for p in parts for i in p] == together  # contiguous parts, in rank order
     seen = [i for s in shards for b in s for i in b]
     assert len(seen) == len(set(seen))
     assert len(seen) >= size - (world - 1)  # only a last global batch smaller than the process count is left out

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftune.run import checkpoint
 from ftune import models
 from ftune.errors import MethodError
 from ftune.methods import METHODS, attach, method_of
 from ftune.methods.base import count_parameters, unwrap_merged
+from ftune.run import checkpoint
 
 # One config per registered method; test_every_method_has_a_case keeps this in step with the registry.
 # A case is the config's keyword arguments, or a function (arch, folders) -> them for a method that needs

@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ftune import assemble
-from ftune.run import checkpoint
 from ftune.cli import app
 from ftune.errors import RecipeError, TrainingError
 from ftune.recipe import validate_recipe
+from ftune.run import checkpoint
 from ftune.run.train import train
 
 

@@ -13,10 +13,10 @@ from conftest import recipe_doc, write_recipe
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ftune.serve import export
 from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.methods import lora
+from ftune.serve import export
 from ftune.serve.peft_import import import_peft
 
 peft = pytest.importorskip("peft")

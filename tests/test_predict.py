@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.errors import RunDirError
-from ftune.serve.predict import load_tasks, predict
 from ftune.recipe import validate_recipe
 from ftune.run.train import train
+from ftune.serve.predict import load_tasks, predict
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from conftest import recipe_doc
 from safetensors.torch import load_file
 
-from ftune.run.checkpoint import latest_checkpoint
 from ftune.recipe import validate_recipe
+from ftune.run.checkpoint import latest_checkpoint
 from ftune.run.train import train
 
 CASES = {

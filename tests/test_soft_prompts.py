@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import peft_side, recipe_doc
 
-from ftune.run import checkpoint
-from ftune.serve import export
 from ftune import models
 from ftune.assemble import load_run
 from ftune.errors import RecipeError
+from ftune.layers.soft_prompts import Prompt
 from ftune.methods import METHODS, attach
 from ftune.recipe import validate_recipe
-from ftune.layers.soft_prompts import Prompt
+from ftune.run import checkpoint
 from ftune.run.train import train
+from ftune.serve import export
 
 peft = pytest.importorskip("peft")
 

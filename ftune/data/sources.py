@@ -57,7 +57,7 @@ def read_rows(sources: list[Any], split: str, limit: int | None = None,
                 import datasets
 
                 ds = datasets.load_dataset(source.hub, source.config, split=source.split)
-            except Exception as e:  # offline, unknown id, bad split: all mean "not available here"
+            except Exception as e:  # noqa: BLE001 - offline, unknown id, bad split: all mean "not available here"
                 tried.append(f"{name} ({type(e).__name__})")
                 continue
             return _limit(Rows(ds.to_list(), name), limit)
@@ -78,7 +78,7 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         options["keep_default_na"] = False  # a sentence "null" or "NA" is text, not a missing value
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **options)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the cause is reported below
         if _holds_no_rows(path, fmt):
             raise DataError(f"{path}: has no rows") from None
         cause: BaseException = e

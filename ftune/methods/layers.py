@@ -12,9 +12,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 from torch import nn
 
-from ftune.models.arch import transformer_blocks
 from ftune.errors import MethodError
 from ftune.methods.base import Method, MethodConfig, fold_nothing
+from ftune.models.arch import transformer_blocks
 
 
 class Config(MethodConfig):

@@ -137,7 +137,7 @@ def load_weights(folder: Path, model: nn.Module) -> None:
     expected = {n for n, p in model.named_parameters() if p.requires_grad} | buffers.keys()
     missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
     if missing or unexpected:
-        which = f"missing {sorted(missing)[0]}" if missing else f"unexpected {sorted(unexpected)[0]}"
+        which = f"missing {min(missing)}" if missing else f"unexpected {min(unexpected)}"
         raise RunDirError(f"{folder / WEIGHTS}: does not fit this method and model ({which}); was it written by another run?")
     params = dict(model.named_parameters()) | buffers
     with torch.no_grad():
@@ -266,7 +266,7 @@ def run_record(extra: dict[str, Any]) -> dict[str, Any]:
     try:
         code = Path(ftune.__file__).resolve().parent
         sha = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
+                             timeout=5, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
     versions = {"ftune": ftune.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
