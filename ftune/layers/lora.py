@@ -29,6 +29,17 @@ from ftune.errors import MethodError
 from ftune.models.quantize import dense_weight, is_quantized_linear
 
 
+class WrappedLinear(nn.Module):
+    """A layer around a linear `base_layer` that still offers the linear's `weight`, as peft's layers do: models read
+    a linear's `weight` (T5's feed-forward casts its input to `wo.weight.dtype`). LoRA's and AdaLoRA's layers."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+
 class DoRAMagnitude(nn.Module):
     """DoRA's magnitude vector m, shape (d_out,), initialised to the row norms ||W||_row (fp32).
 
@@ -40,7 +51,7 @@ class DoRAMagnitude(nn.Module):
         self.weight = nn.Parameter(row_norms.detach().clone().float())
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WrappedLinear):
     """A frozen linear layer plus a trainable low-rank update, optionally weight-decomposed (DoRA).
 
     Args:
@@ -72,12 +83,6 @@ class LoRALinear(nn.Module):
         self._merged_norm: torch.Tensor | None = None  # DoRA: the row norm the merge divided by, for unmerge
         self.gate: nn.Module | None = None
         self.enabled = True
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight, as peft's layers offer it: models read a linear's `weight` (T5's feed-forward
-        casts its input to `wo.weight.dtype`)."""
-        return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)

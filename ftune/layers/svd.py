@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftune.layers.lora import WrappedLinear
+
 PARTS = ("lora_A", "lora_E", "lora_B")
 # what an exact resume needs besides the weights, per triplet module (the buffers below)
 STATE = tuple(f"{part}_{kind}" for part in PARTS for kind in ("sensitivity", "uncertainty")) + ("rank_mask",)
@@ -42,7 +44,7 @@ def add_importance_state(module: nn.Module) -> None:
 
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(WrappedLinear):
     """A frozen linear layer plus P Λ Q · alpha / (r + 1e-5), and the importance state of its r triplets.
 
     Args:
@@ -68,12 +70,6 @@ class SVDLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha
         self.merged, self.enabled = False, True
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight, as peft's layers offer it: models read a linear's `weight` (T5's feed-forward
-        casts its input to `wo.weight.dtype`)."""
-        return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
