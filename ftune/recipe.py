@@ -6,9 +6,8 @@ and `--set dotted.key=value` overrides go through the same validation as the fil
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -21,12 +20,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from typing_extensions import Annotated
 
 from ftune.errors import RecipeError
 from ftune.methods import METHODS, AnyMethodConfig, method_of
 from ftune.models.quantize import Quantization
 from ftune.objectives import AnyObjectiveConfig
+from ftune.recipe_errors import explain
 from ftune.run.optim import OPTIMIZERS
 from ftune.tasks import TASKS
 
@@ -281,7 +280,7 @@ def validate_recipe(doc: dict[str, Any], source: str = "recipe", *, stored: bool
         # a value that fits no member of a union yields one error per member: the structural ones say most
         errors = sorted(e.errors(), key=lambda err: _RANK.get(err["type"], 2))
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise RecipeError(_one_line(f"{source}: {_explain(errors[0], doc)}{more}")) from None
+        raise RecipeError(_one_line(f"{source}: {explain(errors[0], doc, Recipe)}{more}")) from None
     except RecursionError:  # a YAML alias that contains itself (&a [*a])
         raise RecipeError(f"{source}: a value refers to itself (a YAML alias inside its own anchor)") from None
 
@@ -309,59 +308,6 @@ def _set_dotted(doc: dict[str, Any], item: str) -> None:
         raise RecipeError(_one_line(f"--set {key}: the value {raw!r} is not valid YAML ({type(e).__name__})")) from None
 
 
-def _explain(error: dict[str, Any], doc: dict[str, Any]) -> str:
-    loc = _user_loc(error["loc"], doc)
-    kind = error["type"]
-    field = _dotted(loc) or "recipe"
-    if kind == "union_tag_invalid":
-        tag = str(error.get("ctx", {}).get("tag", ""))
-        return f"{field}.name: unknown method {tag!r}{_did_you_mean(tag, METHODS)}; `ftune methods` lists them"
-    if kind == "union_tag_not_found":
-        return f"{field}.name: missing; one of {', '.join(METHODS)}"
-    if kind == "extra_forbidden" and loc:
-        return f"{field}: unknown key{_did_you_mean(loc[-1], _known_keys(loc[:-1], doc))}"
-    if kind == "missing":
-        return f"{field}: required but missing"
-    if kind == "value_error":  # our own validators: their message is the explanation, the input is the section
-        reason = str(error.get("ctx", {}).get("error", error["msg"]))
-        return reason if not loc else f"{field}: {reason}"
-    return f"{field}: {error['msg']} (got {_short(repr(error.get('input')))})"
-
-
-def _user_loc(loc: tuple[Any, ...], doc: Any) -> list[Any]:
-    """The keys a user wrote, from pydantic's error location: walk the document and drop the union members
-    pydantic adds ("str", "HubSource", "lora"), the list index of a single value it wrapped into a list, and the
-    `methods` key of a method list, which the recipe writes as `method: [...]`."""
-    path, node = [], doc
-    for part in loc:
-        in_dict = isinstance(node, dict) and part in node
-        if in_dict or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
-            node = node[part]
-        elif isinstance(part, int) or _is_member_tag(part) or (part == "methods" and isinstance(node, list)):
-            continue
-        else:
-            node = None
-        path.append(part)
-    return path
-
-
-def _dotted(loc: list[Any]) -> str:
-    """`method[1].r`: keys joined by dots, list positions in brackets."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else ("." if text else "") + _show_key(part)
-    return text
-
-
-def _show_key(part: Any) -> str:
-    text = str(part)
-    return text if text and all(c.isalnum() or c in "_-" for c in text) else repr(part)
-
-
-def _short(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
@@ -369,45 +315,3 @@ def _one_line(text: str) -> str:
 def _yaml_kind(value: Any) -> str:
     kinds = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
     return kinds.get(type(value), type(value).__name__)
-
-
-def _is_member_tag(part: Any) -> bool:
-    text = str(part)
-    return text in METHODS or text in {"str", "int", "float", "bool"} or text[:1].isupper() or "[" in text
-
-
-def _known_keys(parent: list[Any], doc: dict[str, Any]) -> list[str]:
-    """The keys the section at `parent` accepts: walk the schema beside the document, and where a field holds any
-    method, take the config of the method the document names there."""
-    candidates, node = [Recipe], doc
-    for part in parent:
-        if not isinstance(part, int):
-            model = _chosen(candidates, node)
-            field = model.model_fields.get(part) if model else None
-            if field is None:
-                return []
-            candidates = _models_in(field.annotation)
-        node = node.get(part) if isinstance(node, dict) else (
-            node[part] if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node) else None)
-    model = _chosen(candidates, node)
-    return list(model.model_fields) if model else []
-
-
-def _chosen(candidates: list[type[BaseModel]], node: Any) -> type[BaseModel] | None:
-    if len(candidates) == 1:
-        return candidates[0]
-    name = node.get("name") if isinstance(node, dict) else None
-    return METHODS[name].config_cls if name in METHODS else None
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
-
-
-def _did_you_mean(word: str, choices: Any) -> str:
-    word, choices = str(word), list(choices)
-    close = [c for c in choices if word.startswith(c) or c.startswith(word)]
-    close = close or difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
