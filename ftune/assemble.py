@@ -5,6 +5,7 @@ here, so a run rebuilt from its directory is the model that was trained.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,48 @@ from typing import Any
 from torch import nn
 
 from ftune import models
-from ftune.data import loader, sources
+from ftune.data import encoded_cache, holdout, loader, sources
 from ftune.errors import ModelError, RecipeError, RunDirError
 from ftune.methods import attach, method_of
 from ftune.models import quantize
+from ftune.objectives import OBJECTIVES, Bound, Trained, trained_task
 from ftune.recipe import Recipe, load_recipe
 from ftune.run import checkpoint
-from ftune.tasks import TASKS, Decoding, Encoded
+from ftune.tasks import TASKS, Decoding, Encoded, Task
+
+
+def task_of(recipe: Recipe) -> Task:
+    """The recipe's task as its objective trains it (a reward model reads preference pairs through a one-output
+    head: Objective.shape_task): the record every build and score of the run asks."""
+    return trained_task(OBJECTIVES[recipe.objective.name], recipe.objective, TASKS[recipe.task])
+
+
+def trained(recipe: Recipe, model: nn.Module, tokenizer, device, precision: str,
+            names: list[str] | None = None) -> Trained:
+    """What an objective may read of the model being trained (`model` as the method's `attach` returned it): the
+    model, its method, and a loader of the bare base (a reference for preference objectives)."""
+    return Trained(model=model, method=method_of(recipe.method), device=device, precision=precision,
+                   pad_token_id=tokenizer.pad_token_id, load_base=lambda: base_model(recipe, tokenizer, names))
+
+
+def bind_objective(recipe: Recipe, model: nn.Module, tokenizer, device, precision: str = "fp32",
+                   names: list[str] | None = None) -> Bound:
+    """The recipe's objective bound for a finished run's `model` (to score it with the objective's own metrics):
+    its extra models built on `device`."""
+    objective = OBJECTIVES[recipe.objective.name]
+    extra = {role: m.to(device)
+             for role, m in build_extra_models(recipe, objective.extra_models(recipe.objective), names).items()}
+    return objective.bind(recipe.objective, task_of(recipe), extra,
+                          trained(recipe, model, tokenizer, device, precision, names))
+
+
+def base_model(recipe: Recipe, tokenizer, names: list[str] | None = None) -> nn.Module:
+    """A fresh copy of the base model the recipe trains, without its method: frozen, in eval mode."""
+    spec = recipe.model
+    model, _ = models.load_model(task_of(recipe), models.resolve_model(spec.name, spec.gguf_file, spec.revision),
+                                 spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
+                                 trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    return model.eval().requires_grad_(False)
 
 
 def load_tokenizer(recipe: Recipe):
@@ -31,7 +67,7 @@ def load_tokenizer(recipe: Recipe):
 def label_names(recipe: Recipe, train_rows: sources.Rows | None = None) -> list[str] | None:
     """Class (tag) names: data.labels, else the training labels (read here when `train_rows` is not given); None for
     a task without classes."""
-    task = TASKS[recipe.task]
+    task = task_of(recipe)
     if not task.has_classes:
         return None
     if recipe.data.labels:
@@ -56,20 +92,27 @@ def build_model(recipe: Recipe, source: str, tokenizer, names: list[str] | None)
     """The base model with the recipe's method attached and exactly the method's parameters trainable."""
     spec = recipe.model
     model, missing = models.load_model(
-        TASKS[recipe.task], source, spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
+        task_of(recipe), source, spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
         trust_remote_code=spec.trust_remote_code, revision=spec.revision, quantization=spec.quantization,
     )
     if spec.quantization:  # fp32 norms and head; input grads for checkpointed segments
         quantize.prepare_for_training(model, recipe.train.gradient_checkpointing)
-    head = models.head_parameters(model, TASKS[recipe.task], missing)
+    head = models.head_parameters(model, task_of(recipe), missing)
     return attach(model, recipe.method, head)
 
 
 def read_split(recipe: Recipe, split: str, given: list[Any] | None = None) -> sources.Rows:
-    """Rows of `split`: data.train or data.validation; any other split only from a recipe folder's `<split>.*`."""
+    """Rows of `split`: data.train or data.validation (or, with data.validation_fraction, the two parts of
+    data.train); any other split only from a recipe folder's `<split>.*`."""
     d = recipe.data
     limit = d.max_train_rows if split == "train" else d.max_validation_rows
-    conll_columns = (d.tokens_column, d.tags_column) if TASKS[recipe.task].reads_conll else None
+    task = TASKS[recipe.task]
+    conll_columns = (d.tokens_column, d.tags_column) if task.reads_conll else None
+    if d.validation_fraction and not given and split in ("train", "validation"):
+        rows = sources.read_rows(d.train, "train", d.max_train_rows, conll_columns)
+        group = (lambda row: task.holdout_group(row, d)) if task.holdout_group else holdout.row_key
+        return holdout.split(rows, d.validation_fraction, group, split == "validation",
+                             d.max_validation_rows if split == "validation" else None)
     return sources.read_rows(given or _split_sources(recipe, split), split, limit, conll_columns)
 
 
@@ -95,6 +138,28 @@ def encode(recipe: Recipe, rows: sources.Rows, tokenizer, names: list[str] | Non
     return task.encode(rows, tokenizer, recipe.data, names, **extra)
 
 
+def encoded_splits(recipe: Recipe, tokenizer) -> tuple[encoded_cache.Splits, str]:
+    """(label names, encoded training split, encoded validation split or None) and a note for the console: read
+    from the encoded-data cache when this data, tokenizer and encoding were seen before (data.cache), else read,
+    encoded and cached (ftune/data/encoded_cache.py)."""
+    d, task = recipe.data, TASKS[recipe.task]
+
+    def build() -> encoded_cache.Splits:
+        rows = read_split(recipe, "train")
+        names = label_names(recipe, rows)
+        held_out = d.validation or d.validation_fraction
+        return (names, encode(recipe, rows, tokenizer, names),
+                encode(recipe, read_split(recipe, "validation"), tokenizer, names) if held_out else None)
+
+    if not d.cache:
+        return build(), "encoded (data.cache: false)"
+    config = model_config(recipe).to_json_string() if task.encodes_with_config else None
+    settings = {"task": recipe.task, "objective": recipe.objective.model_dump(mode="json"), "config": config}
+    task_file = Path(inspect.getsourcefile(task.encode))
+    return encoded_cache.load_or_build(encoded_cache.identity(d, task_file, task.reads_conll, tokenizer, settings),
+                                       build)
+
+
 def model_config(recipe: Recipe):
     """The base model's transformers config (read without loading weights), for a task that encodes with it."""
     from transformers import AutoConfig
@@ -107,19 +172,50 @@ def model_config(recipe: Recipe):
         raise ModelError(f"model.name: cannot load the config of {source}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 
 
-def build_extra_models(recipe: Recipe, needs: dict[str, str]) -> dict[str, nn.Module]:
-    """The frozen models an objective reads (a teacher, a reference), by role: each a finished ftune run dir (its
-    base with its method) or a model name (loaded for the recipe's task); in eval mode, without gradients, built once
-    beside the trained model."""
+def build_extra_models(recipe: Recipe, needs: dict[str, str], names: list[str] | None = None) -> dict[str, nn.Module]:
+    """The frozen models an objective reads (a teacher, a reference), by role (the objective's field that names
+    it): each a finished ftune run dir (its base with its method) or a model name (loaded for the recipe's task, with
+    a head for `names`, the run's classes); in eval mode, without gradients, built once beside the trained model."""
+    import torch
+
     built = {}
     for role, where in needs.items():
-        if (Path(where) / checkpoint.RECIPE).is_file():
-            _, model, _ = load_run(where)
-        else:
-            model, _ = models.load_model(TASKS[recipe.task], models.resolve_model(where),
-                                         trust_remote_code=recipe.model.trust_remote_code)
+        # a fresh head's initialisation draws nothing from the run's generator: the same dropout masks follow,
+        # whether a teacher was built or its outputs read from a cache
+        with torch.random.fork_rng(devices=[]):
+            if (Path(where) / checkpoint.RECIPE).is_file():
+                _, model, _ = load_run(where)
+            else:
+                model = _named_extra_model(recipe, role, where, names)
         built[role] = model.eval().requires_grad_(False)
     return built
+
+
+def missing_folder(where: str) -> bool:
+    """`where` is written as a local path (absolute, ./, ~, or under a folder that exists here) but is no folder:
+    said at once, not after the Hub's download retries."""
+    path = Path(where).expanduser()
+    local = path.is_absolute() or where.startswith((".", "~")) or Path(where.split("/")[0]).is_dir()
+    return local and not path.is_dir()
+
+
+def _named_extra_model(recipe: Recipe, role: str, where: str, names: list[str] | None) -> nn.Module:
+    """A model named by folder or Hub id, used as it is: every weight must come from its checkpoint (a frozen model
+    with a freshly initialised head would be noise)."""
+    if missing_folder(where):
+        raise ModelError(f"objective.{role}: {where}: no such run directory or model folder")
+    try:
+        model, missing = models.load_model(task_of(recipe), models.resolve_model(where), label_names=names,
+                                           trust_remote_code=recipe.model.trust_remote_code)
+    except ModelError as e:
+        raise ModelError(f"objective.{role}: {where} is neither a finished ftune run directory (no "
+                         f"{checkpoint.RECIPE}) nor a loadable model ({str(e).removeprefix('model.name: ')})") from None
+    if missing:
+        missing = sorted(missing)
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise ModelError(f"objective.{role}: {where} has no trained weights for {', '.join(missing[:4])}{more}; give "
+                         f"a finished ftune run directory or a model already fine-tuned for {recipe.task}")
+    return model
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:

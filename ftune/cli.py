@@ -120,17 +120,34 @@ def _without_launcher_noise(lines):
 
 
 @command
-def validate(recipe: Path, set_: Overrides = None) -> None:
-    """Dry run: print the resolved recipe and the trainable / total parameters, without training."""
+def validate(
+    recipe: Path,
+    set_: Overrides = None,
+    measure: Annotated[bool, typer.Option(help="Also run a few real training steps at the recipe's batch and "
+                                          "length: measured peak memory and time per step beside the estimate.")] = False,
+) -> None:
+    """Dry run: print the resolved recipe, the trainable / total parameters and (on stderr) the memory a training
+    step needs, estimated without training."""
     from ftune import assemble
+    from ftune.estimate.report import estimate_recipe, render
     from ftune.methods.base import count_parameters
+    from ftune.methods.shrink import validate_lines
     from ftune.recipe import dump_recipe, load_recipe
 
     r = load_recipe(recipe, set_ or [])
     source, tokenizer = assemble.load_tokenizer(r)
-    trainable, total = count_parameters(assemble.build_model(r, source, tokenizer, assemble.label_names(r)))
+    rows = assemble.read_split(r, "train")  # for the class names and the estimate's batch
+    names = assemble.label_names(r, rows)
+    model = assemble.build_model(r, source, tokenizer, names)
+    trainable, total = count_parameters(model)
     print(dump_recipe(r), end="")
     print(f"# model source: {source}\n# trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    for line in validate_lines(r, model):  # a recipe that drops blocks: blocks, parameters, estimated speed-up
+        print(f"# {line}")
+    table, notes = render(estimate_recipe(r, model, tokenizer, names, rows, 3 if measure else None))
+    err.print(table)
+    for line in notes:
+        err.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 @command
@@ -151,6 +168,43 @@ def _shown(default) -> str:
     if hasattr(default, "model_dump"):
         return repr(default.model_dump(exclude={"train_head"}))
     return repr(default)
+
+
+@command
+def compare(
+    recipe: Path,
+    methods: Annotated[str | None, typer.Option("--methods", help="Methods to compare, comma-separated, e.g. "
+                                                   "lora,adapter,prefix_tuning.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every registered method that applies to the recipe (the "
+                                        "others are listed with the reason).")] = False,
+    budget: Annotated[str, typer.Option(help="Training per method: steps, epochs or seconds, e.g. 200steps, 1epoch, "
+                                        "600s.")] = "200steps",
+    out: Annotated[Path | None, typer.Option(help="Folder for the runs (<out>/<method>), the table and the plot; "
+                                                "default runs/compare-<recipe name>.")] = None,
+    memory_limit: Annotated[str | None, typer.Option(help="Also recommend the best method within this peak "
+                                                        "memory, e.g. 2GB.")] = None,
+    evals: Annotated[int, typer.Option(min=1, help="Evaluations per run under a step budget (for the best-so-far "
+                                       "column).")] = 4,
+    set_: Overrides = None,
+) -> None:
+    """Train several methods on one recipe's model, task and data, each with its recommended learning rate, on one
+    budget; then a table (terminal, comparison.md, comparison.json), a Pareto plot and a recommendation. Finished runs
+    are reused and an interrupted comparison resumes."""
+    from rich.console import Console
+
+    from ftune.compare.run import compare as run_compare
+    from ftune.compare.table import rich_table
+
+    folder = out or Path("runs") / f"compare-{recipe.stem}"
+    result = run_compare(recipe, methods, every, budget, folder, set_ or [], evals, memory_limit, err)
+    shown = Console()
+    if result.rows:
+        shown.print(rich_table(result.rows, result.metric))
+    for line in result.recommendation:
+        shown.print(line, soft_wrap=True, highlight=False)
+    err.print("written: " + ", ".join(str(f) for f in result.files), soft_wrap=True, highlight=False)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @command
@@ -251,13 +305,74 @@ def import_peft(
 class ExportFormat(str, Enum):
     peft = "peft"
     hf = "hf"
+    onnx = "onnx"
 
 
 @command
 def export(run_dir: Path, out_dir: Path, format: Annotated[ExportFormat, typer.Option()] = ExportFormat.peft) -> None:
-    """Export a run as a peft adapter dir (--format peft) or a merged transformers model (--format hf)."""
+    """Export a run as a peft adapter dir (--format peft), a merged transformers model (--format hf), or the merged
+    model as ONNX checked against PyTorch with onnxruntime (--format onnx)."""
+    if format is ExportFormat.onnx:
+        from ftune.serve.onnx_export import export_onnx
+
+        written, report = export_onnx(run_dir, out_dir)
+        err.print(f"onnx export written to {written} ({report['exporter']} exporter; onnxruntime vs PyTorch logits: "
+                  f"max |difference| {report['check']['max_abs_diff']:.2g})", soft_wrap=True)
+        return
     from ftune.serve.export import export_peft, merge_run
 
     written = export_peft(run_dir, out_dir) if format is ExportFormat.peft else merge_run(run_dir, out_dir)
     err.print(f"{format.value} export written to {written}")
 
+
+@command
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run dirs (finished or in progress).")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write (a new file); default with one run: its own "
+                                            "loss.png.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Validation metric of the right panel (default: the recipe's "
+                                               "train.best_metric, else the first besides loss).")] = None,
+) -> None:
+    """Plot training loss and a validation metric against step, several runs overlaid."""
+    from ftune.run.plots import plot_runs
+
+    err.print(f"plot written to {plot_runs(run_dirs, out, metric)}")
+
+
+
+class JudgeKind(str, Enum):
+    reward = "reward"
+    llm = "llm"
+
+
+@command(name="label-pairs")
+def label_pairs(
+    policy: Annotated[str, typer.Argument(help="A finished causal-LM run (SFT or preference-tuned) that samples.")],
+    prompts: Annotated[Path, typer.Argument(help="JSONL file with a prompt per row.")],
+    out: Annotated[Path, typer.Option("--out", help="JSONL of {prompt, chosen, rejected, judge, policy} rows.")],
+    judge: Annotated[str, typer.Option(help="A reward-model run (--judge-kind reward) or a causal-LM run or "
+                                       "model asked which response is better (--judge-kind llm).")],
+    judge_kind: Annotated[JudgeKind, typer.Option(help="How the judge decides.")] = JudgeKind.reward,
+    seed: int = 0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    prompt_column: str = "prompt",
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """RLAIF: sample two completions per prompt from POLICY, let a judge choose, write preference pairs that
+    `task: preference` trains DPO on."""
+    from ftune.errors import RecipeError, RunDirError
+    from ftune.serve import label_pairs as lp
+
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise RecipeError(f"--temperature {temperature} / --top-p {top_p}: temperature must be > 0 and top-p in (0, 1]")
+    if out.exists() and not overwrite:  # before any model loads
+        raise RunDirError(f"--out {out}: already exists; choose another file or pass --overwrite")
+    rows = lp.read_prompts(prompts, prompt_column)
+    model, tokenizer = lp.causal_lm_of(policy, "POLICY")
+    judged = lp.label(rows, model, tokenizer, lp.judge_of(judge_kind.value, judge),
+                      lp.Sampling(seed, temperature, top_p, max_new_tokens), policy)
+    lp.write_rows(out, judged.rows, overwrite)
+    dropped = ", ".join(f"{n} {why}" for why, n in judged.dropped.items()) or "none"
+    err.print(f"{len(judged.rows)} pairs of {len(rows)} prompts written to {out}; dropped: {dropped}")

@@ -24,12 +24,14 @@ from pydantic import (
 from ftune.errors import RecipeError
 from ftune.methods import METHODS, AnyMethodConfig, method_of
 from ftune.models.quantize import Quantization
-from ftune.objectives import AnyObjectiveConfig
+from ftune.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, AnyObjectiveConfig
 from ftune.recipe_errors import explain
 from ftune.run.optim import OPTIMIZERS
+from ftune.run.trackers import TRACKERS, known_trackers
 from ftune.tasks import TASKS
 
 TaskName = Literal[tuple(TASKS)]  # the task registry's names (ftune/tasks/)
+TrackerName = Literal[tuple(TRACKERS)]  # accelerate's trackers (ftune/run/trackers.py)
 
 
 class _Section(BaseModel):
@@ -74,6 +76,11 @@ class DataSpec(_Section):
     order and the first available source is used (local copy first, Hub second)."""
     validation: Sources | None = None
     """Rows for evaluation, same forms as `train`."""
+    validation_fraction: float | None = Field(None, gt=0, lt=1)
+    """Instead of `validation`: hold out this share of the training rows for evaluation. Rows are grouped (preference
+    pairs by prompt, so no prompt is on both sides; other tasks row by row) and the groups with the smallest
+    hashes are held out: the split depends only on the data, the same in every run and in `ftune eval --split
+    validation`. max_train_rows applies before the split, max_validation_rows to the held-out part."""
     text_column: str = "text"
     """Classification: column holding the input text."""
     text_pair_column: str | None = None
@@ -95,7 +102,13 @@ class DataSpec(_Section):
     response_column: str = "output"
     """SFT: column with the response; only its tokens carry loss."""
     template: Literal["auto", "chat", "alpaca"] = "auto"
-    """SFT prompt format: the tokenizer's chat template (`auto` uses it when there is one), or Alpaca's."""
+    """SFT and preference prompt format: the tokenizer's chat template (`auto` uses it when there is one), or Alpaca's."""
+    prompt_column: str = "prompt"
+    """Preference: column with the prompt (the user turn)."""
+    chosen_column: str = "chosen"
+    """Preference: column with the preferred completion."""
+    rejected_column: str = "rejected"
+    """Preference: column with the dispreferred completion."""
     source_column: str = "source"
     """Seq2seq: column with the input text (e.g. a document or dialogue to summarise)."""
     target_column: str = "target"
@@ -110,6 +123,14 @@ class DataSpec(_Section):
     """Use only the first N training rows."""
     max_validation_rows: int | None = Field(None, gt=0)
     """Use only the first N validation rows."""
+    packing: bool = False
+    """Causal LM: put each micro-batch's sequences end to end in one row, without padding; attention stays inside
+    each sequence (position ids restart per sequence) and the loss equals the unpacked batch's. Fastest with
+    flash-attention kernels; on CPU (sdpa) train.group_by_length removes padding at less attention cost."""
+    cache: bool = True
+    """Keep the encoded examples on disk ($FTUNE_ENCODED_CACHE, else $FTUNE_CACHE/encoded, default
+    ~/.cache/ftune/encoded), keyed by the data files, tokenizer and encoding settings, so the next run of the same
+    data skips reading and tokenising it (local files only; Hub datasets are tokenised every run)."""
 
 
 class TrainSpec(_Section):
@@ -117,6 +138,9 @@ class TrainSpec(_Section):
     """Passes over the training data; ignored when max_steps is set."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to run (overrides epochs)."""
+    max_seconds: float | None = Field(None, gt=0)
+    """Stop once training has run this long (seconds, evaluations included; a resumed run counts its earlier time),
+    then evaluate and save as at the end. The schedule still spans max_steps or epochs (`ftune compare --budget 600s`)."""
     lr: float = Field(2e-4, gt=0)
     """Peak learning rate (AdamW)."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -153,6 +177,12 @@ class TrainSpec(_Section):
     """Mixed precision; auto = bf16 on a GPU that supports it, fp32 otherwise."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    group_by_length: bool = True
+    """Put rows of similar length in the same optimizer step (sorted within megabatches of 50 steps, steps in
+    random order), which removes most padding; the order still depends only on the seed, so resuming is exact."""
+    compile: Literal["auto"] | bool = "auto"
+    """torch.compile the model: auto = on a CUDA GPU when torch can (not sharded, not quantized), off on CPU;
+    true = try anywhere; when not used, the run says why."""
     log_every: int = Field(10, gt=0)
     """Optimizer steps between metrics.jsonl lines."""
     eval_every: int | None = Field(None, gt=0)
@@ -165,6 +195,9 @@ class TrainSpec(_Section):
     """Validation metric that picks the saved weights (e.g. accuracy, loss); default: the last weights."""
     best_mode: Literal["max", "min"] = "max"
     """Whether a larger or smaller best_metric is better."""
+    report_to: Annotated[list[TrackerName], BeforeValidator(known_trackers)] = []
+    """Experiment trackers that also get metrics.jsonl's values (accelerate's): tensorboard (event files under
+    <output_dir>/tracking/), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; each needs its package."""
 
 
 class GenerationSpec(_Section):
@@ -184,11 +217,12 @@ class Recipe(_Section):
     model: ModelSpec
     task: TaskName
     """What the model learns: sequence_classification, token_classification (a tag per word, e.g. NER),
-    causal_lm (SFT) or seq2seq (source text to target text, e.g. summarisation); one file each in ftune/tasks/."""
+    causal_lm (SFT), seq2seq (source text to target text, e.g. summarisation) or preference (prompt, chosen,
+    rejected: reward models and DPO); one file each in ftune/tasks/."""
     data: DataSpec
     method: AnyMethodConfig
     """One method section, or a list of them to apply together (e.g. lora and bitfit; see methods/compose.py)."""
-    objective: AnyObjectiveConfig = AnyObjectiveConfig()
+    objective: AnyObjectiveConfig = DEFAULT_OBJECTIVE
     """What training minimises; default the task's own loss (ftune/objectives/)."""
     train: TrainSpec = TrainSpec()
     generation: GenerationSpec = GenerationSpec()
@@ -223,9 +257,18 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
-        if self.train.best_metric and not self.data.validation:
-            raise ValueError("train.best_metric needs data.validation to score against")
+        if self.train.best_metric and not (self.data.validation or self.data.validation_fraction):
+            raise ValueError("train.best_metric needs data.validation (or data.validation_fraction) to score against")
+        if self.data.packing and not TASKS[self.task].packs:
+            packing = ", ".join(name for name, task in TASKS.items() if task.packs)
+            raise ValueError(f"data.packing: task {self.task} cannot put several examples in one row (only "
+                             f"{packing}); set data.packing: false")
+        if self.data.validation and self.data.validation_fraction:
+            raise ValueError("data.validation_fraction: holds out training rows instead of data.validation; set one")
         method = method_of(self.method)
+        objective = OBJECTIVES[self.objective.name]
+        if objective.check:  # a combination the objective cannot train: no pairs, a reference it cannot make
+            objective.check(self.objective, TASKS[self.task], method)
         if self.train.gradient_checkpointing and not method.gradient_checkpointing:
             raise ValueError(f"train.gradient_checkpointing: {method.name} keeps per-layer key/value prefixes in "
                              "the attention cache, which recomputation in backward would extend twice; set it to false")

@@ -1,22 +1,23 @@
-"""Train several recipes on one budget, one after another, and print a table: accuracy, trainable parameters, seconds.
+"""Train several recipes as they are (each its own method settings and learning rate) on one step budget, one after
+another, and write the table `ftune compare` writes (comparison.md, comparison.json, pareto.png in --out).
 
-For comparisons on hardware without a GPU at a reduced step budget (the full 1-epoch runs are
-`scripts/device_runs.sh hybrids` on a GPU). Every run is an ordinary `ftune train` with overrides, so its run
-directory keeps the full record; the table is also written as JSON.
+`ftune compare RECIPE --methods ...` compares methods on one recipe, each with its recommended settings; this script
+compares recipes: two settings of one method, or methods tuned by hand. It runs on `ftune compare`'s parts
+(ftune/compare/): each recipe in its own worker process, finished runs reused and interrupted ones resumed.
 
-    python scripts/compare_methods.py --steps 300 --out runs/compare \
-        recipes/lora_sst2.yaml recipes/adapter_sst2.yaml recipes/prefix_tuning_sst2.yaml \
-        recipes/mam_adapter_sst2.yaml recipes/unipelt_sst2.yaml
+    python scripts/compare_methods.py --steps 300 --out runs/c16_sparse \\
+        recipes/sparse_fisher_sst2.yaml recipes/lora_sst2.yaml
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from ftune.compare import pareto, table
+from ftune.compare.run import ACTIONS, launch, state_of, write_recipe
+from ftune.recipe import dump_recipe, load_recipe
+from ftune.run import checkpoint
 
 
 def main() -> None:
@@ -26,53 +27,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for the runs and table")
     parser.add_argument("--set", action="append", default=[], help="extra dotted.key=value for every run")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for recipe in args.recipes:
-        run_dir = args.out / recipe.stem
-        overrides = [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", f"output_dir={run_dir}",
-                     *args.set]
-        command = [sys.executable, "-m", "ftune", "train", str(recipe), "--overwrite"]
-        command += [a for o in overrides for a in ("--set", o)]
-        start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        wall = time.perf_counter() - start
-        if done.returncode != 0:
-            rows.append({"recipe": recipe.name, "error": done.stderr.strip().splitlines()[-1:]})
-            print(f"{recipe.name}: failed: {rows[-1]['error']}", flush=True)
-            continue
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        row = {"recipe": recipe.name, "steps": metrics["step"], "accuracy": metrics["validation"].get("accuracy"),
-               "validation_loss": metrics["validation"]["loss"], "trainable_params": metrics["trainable_params"],
-               "saved_params": _saved_params(run_dir), "train_seconds": metrics["train_seconds"],
-               "wall_seconds": round(wall, 1)}
-        report = run_dir / "method_report.json"
-        if report.is_file():
-            row["method_report"] = json.loads(report.read_text())
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "method_report"}), flush=True)
-        (args.out / "table.json").write_text(json.dumps(rows, indent=2))
-    print("\n| recipe | steps | accuracy | trainable params (saved) | train s |\n|---|---|---|---|---|")
-    for r in rows:
-        if "error" not in r:
-            print(f"| {r['recipe']} | {r['steps']} | {r['accuracy']:.4f} | {r['trainable_params']:,} "
-                  f"({r['saved_params']:,}) | {r['train_seconds']:.0f} |")
-
-
-def _saved_params(run_dir: Path) -> int:
-    """Values saved: floating-point entries only (a sparse run's integer indices say where its values go)."""
-    from safetensors import safe_open
-
-    with safe_open(str(run_dir / "method.safetensors"), "pt") as f:
-        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys()  # noqa: SIM118 - safe_open is not a dict
-                   if f.get_slice(k).get_dtype().startswith(("F", "BF")))
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    recipes = {path.stem: load_recipe(path, [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
+                                             f"output_dir={args.out / path.stem}", *args.set])
+               for path in args.recipes}
+    states = {name: state_of(Path(r.output_dir), dump_recipe(r)) for name, r in recipes.items()}
+    failed = {}
+    for name, recipe in recipes.items():
+        what, flags = ACTIONS[states[name]]
+        print(f"{name}: {what}", flush=True)
+        if flags is not None and (why := launch(write_recipe(args.out, name, recipe), flags)):
+            failed[name] = why
+    metric, mode = table.metric_of(next(iter(recipes.values())))
+    rows = [table.read_row(n, r, metric, mode) for n, r in recipes.items() if n not in failed]
+    ctx = table.context(Path(", ".join(str(p) for p in args.recipes)), f"{args.steps} steps", metric, mode)
+    checkpoint.write_text(args.out / "comparison.md", table.markdown(rows, ctx, {}, failed, []))
+    checkpoint.write_json(args.out / "comparison.json", {**ctx, "rows": rows, "failed": failed})
+    if rows:
+        pareto.plot(rows, metric, mode, args.out / "pareto.png")
+    print((args.out / "comparison.md").read_text())
 
 
 if __name__ == "__main__":

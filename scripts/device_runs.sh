@@ -9,8 +9,9 @@
 #                 dtype=torch.float16).save_pretrained(".gpu/minilm") (+ its tokenizer)
 #   .gpu/sst2     train.tsv, validation.tsv from ../shared/data/sst2
 #   .gpu/conll    train.txt, validation.txt, test.txt from ../shared/data/conll2003
-#   .gpu/src      a clean copy of the committed code: git archive HEAD ftune recipes | tar -x -C .gpu/src
-# Then, on the device:  bash .gpu/src/scripts/device_runs.sh soft-prompts   (or: conll, hybrids)
+#   .gpu/src      a clean copy of the committed code: git archive HEAD ftune recipes scripts | tar -x -C .gpu/src
+#   (speed: peft's wheel in .gpu/whl too, and bitsandbytes for its QLoRA sides)
+# Then, on the device:  bash .gpu/src/scripts/device_runs.sh soft-prompts   (or: conll, hybrids, speed)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/.gpu/src HF_HUB_OFFLINE=1 FTUNE_CACHE=/tmp/ftc TOKENIZERS_PARALLELISM=false
@@ -46,6 +47,14 @@ case "${1:-soft-prompts}" in
     for r in full_conll lora_conll p_tuning_v2_conll; do
       (cd .gpu/src && python3 -m ftune eval "/tmp/runs/$r" --split test > "$OUT/$r-test.json" 2>&1)
     done
+    ;;
+  speed)  # issue 15: ftune's loop against plain torch + peft loops, one side at a time (timings: nothing in parallel).
+    # SST-2, one epoch of batch 32 (about 2 min a side), then a Llama-3.2-1B-shaped random model at seq 2048, batch 2,
+    # 12 steps: LoRA (compiled and eager), QLoRA, each beside peft (about 1 min a side, plus compilation)
+    (cd .gpu/src && python3 scripts/bench_loop_gpu.py sst2 --model "$ROOT/.gpu/minilm" --data "$ROOT/.gpu/sst2" \
+       --out "$OUT" > "$OUT/speed-sst2.md" 2> /tmp/speed-sst2.err; tail -3 /tmp/speed-sst2.err >> "$OUT/speed-sst2.md")
+    (cd .gpu/src && python3 scripts/bench_loop_gpu.py llama --out "$OUT" > "$OUT/speed-llama.md" \
+       2> /tmp/speed-llama.err; tail -3 /tmp/speed-llama.err >> "$OUT/speed-llama.md")
     ;;
 esac
 wait

@@ -205,6 +205,28 @@ def adapter_runs(tiny_bert, tiny_llama, cls_data, tmp_path_factory) -> dict[str,
     return runs
 
 
+@pytest.fixture(scope="session")
+def s2s_adapter_runs(tiny_t5, tiny_bart, s2s_data, tmp_path_factory) -> dict[str, list[Path]]:
+    """As `adapter_runs`, for the tiny T5 and BART on the seq2seq data: two stage-1 runs each (adapters in both
+    stacks), with different seeds and learning rates."""
+    import io
+
+    from rich.console import Console
+
+    from ftune.recipe import validate_recipe
+    from ftune.run.train import train
+
+    root, runs = tmp_path_factory.mktemp("s2s-adapter-runs"), {}
+    for arch, model in (("t5", tiny_t5), ("bart", tiny_bart)):
+        runs[arch] = []
+        for k, (seed, lr) in enumerate(((0, 1e-2), (1, 3e-2))):
+            method = {"name": "adapter", "placement": "pfeiffer", "bottleneck": 8}
+            doc = s2s_recipe_doc(model, s2s_data, root / f"{arch}-{k}", method, seed=seed, lr=lr)
+            train(validate_recipe(doc), console=Console(file=io.StringIO()))
+            runs[arch].append(root / f"{arch}-{k}")
+    return runs
+
+
 def recipe_doc(kind: str, model: Path, data: Path, out: Path, method: dict | None = None, **train) -> dict:
     """A complete tiny recipe: `kind` is "cls" (sequence classification) or "sft" (causal LM)."""
     ext = "tsv" if kind == "cls" else "jsonl"
@@ -225,6 +247,13 @@ def recipe_doc(kind: str, model: Path, data: Path, out: Path, method: dict | Non
 def write_recipe(path: Path, doc: dict) -> Path:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _encoded_cache_per_test(tmp_path_factory, monkeypatch):
+    """Each test its own encoded-data cache (ftune/data/encoded_cache.py): nothing written to ~/.cache, and no
+    test reads what another encoded; runs within one test share it."""
+    monkeypatch.setenv("FTUNE_ENCODED_CACHE", str(tmp_path_factory.mktemp("encoded")))
 
 
 @pytest.fixture(autouse=True)
@@ -303,3 +332,37 @@ def peft_side(call):
         import transformers
 
         pytest.skip(f"peft {peft.__version__} fails on transformers {transformers.__version__}: {str(e).splitlines()[0]}")
+
+
+# Preference pairs: the chosen completion repeats the prompt's word, the rejected one answers a word of the opposite
+# sentiment (shorter or longer, so batches carry padding). Several pairs share a prompt, as in hhh_alignment.
+@pytest.fixture(scope="session")
+def pref_data(tmp_path_factory) -> Path:
+    """train.jsonl (32 pairs over 8 prompts), validation.jsonl (8 pairs over 4 other prompts)."""
+    folder = tmp_path_factory.mktemp("pref")
+    rng = random.Random(4)
+    splits = (("train", "repeat the word", POSITIVE[:4] + NEGATIVE[:4], 4),
+              ("validation", "please repeat the word", ["superb", "weak", "good", "bad"], 2))
+    for split, ask, words, per_prompt in splits:
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i, word in enumerate(words):
+                opposite = NEGATIVE if word in POSITIVE else POSITIVE
+                for k in range(per_prompt):
+                    row = {"prompt": f"{ask} {word}", "chosen": f"{word} " * (1 + k % 2) + "please",
+                           "rejected": " ".join(rng.sample(opposite, 1 + (i + k) % 3))}
+                    f.write(json.dumps(row) + "\n")
+    return folder
+
+
+def pref_recipe_doc(model: Path, data: Path, out: Path, objective: dict | None = None, method: dict | None = None,
+                    **train) -> dict:
+    """A complete tiny preference recipe reading `data`/{train,validation}.jsonl (prompt, chosen, rejected)."""
+    return {
+        "model": {"name": str(model)},
+        "task": "preference",
+        "data": {"train": str(data / "train.jsonl"), "validation": str(data / "validation.jsonl"), "max_length": 64},
+        "method": method or {"name": "lora", "r": 4, "alpha": 8},
+        "objective": objective or {"name": "dpo"},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "log_every": 1, "seed": 0, **train},
+        "output_dir": str(out),
+    }

@@ -1,4 +1,5 @@
-"""AdapterFusion on tiny in-process models, over stage-1 `adapter` runs made once per session (conftest)."""
+"""AdapterFusion on tiny in-process models (BERT, Llama; T5 and BART, fusing in both stacks), over stage-1 `adapter`
+runs made once per session (conftest). tests/test_seq2seq.py runs the seq2seq battery over it too."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import math
 
 import pytest
 import torch
-from conftest import recipe_doc
+from conftest import recipe_doc, s2s_recipe_doc, write_recipe
 from rich.console import Console
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from ftune import models
 from ftune.assemble import load_run
+from ftune.cli import app
 from ftune.errors import MethodError
 from ftune.layers.bottleneck import Bottleneck
 from ftune.methods import METHODS, attach
@@ -184,3 +187,61 @@ def test_bad_stage1_runs_are_refused_in_one_line(case, tiny_bert, cls_data, adap
     message = str(error.value)
     assert "\n" not in message and str(bad) in message
     assert all(w in message for w in words), message
+
+
+# Encoder-decoder models: a fusion after every feed-forward block of both stacks, over stage-1 seq2seq adapter runs.
+
+def _s2s_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 25, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(4, 25, (3, 5), generator=g)}
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_one_adapter_reproduces_its_stage1_seq2seq_model(arch, tiny_t5, tiny_bart, s2s_adapter_runs):
+    run, folder = s2s_adapter_runs[arch][1], {"t5": tiny_t5, "bart": tiny_bart}[arch]
+    assert all(".adapter." in k for k in load_file(str(run / "method.safetensors")))  # no head to carry over
+    _, stage1, _ = load_run(run)
+    torch.manual_seed(0)
+    model, missing = models.load_model("seq2seq", str(folder))
+    fused = attach(model, Config(adapters=[str(run)]), models.head_parameters(model, "seq2seq", missing)).eval()
+    assert len([m for m in fused.modules() if isinstance(m, Fusion)]) == 4  # 2 encoder + 2 decoder blocks
+    plain = models.load_model("seq2seq", str(folder))[0].eval()
+    batch = _s2s_batch()
+    with torch.no_grad():
+        want, got, base = stage1(**batch), fused(**batch), plain(**batch)
+    for out in ("encoder_last_hidden_state", "logits"):  # the stage-1 adapters change both stacks' outputs
+        assert (getattr(want, out) - getattr(base, out)).abs().max() > 1e-4, out
+        assert (getattr(got, out) - getattr(want, out)).abs().max() <= 1e-5, out
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def s2s_fusion_run(request, tiny_t5, tiny_bart, s2s_data, s2s_adapter_runs, tmp_path_factory):
+    """`ftune train` of AdapterFusion over the two stage-1 runs of the tiny T5 or BART."""
+    root, arch = tmp_path_factory.mktemp(f"fusion-{request.param}"), request.param
+    method = {"name": "adapter_fusion", "adapters": [str(r) for r in s2s_adapter_runs[arch]]}
+    doc = s2s_recipe_doc({"t5": tiny_t5, "bart": tiny_bart}[arch], s2s_data, root / "run", method, lr=5e-3)
+    result = CliRunner().invoke(app, ["train", str(write_recipe(root / "recipe.yaml", doc))])
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def test_a_seq2seq_fusion_run_reports_and_reloads(s2s_fusion_run, tmp_path):
+    metrics = json.loads((s2s_fusion_run / "metrics.json").read_text())
+    report = json.loads((s2s_fusion_run / "method_report.json").read_text())
+    assert report == metrics["method_report"] and report["tokens"] > 0
+    assert len(report["layers"]) == 4  # encoder blocks, then decoder blocks
+    for row in report["layers"]:
+        assert len(row) == 2 and math.isclose(sum(row), 1.0, abs_tol=1e-5)
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(s2s_fusion_run)])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    assert {"loss", "rougeL"} <= metrics["validation"].keys()
+    for key, value in metrics["validation"].items():
+        assert scored[key] == pytest.approx(value, abs=1e-6), key
+    result = runner.invoke(app, ["merge", str(s2s_fusion_run), str(tmp_path / "merged")])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "adapter_fusion" in result.stderr and not (tmp_path / "merged").exists()

@@ -81,7 +81,7 @@ def test_mam_with_its_adapter_scaled_to_zero_is_prefix_tuning(arch, task, tiny_b
 
 def test_mam_defaults_and_partial_parts():
     default = _config({"name": "mam_adapter"})
-    assert (default.prefix.n_tokens, default.prefix.mlp_hidden) == (30, 800)
+    assert (default.prefix.n_tokens, default.prefix.reparameterize) == (30, False)  # direct: see mam_adapter.py
     assert (default.adapter.placement, default.adapter.bottleneck, default.adapter.scaling) == ("parallel", 512, 4.0)
     partial = _config({"name": "mam_adapter", "adapter": {"bottleneck": 16, "scaling": 2}})
     assert (partial.adapter.placement, partial.adapter.parallel_at, partial.adapter.bottleneck) == ("parallel", "ffn", 16)

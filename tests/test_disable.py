@@ -1,4 +1,5 @@
-"""Method.disabled and Method.loss_term over every registered method x {tiny BERT classifier, tiny Llama causal LM}.
+"""Method.disabled and Method.loss_term over every registered method x {tiny BERT classifier, tiny Llama causal LM},
+and the hybrids (UniPELT, AdapterFusion) also on a tiny T5 and BART (seq2seq).
 
 `disabled`: inside the block the attached model computes the base model's outputs (a deep copy taken before attach is
 the reference), drawing the same random numbers in training mode; after it, also after an exception, the method's
@@ -18,7 +19,10 @@ from ftune import models
 from ftune.errors import MethodError
 from ftune.methods import METHODS, attach, method_of
 
-COMBOS = {"bert-cls": ("bert", "sequence_classification"), "llama-lm": ("llama", "causal_lm")}
+COMBOS = {"bert-cls": ("bert", "sequence_classification"), "llama-lm": ("llama", "causal_lm"),
+          "t5-s2s": ("t5", "seq2seq"), "bart-s2s": ("bart", "seq2seq")}
+ON_SEQ2SEQ = {"unipelt", "adapter_fusion"}
+"""The cases that run on the seq2seq combos (the other methods' switching off is the same code in both stacks)."""
 # more configs than the battery's one per method: the placements and options that switch off differently
 EXTRA = {
     "lora-dora": ("lora", {"r": 4, "dora": True}),
@@ -32,8 +36,8 @@ EXTRA = {
 SETUPS = {name: (name, case) for name, case in CASES.items()} | EXTRA
 # virtual tokens after the input suit sequence classification only; Llama has no biases for BitFit
 NOT_HERE = {("p_tuning-around", "llama-lm"), ("lora+bitfit", "llama-lm")}
-PAIRS = [(case, combo) for case, (name, _) in SETUPS.items() for combo, (arch, _) in COMBOS.items()
-         if (name, arch) not in REFUSED and (case, combo) not in NOT_HERE]
+PAIRS = [(case, combo) for case, (name, _) in SETUPS.items() for combo, (arch, task) in COMBOS.items()
+         if (name, arch) not in REFUSED and (case, combo) not in NOT_HERE and (task != "seq2seq" or case in ON_SEQ2SEQ)]
 HEAD_IS_NEW = {("head", "bert-cls")}
 """`head` trains only the new classifier here (nothing to switch off), but the output layer of a causal LM."""
 
@@ -49,8 +53,11 @@ WITHOUT = [pair for pair in PAIRS if _record(pair[0]).disabled is None]
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_bert, tiny_llama, request):
-    return {"bert": tiny_bert, "llama": tiny_llama, "adapter_runs": lambda: request.getfixturevalue("adapter_runs")}
+def folders(tiny_bert, tiny_llama, tiny_t5, tiny_bart, request):
+    def adapter_runs():  # stage-1 runs for AdapterFusion, trained on first use (session-scoped)
+        return request.getfixturevalue("adapter_runs") | request.getfixturevalue("s2s_adapter_runs")
+
+    return {"bert": tiny_bert, "llama": tiny_llama, "t5": tiny_t5, "bart": tiny_bart, "adapter_runs": adapter_runs}
 
 
 def _setup(case: str, combo: str, folders):
@@ -59,7 +66,8 @@ def _setup(case: str, combo: str, folders):
     arch, task = COMBOS[combo]
     cfg = METHODS[name].config_cls(name=name, **(kwargs(arch, folders) if callable(kwargs) else kwargs))
     torch.manual_seed(0)
-    model, missing = models.load_model(task, str(folders[arch]), num_labels=2, pad_token_id=0)
+    extra = {} if task == "seq2seq" else {"num_labels": 2, "pad_token_id": 0}
+    model, missing = models.load_model(task, str(folders[arch]), **extra)
     head = models.head_parameters(model, task, missing)
     base = {id(p) for p in model.parameters()} - {id(p) for p in head}
     reference = copy.deepcopy(model)
@@ -67,10 +75,16 @@ def _setup(case: str, combo: str, folders):
 
 
 def _batch(combo: str) -> dict[str, torch.Tensor]:
-    """Four rows of 10: one right-padded, one left-padded."""
-    ids = torch.randint(5, 25, (4, 10), generator=torch.Generator().manual_seed(0))
+    """Four rows of 10: one right-padded, one left-padded (seq2seq: targets of 6, one padded)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 25, (4, 10), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 7:], mask[2, :3] = 0, 0
+    if COMBOS[combo][1] == "seq2seq":
+        target = torch.randint(5, 25, (4, 6), generator=g)
+        labels = torch.cat([target[:, 1:], target[:, :1]], 1)
+        labels[3, 4:] = -100
+        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": target, "labels": labels}
     if COMBOS[combo][1] == "causal_lm":
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from ftune import assemble
 from ftune.cli import app
-from ftune.data.loader import EpochBatches
+from ftune.data.loader import EpochBatches, example_length
 from ftune.recipe import validate_recipe
 from ftune.run import setup
 from ftune.run.train import train
@@ -94,7 +94,8 @@ def test_accumulation_equals_one_large_batch(kind, monkeypatch, tmp_path, tiny_l
     _, tokenizer = assemble.load_tokenizer(recipe)
     rows = assemble.read_split(recipe, "train")
     encoded = assemble.encode(recipe, rows, tokenizer, assemble.label_names(recipe, rows))
-    order = EpochBatches(len(encoded.examples), 2, seed=0).order(0)[:8]
+    lengths = [example_length(e) for e in encoded.examples]  # the run groups by length (train.group_by_length)
+    order = EpochBatches(len(encoded.examples), 2, seed=0, lengths=lengths, step_batches=4).order(0)[:8]
     counts = [sum(y != -100 for i in order[m:m + 2] for y in encoded.examples[i]["labels"]) for m in range(0, 8, 2)]
     assert len(set(counts)) > 1, counts
 

@@ -36,10 +36,12 @@ CASES = {
     "unipelt": {"lora": {"r": 2}, "adapter": {"bottleneck": 4}, "prefix": {"n_tokens": 3, "mlp_hidden": 8}},
     "sparse": {"selection": "random", "density": 0.05},  # a placeholder mask before calibration: trains as any mask
     "l2sp": {},
+    "shrink": {"k": 1},
 }
 # (method, architecture) pairs that must be refused with a MethodError rather than run.
-REFUSED = {("bitfit", "llama"), ("l2sp", "bert"), ("l2sp", "llama")}  # Llama's linears and RMSNorms have no biases;
-# l2sp trains nothing itself (tests/test_l2sp.py tests it beside the methods it joins)
+REFUSED = {("bitfit", "llama"), ("l2sp", "bert"), ("l2sp", "llama"), ("shrink", "bert"), ("shrink", "llama")}
+# Llama's linears and RMSNorms have no biases; l2sp and shrink train nothing themselves (tests/test_l2sp.py and
+# tests/test_shrink.py test them beside the methods they join)
 ARCHES = ("bert", "llama")
 PAIRS = [(m, a) for m in CASES for a in ARCHES if (m, a) not in REFUSED]
 

@@ -1,5 +1,6 @@
-"""UniPELT (LoRA + adapter + prefix, each gated) on the tiny BERT and Llama from conftest: pinned gates reduce it to
-each plain method, learned gates keep padded rows exact, train, are reported, saved and refused where they must be."""
+"""UniPELT (LoRA + adapter + prefix, each gated) on the tiny BERT, Llama, T5 and BART from conftest: pinned gates
+reduce it to each plain method, learned gates keep padded rows exact (and a decoder causal), train, are reported,
+saved and refused where they must be. tests/test_seq2seq.py runs the seq2seq battery over it too."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import recipe_doc, write_recipe
+from conftest import recipe_doc, s2s_recipe_doc, write_recipe
 from typer.testing import CliRunner
 
 from ftune import models
@@ -18,19 +19,20 @@ from ftune.layers.lora import LoRALinear
 from ftune.methods import attach, compose, method_of
 from ftune.methods.unipelt import Config
 
-CLS, LM = "sequence_classification", "causal_lm"
+CLS, LM, S2S = "sequence_classification", "causal_lm", "seq2seq"
 SMALL = {"lora": {"r": 2}, "adapter": {"bottleneck": 4}, "prefix": {"n_tokens": 3, "mlp_hidden": 8}}
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_bert, tiny_llama):
-    return {"bert": tiny_bert, "llama": tiny_llama}
+def folders(tiny_bert, tiny_llama, tiny_t5, tiny_bart):
+    return {"bert": tiny_bert, "llama": tiny_llama, "t5": tiny_t5, "bart": tiny_bart}
 
 
 def _build(folder, cfg, task=CLS):
     torch.manual_seed(0)
-    model, missing = models.load_model(task, str(folder), pad_token_id=0, **({"num_labels": 2} if task == CLS else {}))
+    extra = {} if task == S2S else {"pad_token_id": 0} | ({"num_labels": 2} if task == CLS else {})
+    model, missing = models.load_model(task, str(folder), **extra)
     return attach(model, cfg, models.head_parameters(model, task, missing))
 
 
@@ -46,10 +48,12 @@ def _unipelt(folder, task=CLS):
 
 
 def _batch(task=CLS):
-    ids = torch.randint(5, 25, (4, 10), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 25, (4, 10), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 7:], ids[1, 7:] = 0, 0  # a right-padded row
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": mask} | (
+        {"decoder_input_ids": torch.randint(5, 25, (4, 6), generator=g)} if task == S2S else {})
 
 
 def _logits(model, batch):
@@ -64,7 +68,8 @@ PLAIN = {
     "prefix": ({"lora": 0, "adapter": 0, "prefix": 1}, lambda c: c.prefix),
     "all": ({"lora": 1, "adapter": 1, "prefix": 1}, lambda c: compose.Config(methods=[c.lora, c.adapter, c.prefix])),
 }
-CASES = [(p, a, CLS) for p in PLAIN for a in ("bert", "llama")] + [("all", "llama", LM), ("prefix", "llama", LM)]
+CASES = ([(p, a, CLS) for p in PLAIN for a in ("bert", "llama")] + [("all", "llama", LM), ("prefix", "llama", LM)]
+         + [(p, a, S2S) for p in PLAIN for a in ("t5", "bart")])
 
 
 @pytest.mark.parametrize("plain_name,arch,task", CASES)
@@ -210,3 +215,83 @@ def test_ungateable_options_are_one_line_recipe_errors(part, value, needles, tin
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and all(n in lines[0] for n in needles), result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# Encoder-decoder models: the decoder's gates must leave it causal, and a run is the model.
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_decoder_positions_do_not_see_later_ones(arch, folders):
+    """Per-position gates in decoder blocks and source-read prefix gates: changing the target from position 3 on
+    leaves the logits before it as they were (a mean over the target's tokens would not)."""
+    model, batch = _unipelt(folders[arch], S2S), _batch(S2S)
+    later = batch["decoder_input_ids"].clone()
+    later[:, 3:] = 30 - later[:, 3:]
+    a, b = _logits(model, batch), _logits(model, batch | {"decoder_input_ids": later})
+    assert (a[:, :3] - b[:, :3]).abs().max() <= 1e-6 and (a[:, 3:] - b[:, 3:]).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def s2s_run(request, folders, s2s_data, tmp_path_factory):
+    """`ftune train` of UniPELT on the tiny T5 or BART: 4 steps, evaluated (loss and ROUGE) at the end."""
+    root = tmp_path_factory.mktemp(f"unipelt-{request.param}")
+    doc = s2s_recipe_doc(folders[request.param], s2s_data, root / "run", {"name": "unipelt", **SMALL}, lr=5e-3)
+    result = runner.invoke(app, ["train", str(write_recipe(root / "recipe.yaml", doc))])
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def test_a_seq2seq_run_reports_saves_and_reloads(s2s_run, tmp_path):
+    from safetensors.torch import load_file
+
+    report = json.loads((s2s_run / "method_report.json").read_text())
+    encoder = {"lora.q", "lora.v", "adapter", "prefix"}  # by kind and last name: T5 and BART name paths apart
+    decoder = encoder | {"lora.cross.q", "lora.cross.v", "prefix.cross"}
+    rows = [{_kind(name) for name in row} for row in report["layers"]]
+    assert rows == [encoder, encoder, decoder, decoder]  # two encoder blocks, then two decoder blocks
+    assert all(0 < value < 1 for row in report["layers"] for value in row.values()) and report["tokens"] > 0
+    saved = load_file(str(s2s_run / "method.safetensors"))
+    assert sum(k.endswith("gate.linear.weight") for k in saved) == 2 * len(encoder) + 2 * len(decoder)
+    result = runner.invoke(app, ["eval", str(s2s_run)])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    expected = json.loads((s2s_run / "metrics.json").read_text())["validation"]
+    assert {"loss", "rougeL"} <= expected.keys()
+    for key, value in expected.items():
+        assert scored[key] == pytest.approx(value, abs=1e-6), key
+    for command in (["merge", str(s2s_run), str(tmp_path / "merged")],
+                    ["export", str(s2s_run), str(tmp_path / "peft"), "--format", "peft"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and "unipelt" in result.stderr
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "peft").exists()
+
+
+def _kind(name: str) -> str:
+    """A report name without the architecture's paths: lora.q / lora.cross.v / adapter / prefix / prefix.cross."""
+    if not name.startswith("lora."):
+        return name.split(".")[0] if name.startswith("adapter.") else name
+    cross = any(part in name for part in ("EncDecAttention", "encoder_attn"))
+    return "lora." + ("cross." if cross else "") + name.rsplit(".", 1)[1][0]
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_seq2seq_gates_count_their_own_stacks_tokens(arch, folders):
+    """An evaluation restarts every gate's sums; encoder gates and the decoder's prefix gates (which read the
+    encoder's output) count the real source tokens, the decoder's per-position gates every position they see: the
+    target's, and the source's for LoRA on the cross-attention's values (its input is the encoder's output)."""
+    from ftune.layers.gates import gates_by_block
+
+    model, batch = _unipelt(folders[arch], S2S), _batch(S2S)
+    model.train()
+    model(**batch)
+    model.eval()
+    for _ in range(2):  # the second call adds to the first: no restart within one evaluation
+        _logits(model, batch)
+    rows = gates_by_block(model)
+    source, target = 2 * int(batch["attention_mask"].sum()), 2 * batch["decoder_input_ids"].numel()
+    for row in rows[:2]:
+        assert {gate.tokens for gate in row.values()} == {source}
+    for row in rows[2:]:
+        want = {name: source if name.startswith("prefix") else target for name in row}
+        want |= {name: 2 * batch["input_ids"].numel() for name in row if _kind(name) == "lora.cross.v"}
+        assert {name: gate.tokens for name, gate in row.items()} == want

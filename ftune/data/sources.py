@@ -26,10 +26,13 @@ class Rows:
     source: str
     lines: list[int] | None = None
     """Per row, the 1-based file line it starts on, where a row spans lines (CoNLL sentences); else None."""
+    numbers: list[int] | None = None
+    """Per row, its 1-based row number in the source, where the rows are a selection of it (a held-out split)."""
 
     def where(self, i: int) -> str:
         """Row `i` (0-based) as an error message names it."""
-        return f"{self.source} line {self.lines[i]} (sentence {i + 1})" if self.lines else f"{self.source} row {i + 1}"
+        number = self.numbers[i] if self.numbers else i + 1
+        return f"{self.source} line {self.lines[i]} (sentence {number})" if self.lines else f"{self.source} row {number}"
 
 
 def read_rows(sources: list[Any], split: str, limit: int | None = None,
@@ -39,12 +42,9 @@ def read_rows(sources: list[Any], split: str, limit: int | None = None,
     `conll_columns` (tokens, tags): read .txt/.conll files as CoNLL into these columns (token classification).
     """
     tried = []
-    suffixes = (*FORMATS, *conll.SUFFIXES) if conll_columns else tuple(FORMATS)
     for source in sources:
         if isinstance(source, str):
-            path = Path(source).expanduser()
-            if path.is_dir():
-                path = next((f for f in sorted(path.iterdir()) if f.stem == split and f.suffix in suffixes), path)
+            path = _split_file(source, split, bool(conll_columns))
             if path.is_file() and conll_columns and path.suffix in conll.SUFFIXES:
                 rows, starts = conll.read_conll(path, *conll_columns)
                 return _limit(Rows(rows, str(path), starts), limit)
@@ -62,6 +62,27 @@ def read_rows(sources: list[Any], split: str, limit: int | None = None,
                 continue
             return _limit(Rows(ds.to_list(), name), limit)
     raise DataError(f"data.{split}: no source is available; tried {'; '.join(tried)}")
+
+
+def local_file(sources: list[Any], split: str, reads_conll: bool = False) -> Path | None:
+    """The local file `read_rows` reads for `sources`, found without reading it; None when a Hub dataset comes
+    before any local file (which one is read is then known only by trying) or nothing is found."""
+    for source in sources:
+        if not isinstance(source, str):
+            return None
+        path = _split_file(source, split, reads_conll)
+        if path.is_file():
+            return path
+    return None
+
+
+def _split_file(source: str, split: str, reads_conll: bool) -> Path:
+    """`source` as a path; a folder stands for its `<split>.<ext>` file (CoNLL files too when `reads_conll`)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        suffixes = (*FORMATS, *conll.SUFFIXES) if reads_conll else tuple(FORMATS)
+        path = next((f for f in sorted(path.iterdir()) if f.stem == split and f.suffix in suffixes), path)
+    return path
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
@@ -112,5 +133,5 @@ def column(rows: Rows, name: str, field: str, blank_ok: bool = True) -> list[Any
     values = [row[name] for row in rows.rows]
     for i, value in enumerate(values):
         if value is None or (not blank_ok and isinstance(value, str) and not value.strip()):
-            raise DataError(f"{rows.source} row {i + 1}: {name!r} is empty; fix or drop the row")
+            raise DataError(f"{rows.where(i)}: {name!r} is empty; fix or drop the row")
     return values

@@ -42,7 +42,7 @@ class AdapterAt(nn.Module):
     forward pre-hook on the sub-block (`block_input`), because the projection alone never sees it. `active = False`
     skips the adapter entirely (AdapterDrop's choice per batch), and so does `enabled = False` (the method switched
     off, `Method.disabled`: no dropout draw, no gate call); a `gate` (UniPELT) scales its output by g(adapter input),
-    (B, 1, 1).
+    (B, 1, 1), or (B, T, 1) per position.
     """
 
     def __init__(self, base_layer: nn.Module, adapter: Bottleneck, parallel: bool) -> None:

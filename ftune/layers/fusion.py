@@ -27,7 +27,9 @@ class Fusion(nn.Module):
         identity_weight: λ of `value_pull`, λ ‖I − V‖²_F; 0 for none.
 
     `enabled = False` computes the base projection alone (the method switched off); eval calls then add nothing to
-    the attention sums either.
+    the attention sums either. Eval calls add s over the real tokens of `token_mask` (B, T; all when None or of
+    another shape), handed over per call (ftune/layers/token_masks.py), to `weight_sum` / `tokens`; `restart`
+    clears them.
     """
 
     def __init__(self, base_layer: nn.Module, adapters: list[Bottleneck], d: int, temperature: float,
@@ -41,7 +43,7 @@ class Fusion(nn.Module):
                 linear.bias.zero_()
         self.temperature, self.sources, self.identity_weight = temperature, list(sources), identity_weight
         self.enabled = True
-        self.token_mask: torch.Tensor | None = None  # handed over per call by the method's model pre-hook
+        self.token_mask: torch.Tensor | None = None
         self.weight_sum, self.tokens = torch.zeros(len(adapters), dtype=torch.float64), 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +59,10 @@ class Fusion(nn.Module):
             self.weight_sum += (s.detach() * mask.unsqueeze(-1)).flatten(0, -2).sum(0).double().cpu()
             self.tokens += int(mask.sum())
         return y + torch.einsum("...n,...nd->...d", s, self.value(z)).to(y.dtype)
+
+    def restart(self) -> None:
+        """Forget the summed attention weights (an evaluation begins)."""
+        self.weight_sum, self.tokens = torch.zeros_like(self.weight_sum), 0
 
     def value_pull(self) -> torch.Tensor:
         """λ ‖I − V‖²_F, a scalar: the paper's l2 pull of this layer's value matrix V (d x d) towards the identity."""

@@ -61,7 +61,8 @@ class LoRALinear(WrappedLinear):
         dropout: dropout probability on the low-rank path's input.
         dora: learn a magnitude vector too (DoRA); default False.
 
-    `gate`: None (plain LoRA), or a module mapping the input (B, T, d_in) to a factor (B, 1, 1) of the update.
+    `gate`: None (plain LoRA), or a module mapping the input (B, T, d_in) to a factor (B, 1, 1) of the update, or
+    (B, T, 1), one per position (UniPELT in a decoder).
     `enabled`: True; False skips the update (and its dropout and gate), so the layer computes base_layer(x) alone.
     """
 

@@ -77,7 +77,10 @@ def peft_decoder_order(model: EncoderDecoderPrefixes) -> list[int]:
 
 
 class EncoderDecoderPrefixes(PrefixedModel):
-    """Prefixes in an encoder-decoder model (see the module docstring); `sites` "all" or "decoder"."""
+    """Prefixes in an encoder-decoder model (see the module docstring); `sites` "all" or "decoder".
+
+    `cache` (PrefixedModel's): the running call's EncoderDecoderCache while its entries hold just the prefixes (a
+    forward, or the first step of generate), else None; UniPELT's gates scale the decoder's prefixes in it then."""
 
     def __init__(self, model: nn.Module, source: nn.Module, dropout: float = 0.0, sites: str = "all") -> None:
         super().__init__(model, source, dropout)
@@ -111,7 +114,7 @@ class EncoderDecoderPrefixes(PrefixedModel):
         try:
             yield
         finally:
-            self._active = None
+            self._active, self.cache = None, None
 
     def _rows(self, tensor: torch.Tensor, batch: int) -> torch.Tensor:
         """This call's per-row tensor for `batch` rows: beam search repeats each row num_beams times."""
@@ -140,6 +143,9 @@ class EncoderDecoderPrefixes(PrefixedModel):
             for layer in range(self.layers[1]):  # cross keys: the encoder's still to be appended behind the prefix
                 cache.is_updated[layer] = False
             kwargs[self.cache_keyword] = cache
+            self.cache = cache  # PrefixedModel.cache: its entries hold just the prefixes until each layer runs
+        else:  # a later step of generate: the entries also hold the tokens decoded so far
+            self.cache = None
         if self.sites == "all":
             source = kwargs.get("input_ids")
             if source is None:

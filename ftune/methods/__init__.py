@@ -24,6 +24,7 @@ from ftune.methods import (
     p_tuning_v2,
     prefix_tuning,
     prompt_tuning,
+    shrink,
     sparse,
     unipelt,
 )
@@ -33,13 +34,15 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD, adapter.METHOD, adapter_drop.METHOD,
               adapter_fusion.METHOD, prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, p_tuning_v2.METHOD,
-              adalora.METHOD, compose.METHOD, mam_adapter.METHOD, unipelt.METHOD, sparse.METHOD, l2sp.METHOD)
+              adalora.METHOD, compose.METHOD, mam_adapter.METHOD, unipelt.METHOD, sparse.METHOD, l2sp.METHOD,
+              shrink.METHOD)
 }
 
 _AnyPart = Annotated[
     full.Config | head.Config | layers.Config | bitfit.Config | lora.Config | adapter.Config | adapter_drop.Config
     | adapter_fusion.Config | prompt_tuning.Config | p_tuning.Config | prefix_tuning.Config | p_tuning_v2.Config
-    | adalora.Config | compose.Config | mam_adapter.Config | unipelt.Config | sparse.Config | l2sp.Config,
+    | adalora.Config | compose.Config | mam_adapter.Config | unipelt.Config | sparse.Config | l2sp.Config
+    | shrink.Config,
     Field(discriminator="name"),
 ]
 

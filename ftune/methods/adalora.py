@@ -25,7 +25,7 @@ from torch import nn
 from ftune.errors import MethodError
 from ftune.layers import svd as svd_lora
 from ftune.layers.svd import SVDLinear, svd_layers
-from ftune.methods.base import Method, MethodConfig, switched_off
+from ftune.methods.base import Method, MethodConfig, Recommended, switched_off
 from ftune.methods.lora import target_linears
 
 
@@ -147,4 +147,6 @@ METHOD = Method(
     loss_term=loss_term, disabled=disabled,
     summary="SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)",
     paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
+    recommended=Recommended(5e-4, "QingruZhang/AdaLoRA MNLI script (lr 5e-4); the paper's GLUE rates run 5e-4 to "
+                            '1e-3'),
 )

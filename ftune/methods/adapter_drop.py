@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from ftune.methods import adapter
-from ftune.methods.base import Method
+from ftune.methods.base import Method, Recommended
 
 
 class Config(adapter.Config):
@@ -61,4 +61,5 @@ METHOD = Method(
     unused_parameters=True,
     summary="adapters of the lowest k blocks skipped (fixed or robust k; k at inference)",
     paper="Rücklé et al. 2021, AdapterDrop, arXiv:2010.11918",
+    recommended=Recommended(1e-3, 'as `adapter` (Rücklé et al. 2021 train AdapterDrop as the adapters they drop)'),
 )

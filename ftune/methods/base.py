@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -35,6 +35,23 @@ def keep_model(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The method's weights: every parameter that trains, by its name in the (possibly wrapped) model."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """How to run a method when nothing better is known: `ftune compare` trains each method so, and
+    tests/test_learns.py checks that the training loss falls so on a tiny model.
+
+    Attributes:
+        lr: AdamW peak learning rate for the method's default config (with `options`).
+        source: where `lr` (and `options`) come from: the paper, peft, or a measurement named in the README.
+        options: method options that differ from the config's defaults for such a run (e.g. `layers` has no default
+            block count); empty for most methods.
+    """
+
+    lr: float
+    source: str
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,9 @@ class Method:
             trainable parameters decay with train.weight_decay.
         summary: one line for `ftune methods`.
         paper: the paper the method follows.
+        recommended: the learning rate (and options) a run of the method starts from, with their source. None:
+            the method cannot run alone from its defaults (a part that trains nothing itself, such as l2sp, or a
+            config that needs the user's inputs, such as adapter_fusion's stage-1 runs).
     """
 
     name: str
@@ -141,6 +161,7 @@ class Method:
     unused_parameters: bool = False
     calibrate: Callable[[nn.Module, Any, Iterable[dict[str, torch.Tensor]], Callable], None] | None = None
     decay_exempt: Callable[[nn.Module], list[nn.Parameter]] | None = None
+    recommended: Recommended | None = None
 
 
 def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:

@@ -13,7 +13,7 @@ from typing import Literal
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig, fold_nothing
+from ftune.methods.base import Method, MethodConfig, Recommended, fold_nothing
 
 
 class Config(MethodConfig):
@@ -35,4 +35,5 @@ METHOD = Method(
     unmerge=fold_nothing,
     summary="only bias terms (+ task head) train",
     paper="Ben Zaken et al. 2022, BitFit, arXiv:2106.10199",
+    recommended=Recommended(1e-3, 'Ben Zaken et al. 2022 §3 search {1e-4, 4e-4, 7e-4, 1e-3}'),
 )

@@ -23,8 +23,9 @@ from torch import nn
 
 from ftune.methods.base import Method, MethodConfig, only_with_others, trainable_state_dict
 
-STAGES = {"linear layers": 0, "sub-block outputs": 1, "whole model": 2}
-"""Apply order by claim; a method that claims nothing (head, layers, bitfit) only picks weights: stage 1."""
+STAGES = {"block list": -1, "linear layers": 0, "sub-block outputs": 1, "whole model": 2}
+"""Apply order by claim; a method that claims nothing (head, layers, bitfit) only picks weights: stage 1. Dropping
+blocks (shrink) goes first, so every other part is built on the blocks that remain."""
 
 
 def check_compatible(parts: Sequence[MethodConfig]) -> None:
@@ -38,7 +39,8 @@ def check_compatible(parts: Sequence[MethodConfig]) -> None:
             raise ValueError(f"{name} is listed twice; give each method one section")
     # a part that rebuilds nothing and trains nothing itself (L2-SP) only adds to what the others train
     adders = [rec for rec in records if rec.trainable is only_with_others and not rec.claims]
-    trainers = [rec for rec in records if rec not in adders]
+    # a part that trains nothing but rebuilds something (shrink drops blocks) is neither: it joins any trainer
+    trainers = [rec for rec in records if rec.trainable is not only_with_others]
     for rec in trainers:
         if "every weight" in rec.claims and len(trainers) > 1:
             raise ValueError(f"{rec.name} already trains every weight, so it combines with no other method; "
@@ -55,6 +57,10 @@ def check_compatible(parts: Sequence[MethodConfig]) -> None:
         for b in records[i + 1:]:
             if shared := sorted(a.claims & b.claims):
                 raise ValueError(f"{a.name} and {b.name} both rebuild the {shared[0]}; keep one of them")
+            if trainable_state_dict is not a.saved_weights and trainable_state_dict is not b.saved_weights:
+                # the run saves one part's form (`combine`), so the other's extra tensors would be lost
+                raise ValueError(f"{a.name} and {b.name} each save their weights in a form of their own, which one "
+                                 "run cannot hold together; keep one of them")
 
 
 def _stage(method: Method) -> int:

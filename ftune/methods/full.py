@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from ftune.methods.base import Method, MethodConfig, fold_nothing
+from ftune.methods.base import Method, MethodConfig, Recommended, fold_nothing
 
 
 class Config(MethodConfig):
@@ -26,4 +26,7 @@ METHOD = Method(
     unmerge=fold_nothing,
     summary="every weight trains",
     paper="Howard & Ruder 2018, Universal Language Model Fine-tuning (ULMFiT), arXiv:1801.06146",
+    recommended=Recommended(1e-4, 'Turc et al. 2019 (arXiv:1908.08962) tune small BERTs at {1e-4, 5e-5, 3e-5}; '
+                            'BERT-base uses 2e-5 to 5e-5 (Devlin et al. 2019, App. A.3); the top of the '
+                            'small-model range suits short budgets'),
 )

@@ -11,7 +11,7 @@ from typing import Literal
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig, fold_nothing
+from ftune.methods.base import Method, MethodConfig, Recommended, fold_nothing
 
 
 class Config(MethodConfig):
@@ -38,4 +38,5 @@ METHOD = Method(
     quantized_base=True,
     summary="only the task head trains (linear probe)",
     paper="Pfeiffer et al. 2021, AdapterFusion, Table 1 'Head' baseline, arXiv:2005.00247",
+    recommended=Recommended(2e-3, "a new linear layer on frozen features; ftune's head_sst2 recipe (README)"),
 )

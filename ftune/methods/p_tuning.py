@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ftune.layers.soft_prompts import PromptedModel, embedding_width, prompt_parameters
-from ftune.methods.base import Method, MethodConfig
+from ftune.methods.base import Method, MethodConfig, Recommended
 from ftune.methods.prompt_tuning import disabled, peft_prompt_fields
 
 
@@ -93,4 +93,5 @@ METHOD = Method(
     quantized_base=True,
     summary="virtual tokens from an MLP or bi-LSTM prompt encoder, before and after the input",
     paper="Liu et al. 2021, GPT Understands, Too, arXiv:2103.10385",
+    recommended=Recommended(1e-3, "peft's P-tuning sequence-classification example (AdamW, 1e-3)"),
 )

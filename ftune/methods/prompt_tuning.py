@@ -19,7 +19,7 @@ from torch import nn
 
 from ftune.errors import MethodError
 from ftune.layers.soft_prompts import Prompt, PromptedModel, prompt_parameters
-from ftune.methods.base import Method, MethodConfig, switched_off
+from ftune.methods.base import Method, MethodConfig, Recommended, switched_off
 
 
 class Config(MethodConfig):
@@ -92,4 +92,6 @@ METHOD = Method(
     quantized_base=True,
     summary="n trainable virtual-token embeddings before the input",
     paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691",
+    recommended=Recommended(3e-2, "peft's prompt-tuning examples (AdamW, 3e-2); Lester et al. 2021 use 0.3 with "
+                            'Adafactor'),
 )

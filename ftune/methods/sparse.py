@@ -31,7 +31,7 @@ from torch import nn
 from ftune.errors import MethodError
 from ftune.layers.sparse import SparseDelta, adapted_weights, attach_to, stores
 from ftune.layers.sparse_select import LossFn, fisher_scores, moved_entries, random_positions
-from ftune.methods.base import Method, MethodConfig, switched_off, trainable_state_dict
+from ftune.methods.base import Method, MethodConfig, Recommended, switched_off, trainable_state_dict
 
 
 class Config(MethodConfig):
@@ -112,4 +112,7 @@ METHOD = Method(
     saved_weights=saved_weights,
     summary="a fixed sparse mask over every weight trains (FISH: Fisher, LT-SFT: most changed, or random)",
     paper="Sung et al. 2021, FISH mask, arXiv:2111.09839; Ansell et al. 2022, LT-SFT, arXiv:2110.07560",
+    recommended=Recommended(5e-4, "LoRA's rate at a like number of trained values; sparse_fisher_sst2 at 1e-4 "
+                            "trailed LoRA by 6.9 points after 300 steps (README) and a tiny model barely moved in 40 "
+                            "(tests/test_learns.py)"),
 )

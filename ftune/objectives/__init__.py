@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from ftune.objectives import task_loss
-from ftune.objectives.base import Bound, Objective, ObjectiveConfig
+from typing import Annotated
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (task_loss.OBJECTIVE,)}
+from pydantic import Field
 
-AnyObjectiveConfig = task_loss.Config  # a discriminated union on `name` once there are several
+from ftune.objectives import distill, dpo, reward, task_loss
+from ftune.objectives.base import Bound, Objective, ObjectiveConfig, Trained, trained_task
 
-__all__ = ["OBJECTIVES", "AnyObjectiveConfig", "Bound", "Objective", "ObjectiveConfig"]
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (task_loss.OBJECTIVE, distill.OBJECTIVE, reward.OBJECTIVE,
+                                                          dpo.OBJECTIVE)}
+
+AnyObjectiveConfig = Annotated[task_loss.Config | distill.Config | reward.Config | dpo.Config,
+                              Field(discriminator="name")]
+"""A recipe's objective section: any registered objective's config, chosen by `name`."""
+DEFAULT_OBJECTIVE = task_loss.Config()
+"""The objective of a recipe without an objective section: the task's own loss."""
+
+__all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "AnyObjectiveConfig", "Bound", "Objective", "ObjectiveConfig",
+           "Trained", "trained_task"]

@@ -21,16 +21,18 @@ _BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
 
 
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
-                   exempt: Iterable[torch.nn.Parameter] = ()):
+                   exempt: Iterable[torch.nn.Parameter] = (), fused: bool = False):
     """The optimizer `name` (one of OPTIMIZERS) over `params`, with decoupled weight decay except on `exempt`
-    (a second parameter group with weight_decay 0: L2-SP's parameters, which its own penalty regularises)."""
+    (a second parameter group with weight_decay 0: L2-SP's parameters, which its own penalty regularises).
+    `fused`: torch's AdamW updates every parameter in one kernel (the caller passes it for a CUDA run; the same
+    arithmetic as the per-tensor loop)."""
     params, skip = list(params), {id(p) for p in exempt}
     if skip:
         groups = [{"params": [p for p in params if id(p) not in skip]},
                   {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
         params = [g for g in groups if g["params"]]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     require_bitsandbytes(f"train.optimizer: {name}")
     import bitsandbytes as bnb
 

@@ -15,16 +15,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ftune import assemble
+from ftune.data import packing
 from ftune.data.loader import make_loader
 from ftune.errors import RecipeError
 from ftune.methods import method_of
 from ftune.methods.base import Method, count_parameters, trainable_state_dict
 from ftune.models.arch import transformer_blocks
 from ftune.objectives import OBJECTIVES, Bound
+from ftune.objectives.base import TrainingData
 from ftune.recipe import Recipe, dump_recipe
-from ftune.run import checkpoint, fsdp, processes
+from ftune.run import checkpoint, compiling, fsdp, linear_ce, processes, trackers
 from ftune.run.optim import lr_multiplier, make_optimizer
-from ftune.tasks import TASKS, Decoding, Task
+from ftune.tasks import Decoding, Task
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Position:
     """Sum of the step losses since the last log line (the mean over processes)."""
     window_steps: int = 0
     skipped_steps: int = 0
+    tokens: int = 0
+    """Input tokens of the applied steps, padding left out, over every process (metrics.json: train_tokens)."""
 
 
 @dataclass
@@ -103,7 +107,8 @@ def accelerator_for(recipe: Recipe, method: Method, precision: str) -> Accelerat
                                                   state_dict_type="FULL_STATE_DICT", reshard_after_forward=True)
     # cpu=True where there is no GPU: several CPU processes then form a gloo process group (accelerate's MULTI_CPU)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(precision, precision),
-                       kwargs_handlers=[ddp], fsdp_plugin=sharding)
+                       kwargs_handlers=[ddp], fsdp_plugin=sharding,
+                       **trackers.accelerator_options(recipe.train.report_to, Path(recipe.output_dir)))
 
 
 def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) -> Run:
@@ -112,7 +117,7 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
     precision = resolve_precision(t.precision)
     if precision == "fp16" and not torch.cuda.is_available():
         raise RecipeError("train.precision: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on CPU")
-    method, task = method_of(recipe.method), TASKS[recipe.task]
+    method, task = method_of(recipe.method), assemble.task_of(recipe)
     accelerator = accelerator_for(recipe, method, precision)
     console.quiet = not accelerator.is_main_process  # progress and notes once; errors still reach every stderr
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -125,24 +130,37 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
     set_seed(t.seed)
 
     source, tokenizer = assemble.load_tokenizer(recipe)
-    train_rows = assemble.read_split(recipe, "train")
-    names = assemble.label_names(recipe, train_rows)
-    train_set = assemble.encode(recipe, train_rows, tokenizer, names)
-    val_set = assemble.encode(recipe, assemble.read_split(recipe, "validation"), tokenizer, names) if recipe.data.validation else None
+    (names, train_set, val_set), data_note = assemble.encoded_splits(recipe, tokenizer)  # tokenised once (data.cache)
     model = assemble.build_model(recipe, source, tokenizer, names)
     objective = OBJECTIVES[recipe.objective.name]
-    bound = objective.bind(recipe.objective, task, assemble.build_extra_models(recipe, objective.extra_models(recipe.objective)))
+    extra = {role: m.to(accelerator.device)
+             for role, m in assemble.build_extra_models(recipe, objective.extra_models(recipe.objective), names).items()}
+    trained = assemble.trained(recipe, model, tokenizer, accelerator.device, precision, names)
+    if objective.prepare:  # checks against the data, and values its loss reads per example (a teacher's logits)
+        train_rows = assemble.read_split(recipe, "train")  # the text, which the encoded-data cache skips
+        data = TrainingData(recipe, train_rows, train_set.examples, tokenizer, names, accelerator.device, trained)
+        fields = objective.prepare(recipe.objective, task, data, extra)
+        if fields:
+            train_set.examples = [e | f for e, f in zip(train_set.examples, fields, strict=True)]
+    if recipe.data.packing:  # before anything is written: examples and model must allow it
+        packing.check_examples(train_set.examples)
+        packing.require_isolation(model, train_set.examples)
+    # the task's own loss from hidden states where that is exact for this model (logits only where labels are kept)
+    bound = objective.bind(recipe.objective, linear_ce.training_task(task, model, sharded(accelerator)), extra, trained)
     if t.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers; the old goes in v6
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     if method.calibrate and not resume:  # a sparse mask, L2-SP's w0: before the optimizer; a resumed run has them
         model.to(accelerator.device)
         every_row = make_loader(train_set.examples, per_device, tokenizer.pad_token_id, t.seed, True)  # same on all
         method.calibrate(model, recipe.method, every_row, bound.loss)
     counts = count_parameters(model)
-    train_loader = make_loader(train_set.examples, per_device, tokenizer.pad_token_id, t.seed, True, rank, world)
+    compile_note = compiling.compile_model(model, t.compile, accelerator.device, sharded(accelerator),
+                                           recipe.model.quantization is not None)
+    # packed rows have no padding to group away; grouping keeps whole optimizer steps together (step_batches)
+    train_loader = make_loader(train_set.examples, per_device, tokenizer.pad_token_id, t.seed, True, rank, world,
+                               group_by_length=t.group_by_length and not recipe.data.packing,
+                               step_batches=t.grad_accum,
+                               collate_fn=packing.collate_packed if recipe.data.packing else None)
     val_loader = val_set and assemble.eval_loader(recipe, val_set.examples[rank::world], tokenizer)
 
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
@@ -152,7 +170,7 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
     warmup = t.warmup_steps or round(t.warmup_ratio * total_steps)
     exempt = method.decay_exempt(model) if method.decay_exempt else []
     optimizer = make_optimizer(t.optimizer, [p for p in model.parameters() if p.requires_grad], t.lr, t.weight_decay,
-                               exempt)
+                               exempt, fused=accelerator.device.type == "cuda" and not sharded(accelerator))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t.scheduler, warmup, total_steps))
     if sharded(accelerator):
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = [type(transformer_blocks(model)[0]).__name__]
@@ -185,8 +203,20 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
                                            rank=rank, restore_sharded=restore)
         pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
         console.print(f"resuming from {resume_from} (step {pos.step})", soft_wrap=True)  # a long path stays whole
+    for note in (f"data: {data_note}", compile_note):  # said once nothing can fail on bad input any more
+        if note:
+            console.print(note, soft_wrap=True, markup=False, highlight=False)
+    trackers.start(accelerator, t.report_to, recipe.model_dump(mode="json"), out, pos.step)
     return Run(recipe, out, accelerator, precision, model, raw_model, method, task, bound, optimizer, scheduler,
                train_loader, val_loader, assemble.decoding(recipe, tokenizer), names, total_steps, counts, pos)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (train.gradient_checkpointing), non-reentrant."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers; the old goes in v6
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def sharded(accelerator: Accelerator) -> bool:

@@ -13,9 +13,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ftune.data import prefetch
+from ftune.data.loader import token_count
 from ftune.errors import TrainingError
 from ftune.recipe import Recipe
-from ftune.run import checkpoint, fsdp, processes
+from ftune.run import checkpoint, fsdp, plots, processes, trackers
 from ftune.run.evaluate import evaluate
 from ftune.run.setup import Position, Run, prepare, sharded, state_of
 
@@ -35,7 +37,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     if run.main:
         _truncate_log(run.out / "metrics.jsonl", pos.step, run.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    micro_batches = _micro_batches(run.train_loader, pos)
+    micro_batches = _micro_batches(run.train_loader, pos, pin=acc.device.type == "cuda")
     window_tokens, window_start, started = 0, time.perf_counter(), time.perf_counter() - pos.train_seconds
     skips_in_a_row = 0
     model.train()
@@ -44,11 +46,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                         disable=not (console.is_terminal and run.main), transient=True)
     bar = progress.add_task("train", total=run.total_steps, completed=pos.step, stats="")
     with progress:
-        while pos.step < run.total_steps:
+        out_of_time = False
+        while pos.step < run.total_steps and not out_of_time:
             batches = [next(micro_batches) for _ in range(t.grad_accum)]
             # the step's loss is the mean over every row or token it sees, on every process: its count comes first
             step_count = processes.total(acc, sum(run.objective.count(b) for b in batches)).clamp(min=1)
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # host tensors: no device sync
+            tokens = sum(token_count(b) for b in batches)  # host tensors: no device sync
             step_loss = torch.zeros((), device=acc.device)
             for i, batch in enumerate(batches):
                 batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
@@ -62,10 +65,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                     acc.backward(loss)
                 step_loss += loss.detach()
             norm = _clip(acc, params, t.max_grad_norm).float()
-            # the step's one collective and one host read (none per micro-batch): loss, norm and tokens over every
-            # process, so a non-finite value anywhere is every process's decision
-            seen = processes.total(acc, torch.stack([step_loss.float(), norm, torch.tensor(float(tokens), device=norm.device)]))
-            loss_all, norm_all, tokens_all = seen.tolist()
+            # the step's one collective and one host read (none per micro-batch): loss, norm, tokens and clocks over
+            # every process, so a non-finite value anywhere, or train.max_seconds, is every process's decision
+            clock = torch.tensor([float(tokens), time.perf_counter() - started], device=norm.device)
+            seen = processes.total(acc, torch.cat([torch.stack([step_loss.float(), norm]), clock]))
+            loss_all, norm_all, tokens_all, seconds_all = seen.tolist()
             bad = _why_bad(loss_all, norm_all) if acc.scaler is None else None
             if bad:  # nothing of this step reaches the weights, the optimizer or the scheduler
                 if t.on_nonfinite == "stop":
@@ -87,10 +91,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             pos.window_steps += 1
             pos.window_loss += loss_all / acc.num_processes
             window_tokens += tokens_all
+            pos.tokens += round(tokens_all)
             pos.train_seconds = time.perf_counter() - started
+            out_of_time = t.max_seconds is not None and seconds_all / acc.num_processes >= t.max_seconds
             step = pos.step
 
-            if step % t.log_every == 0 or step == run.total_steps:
+            if step % t.log_every == 0 or step == run.total_steps or out_of_time:
                 span = time.perf_counter() - window_start
                 entry = {"step": step, "loss": pos.window_loss / pos.window_steps, "lr": run.scheduler.get_last_lr()[0],
                          "tokens_per_s": window_tokens / span, "epoch": pos.epoch, "skipped_steps": pos.skipped_steps}
@@ -99,24 +105,29 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                 pos.window_loss, pos.window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             progress.update(bar, completed=step)
 
-            if run.val_loader and t.eval_every and step % t.eval_every == 0 and step < run.total_steps:
+            last = step == run.total_steps or out_of_time  # the final evaluation and save follow the loop
+            if run.val_loader and t.eval_every and step % t.eval_every == 0 and not last:
                 metrics = _score(run)
                 _log(run, {"step": step, "validation": metrics})
                 console.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), soft_wrap=True)
+                _plot(run, console)
                 if t.best_metric:
                     _keep_if_best(run, metrics)
-            if t.save_every and step % t.save_every == 0 and step < run.total_steps:
+            if t.save_every and step % t.save_every == 0 and not last:
                 _save_checkpoint(run)
 
+    micro_batches.close()  # stops the thread that collates ahead
     final = _score(run) if run.val_loader else {}
     if final:
         _log(run, {"step": pos.step, "validation": final})
+    _plot(run, console)
     if not t.best_metric or not final:
         _save_weights(run, final)
     else:
         _keep_if_best(run, final)
     _save_checkpoint(run)
     result = {"step": pos.step, "skipped_steps": pos.skipped_steps, "train_seconds": round(pos.train_seconds, 2),
+              "train_tokens": pos.tokens,
               "trainable_params": n_trainable, "total_params": n_total, "validation": final,
               "best": {t.best_metric: pos.best} if t.best_metric else None}
     if run.method.report:  # read after the final evaluation, which the report may summarise
@@ -125,15 +136,17 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             checkpoint.write_json(run.out / "method_report.json", result["method_report"])
     if run.main:
         checkpoint.write_json(run.out / "metrics.json", result)
+    trackers.finish(acc)
     processes.barrier(acc)  # no process leaves before the run directory is complete
     return result
 
 
-def _micro_batches(loader, pos: Position):
-    """This process's micro-batches from `pos` on, epoch after epoch; `pos.epoch`/`pos.batch` follow what was taken."""
+def _micro_batches(loader, pos: Position, pin: bool):
+    """This process's micro-batches from `pos` on, epoch after epoch; `pos.epoch`/`pos.batch` follow what was taken
+    (a background thread collates ahead, `pin`ned for CUDA; what it holds unread is not counted)."""
     while True:
         loader.batch_sampler.set_position(pos.epoch, pos.batch)
-        for batch in loader:
+        for batch in prefetch.ahead(loader, pin=pin):
             pos.batch += 1
             yield batch
         pos.epoch, pos.batch = pos.epoch + 1, 0
@@ -173,13 +186,20 @@ def _stopped(run: Run, why: str) -> TrainingError:
 def _score(run: Run) -> dict:
     gather = (lambda scorer: processes.gather(run.accelerator, scorer)) if run.accelerator.num_processes > 1 else None
     return evaluate(run.model, run.val_loader, run.task, run.label_names, run.accelerator.device, run.precision, gather,
-                    run.decoding)
+                    run.decoding, run.objective.evaluation)
 
 
 def _log(run: Run, entry: dict) -> None:
     if run.main:
         with open(run.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
+        run.accelerator.log(trackers.scalars(entry), step=entry["step"])  # train.report_to's trackers, if any
+
+
+def _plot(run: Run, console: Console) -> None:
+    """Redraw loss.png (main process); a failure is one warning line, never the end of the run."""
+    if run.main and (failure := plots.refresh(run.out)):
+        console.print(f"warning: {failure}", soft_wrap=True, markup=False, highlight=False)
 
 
 def _keep_if_best(run: Run, metrics: dict) -> None:

@@ -7,12 +7,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ftune.assemble import load_run
+from ftune.assemble import load_run, task_of
 from ftune.errors import MethodError, RunDirError
 from ftune.methods import method_of
 from ftune.methods.base import unwrap_merged
 from ftune.models import DTYPES, quantize
-from ftune.tasks import TASKS
 
 
 def merge_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -21,13 +20,22 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     A quantised base (QLoRA) is first dequantised, each weight to the values its forward used (see
     `quantize.dequantize`); the saved model carries no quantization_config and loads with AutoModelFor*.
     """
-    out = _check_fresh(out)  # before any loading: a refusal costs nothing
+    out = check_fresh(out)  # before any loading: a refusal costs nothing
+    _, model, tokenizer = merged_model(run_dir)
+    make_dir(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def merged_model(run_dir: str | Path):
+    """(recipe, the run's base model with the method folded in and unwrapped to plain transformers modules,
+    tokenizer); MethodError for a method that cannot merge. `ftune merge` saves it, `--format onnx` exports it."""
     recipe, model, tokenizer = load_run(run_dir)
     method = method_of(recipe.method)
     if method.merge is None:
         raise MethodError(f"{method.name} adds modules that cannot be folded into the base weights, so there is no "
                           f"merged model; the run dir itself is the model (`ftune eval {run_dir}`)")
-    _make_dir(out)
     dtype = DTYPES[recipe.model.dtype]
     if recipe.model.quantization:  # B A cannot be added to 4/8-bit codes: dequantise (to the compute dtype), then fold
         quantize.dequantize(model, dtype)
@@ -37,14 +45,12 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
         model.to(dtype)
     for p in model.parameters():
         p.requires_grad_(True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return recipe, model, tokenizer
 
 
 def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads."""
-    out = _check_fresh(out)
+    out = check_fresh(out)
     recipe, model, tokenizer = load_run(run_dir)
     method = method_of(recipe.method)
     if method.peft_config is None:
@@ -58,17 +64,17 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
         extra_owners = sorted({name.rpartition(".")[0] for name, p in model.named_parameters()
                                if p.requires_grad and id(p) not in method_params})
         tensors = {f"base_model.model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    config |= {"task_type": TASKS[recipe.task].peft_task_type, "modules_to_save": extra_owners or None,
+    config |= {"task_type": task_of(recipe).peft_task_type, "modules_to_save": extra_owners or None,
                "base_model_name_or_path": recipe.model.name, "inference_mode": True}
     tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
-    _make_dir(out)
+    make_dir(out)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     return out
 
 
-def _check_fresh(out: str | Path) -> Path:
+def check_fresh(out: str | Path) -> Path:
     """`out` must be new or an empty folder: merge and export never write into (or over) anything else."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -78,7 +84,7 @@ def _check_fresh(out: str | Path) -> Path:
     return out
 
 
-def _make_dir(out: Path) -> None:
+def make_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

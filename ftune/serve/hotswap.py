@@ -33,6 +33,7 @@ from ftune.errors import DataError, MethodError, RecipeError, RunDirError
 from ftune.methods import METHODS, method_of
 from ftune.methods.base import trainable_state_dict
 from ftune.methods.lora import LoRALinear
+from ftune.objectives import OBJECTIVES
 from ftune.recipe import Recipe, load_recipe
 from ftune.run import checkpoint
 
@@ -262,7 +263,6 @@ def score(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, 
     """`ftune eval` for one model: {"source", metrics...} on a split of the recipe's data, or on a file, under the
     mixed precision the run trained with (run.json's `precision`), as its evaluations during training were."""
     from ftune.run.evaluate import evaluate
-    from ftune.tasks import TASKS
 
     if data and not Path(data).exists():
         raise DataError(f"--data: {data} does not exist")
@@ -273,8 +273,11 @@ def score(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, 
              f"{recipe.data.max_length} tokens")
     loader = assemble.eval_loader(recipe, encoded.examples, tokenizer)
     device = next(model.parameters()).device
-    metrics = evaluate(model, loader, TASKS[recipe.task], names, device, precision,
-                       decoding=assemble.decoding(recipe, tokenizer))
+    # an objective with its own metrics (DPO's rewards, which need the reference) is bound on the loaded model
+    own = OBJECTIVES[recipe.objective.name].own_metrics
+    objective = assemble.bind_objective(recipe, model, tokenizer, device, precision, names).evaluation if own else None
+    metrics = evaluate(model, loader, assemble.task_of(recipe), names, device, precision,
+                       decoding=assemble.decoding(recipe, tokenizer), objective=objective)
     return {"source": rows.source, **metrics}
 
 
@@ -283,7 +286,10 @@ def score_runs(run_dirs: list[Path], split: str, data: str | None,
     """Score each run: hot-swapped on one loaded base for a mergeable method, else each run loaded in turn."""
     run_dirs = [Path(r) for r in run_dirs]
     recipes = read_recipes(run_dirs)
-    if swappable(recipes):
+    # an objective scoring with the base beside the run (DPO's reference: the method switched off) needs the
+    # method unmerged, which a swapped-in run is not: such runs are loaded in turn
+    own_metrics = any(OBJECTIVES[r.objective.name].own_metrics for r in recipes)
+    if swappable(recipes) and not own_metrics:
         bank = load_bank(run_dirs, recipes)
         results = []
         for i, (run, recipe) in enumerate(zip(run_dirs, recipes)):

@@ -75,6 +75,20 @@ class Task:
         generate: `(model, inputs, decoding) -> texts`: one generated text per row of a batch (its inputs, without
             labels), in the caller's precision context. Set for tasks scored on generated text (ROUGE): evaluation
             hands it to the scorer's `add_generated`, and `ftune predict` prints it. None: scored from logits alone.
+        next_token: per-token logits at position i are scored against the label at i + 1 (a causal LM, whose
+            `loss` shifts them so); otherwise position i against label i. Read by objectives that compare
+            per-token distributions (distillation).
+        paired: each example is a preference pair (prompt + chosen, prompt + rejected): a batch of B pairs holds the
+            B chosen sequences in rows 0..B-1 and their rejected ones in rows B..2B-1, and `loss`/`count` see all 2B
+            rows. Preference objectives (reward, dpo) need it.
+        holdout_group: `(row, data_spec) -> key`: rows with the same key stay on one side of
+            data.validation_fraction's split (preference pairs that share a prompt). None: each row on its own.
+        hidden_loss: `(hidden, output_layer, labels) -> (sum, count)`, the same as `loss` but from the final hidden
+            states (B, T, d) and the model's output layer, so that logits are made only where a label is kept and
+            in chunks (ftune/run/linear_ce.py). The task's own objective uses it when the model's logits are
+            exactly its output layer of its last hidden state (checked at setup). None: from logits only.
+        packs: examples may be packed end to end in one row (data.packing: ftune/data/packing.py): the loss is
+            per token within each sequence (a causal LM).
     """
 
     name: str
@@ -90,6 +104,11 @@ class Task:
     predict_row: Callable[[torch.Tensor, list[str]], dict[str, Any]] | None = None
     encodes_with_config: bool = False
     generate: Callable[[Any, dict[str, torch.Tensor], Decoding], list[str]] | None = None
+    next_token: bool = False
+    paired: bool = False
+    holdout_group: Callable[[dict[str, Any], Any], str] | None = None
+    hidden_loss: Callable[[torch.Tensor, Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    packs: bool = False
 
     @property
     def has_classes(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 from ftune.data.sources import Rows, column
 from ftune.errors import DataError
+from ftune.run.linear_ce import linear_cross_entropy
 from ftune.tasks.base import IGNORE_INDEX, Encoded, Task, token_loss
 
 ALPACA = (
@@ -77,6 +78,15 @@ def loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torc
     return token_loss(logits[:, :-1], labels[:, 1:])
 
 
+def hidden_loss(hidden: torch.Tensor, output_layer, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`loss` from the final hidden states (B, T, d): the output layer is applied only at the positions whose next
+    token carries loss (SFT: the response, a few percent of the tokens), in chunks (linear_ce)."""
+    targets = labels[:, 1:]
+    kept = targets != IGNORE_INDEX
+    total = linear_cross_entropy(hidden[:, :-1][kept], output_layer.weight, output_layer.bias, targets[kept])
+    return total, kept.sum()
+
+
 def count(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
@@ -108,4 +118,7 @@ TASK = Task(
     loss=loss,
     count=count,
     scorer=Scorer,
+    next_token=True,
+    hidden_loss=hidden_loss,
+    packs=True,
 )

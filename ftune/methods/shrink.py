@@ -1,0 +1,150 @@
+"""Shrinking: drop transformer blocks of the pretrained model, all before fine-tuning or one at a time during it.
+
+Sajjad et al. 2020, "On the Effect of Dropping Layers of Pre-trained Transformer Models" (arXiv:2004.03844): dropping
+the top blocks keeps most of the accuracy. DynaBERT (Hou et al. 2020, arXiv:2004.04037) keeps evenly spaced blocks
+(at depth 1/2 it drops block d, 0-based, when (d+1) mod 2 = 0). `drop`, in a stack of n blocks: top-k drops the top
+k (n-1, n-2, ...); every-other the top k of the odd blocks; list the blocks `blocks`, in that order; k defaults to
+n // 2. An encoder-decoder model (T5, BART) drops by the same rule in each stack.
+
+Without `schedule` the blocks go before training and the model is smaller from the start. With `schedule: {start,
+end}` (optimizer steps as integers, or fractions of the run as floats in (0, 1]) they go one at a time in that order,
+evenly spaced from start to end (models/depth.py: removal_steps); the stack keeps every block and skips the dropped
+ones (layers/shrinking_blocks.py), whose parameters get no gradient and stop training. A schedule's natural pair is
+distillation from the unshrunk model. A part of a method list that trains nothing itself and goes in first, so other
+parts are built on the blocks that remain: `method: [{name: shrink, drop: top-k, k: 3}, {name: full}]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from ftune.errors import MethodError
+from ftune.layers import shrinking_blocks as sb
+from ftune.methods.base import Method, MethodConfig, fold_nothing, only_with_others, trainable_state_dict
+from ftune.models import depth
+
+
+class Schedule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    start: int | float
+    """First removal: after this optimizer step (an integer ≥ 1), or this fraction of the run (a float in (0, 1])."""
+    end: int | float
+    """Last removal, likewise; at most the run's last step."""
+
+    @field_validator("start", "end")
+    @classmethod
+    def _step_or_fraction(cls, value: float) -> float:
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError(f"{value} is a fraction of the run, which lies in (0, 1]; give a step as a whole number")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value}: steps count from 1, the first optimizer step")
+        return value
+
+    def steps(self, total_steps: int) -> tuple[int, int]:
+        """(start, end) as optimizer steps of a run of `total_steps`."""
+        return tuple(p if isinstance(p, int) else max(1, round(p * total_steps)) for p in (self.start, self.end))
+
+
+class Config(MethodConfig):
+    name: Literal["shrink"] = "shrink"
+    drop: Literal["top-k", "every-other", "list"] = "top-k"
+    """Which blocks go: the top k, every other one from the top (evenly spaced), or those listed in `blocks`."""
+    k: int | None = Field(None, ge=1)
+    """Blocks to drop (top-k: the top k; every-other: the top k of the odd ones). Default: half, rounded down."""
+    blocks: tuple[int, ...] = ()
+    """drop: list: the 0-based blocks to drop, in the order a schedule removes them."""
+    schedule: Schedule | None = None
+    """Remove the blocks one at a time during training, evenly spaced from start to end; None: all before training."""
+
+    @model_validator(mode="after")
+    def _one_way_to_choose(self) -> Config:
+        if self.drop == "list":
+            if not self.blocks or self.k is not None:
+                raise ValueError("drop: list takes the blocks to drop in `blocks` (and no k)")
+            if min(self.blocks) < 0:
+                raise ValueError(f"blocks: {min(self.blocks)} is not a block; blocks count from 0")
+            if len(set(self.blocks)) < len(self.blocks):
+                raise ValueError(f"blocks: {list(self.blocks)} names a block twice; give each block once")
+        elif self.blocks:
+            raise ValueError(f"blocks is read by drop: list only; drop: {self.drop} chooses its blocks by k")
+        if self.schedule and type(self.schedule.start) is type(self.schedule.end) and self.schedule.start > self.schedule.end:
+            raise ValueError(f"schedule: start {self.schedule.start} comes after end {self.schedule.end}")
+        return self
+
+
+def _order(cfg: Config, n: int) -> list[int]:
+    return depth.blocks_to_drop(cfg.drop, cfg.k, cfg.blocks, n, "shrink")
+
+
+def apply(model: nn.Module, cfg: Config) -> nn.Module:
+    for stack in depth.stacks(model):
+        order = _order(cfg, len(stack.blocks))
+        depth.check_droppable(list(stack.blocks), order, "shrink.blocks")
+        if cfg.schedule is None:
+            depth.remove(stack, order)
+        else:
+            setattr(stack.owner, stack.attr, sb.ShrinkingBlocks(list(stack.blocks), stack.depth))
+    return model
+
+
+def check_total_steps(cfg: Config, total_steps: int) -> None:
+    start, end = cfg.schedule.steps(total_steps)
+    if end > total_steps:
+        raise MethodError(f"shrink.schedule.end: step {end} lies past the run's last step, {total_steps}; end by then "
+                          "or give a fraction of the run (e.g. 0.5)")
+    if start > end:  # a step and a fraction: known only now
+        raise MethodError(f"shrink.schedule: start (step {start}) comes after end (step {end}) of {total_steps}")
+
+
+def drop_due(model: nn.Module, step: int, total_steps: int, cfg: Config) -> None:
+    """`on_step_end` of a schedule: every block whose removal step has come is dropped (again, harmlessly)."""
+    for stack in sb.shrinking_stacks(model):
+        order = _order(cfg, len(stack.dropped))
+        due = [i for i, at in zip(order, depth.removal_steps(*cfg.schedule.steps(total_steps), len(order))) if at <= step]
+        if due and not bool(stack.dropped[due].all()):
+            stack.drop(due)
+
+
+def saved_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights and, per stack, which blocks were dropped when they were saved."""
+    return trainable_state_dict(model) | sb.dropped_state(model)
+
+
+BEFORE_TRAINING = Method(
+    name="shrink", config_cls=Config, apply=apply, trainable=only_with_others, claims=frozenset({"block list"}),
+    merge=fold_nothing, unmerge=fold_nothing, quantized_base=True,
+    summary="drops transformer blocks (top-k, every-other, a list), before or during training (list it with a method)",
+    paper="Sajjad et al. 2020, On the Effect of Dropping Layers of Pre-trained Transformer Models, arXiv:2004.03844; "
+          "Hou et al. 2020, DynaBERT, arXiv:2004.04037",
+)
+
+
+def resolve(cfg: Config) -> Method:
+    """The record for `cfg`: blocks gone before training, or a schedule (stepwise, with its own saved form)."""
+    if cfg.schedule is None:
+        return BEFORE_TRAINING
+    return dataclasses.replace(
+        BEFORE_TRAINING, merge=sb.collapse_all, unmerge=sb.expand_all, check_total_steps=check_total_steps,
+        on_step_end=lambda model, step, total_steps: drop_due(model, step, total_steps, cfg),
+        saved_weights=saved_weights, unused_parameters=True)
+
+
+METHOD = dataclasses.replace(BEFORE_TRAINING, resolve=resolve)
+
+
+def validate_lines(recipe, model: nn.Module) -> list[str]:
+    """What `ftune validate` adds for a recipe with a shrink part (nothing without): blocks kept, parameters, and an
+    estimate of the forward speed-up at data.max_length (models/depth.py: describe)."""
+    from ftune.assemble import model_config
+
+    cfg = next((p for p in [recipe.method, *getattr(recipe.method, "methods", [])] if isinstance(p, Config)), None)
+    if cfg is None:
+        return []
+    when = "before training" if cfg.schedule is None else f"one at a time from {cfg.schedule.start} to {cfg.schedule.end}"
+    return depth.describe(model, model_config(recipe), lambda n: _order(cfg, n), when, recipe.data.max_length)
