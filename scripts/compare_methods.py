@@ -35,8 +35,8 @@ def main() -> None:
     for name, recipe in recipes.items():
         what, flags = ACTIONS[states[name]]
         print(f"{name}: {what}", flush=True)
-        if flags is not None and (why := launch(write_recipe(args.out, name, recipe), flags)):
-            failed[name] = why
+        if flags is not None and (outcome := launch(write_recipe(args.out, name, recipe), flags))[0]:
+            failed[name] = outcome[1]
     metric, mode = table.metric_of(next(iter(recipes.values())))
     rows = [table.read_row(n, r, metric, mode) for n, r in recipes.items() if n not in failed]
     ctx = table.context(Path(", ".join(str(p) for p in args.recipes)), f"{args.steps} steps", metric, mode)

@@ -57,7 +57,7 @@ def row(path: Path, max_peak_gib: float, steps: int) -> str:
             e = estimate_recipe(*built, both_ways=False)
             if e.peak <= max_peak_gib * 2**30 or batch == 1:
                 break
-            note = f"batch {batch} → {batch // 2}: estimated peak {gib(e.peak)} > {max_peak_gib:g} GiB; "
+            note += f"at batch {batch} the estimated peak is {gib(e.peak)} > {max_peak_gib:g} GiB; "
             batch //= 2
             del built, e
             gc.collect()
@@ -68,10 +68,10 @@ def row(path: Path, max_peak_gib: float, steps: int) -> str:
     m = e.measured
     rows, length, accum = e.batch
     shape = f"{rows} × {length}" + (f" (× {accum} micro-batches)" if accum > 1 else "")
-    if batch != load_recipe(path).train.batch_size:
-        note += f"measured at batch {batch} (the recipe: {load_recipe(path).train.batch_size})"
+    if note:
+        note += f"measured at batch {batch} (the recipe's: {load_recipe(path).train.batch_size})"
     resident = mib(m.resident_rise) if m.resident_rise is not None else "n/a"
-    return (f"| {name} | {shape} | {mib(e.step.peak)} | {mib(m.peak)} | {e.step.peak / m.peak:.3f} | {mib(e.peak)} | "
+    return (f"| {name} | {shape} | {mib(e.step.peak)} | {mib(m.peak)} | {e.step.peak / m.peak:.4f} | {mib(e.peak)} | "
             f"{resident} | {m.seconds_per_step:.2f} | {note} |")
 
 

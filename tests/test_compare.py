@@ -213,3 +213,18 @@ def test_time_budget_stops_training_and_evaluates(tiny_bert, cls_data, tmp_path)
     log = _log(tmp_path / "run")
     assert [e["step"] for e in log] == [1, 1] and "loss" in log[0] and "validation" in log[1]
     assert (tmp_path / "run" / "method.safetensors").is_file()
+
+
+def test_all_leaves_out_a_method_the_model_refuses(recipe, tmp_path, monkeypatch):
+    """With --all, a worker that exits with REFUSED (a MethodError before anything was written, e.g. BitFit on a model
+    without biases) leaves its method out with the reason; with --methods it is a failure."""
+    from ftune.compare import run as running
+    from ftune.compare.worker import REFUSED
+
+    monkeypatch.setattr(running, "launch", lambda recipe_file, flags: (REFUSED, "bitfit: the model has no biases"))
+    every = compare(recipe, None, True, BUDGET, tmp_path / "all", [])
+    assert every.rows == [] and not every.failed
+    assert every.left_out["bitfit"] == "does not apply to this model: bitfit: the model has no biases"
+    named = compare(recipe, "bitfit", False, BUDGET, tmp_path / "named", [])
+    assert named.failed == {"bitfit": "bitfit: the model has no biases"} and "bitfit" not in named.left_out
+    assert "- failed: bitfit: bitfit: the model has no biases" in (tmp_path / "named" / "comparison.md").read_text()

@@ -47,8 +47,9 @@ def test_reward_judge_picks_the_higher_score():
 
 def test_label_rows_follow_the_judge(tiny_llama):
     from ftune import models
+    from ftune.tasks import TASKS
 
-    model, _ = models.load_model("causal_lm", str(tiny_llama))
+    model, _ = models.load_model(TASKS["causal_lm"], str(tiny_llama))
     tokenizer = models.load_tokenizer(str(tiny_llama))
     judge = RewardJudge(lambda prompt, completions: [float(len(c)) for c in completions], "rm")
     prompts = ["repeat the word good", "repeat the word bad", "say something"]

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from ftune.compare import plan as planning
 from ftune.compare import table
+from ftune.compare.worker import REFUSED
 from ftune.errors import RunDirError
 from ftune.recipe import Recipe, dump_recipe, load_recipe
 from ftune.run import checkpoint
@@ -60,8 +61,9 @@ def state_of(run_dir: Path, recipe_yaml: str) -> str:
     return "resume" if checkpoint.latest_checkpoint(run_dir) else "restart"
 
 
-def launch(recipe_file: Path, flags: list[str]) -> str | None:
-    """Run one method's worker; its stderr passes through. Returns None, or the one line saying why it failed."""
+def launch(recipe_file: Path, flags: list[str]) -> tuple[int, str]:
+    """Run one method's worker; its stderr passes through. Returns its exit code and, if not 0, the one line saying
+    why (worker.REFUSED: the method does not apply to the model)."""
     command = [sys.executable, "-m", "ftune.compare.worker", str(recipe_file), *flags]
     worker = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
     last = ""
@@ -69,8 +71,8 @@ def launch(recipe_file: Path, flags: list[str]) -> str | None:
         sys.stderr.write(line)
         last = line.strip() or last
     if worker.wait() == 0:
-        return None
-    return last.removeprefix("error: ") or f"the worker exited with code {worker.returncode}"
+        return 0, ""
+    return worker.returncode, last.removeprefix("error: ") or f"the worker exited with code {worker.returncode}"
 
 
 def compare(recipe_path: Path, names: str | None, every: bool, budget_text: str, out: Path, overrides: list[str],
@@ -91,10 +93,14 @@ def compare(recipe_path: Path, names: str | None, every: bool, budget_text: str,
         if flags is None:
             continue
         recipe_file = write_recipe(out, method, recipe)
-        if (why := launch(recipe_file, flags)) is not None:
+        code, why = launch(recipe_file, flags)
+        if code == REFUSED and every:  # --all: a method this model cannot take is left out, as at planning
+            left_out[method] = f"does not apply to this model: {why}"
+        elif code:
             failed[method] = why
-            console.print(f"{method} failed: {why}", soft_wrap=True, markup=False, highlight=False)
-    done = {m: r for m, r in recipes.items() if m not in failed}
+        if code:
+            console.print(f"{method}: {why}", soft_wrap=True, markup=False, highlight=False)
+    done = {m: r for m, r in recipes.items() if m not in failed and m not in left_out}
     return _report(recipe_path, base, budget, done, left_out, failed, limit, out)
 
 

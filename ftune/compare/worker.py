@@ -23,7 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftune.errors import FtuneError, MethodError
+
 RESULT = "compare.json"
+REFUSED = 3
+"""Exit code when the method does not apply to the model: it refused before the run directory was written."""
 REPEATS = 5
 ROWS = 16  # rows of the timed batch: enough to be a real batch, few enough to time on a CPU
 
@@ -105,13 +109,24 @@ def run(recipe_path: Path, resume: bool, overwrite: bool, measure_only: bool) ->
     result = json.loads((out / RESULT).read_text()) if (out / RESULT).is_file() else {}
     if not measure_only:
         start = time.perf_counter()
-        train(recipe, resume=resume, overwrite=overwrite, console=Console(stderr=True))
+        try:
+            train(recipe, resume=resume, overwrite=overwrite, console=Console(stderr=True))
+        except MethodError as e:
+            if (out / checkpoint.RECIPE).exists():
+                raise
+            raise Refused(str(e)) from None
         result = {"wall_seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory(),
                   "memory": "cuda max allocated" if _cuda() else "process peak RSS", "resumed": resume}
         checkpoint.write_json(out / RESULT, result)  # before the forward timing, which loads the model again
     result["forward"] = forward_cost(out)
     checkpoint.write_json(out / RESULT, result)
     return result
+
+
+class Refused(FtuneError):
+    """The method does not apply to this model (e.g. BitFit on a model without biases); nothing was written."""
+
+    exit_code = REFUSED
 
 
 def _cuda() -> bool:
@@ -122,7 +137,6 @@ def _cuda() -> bool:
 
 def main(argv: list[str]) -> int:
     from ftune.cli import _quiet_libraries
-    from ftune.errors import FtuneError
 
     flags = {a for a in argv if a.startswith("--")}
     paths = [a for a in argv if not a.startswith("--")]

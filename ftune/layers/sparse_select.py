@@ -23,11 +23,13 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
 def fisher_scores(model: nn.Module, store: SparseDelta, batches: Iterable[Batch], loss_fn: LossFn,
                   samples: int) -> torch.Tensor:
-    """(N,): Σ over `samples` examples of (∂ loss / ∂ W)², each example alone, in eval mode (no dropout)."""
+    """(N,): Σ over `samples` examples of (∂ loss / ∂ W)², each example alone, in eval mode (no dropout). At most
+    one pass over the data: in eval mode a row's squared gradient is the same each time, so a second pass would only
+    weigh again the rows a partial pass reaches (and cost `samples` backward passes on a small data set)."""
     probes = _probes(model, store)
     scores = torch.zeros(store.size, device=probes[0].device)
-    rows = (({k: v[i:i + 1] for k, v in b.items()} for i in range(len(b["input_ids"])))
-            for b in _cycle(batches, scores.device))
+    rows = (({k: v[i:i + 1].to(scores.device) for k, v in b.items()} for i in range(len(b["input_ids"])))
+            for b in batches)
     was_training, seen = model.training, 0
     model.eval()
     try:

@@ -42,7 +42,7 @@ class Config(MethodConfig):
     density: float = Field(0.005, gt=0, le=1)
     """Fraction of the body's parameters that train, in (0, 1]."""
     samples: int = Field(1024, gt=0)
-    """fisher: training examples whose squared gradients are summed."""
+    """fisher: training examples whose squared gradients are summed (at most every training row once)."""
     full_steps: int = Field(100, gt=0)
     """most_changed: steps of the full fine-tune that ranks the entries."""
     full_lr: float = Field(2e-5, gt=0)

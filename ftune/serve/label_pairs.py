@@ -122,14 +122,14 @@ def causal_lm_of(where: str, option: str):
     """(model in eval mode, tokenizer) of a finished run whose model generates text, or of a plain causal LM."""
     from ftune import assemble, models
     from ftune.run import checkpoint
-    from ftune.tasks import TASKS
+    from ftune.tasks.causal_lm import TASK as SAMPLER  # a plain model samples as the SFT task loads it
 
     if (Path(where) / checkpoint.RECIPE).is_file():
         recipe, model, tokenizer = assemble.load_run(where)
-        if TASKS[recipe.task].model_class != "AutoModelForCausalLM":
+        if assemble.task_of(recipe).model_class != SAMPLER.model_class:
             raise RunDirError(f"{option} {where}: a {recipe.task} run does not generate text; give a causal_lm "
                               "(or preference-tuned) run")
         return model.eval(), tokenizer
     source = models.resolve_model(where)
-    model, _ = models.load_model("causal_lm", source)
+    model, _ = models.load_model(SAMPLER, source)
     return model.eval(), models.load_tokenizer(source)
