@@ -130,6 +130,7 @@ def validate(
     step needs, estimated without training."""
     from ftune import assemble
     from ftune.estimate.report import estimate_recipe, render
+    from ftune.estimate.simulate import NotSimulated
     from ftune.methods.base import count_parameters
     from ftune.methods.shrink import validate_lines
     from ftune.recipe import dump_recipe, load_recipe
@@ -144,8 +145,11 @@ def validate(
     print(f"# model source: {source}\n# trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     for line in validate_lines(r, model):  # a recipe that drops blocks: blocks, parameters, estimated speed-up
         print(f"# {line}")
-    table, notes = render(estimate_recipe(r, model, tokenizer, names, rows, 3 if measure else None))
-    err.print(table)
+    try:
+        table, notes = render(estimate_recipe(r, model, tokenizer, names, rows, 3 if measure else None))
+        err.print(table)
+    except NotSimulated as why:  # an operation that needs the values of the data: no estimate, the recipe is fine
+        notes = [f"memory estimate: not available for this model and method ({why})"]
     for line in notes:
         err.print(line, soft_wrap=True, markup=False, highlight=False)
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/estimate_table.py                      # every recipe in recipes/
     .venv/bin/python scripts/estimate_table.py recipes/lora_sst2.yaml recipes/full_sst2.yaml --max-peak-gib 4
+    .venv/bin/python scripts/estimate_table.py recipes/lora_sst2.yaml --set train.gradient_checkpointing=true
 
 For each recipe: the estimated memory of a training step on top of the weights, the measured one (a few real steps
 at the recipe's batch and data.max_length, on this machine: `ftune validate --measure`), their ratio, the estimated
@@ -34,25 +35,27 @@ def main() -> None:
     parser.add_argument("--max-peak-gib", type=float, default=3.0,
                         help="halve the batch until the estimated peak fits (the machine is shared)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the measured ones")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="override a field of every recipe, e.g. train.gradient_checkpointing=true")
     args = parser.parse_args()
     recipes = args.recipes or sorted((ROOT / "recipes").glob("*.yaml"))
     print("| recipe | batch × tokens | estimated step | measured step | estimate / measured | estimated peak with "
           "weights | resident rise | s / step | note |\n|---|---|---|---|---|---|---|---|---|")
     for path in recipes:
-        print(row(path, args.max_peak_gib, args.steps), flush=True)
+        print(row(path, args.overrides, args.max_peak_gib, args.steps), flush=True)
         gc.collect()
 
 
-def row(path: Path, max_peak_gib: float, steps: int) -> str:
-    name = path.stem
+def row(path: Path, overrides: list[str], max_peak_gib: float, steps: int) -> str:
+    name = path.stem + "".join(f" ({o})" for o in overrides)
     try:
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, overrides)
         if reason := cannot_run_here(recipe):
             return f"| {name} | | | | | | | | skipped: {reason} |"
         note, batch = "", recipe.train.batch_size
         while True:
             print(f"{name}: estimating at batch {batch}", file=sys.stderr, flush=True)
-            recipe = load_recipe(path, [f"train.batch_size={batch}"])
+            recipe = load_recipe(path, [*overrides, f"train.batch_size={batch}"])
             built = build(recipe)
             e = estimate_recipe(*built, both_ways=False)
             if e.peak <= max_peak_gib * 2**30 or batch == 1:
@@ -69,7 +72,7 @@ def row(path: Path, max_peak_gib: float, steps: int) -> str:
     rows, length, accum = e.batch
     shape = f"{rows} × {length}" + (f" (× {accum} micro-batches)" if accum > 1 else "")
     if note:
-        note += f"measured at batch {batch} (the recipe's: {load_recipe(path).train.batch_size})"
+        note += f"measured at batch {batch} (the recipe's: {load_recipe(path, overrides).train.batch_size})"
     resident = mib(m.resident_rise) if m.resident_rise is not None else "n/a"
     return (f"| {name} | {shape} | {mib(e.step.peak)} | {mib(m.peak)} | {e.step.peak / m.peak:.4f} | {mib(e.peak)} | "
             f"{resident} | {m.seconds_per_step:.2f} | {note} |")

@@ -171,3 +171,26 @@ def test_validate_names_missing_training_data(tiny_bert, cls_data, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing.tsv" in lines[0], result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_step_that_reads_activation_values_is_not_simulated():
+    """A forward that reads a value of an activation (here to choose a shape) cannot run on fake tensors: the
+    simulation says so instead of guessing (validate then prints that line in place of the table)."""
+    from ftune.estimate.simulate import NotSimulated, simulate
+    from ftune.estimate.step import StepSetup
+    from ftune.objectives.base import Bound
+
+    class ReadsItsActivations(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 4)
+
+        def forward(self, input_ids):
+            hidden = self.layer(input_ids.float())
+            return hidden[: int(hidden.abs().argmax()) % 2 + 1]
+
+    model = ReadsItsActivations()
+    loss = Bound(loss=lambda m, b: (m(b["input_ids"]).sum(), torch.tensor(1)), count=lambda b: torch.tensor(1))
+    setup = StepSetup(loss, None, lambda m: torch.optim.AdamW(m.parameters()), None, 1, "fp32", torch.device("cpu"))
+    with pytest.raises(NotSimulated, match="_local_scalar_dense"):
+        simulate(model, {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.zeros(2)}, setup, False)

@@ -139,9 +139,9 @@ def render(e: Estimate):
     return table, lines
 
 
-NOTE = ("assumes every row is data.max_length tokens long (the loop pads each batch to its longest row) and one "
-        "process; counts tensors only: not the CUDA context, the allocator's cache, kernels' scratch space, "
-        "evaluation, or a method's calibration before training (a sparse mask)")
+NOTE = ("assumes every row is data.max_length tokens long (the loop pads each batch to its longest row), one "
+        "process and the eager step (not train.compile's); counts tensors only: not the CUDA context, the allocator's "
+        "cache, kernels' scratch space, evaluation, or a method's calibration before training (a sparse mask)")
 
 
 def size_text(size: int) -> str:

@@ -46,6 +46,11 @@ from ftune.models import quantize
 KINDS = ("gradients", "optimizer state", "activations", "temporaries", "optimizer scratch")
 
 
+class NotSimulated(Exception):
+    """The step needs data the fake tensors do not have (an operation whose result's shape or value depends on the
+    values of a weight or an activation): no estimate. Not an FtuneError: the recipe itself is fine."""
+
+
 @dataclass(frozen=True)
 class Footprint:
     """Bytes a training step needs on top of the weights, from the simulation."""
@@ -71,9 +76,9 @@ def simulate(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepS
              checkpointing: bool) -> Footprint:
     """Run an optimizer step of `setup` on `batch` with a fake copy of `model` (which stays untouched), its optimizer
     state already made, with gradient checkpointing on or off, and count what it allocates."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses import fake_tensor
 
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_mode = fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
     kept = [*model.buffers()]
     for m in filter(quantize.is_quantized_linear, model.modules()):
         kept += [m.weight, *([m.state] if hasattr(m, "state") else [])]  # LLM.int8()'s state moves into the weight
@@ -89,10 +94,14 @@ def simulate(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepS
     trained = [p for p in fake.parameters() if p.requires_grad]
     for p in trained:
         p.register_post_accumulate_grad_hook(lambda p: counts.relabel(p.grad.untyped_storage(), "gradients"))
-    with fake_mode, _RealWhereKnown(), counts:  # the counting sees each operation first, the fake mode last
-        _create_state(optimizer, trained)
-        counts.flops = 0
-        step.train_step(fake, batches, setup, optimizer)
+    try:
+        with fake_mode, _RealWhereKnown(), counts:  # the counting sees each operation first, the fake mode last
+            _create_state(optimizer, trained)
+            counts.flops = 0
+            step.train_step(fake, batches, setup, optimizer)
+    except (fake_tensor.DataDependentOutputException, fake_tensor.DynamicOutputShapeException,
+            fake_tensor.UnsupportedOperatorException) as e:
+        raise NotSimulated(f"{e.func} needs values that fake tensors do not have") from e
     return Footprint({k: counts.at_peak.get(k, 0) for k in KINDS}, counts.phase_at_peak, counts.saved_for_backward,
                      counts.live["optimizer state"], counts.flops)
 
