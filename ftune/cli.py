@@ -9,7 +9,7 @@ import os
 from enum import Enum
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,7 +17,7 @@ from rich.console import Console
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune language models from YAML recipes.")
 err = Console(stderr=True)
 
-Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: dotted.key=value.")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: dotted.key=value.")]
 
 
 def _quiet_libraries() -> None:
@@ -224,8 +224,8 @@ def evaluate_run(
     run_dirs: Annotated[list[Path], typer.Argument(help="One or more runs; several of a mergeable method (LoRA, "
                                                    "AdaLoRA, ...) are hot-swapped on one loaded base.")],
     split: Annotated[str, typer.Option(help="Split of the recipe's data to score.")] = "validation",
-    data: Annotated[Optional[str], typer.Option(help="Score this file instead.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Score ONE adapter, the weighted sum of several LoRA runs' "
+    data: Annotated[str | None, typer.Option(help="Score this file instead.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Score ONE adapter, the weighted sum of several LoRA runs' "
                                                    "updates, e.g. 0.7,0.3 (one weight per run).")] = None,
 ) -> None:
     """Score trained runs on a split or a file: one run prints its metrics as JSON, several print one JSON line each."""
@@ -259,9 +259,9 @@ def predict(
                                                "or runs of a mergeable method, hot-swapped).")],
     input: Annotated[Path, typer.Option("--input", help="JSONL rows: the recipe's text column(s), and `task` "
                                         "(a run's folder name or index) when several runs are given.")],
-    output: Annotated[Optional[Path], typer.Option(help="Write predictions here (JSONL) instead of stdout.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write predictions here (JSONL) instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per batch; a batch may mix tasks.")] = 32,
-    weights: Annotated[Optional[str], typer.Option(help="Answer every row with ONE adapter, the weighted sum of "
+    weights: Annotated[str | None, typer.Option(help="Answer every row with ONE adapter, the weighted sum of "
                                                    "several LoRA runs' updates, e.g. 0.7,0.3.")] = None,
 ) -> None:
     """Predict labels for JSONL rows with one base serving several tasks (soft prompts per row, or hot-swapped

@@ -98,7 +98,7 @@ def test_adapter_drop_skips_the_lowest_blocks(family):
         for w in wrappers:
             w.adapter.register_forward_hook(lambda *_, i=i: calls.append(i))
     only_top = adapter.apply(tiny(family), adapter.Config(bottleneck=4, layers=[2]))
-    top = [m for m in only_top.modules() if isinstance(m, adapter.Bottleneck)][0]
+    top = next(m for m in only_top.modules() if isinstance(m, adapter.Bottleneck))
     top.load_state_dict(adapter.adapters_by_block(dropped)[2][0].adapter.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(dropped(**_inputs()).logits, only_top(**_inputs()).logits, rtol=0, atol=0)

@@ -99,9 +99,9 @@ def test_round_trip_reward_judge_then_dpo(tiny_llama, sft_data, pref_data, tmp_p
     """RLAIF end to end: an SFT policy samples, a reward-model run judges, DPO trains on the written pairs."""
     import io
 
+    from conftest import pref_recipe_doc, recipe_doc
     from rich.console import Console
 
-    from conftest import pref_recipe_doc, recipe_doc
     from ftune.objectives.reward import scorer_of_run
     from ftune.recipe import validate_recipe
     from ftune.run.train import train
@@ -136,9 +136,9 @@ def test_round_trip_reward_judge_then_dpo(tiny_llama, sft_data, pref_data, tmp_p
 def test_a_classifier_run_cannot_sample(tiny_bert, cls_data, tmp_path):
     import io
 
+    from conftest import recipe_doc
     from rich.console import Console
 
-    from conftest import recipe_doc
     from ftune.recipe import validate_recipe
     from ftune.run.train import train
 

@@ -33,6 +33,13 @@ def _quiet() -> Console:
     return Console(file=io.StringIO())
 
 
+def _poisoned(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    if what == "loss":
+        return tensor * float("nan")
+    tensor.register_hook(lambda grad: grad * float("inf"))
+    return tensor
+
+
 def _poison(monkeypatch, at_call: int, what: str) -> dict:
     """From now on, built models turn their `at_call`-th training forward pass bad: NaN logits, so a NaN loss
     (`what="loss"`), or finite logits whose gradient is infinite (`what="grad"`). Returns a counter of training forward passes."""
@@ -47,10 +54,10 @@ def _poison(monkeypatch, at_call: int, what: str) -> dict:
                 return output  # evaluation is never poisoned
             seen["calls"] += 1
             if seen["calls"] == at_call:
-                if what == "loss":
-                    output.logits = output.logits * float("nan")
-                else:
-                    output.logits.register_hook(lambda grad: grad * float("inf"))
+                # a causal LM's loss may come from the last hidden state instead of the logits (ftune/run/linear_ce.py)
+                if output.hidden_states is not None:
+                    output.hidden_states = (*output.hidden_states[:-1], _poisoned(output.hidden_states[-1], what))
+                output.logits = _poisoned(output.logits, what)
             return output
 
         model.register_forward_hook(hook)

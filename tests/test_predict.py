@@ -27,7 +27,7 @@ def three_class_data(tmp_path_factory):
     """A second task with another label set (3 classes, by sentence length)."""
     folder, rng = tmp_path_factory.mktemp("three"), random.Random(3)
     for split, n in (("train", 36), ("validation", 9)):
-        rows = ["sentence\tlabel"] + [f"{' '.join(rng.sample(FILLER, 2 + i % 3))}\t{'short medium long'.split()[i % 3]}"
+        rows = ["sentence\tlabel"] + [f"{' '.join(rng.sample(FILLER, 2 + i % 3))}\t{['short', 'medium', 'long'][i % 3]}"
                                       for i in range(n)]
         (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     return folder
@@ -55,7 +55,7 @@ def _rows():
             for i in range(10)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loaded(run):
     return load_run(run)
 

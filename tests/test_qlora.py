@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from ftune import assemble, models
 from ftune.errors import MethodError, RecipeError
 from ftune.layers.lora import LoRALinear
-from ftune.methods import METHODS, attach, lora, method_of
+from ftune.methods import METHODS, attach, compose, lora, method_of
 from ftune.methods.base import count_parameters, only_with_others
 from ftune.models import quantize
 from ftune.recipe import validate_recipe
@@ -357,6 +357,8 @@ def test_every_quantizable_method_trains_over_a_4bit_base(name, tiny_llama):
     from test_methods import CASES
 
     cfg = METHODS[name].config_cls(name=name, **CASES[name])
+    if METHODS[name].trainable is only_with_others:  # a part that trains nothing alone (shrink) joins LoRA
+        cfg = compose.Config(methods=[cfg, lora.Config(r=4)])
     torch.manual_seed(0)
     model, missing = models.load_model("causal_lm", str(tiny_llama), quantization=quantize.Quantization(**NF4))
     model = attach(model, cfg, models.head_parameters(model, "causal_lm", missing))

@@ -144,9 +144,7 @@ METHOD = Method(
     name="adalora", config_cls=Config, apply=apply, trainable=trainable, merge=merge, unmerge=unmerge,
     claims=frozenset({"linear layers"}), on_step_end=on_step_end, check_total_steps=check_total_steps,
     training_state=training_state, load_training_state=load_training_state, report=report, peft_config=peft_config,
-    loss_term=loss_term, disabled=disabled,
+    loss_term=loss_term, disabled=disabled, recommended=Recommended(1e-3, "GLUE: 5e-4 to 1e-3", options={"alpha": 16}),
     summary="SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)",
     paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
-    recommended=Recommended(5e-4, "QingruZhang/AdaLoRA MNLI script (lr 5e-4); the paper's GLUE rates run 5e-4 to "
-                            '1e-3'),
 )

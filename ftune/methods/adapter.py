@@ -139,6 +139,6 @@ METHOD = Method(
     apply=apply, trainable=trainable, disabled=disabled,
     summary="bottleneck adapters: houlsby, pfeiffer or parallel placement",
     paper="Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2021, arXiv:2005.00247; He et al. 2022, arXiv:2110.04366",
-    recommended=Recommended(1e-3, "Houlsby et al. 2019 search {3e-5, 3e-4, 3e-3}; ftune's adapter recipes train "
-                            'at 1e-3 to 2e-3 (README)'),
+    recommended=Recommended(2e-3, "ftune's adapter_sst2 (MiniLM: 0.801 after 100 steps, README); Houlsby et al. "
+                            "2019 search {3e-5, 3e-4, 3e-3}"),
 )

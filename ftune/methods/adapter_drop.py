@@ -61,5 +61,5 @@ METHOD = Method(
     unused_parameters=True,
     summary="adapters of the lowest k blocks skipped (fixed or robust k; k at inference)",
     paper="Rücklé et al. 2021, AdapterDrop, arXiv:2010.11918",
-    recommended=Recommended(1e-3, 'as `adapter` (Rücklé et al. 2021 train AdapterDrop as the adapters they drop)'),
+    recommended=Recommended(2e-3, 'as `adapter` (Rücklé et al. 2021 train AdapterDrop as the adapters they drop)'),
 )

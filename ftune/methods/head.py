@@ -38,5 +38,6 @@ METHOD = Method(
     quantized_base=True,
     summary="only the task head trains (linear probe)",
     paper="Pfeiffer et al. 2021, AdapterFusion, Table 1 'Head' baseline, arXiv:2005.00247",
-    recommended=Recommended(2e-3, "a new linear layer on frozen features; ftune's head_sst2 recipe (README)"),
+    recommended=Recommended(1e-2, "a logistic regression on frozen features: at head_sst2's 2e-3 MiniLM's probe "
+                            "reached 0.635 in a whole epoch and had not left chance after 60 steps (README)"),
 )

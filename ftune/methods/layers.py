@@ -21,7 +21,7 @@ class Config(MethodConfig):
     name: Literal["layers"] = "layers"
     top_k: int = Field(0, ge=0)
     """Number of transformer blocks, counted from the output side, that train."""
-    module_types: list[str] = []
+    module_types: list[str] = Field(default_factory=list)
     """Class names of modules that train wherever they occur, e.g. [LayerNorm] or [LlamaRMSNorm]."""
 
     @model_validator(mode="after")

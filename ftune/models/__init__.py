@@ -124,7 +124,7 @@ def _hub_cache(name: str, revision: str | None) -> str | None:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(name, revision=revision, local_files_only=True)
-    except Exception:  # not cached (LocalEntryNotFoundError) or no cache at all
+    except (ImportError, OSError, ValueError):  # not cached (LocalEntryNotFoundError) or no cache at all
         return None
 
 
