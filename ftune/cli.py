@@ -160,11 +160,13 @@ def methods(markdown: Annotated[bool, typer.Option(help="Print a Markdown table.
     from ftune.methods import METHODS
 
     if markdown:
-        print("| method | what trains | paper |\n|---|---|---|")
+        print("| method | what trains | recommended lr | paper |\n|---|---|---|---|")
     for m in METHODS.values():
-        fields = ", ".join(f"{k}=" + ("<required>" if v.is_required() else _shown(v.default))
+        fields = ", ".join(f"{k}=" + ("<required>" if v.is_required() else _shown(v.get_default(call_default_factory=True)))
                            for k, v in m.config_cls.model_fields.items() if k != "name")
-        print(f"| `{m.name}` | {m.summary} | {m.paper} |" if markdown else f"{m.name:<14} {m.summary}  [{fields}]")
+        lr = f"{m.recommended.lr:g}" if m.recommended else "-"
+        print(f"| `{m.name}` | {m.summary} | {lr} | {m.paper} |" if markdown
+              else f"{m.name:<14} {m.summary}  [{fields}]  recommended lr {lr}")
 
 
 def _shown(default) -> str:

@@ -104,6 +104,11 @@ def test_methods_lists_the_registry():
     assert result.exit_code == 0, result.output
     listed = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     assert listed == set(METHODS)
+    assert "PydanticUndefined" not in result.stdout  # defaults from a factory are shown as values
+    for line in result.stdout.splitlines():
+        method = METHODS[line.split()[0]]
+        if method.recommended:
+            assert line.endswith(f"recommended lr {method.recommended.lr:g}"), line
 
 
 def test_schema():

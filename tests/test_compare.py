@@ -126,8 +126,9 @@ def test_interrupted_comparison_reuses_and_resumes(recipe, tmp_path, capsys, mon
     result = compare(recipe, "lora,bitfit", False, BUDGET, out, [])
     err = capsys.readouterr().err
     assert not result.failed
-    assert "lora (lr 0.0005, 6 steps): timing a forward" in err
-    assert "bitfit (lr 0.001, 6 steps): resuming from its last checkpoint" in err
+    lr = {name: METHODS[name].recommended.lr for name in ("lora", "bitfit")}
+    assert f"lora (lr {lr['lora']:g}, 6 steps): timing a forward" in err
+    assert f"bitfit (lr {lr['bitfit']:g}, 6 steps): resuming from its last checkpoint" in err
     assert "resuming from" in err and "(step 4)" in err and err.count("parameters train") == 1  # bitfit only
     assert {p.name: p.stat().st_mtime_ns for p in (out / "lora").iterdir() if p.is_file() and p.name != "compare.json"} \
         == {k: v for k, v in lora_files.items() if k != "compare.json"}
