@@ -203,7 +203,8 @@ def compare(
 
     folder = out or Path("runs") / f"compare-{recipe.stem}"
     result = run_compare(recipe, methods, every, budget, folder, set_ or [], evals, memory_limit, err)
-    shown = Console()
+    # a pipe or file has no width: 80 columns would cut every cell, so the table is printed at its natural width
+    shown = Console() if Console().is_terminal else Console(width=240)
     if result.rows:
         shown.print(rich_table(result.rows, result.metric))
     for line in result.recommendation:

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import recipe_doc, write_recipe
+from conftest import pref_recipe_doc, recipe_doc, write_recipe
 from typer.testing import CliRunner
 
 from ftune import assemble
@@ -30,20 +30,32 @@ CASES = {  # kind, method, gradient checkpointing
     "bert-lora-checkpointed": ("cls", LORA, True),
     "llama-lora": ("sft", LORA, False),
     "llama-lora-checkpointed": ("sft", LORA, True),
+    # AdapterDrop (Rücklé et al. 2021): block 0's adapter skipped, so backward stops at block 1
+    "bert-adapter-drop": ("cls", {"name": "adapter_drop", "drop_first": 1}, False),
+    # robust: k ~ U{0, 1} per batch; the measured steps make the simulated step's draw
+    "bert-adapter-drop-robust": ("cls", {"name": "adapter_drop", "drop_first": 1, "robust": True}, False),
+    # DPO: the reference is the policy with LoRA switched off; one pair of 16 tokens, so that the step is small
+    # beside the weights (a reference forward on the real weights would count them again)
+    "llama-dpo": ("pref", LORA, False),
 }
 TOLERANCE = 0.15
 
 
 @pytest.fixture(scope="module")
-def estimated(tiny_bert, tiny_llama, cls_data, sft_data, tmp_path_factory):
+def estimated(tiny_bert, tiny_llama, cls_data, sft_data, pref_data, tmp_path_factory):
     """case name -> (recipe, model, Estimate with a measurement), each built once for the module."""
     root = tmp_path_factory.mktemp("estimate")
 
     @functools.cache
     def run(name: str):
         kind, method, checkpointing = CASES[name]
-        model, data = (tiny_bert, cls_data) if kind == "cls" else (tiny_llama, sft_data)
-        doc = recipe_doc(kind, model, data, root / name, method, gradient_checkpointing=checkpointing)
+        if kind == "pref":
+            doc = pref_recipe_doc(tiny_llama, pref_data, root / name, {"name": "dpo"}, method, batch_size=1,
+                                  gradient_checkpointing=checkpointing)
+            doc["data"]["max_length"] = 16
+        else:
+            model, data = (tiny_bert, cls_data) if kind == "cls" else (tiny_llama, sft_data)
+            doc = recipe_doc(kind, model, data, root / name, method, gradient_checkpointing=checkpointing)
         return _estimate(validate_recipe(doc), measure_steps=1)
 
     return run
@@ -63,7 +75,34 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(estimated, case):
     ratio = e.step.peak / e.measured.peak
     assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (case, e.step, e.measured)
     rows, length, _ = e.batch
-    assert (rows, length) == (recipe.train.batch_size, recipe.data.max_length)
+    per_example = 2 if assemble.task_of(recipe).paired else 1  # a preference pair is two rows
+    assert (rows, length) == (per_example * recipe.train.batch_size, recipe.data.max_length)
+
+
+def test_simulation_runs_the_hooks_on_its_copy_and_keeps_the_generator(tiny_bert, cls_data, tmp_path):
+    """AdapterDrop's pre-hook closes over the adapters it switches: the simulated step switches the copy's (so it
+    does not run block 0's adapter) and leaves the model's, and the caller's random generator, as they were."""
+    from ftune.estimate import step
+    from ftune.estimate.simulate import simulate
+    from ftune.methods.adapter import adapters_by_block
+
+    plain = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "plain", {"name": "adapter"})
+    recipe = validate_recipe(recipe_doc("cls", tiny_bert, cls_data, tmp_path / "drop",
+                                        {"name": "adapter_drop", "drop_first": 1, "robust": True}))
+    source, tokenizer = assemble.load_tokenizer(recipe)
+    rows = assemble.read_split(recipe, "train")
+    names = assemble.label_names(recipe, rows)
+    model = assemble.build_model(recipe, source, tokenizer, names)
+    setup, batch = step.prepare_step(recipe, model, tokenizer, names, rows, torch.device("cpu"))
+    torch.manual_seed(1)  # the robust draw from this state is k = 1 (block 0's adapter skipped)
+    before = torch.get_rng_state()
+    k = int(torch.randint(0, 2, ()))
+    torch.set_rng_state(before)
+    dropped = simulate(model, batch, setup, False)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(w.active for wrappers in adapters_by_block(model) for w in wrappers)
+    _, _, every = _estimate(validate_recipe(plain))
+    assert k == 1 and dropped.saved_for_backward < every.step.saved_for_backward
 
 
 @pytest.mark.parametrize("case", ["bert-lora", "llama-lora-checkpointed"])

@@ -3,12 +3,13 @@
 The peak is what torch allocated beyond what was held before the first step (the model's weights), at the most:
 on CUDA `torch.cuda.max_memory_allocated`; on CPU, where torch keeps no such counter, the running sum of the
 allocation and free events torch's profiler records (`profile_memory=True`: every CPU tensor allocation, kernels'
-own scratch space included), over the first `MEASURED_STEPS` steps (the first creates the optimizer's state). It is
-the quantity the estimate predicts. The process's resident memory is reported beside it on Linux (the rise of its
-high-water mark, VmHWM, reset first): it also counts what the C allocator keeps after a free, threads' stacks and
-the profiler's own records, so it is usually higher and moves from run to run. Time per step is the mean wall time of
-`steps` further steps, taken without the profiler. bitsandbytes' paged optimizers keep large states in CUDA unified
-memory, outside torch's allocator: `max_memory_allocated` does not see them.
+own scratch space included), over the first `MEASURED_STEPS` steps (the first creates the optimizer's state), each
+making the random draws the simulated step made (robust AdapterDrop's k; see `measure`). It is the quantity the
+estimate predicts. The process's resident memory is reported beside it on Linux (the rise of its high-water mark,
+VmHWM, reset first): it also counts what the C allocator keeps after a free, threads' stacks and the profiler's own
+records, so it is usually higher and moves from run to run. Time per step is the mean wall time of `steps` further
+steps, taken without the profiler. bitsandbytes' paged optimizers keep large states in CUDA unified memory, outside
+torch's allocator: `max_memory_allocated` does not see them.
 """
 
 from __future__ import annotations
@@ -56,17 +57,25 @@ def measure(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepSe
     def take_step() -> None:
         step.train_step(model, batches, setup, optimizer)
 
+    drawn_from = torch.get_rng_state()
+
+    def measured_step() -> None:
+        # each from the generator's state the simulation drew from (it leaves that state as it was): a step whose
+        # size a random draw decides (robust AdapterDrop's k) is measured at the draw the estimate made
+        torch.set_rng_state(drawn_from)
+        take_step()
+
     resident_before = _reset_resident_peak() if setup.device.type == "cpu" else None
     if setup.device.type == "cuda":
         torch.cuda.synchronize(setup.device)
         torch.cuda.reset_peak_memory_stats(setup.device)
         held = torch.cuda.memory_allocated(setup.device)
         for _ in range(MEASURED_STEPS):
-            take_step()
+            measured_step()
         torch.cuda.synchronize(setup.device)
         peak = torch.cuda.max_memory_allocated(setup.device) - held
     else:
-        peak = _profiled_peak(take_step, MEASURED_STEPS)
+        peak = _profiled_peak(measured_step, MEASURED_STEPS)
     resident_rise = _resident_peak() - resident_before if resident_before is not None else None
 
     started = time.perf_counter()

@@ -19,7 +19,9 @@ attention mask decides whether a mask tensor is built at all. The model's buffer
 are read on the host: a sparse mask's positions), and so do a quantised base's weights and their quantisation state,
 shared with the model (frozen, packed, and read by bitsandbytes' kernels, whose dequantised copies are then real and
 counted, as in training; the first forward moves an 8-bit layer's constants as the model's own first forward would).
-Everything else is fake, so no trainable weight, activation or gradient takes memory.
+Everything else is fake, so no trainable weight, activation or gradient takes memory. What closes over the model
+reads the copy: the model's hooks (AdapterDrop's choice of the blocks whose adapters run) and the objective's
+functions (DPO's reference, the policy with its method switched off; a distillation teacher, copied fake as well).
 
 Each counted byte is put in one kind, by when it was born: in the forward (`activations`: what autograd saves for
 backward, and the forward's temporaries), in backward (`temporaries`: activation gradients and, under gradient
@@ -30,6 +32,8 @@ optimizer step (`optimizer scratch`; what survives the step is `optimizer state`
 from __future__ import annotations
 
 import copy
+import dataclasses
+import types
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -82,11 +86,21 @@ def simulate(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepS
     kept = [*model.buffers()]
     for m in filter(quantize.is_quantized_linear, model.modules()):
         kept += [m.weight, *([m.state] if hasattr(m, "state") else [])]  # LLM.int8()'s state moves into the weight
+    memo = {id(k): k for k in kept}
     with _FakeCopy(fake_mode, setup.device):
-        fake = copy.deepcopy(model, {id(k): k for k in kept})
+        fake = copy.deepcopy(model, memo)
+        for module in fake.modules():  # a hook that closes over the model's modules acts on the copy's
+            for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
+                          module._backward_hooks):  # (deepcopy already rebinds a bound method to the copy)
+                hooks.update({key: _rebound(hook, memo) for key, hook in hooks.items()
+                              if isinstance(hook, types.FunctionType)})
+        # the objective's and the method's functions close over the model too (DPO's reference is the policy with
+        # its method switched off) and over the frozen models they read (a teacher): they read the copies
+        setup = dataclasses.replace(setup, objective=_rebound(setup.objective, memo),
+                                    loss_term=_rebound(setup.loss_term, memo))
     step.set_checkpointing(fake, checkpointing)
     fake.train()  # dropout draws masks, and decides the attention kernel
-    counts = _Counts([*fake.parameters(), *fake.buffers()])
+    counts = _Counts([t for t in memo.values() if isinstance(t, torch.Tensor)])  # every weight, teacher's too
     batches = [{k: v.to(setup.device) for k, v in batch.items()}] * setup.grad_accum
     optimizer = setup.optimizer(fake)  # outside the fake mode: bitsandbytes computes its quantisation maps here
     optimizer.register_step_pre_hook(counts.optimizer_starts)
@@ -95,7 +109,9 @@ def simulate(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepS
     for p in trained:
         p.register_post_accumulate_grad_hook(lambda p: counts.relabel(p.grad.untyped_storage(), "gradients"))
     try:
-        with fake_mode, _RealWhereKnown(), counts:  # the counting sees each operation first, the fake mode last
+        # the counting sees each operation first, the fake mode last; a random draw that decides what runs (robust
+        # AdapterDrop's k) is taken from a fork of the generator, so the measured step that follows draws the same
+        with torch.random.fork_rng(devices=[]), fake_mode, _RealWhereKnown(), counts:
             _create_state(optimizer, trained)
             counts.flops = 0
             step.train_step(fake, batches, setup, optimizer)
@@ -104,6 +120,37 @@ def simulate(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepS
         raise NotSimulated(f"{e.func} needs values that fake tensors do not have") from e
     return Footprint({k: counts.at_peak.get(k, 0) for k in KINDS}, counts.phase_at_peak, counts.saved_for_backward,
                      counts.live["optimizer state"], counts.flops)
+
+
+def _rebound(value, memo: dict):
+    """`value` deep-copied with `memo` (the model's copy), where a function's closure is copied along: `copy.deepcopy`
+    keeps a function as it is, so a closure over the model (a hook that switches blocks' adapters on and off, an
+    objective's reference model) would act on the original and the step on the copy would not see it. A frozen
+    dataclass of functions (the objective's `Bound`) is copied field by field; a closure cell that cannot be copied
+    is kept."""
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, types.FunctionType) and value.__closure__:
+        cells = tuple(types.CellType() for _ in value.__closure__)
+        copied = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, cells)
+        copied.__kwdefaults__, copied.__dict__ = value.__kwdefaults__, dict(value.__dict__)
+        memo[id(value)] = copied  # before the cells: a closure may hold itself
+        memo.setdefault(id(memo), []).append(value)  # keeps value alive, so its id is not reused while memo lives
+        for cell, original in zip(cells, value.__closure__, strict=True):
+            try:
+                cell.cell_contents = _rebound(original.cell_contents, memo)
+            except ValueError:  # an empty cell (a name bound later in the enclosing function)
+                pass
+            except TypeError:  # cannot be copied (a lock, a generator): read as it is
+                cell.cell_contents = original.cell_contents
+        return copied
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _rebound(getattr(value, f.name), memo) for f in dataclasses.fields(value) if f.init}
+        memo[id(value)] = copied = dataclasses.replace(value, **fields)
+        return copied
+    if isinstance(value, types.FunctionType | types.BuiltinFunctionType | type) or value is None:
+        return value
+    return copy.deepcopy(value, memo)
 
 
 def _create_state(optimizer, params: list[nn.Parameter]) -> None:

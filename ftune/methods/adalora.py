@@ -145,7 +145,6 @@ METHOD = Method(
     claims=frozenset({"linear layers"}), on_step_end=on_step_end, check_total_steps=check_total_steps,
     training_state=training_state, load_training_state=load_training_state, report=report, peft_config=peft_config,
     loss_term=loss_term, disabled=disabled, recommended=Recommended(
-        1e-3, "LoRA's measured MiniLM setting (alpha 16, 1e-3); AdaLoRA's GLUE scripts: 5e-4 to 1e-3", {"alpha": 16}),
-    summary="SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)",
-    paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
+        1e-2, "MiniLM / SST-2: 0.787 after 100 steps at 1e-2, 0.537 at 3e-3, chance at 1e-3 (README)", {"alpha": 16}),
+    summary="SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)", paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
 )
