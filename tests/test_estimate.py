@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 
 import pytest
 import torch
@@ -139,21 +138,6 @@ def test_gradient_checkpointing_lowers_the_peak_as_measured(estimated, kind):
     assert checkpointed.step.peak < plain.step.peak
     # each simulates the other setting too, and it is the other's own estimate
     assert plain.other.peak == checkpointed.step.peak and checkpointed.other.peak == plain.step.peak
-
-
-@pytest.fixture(scope="module")
-def wide_llama(tiny_llama, tmp_path_factory):
-    """tiny_llama at width 64: bitsandbytes' 8-bit state (from 4,096 elements) and 4-bit CPU kernels need it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("models") / "wide-llama"
-    shutil.copytree(tiny_llama, folder)
-    config = LlamaConfig.from_pretrained(folder)
-    config.hidden_size, config.intermediate_size, config.num_key_value_heads = 64, 128, config.num_attention_heads
-    config.head_dim = 64 // config.num_attention_heads
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 def test_nf4_base_weights_at_their_packed_size(wide_llama, sft_data, tmp_path):

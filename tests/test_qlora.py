@@ -53,23 +53,6 @@ def _inputs():
 
 
 @pytest.fixture(scope="module")
-def wide_llama(tiny_llama, tmp_path_factory):
-    """tiny_llama at width 64 (every linear's d_in and d_out a multiple of 64). bitsandbytes' CPU repack of a
-    Linear4bit needs that: at tiny_llama's width 32 it crashes outright, here it goes through and training silently
-    stalls, the failure the trap tests look for."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("models") / "wide-llama"
-    shutil.copytree(tiny_llama, folder)
-    config = LlamaConfig.from_pretrained(folder)
-    config.hidden_size, config.intermediate_size, config.num_key_value_heads = 64, 128, config.num_attention_heads
-    config.head_dim = 64 // config.num_attention_heads
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def qlora_runs(tiny_bert, tiny_llama, cls_data, sft_data, tmp_path_factory):
     """Finished NF4 runs (fp32 compute): classification on tiny BERT, SFT on tiny Llama, and DoRA SFT."""
     root, runs = tmp_path_factory.mktemp("qlora-runs"), {}
