@@ -114,8 +114,10 @@ def _tmp_dirs(out: Path) -> list[Path]:
 
 
 def _log_lines(out: Path) -> list[str]:
-    path = out / "metrics.jsonl"
-    return path.read_text().splitlines() if path.exists() else []
+    try:  # not `exists()` first: the run may replace the file between the check and the read
+        return (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
 
 
 def _step_of(name: str) -> int:
