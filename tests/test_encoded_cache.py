@@ -127,3 +127,18 @@ def test_an_example_that_is_not_numbers_is_not_cached():
     odd = (None, Encoded([{"input_ids": [1], "text": "words"}], "x"), None)
     splits, note = encoded_cache.load_or_build({"case": "odd"}, lambda: odd)
     assert splits is odd and "not cached: an example field holds str" in note
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_chunked_tokenising_equals_one_call(tiny_bert, pairs):
+    from transformers import AutoTokenizer
+
+    from ftune.tasks.base import token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = [" ".join(["good"] * (i % 13) + ["bad"] * (i % 5)) for i in range(50)]
+    seconds = texts[::-1] if pairs else None
+    limit = 20 if pairs else 9
+    whole = tokenizer(texts, seconds, truncation=True, max_length=limit)["input_ids"]
+    assert token_ids(tokenizer, texts, seconds, chunk=7, truncation=True, max_length=limit) == whole
+    assert max(map(len, whole)) == limit and min(map(len, whole)) < limit  # some rows cut, some not

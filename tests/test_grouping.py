@@ -71,3 +71,23 @@ def test_example_length_counts_what_a_batch_holds():
     assert example_length({"input_ids": [1, 2, 3], "labels": 0}) == 3
     assert example_length({"input_ids": [1, 2], "decoder_input_ids": [0, 5, 6], "labels": [5, 6, 1]}) == 5
     assert example_length({"input_ids": [[1, 2, 3], [1, 2]], "labels": [[1], [2]]}) == 5  # a preference pair
+
+
+def test_evaluation_batches_run_longest_first_and_score_every_row_once(tiny_bert, cls_data, tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import recipe_doc
+
+    from ftune.assemble import eval_loader
+    from ftune.recipe import Recipe
+
+    recipe = Recipe.model_validate(recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", eval_batch_size=4))
+    lengths = _lengths(30)
+    examples = [{"input_ids": list(range(1, n + 1)), "labels": i} for i, n in enumerate(lengths)]
+    batches = list(eval_loader(recipe, examples, SimpleNamespace(pad_token_id=0)))
+    rows = [int(label) for b in batches for label in b["labels"]]
+    assert sorted(rows) == list(range(30))  # each row once
+    assert [lengths[i] for i in rows] == sorted(lengths, reverse=True)
+    # sorted rows pad no wider than their own longest: far less padding than the data order
+    assert sum(b["input_ids"].numel() for b in batches) < sum(
+        len(chunk) * max(chunk) for chunk in (lengths[i:i + 4] for i in range(0, 30, 4)))

@@ -37,7 +37,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     if run.main:
         _truncate_log(run.out / "metrics.jsonl", pos.step, run.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    micro_batches = _micro_batches(run.train_loader, pos, pin=acc.device.type == "cuda")
+    micro_batches = _micro_batches(run.train_loader, pos, accelerated=acc.device.type == "cuda")
     window_tokens, window_start, started = 0, time.perf_counter(), time.perf_counter() - pos.train_seconds
     skips_in_a_row = 0
     model.train()
@@ -141,12 +141,15 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     return result
 
 
-def _micro_batches(loader, pos: Position, pin: bool):
-    """This process's micro-batches from `pos` on, epoch after epoch; `pos.epoch`/`pos.batch` follow what was taken
-    (a background thread collates ahead, `pin`ned for CUDA; what it holds unread is not counted)."""
+def _micro_batches(loader, pos: Position, accelerated: bool):
+    """This process's micro-batches from `pos` on, epoch after epoch; `pos.epoch`/`pos.batch` follow what was taken.
+
+    `accelerated` (CUDA): a background thread collates ahead into pinned memory while the device computes; what it
+    holds unread is not counted. On CPU the batches are collated inline: torch's threads already use every core, and
+    a collating thread beside them slowed training (2 cores: 80 SST-2 steps in 61.5 s with it, 54.4 s without)."""
     while True:
         loader.batch_sampler.set_position(pos.epoch, pos.batch)
-        for batch in prefetch.ahead(loader, pin=pin):
+        for batch in prefetch.ahead(loader, pin=True) if accelerated else loader:
             pos.batch += 1
             yield batch
         pos.epoch, pos.batch = pos.epoch + 1, 0

@@ -124,3 +124,18 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     total = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                               ignore_index=IGNORE_INDEX, reduction="sum")
     return total, (labels != IGNORE_INDEX).sum()
+
+
+def token_ids(tokenizer, texts: list[str], pairs: list[str] | None = None, chunk: int = 4096,
+              **options: Any) -> list[list[int]]:
+    """The input ids of each text (with its pair), tokenised `chunk` rows at a time with the tokenizer's `options`.
+
+    Chunked because a fast tokenizer holds per-row objects (tokens, offsets, masks) for a whole call, which for all
+    of a training set at once would set the run's peak memory; the masks and token type ids are not built at all
+    (the collator builds the mask, and no task here feeds token types)."""
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), chunk):
+        part = pairs[start:start + chunk] if pairs is not None else None
+        ids += tokenizer(texts[start:start + chunk], part, return_attention_mask=False, return_token_type_ids=False,
+                         **options)["input_ids"]
+    return ids

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ftune.data.sources import Rows, column
 from ftune.errors import DataError
-from ftune.tasks.base import Encoded, Task
+from ftune.tasks.base import Encoded, Task, token_ids
 
 
 def class_names(rows: Rows, spec) -> list[str]:
@@ -46,13 +46,14 @@ def encode_classification(
             )
         labels.append(index.get(key, key))
     texts, pairs = [str(t) for t in texts], [str(p) for p in pairs] if pairs else None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
+    encoded = token_ids(tokenizer, texts, pairs, truncation=True, max_length=max_length)
     # only a row that came out at exactly max_length can have been cut: tokenize those again, uncut, to count
     full = [i for i, ids in enumerate(encoded) if len(ids) >= max_length]
     truncated = 0
     if full:
-        uncut = tokenizer([texts[i] for i in full], [pairs[i] for i in full] if pairs else None, verbose=False)
-        truncated = sum(len(ids) > max_length for ids in uncut["input_ids"])
+        uncut = token_ids(tokenizer, [texts[i] for i in full], [pairs[i] for i in full] if pairs else None,
+                          verbose=False)
+        truncated = sum(len(ids) > max_length for ids in uncut)
     return [{"input_ids": ids, "labels": y} for ids, y in zip(encoded, labels)], truncated
 
 
