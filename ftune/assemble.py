@@ -77,8 +77,9 @@ def label_names(recipe: Recipe, train_rows: sources.Rows | None = None) -> list[
 
 def eval_loader(recipe: Recipe, examples: list[dict[str, Any]], tokenizer):
     """Evaluation batches, the same for `train` and `ftune eval`: the rows sorted longest first (stable), so a batch
-    pads little (SST-2's 872 validation rows on CPU: 8.4 s in data order) and the widest batch, the peak, comes first.
-    Every metric is a sum or a statistic over all rows, so the order changes no score."""
+    pads little (SST-2's 872 validation rows, all-MiniLM-L6-v2 on CPU, batches of 64: 23,568 tokens in 3.5-4.3 s
+    against 44,448 in 7.6-9.2 s in data order) and the widest batch, the peak, comes first. Every metric is a sum or
+    a statistic over all rows, so the order changes no score."""
     t = recipe.train
     examples = sorted(examples, key=loader.example_length, reverse=True)
     return loader.make_loader(examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed,

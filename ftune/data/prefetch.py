@@ -1,7 +1,8 @@
-"""Collating the next batches on a background thread while the training thread computes.
+"""Collating the next batches on a background thread while the device computes (CUDA runs; on a CPU the thread
+would compete with torch's compute threads for the cores, and the loop collates inline).
 
-The loop then finds each batch ready: padding, tensor building and (on CUDA) pinning overlap the forward and
-backward, which release the GIL. Batches come out in the loader's order, and the loop counts what it took, not
+The loop then finds each batch ready: padding, tensor building and pinning overlap the forward and backward, which
+release the GIL. Batches come out in the loader's order, and the loop counts what it took, not
 what was collated ahead, so a resumed run starts exactly where the checkpoint says.
 """
 

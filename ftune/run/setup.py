@@ -24,7 +24,7 @@ from ftune.models.arch import transformer_blocks
 from ftune.objectives import OBJECTIVES, Bound
 from ftune.objectives.base import TrainingData
 from ftune.recipe import Recipe, dump_recipe
-from ftune.run import checkpoint, compiling, fsdp, host_memory, linear_ce, processes, trackers
+from ftune.run import checkpoint, compiling, fsdp, linear_ce, processes, trackers
 from ftune.run.optim import lr_multiplier, make_optimizer
 from ftune.tasks import Decoding, Task
 
@@ -119,8 +119,6 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
         raise RecipeError("train.precision: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on CPU")
     method, task = method_of(recipe.method), assemble.task_of(recipe)
     accelerator = accelerator_for(recipe, method, precision)
-    if accelerator.device.type == "cpu":  # activations in mappings unmapped on free, not a fragmenting heap
-        host_memory.map_large_tensors()
     console.quiet = not accelerator.is_main_process  # progress and notes once; errors still reach every stderr
     rank, world = accelerator.process_index, accelerator.num_processes
     per_device = t.batch_size if t.batch_scope == "per_device" else t.batch_size // world
