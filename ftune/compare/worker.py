@@ -5,7 +5,7 @@ besides the run's own files, into `<output_dir>/compare.json`:
                        process's peak resident set (ru_maxrss: weights, optimizer state, activations, and the
                        interpreter and libraries, ~0.5 GB of it the same for every method)
     wall_seconds       the `train` call: data and model loading, calibration, training and evaluations
-    forward            the cost of one forward on a validation batch (its first ROWS rows), the trained model (its
+    forward            the cost of one forward on the first ROWS validation rows (data order), the trained model (its
                        method merged into the base weights where it merges) against the base model alone: the
                        fastest of `repeats` timed forwards of each, interleaved (other work on the machine only
                        ever adds time, so the fastest is the closest to the model's own cost)
@@ -43,10 +43,11 @@ def peak_memory() -> int:
 
 
 def forward_cost(run_dir: Path, repeats: int = REPEATS) -> dict[str, Any]:
-    """Fastest seconds of a forward of the trained model and of the base model on the first validation batch."""
+    """Fastest seconds of a forward of the trained model and of the base model on the first ROWS validation rows."""
     import torch
 
     from ftune import assemble, models
+    from ftune.data.loader import collate
     from ftune.methods import method_of
     from ftune.methods.base import unwrap_merged
     from ftune.run.evaluate import autocast
@@ -66,7 +67,8 @@ def forward_cost(run_dir: Path, repeats: int = REPEATS) -> dict[str, Any]:
                                 pad_token_id=tokenizer.pad_token_id, trust_remote_code=spec.trust_remote_code,
                                 revision=spec.revision, quantization=spec.quantization)
     encoded = assemble.encode(recipe, assemble.read_split(recipe, "validation"), tokenizer, names)
-    batch = next(iter(assemble.eval_loader(recipe, encoded.examples, tokenizer)))
+    # the first rows in data order (evaluation batches run longest first, which would time only the longest rows)
+    batch = collate(tokenizer.pad_token_id)(encoded.examples[:ROWS])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = {k: v[:ROWS].to(device) for k, v in batch.items() if k != "labels"}
     model, base = model.to(device).eval(), base.to(device).eval()
