@@ -161,8 +161,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wide_llama(tiny_llama, tmp_path_factory):
     """tiny_llama at width 64 (every linear's d_in and d_out a multiple of 64), for the 4-bit and 8-bit tests.
-    bitsandbytes' CPU repack of a Linear4bit needs that: at tiny_llama's width 32 it crashes outright, here it goes through and training silently
-    stalls, the failure the trap tests look for."""
+    bitsandbytes' CPU repack of a Linear4bit needs that: at tiny_llama's width 32 it crashes outright, here it goes
+    through and training silently stalls, the failure the trap tests look for."""
     import shutil
 
     from transformers import LlamaConfig, LlamaForCausalLM
