@@ -6,14 +6,13 @@ here, so a run rebuilt from its directory is the model that was trained.
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ftune import models
-from ftune.data import encoded_cache, holdout, loader, sources
+from ftune import models, rundir
+from ftune.data import checks, encoded_cache, holdout, loader, sources
 from ftune.errors import ModelError, RecipeError, RunDirError
 from ftune.methods import attach, method_of
 from ftune.models import quantize
@@ -143,9 +142,15 @@ def encode(recipe: Recipe, rows: sources.Rows, tokenizer, names: list[str] | Non
 
 
 def encoded_splits(recipe: Recipe, tokenizer) -> tuple[encoded_cache.Splits, str]:
-    """(label names, encoded training split, encoded validation split or None) and a note for the console: read
-    from the encoded-data cache when this data, tokenizer and encoding were seen before (data.cache), else read,
-    encoded and cached (ftune/data/encoded_cache.py)."""
+    """(label names, encoded training split, encoded validation split or None) and a note for the console, one line
+    per fact: read from the encoded-data cache when this data, tokenizer and encoding were seen before (data.cache),
+    else read, encoded and cached (ftune/data/encoded_cache.py); then checked either way (ftune/data/checks.py:
+    a DataError for data that cannot be trained on as the recipe says, and a line for each thing cut or dropped)."""
+    splits, note = _encoded_splits(recipe, tokenizer)
+    return splits, "\n".join([note, *checks.check_splits(TASKS[recipe.task], recipe.data, *splits)])
+
+
+def _encoded_splits(recipe: Recipe, tokenizer) -> tuple[encoded_cache.Splits, str]:
     d, task = recipe.data, TASKS[recipe.task]
 
     def build() -> encoded_cache.Splits:
@@ -187,8 +192,8 @@ def build_extra_models(recipe: Recipe, needs: dict[str, str], names: list[str] |
         # a fresh head's initialisation draws nothing from the run's generator: the same dropout masks follow,
         # whether a teacher was built or its outputs read from a cache
         with torch.random.fork_rng(devices=[]):
-            if (Path(where) / checkpoint.RECIPE).is_file():
-                _, model, _ = load_run(where)
+            if (Path(where).expanduser() / rundir.RECORD).is_file():
+                _, model, _ = load_run(Path(where).expanduser(), recipe.model.trust_remote_code)
             else:
                 model = _named_extra_model(recipe, role, where, names)
         built[role] = model.eval().requires_grad_(False)
@@ -213,7 +218,7 @@ def _named_extra_model(recipe: Recipe, role: str, where: str, names: list[str] |
                                            trust_remote_code=recipe.model.trust_remote_code)
     except ModelError as e:
         raise ModelError(f"objective.{role}: {where} is neither a finished ftune run directory (no "
-                         f"{checkpoint.RECIPE}) nor a loadable model ({str(e).removeprefix('model.name: ')})") from None
+                         f"{rundir.RECORD}) nor a loadable model ({str(e).removeprefix('model.name: ')})") from None
     if missing:
         missing = sorted(missing)
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
@@ -222,30 +227,43 @@ def _named_extra_model(recipe: Recipe, role: str, where: str, names: list[str] |
     return model
 
 
-def read_run_record(run_dir: str | Path) -> dict[str, Any]:
-    """A finished run's run.json (RunDirError when it is missing or unreadable)."""
-    path = Path(run_dir) / checkpoint.RUN
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RunDirError(f"{path}: missing; not a finished ftune run") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunDirError(f"{path}: cannot be read ({type(e).__name__}); was the run interrupted?") from None
-    if not isinstance(record, dict) or "label_names" not in record:
-        raise RunDirError(f"{path}: not an ftune run record (no label_names)")
-    return record
-
-
-def load_run(run_dir: str | Path):
-    """Rebuild (recipe, model with trained method weights, tokenizer) from a run directory."""
+def stored_recipe(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[Recipe, rundir.RunRecord]:
+    """A finished run's (recipe, record), read as data: the run must not be training now; a run never enables remote
+    code itself (`trust_remote_code` is the caller's own consent: a command-line flag, or the recipe being trained);
+    its base model is the one the record says was used, and never a folder inside the run."""
     run_dir = Path(run_dir)
-    if not (run_dir / checkpoint.RECIPE).is_file() or not (run_dir / checkpoint.WEIGHTS).is_file():
-        raise RunDirError(f"{run_dir}: not a finished ftune run (needs {checkpoint.RECIPE} and {checkpoint.WEIGHTS})")
-    recipe = load_recipe(run_dir / checkpoint.RECIPE, stored=True)
-    run = read_run_record(run_dir)
-    tokenizer = models.load_tokenizer(str(run_dir / checkpoint.TOKENIZER))
+    record = rundir.finished(run_dir)
+    recipe = load_recipe(rundir.recipe_file(run_dir), stored=True)
+    spec = recipe.model
+    if spec.trust_remote_code and not trust_remote_code:
+        raise RunDirError(f"{run_dir}: trained with model.trust_remote_code: true, so loading it runs code from "
+                          f"{spec.name}; a run never allows that by itself: pass --trust-remote-code if you trust it")
+    recorded = record.model_source
+    for where in (spec.name, recorded):
+        if where and _lies_in(Path(where).expanduser(), run_dir):
+            raise RunDirError(f"{run_dir}: its base model {where} lies inside the run directory; a run's base model "
+                              "is read from outside it (a run is data, not code)")
+    if recorded and Path(recorded).expanduser().is_dir():  # the folder it was trained from (a GGUF already converted)
+        spec = spec.model_copy(update={"name": recorded, "gguf_file": None})
+    spec = spec.model_copy(update={"trust_remote_code": spec.trust_remote_code and trust_remote_code})
+    return recipe.model_copy(update={"model": spec}), record
+
+
+def _lies_in(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def load_run(run_dir: str | Path, trust_remote_code: bool = False):
+    """Rebuild (recipe, model with trained method weights, tokenizer) from a run directory (`stored_recipe`)."""
+    run_dir = Path(run_dir)
+    recipe, record = stored_recipe(run_dir, trust_remote_code)
+    tokenizer = models.load_tokenizer(str(rundir.tokenizer_dir(run_dir)), recipe.model.trust_remote_code)
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
-    model = build_model(recipe, source, tokenizer, run["label_names"])
+    model = build_model(recipe, source, tokenizer, record.label_names)
     fold = method_of(recipe.method).fold
     if fold:  # method.safetensors holds what the reparameterisation produced, not the reparameterisation
         fold(model)

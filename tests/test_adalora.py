@@ -23,8 +23,8 @@ from ftune.layers.svd import svd_layers
 from ftune.methods import METHODS, adalora
 from ftune.methods.base import set_trainable
 from ftune.recipe import validate_recipe
-from ftune.run.checkpoint import METHOD_STATE, latest_checkpoint
 from ftune.run.train import train
+from ftune.rundir import METHOD_STATE, latest_checkpoint
 from ftune.serve import export
 
 peft = pytest.importorskip("peft")

@@ -36,6 +36,7 @@ from conftest import recipe_doc, write_recipe
 from safetensors.torch import load_file
 from torch import nn
 
+from ftune import rundir
 from ftune.run import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def _assert_checkpoints_load(out: Path, context: str) -> None:
     """Every complete checkpoint opens: safetensors weights, optimizer state (weights_only), state.json."""
     for folder in _complete(out):
         try:
-            tensors = load_file(folder / checkpoint.WEIGHTS)
+            tensors = load_file(folder / rundir.WEIGHTS)
             saved = torch.load(folder / "optimizer.pt", weights_only=True)
             state = json.loads((folder / "state.json").read_text())
         except Exception as e:  # noqa: BLE001 - any failure here is the finding
@@ -194,7 +195,7 @@ def _kill_once(case: Case, kind: str, attempt: int) -> dict | None:
 
     if kind == "start":
         delay = rng.uniform(0.0, 0.1)
-        reached = _wait(proc, (out / checkpoint.RECIPE).is_file, 0.005)
+        reached = _wait(proc, (out / rundir.RECIPE).is_file, 0.005)
         if reached:
             time.sleep(delay)
         detail["delay_s"] = round(delay, 3)
@@ -222,7 +223,7 @@ def _kill_once(case: Case, kind: str, attempt: int) -> dict | None:
     elif kind == "save":
         ahead = [s for s in case.save_steps if s > resume_step]
         target = rng.choice(ahead[:-1][:2] or ahead)  # one of the next two saves, the final one only if it is all
-        inside = rng.choice(["(folder)", checkpoint.WEIGHTS, "optimizer.pt", checkpoint.METHOD_META])
+        inside = rng.choice(["(folder)", rundir.WEIGHTS, "optimizer.pt", rundir.METHOD_META])
         tmp = out / "checkpoints" / f".step-{target:08d}.tmp"
         mark = tmp if inside == "(folder)" else tmp / inside
         done = out / "checkpoints" / f"step-{target:08d}" / "state.json"  # newer than any complete one at launch
@@ -281,8 +282,8 @@ def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
 
 def _compare(case: Case) -> None:
     out, reference = case.out, case.reference
-    header, data = _safetensors_parts(out / checkpoint.WEIGHTS)
-    expected_header, expected_data = _safetensors_parts(reference / checkpoint.WEIGHTS)
+    header, data = _safetensors_parts(out / rundir.WEIGHTS)
+    expected_header, expected_data = _safetensors_parts(reference / rundir.WEIGHTS)
     assert header == expected_header and data == expected_data, (
         f"{case.name}: method.safetensors differs from the uninterrupted run")
     final = json.loads((out / "metrics.json").read_text())
@@ -408,8 +409,8 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     # an incomplete folder (a kill mid-write or mid-delete) never counts as one of the kept
     (tmp_path / "checkpoints" / "step-00000007").mkdir()
     checkpoint.save_checkpoint(tmp_path, 6, model, optimizer, scheduler, {"step": 6}, keep=2)
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-00000005", "step-00000006"]
-    assert checkpoint.latest_checkpoint(tmp_path).name == "step-00000006"
+    assert [p.name for p in rundir.complete_checkpoints(tmp_path)] == ["step-00000005", "step-00000006"]
+    assert rundir.latest_checkpoint(tmp_path).name == "step-00000006"
 
 
 def test_a_kill_while_rotating_leaves_no_broken_complete_checkpoint(tmp_path, monkeypatch):
@@ -425,7 +426,7 @@ def test_a_kill_while_rotating_leaves_no_broken_complete_checkpoint(tmp_path, mo
 
     def killed_part_way(path, *args, **kwargs):
         if Path(path).name == "step-00000001":
-            (Path(path) / checkpoint.WEIGHTS).unlink()  # the first file goes, then the process dies
+            (Path(path) / rundir.WEIGHTS).unlink()  # the first file goes, then the process dies
             raise Killed
         real_rmtree(path, *args, **kwargs)
 
@@ -435,38 +436,48 @@ def test_a_kill_while_rotating_leaves_no_broken_complete_checkpoint(tmp_path, mo
     except Killed:
         pass
     monkeypatch.undo()
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert [p.name for p in rundir.complete_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
     _assert_checkpoints_load(tmp_path, "after a kill mid-rotation")
     # the half-deleted folder is swept when the run resumes, and so is a half-written one
     (tmp_path / "checkpoints" / ".step-00000004.tmp").mkdir()
-    (tmp_path / checkpoint.RECIPE).write_text("x: 1\n")
-    assert checkpoint.prepare_run_dir(tmp_path, "x: 1\n", resume=True, overwrite=False).name == "step-00000003"
+    rundir.write_record(tmp_path, _record())
+    (tmp_path / rundir.RECIPE).write_text("x: 1\n")
+    lock, latest = rundir.prepare_output_dir(tmp_path, "x: 1\n", None, resume=True, overwrite=False)
+    lock.release()
+    assert latest.name == "step-00000003"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
 
 
+def _record(**fields) -> rundir.RunRecord:
+    return rundir.RunRecord(versions={"ftune": "test"}, **fields)
+
+
 def test_a_kill_during_overwrite_leaves_a_run_that_overwrite_accepts(tmp_path, monkeypatch):
-    """--overwrite deletes the old run; a kill part-way must not leave a folder ftune refuses as 'not an ftune run'."""
+    """--overwrite deletes the old run's files, its record last (replaced by the new one); a kill part-way must not
+    leave a folder ftune refuses as 'not an ftune run'."""
     run = tmp_path / "run"
     (run / "checkpoints" / "step-00000001").mkdir(parents=True)
-    (run / "metrics.jsonl").write_text("{}\n")
-    (run / checkpoint.RECIPE).write_text("old: 1\n")
+    (run / rundir.METRICS_LOG).write_text("{}\n")
+    (run / rundir.RECIPE).write_text("old: 1\n")
+    rundir.write_record(run, _record(seed=1))
 
     class Killed(BaseException):
         pass
 
     def killed_part_way(path, *args, **kwargs):  # the worst order: the recipe goes first, if it is in there
-        (Path(path) / checkpoint.RECIPE).unlink(missing_ok=True)
+        (Path(path).parent / rundir.RECIPE).unlink(missing_ok=True)
         raise Killed
 
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_part_way)
-    try:
-        checkpoint.prepare_run_dir(run, "new: 1\n", resume=False, overwrite=True)
-    except Killed:
-        pass
+    monkeypatch.setattr(rundir.output.shutil, "rmtree", killed_part_way)
+    with pytest.raises(Killed):
+        rundir.prepare_output_dir(run, "new: 1\n", _record(seed=2), resume=False, overwrite=True)
     monkeypatch.undo()
-    assert checkpoint.prepare_run_dir(run, "new: 1\n", resume=False, overwrite=True) is None
-    assert sorted(p.name for p in run.iterdir()) == [checkpoint.RECIPE]
-    assert (run / checkpoint.RECIPE).read_text() == "new: 1\n"
+    assert rundir.read_record(run).seed == 1  # still the old run, which --overwrite accepts
+    lock, latest = rundir.prepare_output_dir(run, "new: 1\n", _record(seed=2), resume=False, overwrite=True)
+    lock.release()
+    assert latest is None
+    assert sorted(p.name for p in run.iterdir()) == sorted([rundir.LOCK, rundir.RECIPE, rundir.RECORD])
+    assert (run / rundir.RECIPE).read_text() == "new: 1\n" and rundir.read_record(run).seed == 2
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_bert, cls_data):

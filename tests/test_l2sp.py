@@ -17,9 +17,9 @@ from ftune import models
 from ftune.errors import RecipeError
 from ftune.methods import attach, method_of
 from ftune.recipe import validate_recipe
-from ftune.run.checkpoint import latest_checkpoint
 from ftune.run.setup import prepare
 from ftune.run.train import train
+from ftune.rundir import latest_checkpoint
 
 TASK = "sequence_classification"
 ALPHA, BETA = 0.3, 0.2

@@ -21,7 +21,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ftune import assemble
+from ftune import assemble, rundir
 from ftune.cli import app
 from ftune.errors import RecipeError, TrainingError
 from ftune.recipe import validate_recipe
@@ -83,7 +83,7 @@ def _record_saves(monkeypatch) -> dict:
 
     def record_weights(folder, *args, **kwargs):
         save_weights(folder, *args, **kwargs)
-        saved[folder / checkpoint.WEIGHTS] = _sha(folder / checkpoint.WEIGHTS)
+        saved[folder / rundir.WEIGHTS] = _sha(folder / rundir.WEIGHTS)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", record_checkpoint)
     monkeypatch.setattr(checkpoint, "save_weights", record_weights)
@@ -103,12 +103,12 @@ def _without_timing(log: list[dict]) -> list[dict]:
 
 
 def _assert_checkpoints_intact(run, saved: dict, steps: list[int]) -> None:
-    done = checkpoint.complete_checkpoints(run)
+    done = rundir.complete_checkpoints(run)
     assert [int(p.name.split("-")[1]) for p in done] == steps
     for folder in done:
         for f in folder.iterdir():
             assert _sha(f) == saved[f], f"{f} changed after it was saved"
-        assert _finite(folder / checkpoint.WEIGHTS)
+        assert _finite(folder / rundir.WEIGHTS)
         state = torch.load(folder / "optimizer.pt", weights_only=True)
         assert state["optimizer"]["state"], folder
         assert json.loads((folder / "state.json").read_text())["step"] == int(folder.name.split("-")[1])
@@ -140,7 +140,7 @@ def test_stop_names_the_step_and_keeps_the_last_checkpoint(case, monkeypatch, tm
     assert "checkpoints/step-00000002, is intact" in message, message
 
     _assert_checkpoints_intact(run, saved, [1, 2])
-    weights = run / checkpoint.WEIGHTS  # the best weights so far (best_metric), never overwritten by the bad step
+    weights = run / rundir.WEIGHTS  # the best weights so far (best_metric), never overwritten by the bad step
     assert _sha(weights) == saved[weights] and _finite(weights)
     assert max(e["step"] for e in _log(run)) == 2
     assert not (run / "metrics.json").exists()
@@ -161,7 +161,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(monkeypatch, tmp_path, 
     train(validate_recipe(doc), resume=True, console=_quiet())
 
     run, reference = tmp_path / "run", tmp_path / "clean"
-    resumed, expected = load_file(run / checkpoint.WEIGHTS), load_file(reference / checkpoint.WEIGHTS)
+    resumed, expected = load_file(run / rundir.WEIGHTS), load_file(reference / rundir.WEIGHTS)
     assert resumed.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(resumed[name], tensor), name
@@ -189,12 +189,12 @@ def test_skip_drops_the_step_and_counts_it(what, monkeypatch, tmp_path, tiny_ber
     # the scheduler did not move for the skipped step (linear decay from 1e-2 over 4 steps) ...
     assert [e["lr"] for e in steps] == pytest.approx([1e-2 * (1 - s / 4) for s in (1, 2, 3, 4)])
     # ... nor did the optimizer
-    final = checkpoint.latest_checkpoint(run)
+    final = rundir.latest_checkpoint(run)
     assert final.name == "step-00000004"
     state = torch.load(final / "optimizer.pt", weights_only=True)["optimizer"]["state"]
     assert {int(s["step"]) for s in state.values()} == {4}
     assert json.loads((final / "state.json").read_text())["skipped_steps"] == 1
-    assert _finite(run / checkpoint.WEIGHTS) and _finite(final / checkpoint.WEIGHTS)
+    assert _finite(run / rundir.WEIGHTS) and _finite(final / rundir.WEIGHTS)
 
 
 def test_overflowing_lr_stops_with_one_line_and_exit_code_1(tmp_path, tiny_bert, cls_data):
@@ -211,11 +211,11 @@ def test_overflowing_lr_stops_with_one_line_and_exit_code_1(tmp_path, tiny_bert,
     assert found, last
     bad = int(found.group(1))
     assert bad >= 2
-    latest = checkpoint.latest_checkpoint(run)
+    latest = rundir.latest_checkpoint(run)
     assert latest.name == f"step-{bad - 1:08d}" and f"checkpoints/{latest.name}, is intact" in last
-    assert _finite(latest / checkpoint.WEIGHTS)
+    assert _finite(latest / rundir.WEIGHTS)
     torch.load(latest / "optimizer.pt", weights_only=True)
-    assert not (run / checkpoint.WEIGHTS).exists()  # the final weights are written only by a finished run
+    assert not (run / rundir.WEIGHTS).exists()  # the final weights are written only by a finished run
 
 
 def test_skip_gives_up_when_every_step_is_bad(tmp_path, tiny_bert, cls_data):

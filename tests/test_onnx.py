@@ -12,7 +12,8 @@ import torch
 from conftest import recipe_doc, token_recipe_doc
 from typer.testing import CliRunner
 
-from ftune.assemble import load_run, read_run_record
+from ftune import rundir
+from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.recipe import validate_recipe
 from ftune.run.train import train
@@ -59,7 +60,7 @@ def _check_export(run, tmp_path, logits_axes):
     report = json.loads((out / onnx_export.REPORT).read_text())
     assert report["inputs"] == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
     assert report["outputs"]["logits"][:len(logits_axes)] == logits_axes
-    assert report["label_names"] == read_run_record(run)["label_names"]
+    assert report["label_names"] == rundir.read_record(run).label_names
     assert report["check"]["max_abs_diff"] <= 1e-4 and report["check"]["tolerance"] == 1e-4
     return out, report
 

@@ -23,9 +23,9 @@ from ftune.data.loader import collate
 from ftune.data.packing import check_examples, collate_packed, require_isolation
 from ftune.errors import RecipeError
 from ftune.recipe import validate_recipe
-from ftune.run.checkpoint import latest_checkpoint
 from ftune.run.linear_ce import output_layer
 from ftune.run.train import train
+from ftune.rundir import latest_checkpoint
 from ftune.tasks import IGNORE_INDEX, TASKS
 
 

@@ -20,9 +20,9 @@ from ftune.cli import app
 from ftune.data.loader import collate
 from ftune.objectives import dpo, reward
 from ftune.recipe import validate_recipe
-from ftune.run.checkpoint import latest_checkpoint
 from ftune.run.evaluate import evaluate
 from ftune.run.train import train
+from ftune.rundir import latest_checkpoint
 from ftune.tasks import IGNORE_INDEX, TASKS
 from ftune.tasks.preference import completion_logps
 

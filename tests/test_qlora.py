@@ -18,14 +18,13 @@ from conftest import recipe_doc
 from rich.console import Console
 from safetensors.torch import load_file
 
-from ftune import assemble, models
+from ftune import assemble, models, rundir
 from ftune.errors import MethodError, RecipeError
 from ftune.layers.lora import LoRALinear
 from ftune.methods import METHODS, attach, compose, lora, method_of
 from ftune.methods.base import count_parameters, only_with_others
 from ftune.models import quantize
 from ftune.recipe import validate_recipe
-from ftune.run import checkpoint
 from ftune.run.optim import make_optimizer
 from ftune.run.train import train
 from ftune.serve import export
@@ -80,7 +79,7 @@ def test_nf4_training_loss_falls(qlora_runs):
 
 
 def _checkpoint_weights(run, step):
-    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / checkpoint.WEIGHTS))
+    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / rundir.WEIGHTS))
 
 
 def _moved_after_evaluation(wide_llama, sft_data, out) -> dict[str, bool]:
@@ -378,10 +377,10 @@ def test_resume_equals_uninterrupted(tiny_llama, sft_data, tmp_path):
                      keep_checkpoints=3, eval_every=2, optimizer="adamw_8bit")
     run = tmp_path / "run"
     _train(recipe)
-    expected = load_file(str(run / checkpoint.WEIGHTS))
+    expected = load_file(str(run / rundir.WEIGHTS))
     shutil.rmtree(run / "checkpoints" / "step-00000006")
     train(recipe, resume=True, console=Console(file=io.StringIO()))
-    resumed = load_file(str(run / checkpoint.WEIGHTS))
+    resumed = load_file(str(run / rundir.WEIGHTS))
     assert resumed.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(resumed[name], tensor), name

@@ -10,8 +10,8 @@ from conftest import recipe_doc
 from safetensors.torch import load_file
 
 from ftune.recipe import validate_recipe
-from ftune.run.checkpoint import latest_checkpoint
 from ftune.run.train import train
+from ftune.rundir import latest_checkpoint
 
 CASES = {
     "lora-cls": ("cls", {"name": "lora", "r": 4, "dropout": 0.1}),  # dropout: the RNG state must resume too

@@ -23,8 +23,8 @@ from ftune.methods import attach, method_of
 from ftune.methods.compose import Config as Compose
 from ftune.models.arch import transformer_blocks
 from ftune.recipe import validate_recipe
-from ftune.run.checkpoint import latest_checkpoint
 from ftune.run.train import train
+from ftune.rundir import latest_checkpoint
 from ftune.serve.export import merge_run
 
 runner = CliRunner()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import peft_side, recipe_doc
 
-from ftune import models
+from ftune import models, rundir
 from ftune.assemble import load_run
 from ftune.errors import RecipeError
 from ftune.layers.soft_prompts import Prompt
@@ -184,7 +184,7 @@ def test_training_moves_only_the_prompt_and_head(name, prompt_runs):
     """A finished run's metrics exist and its saved weights are the prompt (folded) plus the head."""
     from safetensors.torch import load_file
 
-    saved = load_file(str(prompt_runs[name, "cls"] / checkpoint.WEIGHTS))
+    saved = load_file(str(prompt_runs[name, "cls"] / rundir.WEIGHTS))
     assert "source.weight" in saved and all(k == "source.weight" or k.startswith("model.") for k in saved)
     assert not any(k.startswith("source.") and k != "source.weight" for k in saved)
 

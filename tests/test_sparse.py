@@ -20,8 +20,8 @@ from ftune.methods import attach, method_of
 from ftune.methods.base import count_parameters
 from ftune.methods.sparse import Config
 from ftune.recipe import validate_recipe
-from ftune.run.checkpoint import latest_checkpoint
 from ftune.run.train import train
+from ftune.rundir import latest_checkpoint
 from ftune.tasks import TASKS
 
 TASK = "sequence_classification"

@@ -10,6 +10,7 @@ import pytest
 from conftest import recipe_doc, write_recipe
 from typer.testing import CliRunner
 
+from ftune import rundir
 from ftune.cli import app
 from ftune.errors import RecipeError
 from ftune.recipe import validate_recipe
@@ -41,7 +42,7 @@ def test_tensorboard_events_equal_metrics_jsonl(tiny_bert, cls_data, tmp_path):
                 expected.setdefault(tag, {})[entry["step"]] = value
     assert {"train/loss", "train/lr", "train/tokens_per_s", "validation/accuracy", "validation/loss"} <= set(expected)
 
-    events = EventAccumulator(str(out / trackers.TRACKING_DIR / "run")).Reload()
+    events = EventAccumulator(str(out / rundir.TRACKING / "run")).Reload()
     logged = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
     assert set(logged) == set(expected)
     for tag, by_step in expected.items():
@@ -53,7 +54,7 @@ def test_tensorboard_events_equal_metrics_jsonl(tiny_bert, cls_data, tmp_path):
 def _scalars(out):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / trackers.TRACKING_DIR / out.name)).Reload()
+    events = EventAccumulator(str(out / rundir.TRACKING / out.name)).Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ftune import rundir
 from ftune.compare import plan as planning
 from ftune.compare import table
 from ftune.compare.worker import REFUSED
 from ftune.errors import RunDirError
 from ftune.recipe import Recipe, dump_recipe, load_recipe
-from ftune.run import checkpoint
 
 ACTIONS = {"fresh": ("training", []), "restart": ("training again (no checkpoint was saved)", ["--overwrite"]),
            "resume": ("resuming from its last checkpoint", ["--resume"]), "measure": ("timing a forward", ["--measure-only"]),
@@ -48,17 +48,16 @@ class Comparison:
 
 def state_of(run_dir: Path, recipe_yaml: str) -> str:
     """One of ACTIONS' keys, or RunDirError for a directory this comparison must not touch."""
-    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+    if run_dir.is_dir() and rundir.is_empty(run_dir) or not run_dir.exists():
         return "fresh"
-    stored = run_dir / checkpoint.RECIPE
-    if not run_dir.is_dir() or not stored.is_file():
+    if not run_dir.is_dir() or not rundir.is_run(run_dir):
         raise RunDirError(f"{run_dir}: exists and is not an ftune run; choose another --out")
-    if stored.read_text() != recipe_yaml:
+    if rundir.read_recipe_text(run_dir) != recipe_yaml:
         raise RunDirError(f"{run_dir}: holds a run of another recipe or budget than this comparison's; choose another "
                           f"--out, or delete {run_dir} to train {run_dir.name} again")
-    if (run_dir / "metrics.json").is_file():
+    if rundir.has_metrics(run_dir):
         return "reuse" if table.forward_of(run_dir) else "measure"
-    return "resume" if checkpoint.latest_checkpoint(run_dir) else "restart"
+    return "resume" if rundir.latest_checkpoint(run_dir) else "restart"
 
 
 def launch(recipe_file: Path, flags: list[str]) -> tuple[int, str]:
@@ -108,7 +107,7 @@ def write_recipe(out: Path, method: str, recipe: Recipe) -> Path:
     """`<out>/recipes/<method>.yaml`: the recipe a worker runs (and `ftune train` reruns by hand)."""
     path = out / "recipes" / f"{method}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_text(path, f"# written by ftune compare; rerun alone: ftune train {path}\n" + dump_recipe(recipe))
+    rundir.write_text(path, f"# written by ftune compare; rerun alone: ftune train {path}\n" + dump_recipe(recipe))
     return path
 
 
@@ -122,8 +121,8 @@ def _report(recipe_path: Path, base: Recipe, budget: planning.Budget, done: dict
     advice = recommend.recommend(rows, metric, mode, limit, context) if rows else []
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "comparison.md", out / "comparison.json"]
-    checkpoint.write_text(files[0], table.markdown(rows, context, left_out, failed, advice))
-    checkpoint.write_json(files[1], {**context, "rows": rows, "left_out": left_out, "failed": failed,
+    rundir.write_text(files[0], table.markdown(rows, context, left_out, failed, advice))
+    rundir.write_json(files[1], {**context, "rows": rows, "left_out": left_out, "failed": failed,
                                      "recommendation": advice})
     if rows:
         files.append(pareto.plot(rows, metric, mode, out / "pareto.png"))

@@ -17,9 +17,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from ftune import rundir
 from ftune.recipe import Recipe
-
-RESULT = "compare.json"  # written by worker.py
+from ftune.rundir import COMPARE as RESULT  # written by worker.py
 
 
 def metric_of(recipe: Recipe) -> tuple[str, str]:
@@ -34,8 +34,7 @@ def forward_of(run_dir: Path) -> dict[str, Any] | None:
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return rundir.read_metrics_log(run_dir)
 
 
 def tokens_per_s(log: list[dict[str, Any]], eval_every: int | None, save_every: int | None) -> float | None:
@@ -56,7 +55,7 @@ def tokens_per_s(log: list[dict[str, Any]], eval_every: int | None, save_every: 
 
 def read_row(method: str, recipe: Recipe, metric: str, mode: str) -> dict[str, Any]:
     out = Path(recipe.output_dir)
-    final = json.loads((out / "metrics.json").read_text())
+    final = rundir.read_metrics(out)
     measured = json.loads((out / RESULT).read_text()) if (out / RESULT).is_file() else {}
     log = read_log(out)
     scores = [e["validation"][metric] for e in log if metric in e.get("validation", {})]
@@ -66,7 +65,7 @@ def read_row(method: str, recipe: Recipe, metric: str, mode: str) -> dict[str, A
         "method": method, "lr": t.lr, "steps": final["step"],
         "trainable_params": final["trainable_params"], "total_params": final["total_params"],
         "trainable_pct": 100 * final["trainable_params"] / final["total_params"],
-        "saved_bytes": (out / "method.safetensors").stat().st_size,
+        "saved_bytes": rundir.weights_file(out).stat().st_size,
         "peak_memory_bytes": measured.get("peak_memory_bytes"), "memory_kind": measured.get("memory"),
         "tokens_per_s": tokens_per_s(log, t.eval_every, t.save_every),
         "wall_seconds": measured.get("wall_seconds"), "train_seconds": final["train_seconds"],

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ftune.errors import FtuneError, MethodError
+from ftune.rundir import COMPARE as RESULT
 
-RESULT = "compare.json"
 REFUSED = 3
 """Exit code when the method does not apply to the model: it refused before the run directory was written."""
 REPEATS = 5
@@ -42,11 +42,12 @@ def peak_memory() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def forward_cost(run_dir: Path, repeats: int = REPEATS) -> dict[str, Any]:
-    """Fastest seconds of a forward of the trained model and of the base model on the first ROWS validation rows."""
+def forward_cost(run_dir: Path, trust_remote_code: bool, repeats: int = REPEATS) -> dict[str, Any]:
+    """Fastest seconds of a forward of the trained model and of the base model on the first ROWS validation rows
+    (`trust_remote_code`: the comparison's own recipe's)."""
     import torch
 
-    from ftune import assemble, models
+    from ftune import assemble, models, rundir
     from ftune.data.loader import collate
     from ftune.methods import method_of
     from ftune.methods.base import unwrap_merged
@@ -54,13 +55,13 @@ def forward_cost(run_dir: Path, repeats: int = REPEATS) -> dict[str, Any]:
     from ftune.serve.hotswap import trained_precision
     from ftune.tasks import TASKS
 
-    recipe, model, tokenizer = assemble.load_run(run_dir)
+    recipe, model, tokenizer = assemble.load_run(run_dir, trust_remote_code)
     method = method_of(recipe.method)
     merged = method.merge is not None and not recipe.model.quantization
     if merged:  # what a deployment of a mergeable method runs: plain weights, no wrapper left
         method.merge(model)
         model = unwrap_merged(model)
-    names = assemble.read_run_record(run_dir)["label_names"]
+    names = rundir.read_record(run_dir).label_names
     spec = recipe.model
     source = models.resolve_model(spec.name, spec.gguf_file, spec.revision)
     base, _ = models.load_model(TASKS[recipe.task], source, spec.dtype, label_names=names,
@@ -102,8 +103,8 @@ def forward_cost(run_dir: Path, repeats: int = REPEATS) -> dict[str, Any]:
 def run(recipe_path: Path, resume: bool, overwrite: bool, measure_only: bool) -> dict[str, Any]:
     from rich.console import Console
 
+    from ftune import rundir
     from ftune.recipe import load_recipe
-    from ftune.run import checkpoint
     from ftune.run.train import train
 
     recipe = load_recipe(recipe_path)
@@ -114,14 +115,14 @@ def run(recipe_path: Path, resume: bool, overwrite: bool, measure_only: bool) ->
         try:
             train(recipe, resume=resume, overwrite=overwrite, console=Console(stderr=True))
         except MethodError as e:
-            if (out / checkpoint.RECIPE).exists():
+            if (out / rundir.RECORD).exists():
                 raise
             raise Refused(str(e)) from None
         result = {"wall_seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory(),
                   "memory": "cuda max allocated" if _cuda() else "process peak RSS", "resumed": resume}
-        checkpoint.write_json(out / RESULT, result)  # before the forward timing, which loads the model again
-    result["forward"] = forward_cost(out)
-    checkpoint.write_json(out / RESULT, result)
+        rundir.write_json(out / RESULT, result)  # before the forward timing, which loads the model again
+    result["forward"] = forward_cost(out, recipe.model.trust_remote_code)
+    rundir.write_json(out / RESULT, result)
     return result
 
 

@@ -29,13 +29,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ftune import rundir
 from ftune.errors import FtuneError, MethodError
 from ftune.layers.fusion import Fusion
 from ftune.layers.token_masks import hand_over_masks
 from ftune.methods import adapter
 from ftune.methods.base import Method, MethodConfig, Recommended, switched_off
 from ftune.models.arch import block_stacks, replace_submodule
-from ftune.run import checkpoint
 
 
 class Config(MethodConfig):
@@ -54,18 +54,18 @@ def load_stage1(run_dir: str) -> tuple[adapter.Config, str, dict[str, torch.Tens
     """(adapter config, base model name, weights) of one stage-1 run, or a one-line MethodError naming it."""
     from ftune.recipe import load_recipe  # not at the top: ftune.recipe imports this package's registry
 
-    path = Path(run_dir)
-    needed = (checkpoint.RECIPE, checkpoint.WEIGHTS, "metrics.json")  # metrics.json is a run's last write
-    if not all((path / name).is_file() for name in needed):
-        raise MethodError(f"method.adapters: {run_dir} is not a finished ftune run (needs {', '.join(needed)})")
+    path = Path(run_dir).expanduser()
     try:
-        recipe = load_recipe(path / checkpoint.RECIPE)
+        rundir.finished(path)
+        if not rundir.has_metrics(path):  # metrics.json is a run's last write
+            raise MethodError(f"{run_dir} is not a finished ftune run (no {rundir.METRICS})")
+        recipe = load_recipe(rundir.recipe_file(path), stored=True)
         m = recipe.method
         if m.name != "adapter" or m.placement != "pfeiffer" or m.layers is not None:
             what = m.name + (f" placement {m.placement}" if m.name == "adapter" else "")
             raise MethodError(f"{run_dir} is a {what} run; AdapterFusion fuses `adapter` runs with placement "
                               "pfeiffer in every block")
-        return m, recipe.model.name, checkpoint.read_weights(path)
+        return m, recipe.model.name, rundir.read_weights(path)
     except FtuneError as e:  # its message already names the run dir, its recipe.yaml or its weights file
         raise MethodError(f"method.adapters: {str(e).splitlines()[0]}") from None
 

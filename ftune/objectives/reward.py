@@ -121,12 +121,12 @@ def score_completions(model: nn.Module, tokenizer, data_spec, prompt: str, compl
     return logits[:, 0].float().tolist()
 
 
-def scorer_of_run(run_dir: str | Path):
+def scorer_of_run(run_dir: str | Path, trust_remote_code: bool = False):
     """`(prompt, completions) -> rewards` of a finished reward-model run (RunDirError for another kind of run)."""
     from ftune import assemble
     from ftune.errors import RunDirError
 
-    recipe, model, tokenizer = assemble.load_run(run_dir)
+    recipe, model, tokenizer = assemble.load_run(run_dir, trust_remote_code)
     if recipe.objective.name != OBJECTIVE.name:
         raise RunDirError(f"{run_dir}: trained objective {recipe.objective.name}, not a reward model "
                           f"(objective: {{name: {OBJECTIVE.name}}})")

@@ -10,17 +10,15 @@ global backend is switched (a notebook that trains keeps its own); matplotlib is
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ftune import rundir
 from ftune.errors import RecipeError, RunDirError
 
-PLOT, METRICS, RECIPE = "loss.png", "metrics.jsonl", "recipe.yaml"
+PLOT = rundir.PLOT
 SIZE_INCHES, DPI = (10.0, 4.0), 100
 """Every figure is 1000 x 400 pixels."""
 
@@ -47,31 +45,28 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
     """A run dir's metrics.jsonl (finished or in progress). RunDirError for a folder that is not a run or has not
     logged yet; a torn last line (a killed run) is skipped."""
     run_dir = Path(run_dir)
-    if not (run_dir / RECIPE).is_file():
-        raise RunDirError(f"{run_dir}: not an ftune run dir (no {RECIPE}); give the output_dir of a run")
-    try:
-        lines = (run_dir / METRICS).read_text().splitlines()
-        doc = yaml.safe_load((run_dir / RECIPE).read_text())
-    except FileNotFoundError:
-        raise RunDirError(f"{run_dir}: no {METRICS} yet; the run has not logged a step") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise RunDirError(f"{run_dir}: its log cannot be read ({type(e).__name__})") from None
-    train = doc.get("train") if isinstance(doc, dict) else None
-    curves = Curves(name or run_dir.name, best_metric=train.get("best_metric") if isinstance(train, dict) else None)
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn line from a killed run
-        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
-            continue
+    if not rundir.is_run(run_dir):
+        raise RunDirError(f"{run_dir}: not an ftune run dir (no readable {rundir.RECORD}); give the output_dir of a run")
+    curves = Curves(name or run_dir.name, best_metric=_best_metric(run_dir))
+    for entry in rundir.read_metrics_log(run_dir):
         if isinstance(entry.get("validation"), dict):
             curves.validation.append((entry["step"], entry["validation"]))
         elif isinstance(entry.get("loss"), (int, float)):
             curves.train.append((entry["step"], float(entry["loss"])))
     if not curves.train and not curves.validation:
-        raise RunDirError(f"{run_dir / METRICS}: holds no log line yet")
+        raise RunDirError(f"{run_dir / rundir.METRICS_LOG}: holds no log line yet")
     return curves
+
+
+def _best_metric(run_dir: Path) -> str | None:
+    """The run's train.best_metric, read through the recipe reader (bounded on any input); None if unreadable."""
+    from ftune.errors import FtuneError
+    from ftune.recipe import load_recipe
+
+    try:
+        return load_recipe(rundir.recipe_file(run_dir), stored=True).train.best_metric
+    except FtuneError:
+        return None
 
 
 def chosen_metric(runs: list[Curves], metric: str | None) -> str | None:
@@ -158,7 +153,7 @@ def refresh(run_dir: Path) -> str | None:
 
 def _write(path: Path, data: bytes) -> None:
     """Whole or not at all: a reader (an image viewer refreshing) never sees half a PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = rundir.temporary(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftune import models
+from ftune import models, rundir
 from ftune.errors import ModelError, RecipeError
-from ftune.run import checkpoint
 
 CACHE_FORMAT = b"ftune teacher logits v1"
 
@@ -48,19 +47,16 @@ def describe(where: str, trust_remote_code: bool = False) -> Teacher:
     """The teacher named by objective.teacher; one line (ModelError, RunDirError) when it is neither a finished run
     directory nor a loadable model."""
     path = Path(where).expanduser()
-    if (path / checkpoint.RECIPE).is_file():
-        from ftune.assemble import read_run_record
-        from ftune.recipe import load_recipe
+    if (path / rundir.RECORD).is_file():
+        from ftune.assemble import stored_recipe
 
-        recipe, record = load_recipe(path / checkpoint.RECIPE, stored=True), read_run_record(path)
-        weights = path / checkpoint.WEIGHTS
-        if not weights.is_file():
-            raise ModelError(f"objective.teacher: {where} is not a finished ftune run (no {checkpoint.WEIGHTS})")
+        recipe, record = stored_recipe(path, trust_remote_code)
+        weights = rundir.weights_file(path)
         m = recipe.model
         base = models.resolve_model(m.name, m.gguf_file, m.revision)
-        tokenizer = models.load_tokenizer(str(path / checkpoint.TOKENIZER))
-        files = [path / checkpoint.RECIPE, weights, *_files(path / checkpoint.TOKENIZER), *_files(Path(base))]
-        return Teacher(where, recipe.task, record["label_names"], tokenizer, files)
+        tokenizer = models.load_tokenizer(str(rundir.tokenizer_dir(path)), m.trust_remote_code)
+        files = [rundir.recipe_file(path), weights, *_files(rundir.tokenizer_dir(path)), *_files(Path(base))]
+        return Teacher(where, recipe.task, record.label_names, tokenizer, files)
     from ftune.assemble import missing_folder
 
     if missing_folder(where):
@@ -71,7 +67,7 @@ def describe(where: str, trust_remote_code: bool = False) -> Teacher:
     except ModelError as e:
         reason = str(e).removeprefix("model.name: ")
         raise ModelError(f"objective.teacher: {where} is neither a finished ftune run directory (no "
-                         f"{checkpoint.RECIPE}) nor a loadable model ({reason})") from None
+                         f"{rundir.RECORD}) nor a loadable model ({reason})") from None
     return Teacher(where, None, None, tokenizer, _files(Path(source)))
 
 

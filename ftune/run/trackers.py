@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ftune import rundir
 from ftune.errors import RecipeError
 
-TRACKING_DIR = "tracking"
+TRACKING_DIR = rundir.TRACKING
 """Under the run dir: where trackers that write local files write them."""
 
 # accelerate's tracker names (LoggerType, less "all") -> the pip package that provides each

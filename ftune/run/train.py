@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ftune import rundir
 from ftune.data import prefetch
 from ftune.data.loader import token_count
 from ftune.errors import TrainingError
@@ -29,13 +30,20 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     """Train `recipe` into `recipe.output_dir` and return the final metrics (also written to metrics.json)."""
     console = console or Console(stderr=True)
     run = prepare(recipe, resume=resume, overwrite=overwrite, console=console)
-    t, pos, acc, model = recipe.train, run.pos, run.accelerator, run.model
+    try:
+        return _fit(run, console)
+    finally:
+        run.release()  # the output_dir's lock; the kernel releases it too if this process is killed
+
+
+def _fit(run: Run, console: Console) -> dict:
+    t, pos, acc, model = run.recipe.train, run.pos, run.accelerator, run.model
     n_trainable, n_total = run.counts
     console.print(f"[bold]{run.method.name}[/]: {n_trainable:,} of {n_total:,} parameters train "
                   f"({100 * n_trainable / n_total:.3f}%); {run.total_steps} steps on {acc.device} "
                   f"× {acc.num_processes}, {run.precision}")
     if run.main:
-        _truncate_log(run.out / "metrics.jsonl", pos.step, run.total_steps)
+        _truncate_log(run.out / rundir.METRICS_LOG, pos.step, run.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     micro_batches = _micro_batches(run.train_loader, pos, accelerated=acc.device.type == "cuda")
     window_tokens, window_start, started = 0, time.perf_counter(), time.perf_counter() - pos.train_seconds
@@ -133,9 +141,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     if run.method.report:  # read after the final evaluation, which the report may summarise
         result["method_report"] = run.method.report(run.raw_model)
         if run.main:
-            checkpoint.write_json(run.out / "method_report.json", result["method_report"])
+            rundir.write_json(run.out / rundir.METHOD_REPORT, result["method_report"])
     if run.main:
-        checkpoint.write_json(run.out / "metrics.json", result)
+        rundir.write_json(run.out / rundir.METRICS, result)
     trackers.finish(acc)
     processes.barrier(acc)  # no process leaves before the run directory is complete
     return result
@@ -179,7 +187,7 @@ def _why_bad(loss: float, norm: float) -> str | None:
 
 def _stopped(run: Run, why: str) -> TrainingError:
     """The step being taken cannot be: nothing of it is saved."""
-    latest = checkpoint.latest_checkpoint(run.out)
+    latest = rundir.latest_checkpoint(run.out)
     kept = f"the last checkpoint, {latest.relative_to(run.out)}, is intact" if latest else "no checkpoint was saved yet"
     hint = ", or set train.on_nonfinite: skip" if run.recipe.train.on_nonfinite == "stop" else ""
     return TrainingError(f"step {run.pos.step + 1} of {run.total_steps}: {why}; training stopped without saving this "
@@ -194,8 +202,7 @@ def _score(run: Run) -> dict:
 
 def _log(run: Run, entry: dict) -> None:
     if run.main:
-        with open(run.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        rundir.append_line(run.out / rundir.METRICS_LOG, json.dumps(entry))
         run.accelerator.log(trackers.scalars(entry), step=entry["step"])  # train.report_to's trackers, if any
 
 
@@ -252,4 +259,4 @@ def _truncate_log(path: Path, step: int, total_steps: int) -> None:
                 continue  # a torn line from a killed run: it was past the checkpoint, and is rewritten
             if entry["step"] <= step and not ("validation" in entry and entry["step"] >= total_steps):
                 kept.append(line + "\n")
-        checkpoint.write_text(path, "".join(kept))
+        rundir.write_text(path, "".join(kept))

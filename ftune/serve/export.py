@@ -14,24 +14,24 @@ from ftune.methods.base import unwrap_merged
 from ftune.models import DTYPES, quantize
 
 
-def merge_run(run_dir: str | Path, out: str | Path) -> Path:
+def merge_run(run_dir: str | Path, out: str | Path, trust_remote_code: bool = False) -> Path:
     """Fold the method into the base weights and save a plain HF model dir (+ tokenizer).
 
     A quantised base (QLoRA) is first dequantised, each weight to the values its forward used (see
     `quantize.dequantize`); the saved model carries no quantization_config and loads with AutoModelFor*.
     """
     out = check_fresh(out)  # before any loading: a refusal costs nothing
-    _, model, tokenizer = merged_model(run_dir)
+    _, model, tokenizer = merged_model(run_dir, trust_remote_code)
     make_dir(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
-def merged_model(run_dir: str | Path):
+def merged_model(run_dir: str | Path, trust_remote_code: bool = False):
     """(recipe, the run's base model with the method folded in and unwrapped to plain transformers modules,
     tokenizer); MethodError for a method that cannot merge. `ftune merge` saves it, `--format onnx` exports it."""
-    recipe, model, tokenizer = load_run(run_dir)
+    recipe, model, tokenizer = load_run(run_dir, trust_remote_code)
     method = method_of(recipe.method)
     if method.merge is None:
         raise MethodError(f"{method.name} adds modules that cannot be folded into the base weights, so there is no "
@@ -48,10 +48,10 @@ def merged_model(run_dir: str | Path):
     return recipe, model, tokenizer
 
 
-def export_peft(run_dir: str | Path, out: str | Path) -> Path:
+def export_peft(run_dir: str | Path, out: str | Path, trust_remote_code: bool = False) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads."""
     out = check_fresh(out)
-    recipe, model, tokenizer = load_run(run_dir)
+    recipe, model, tokenizer = load_run(run_dir, trust_remote_code)
     method = method_of(recipe.method)
     if method.peft_config is None:
         raise MethodError(f"export --format peft: peft has no equivalent of {method.name}; use --format hf")

@@ -28,25 +28,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftune import assemble, models
+from ftune import assemble, models, rundir
 from ftune.errors import DataError, MethodError, RecipeError, RunDirError
 from ftune.methods import METHODS, method_of
 from ftune.methods.base import trainable_state_dict
 from ftune.methods.lora import LoRALinear
 from ftune.objectives import OBJECTIVES
-from ftune.recipe import Recipe, load_recipe
-from ftune.run import checkpoint
+from ftune.recipe import Recipe
 
 # config fields that act only in training: hot-swapped runs may differ in them (the rest is the attached structure)
 TRAINING_ONLY = {"dropout"}
 
 
-def read_recipes(run_dirs: list[Path]) -> list[Recipe]:
-    """Each run's stored recipe (RunDirError for a folder that is not a finished run)."""
-    for run in run_dirs:
-        if not (Path(run) / checkpoint.RECIPE).is_file():
-            raise RunDirError(f"{run}: not a finished ftune run (no {checkpoint.RECIPE})")
-    return [load_recipe(Path(run) / checkpoint.RECIPE, stored=True) for run in run_dirs]
+def read_recipes(run_dirs: list[Path], trust_remote_code: bool = False) -> list[Recipe]:
+    """Each run's stored recipe (`assemble.stored_recipe`; RunDirError for a folder that is not a finished run)."""
+    return [assemble.stored_recipe(run, trust_remote_code)[0] for run in run_dirs]
 
 
 def check_same_base(run_dirs: list[Path], recipes: list[Recipe]) -> None:
@@ -162,10 +158,10 @@ class HotSwap:
                     self._peak[name] = torch.maximum(self._peak.get(name, peak), peak)
 
 
-def load_bank(run_dirs: list[Path], recipes: list[Recipe] | None = None) -> HotSwap:
+def load_bank(run_dirs: list[Path], recipes: list[Recipe] | None = None, trust_remote_code: bool = False) -> HotSwap:
     """The first run loaded (`assemble.load_run`) and every run's weights read, after checking they fit one base."""
     run_dirs = [Path(r) for r in run_dirs]
-    recipes = recipes or read_recipes(run_dirs)
+    recipes = recipes or read_recipes(run_dirs, trust_remote_code)
     check_same_base(run_dirs, recipes)
     first = recipes[0]
     if not swappable(recipes):
@@ -182,15 +178,15 @@ def load_bank(run_dirs: list[Path], recipes: list[Recipe] | None = None) -> HotS
                                   f"{getattr(first.method, field)!r}; hot-swapped runs share one attached "
                                   f"{first.method.name} (same targets, rank and scaling; only "
                                   f"{', '.join(sorted(TRAINING_ONLY))} may differ)")
-    _, model, tokenizer = assemble.load_run(run_dirs[0])
+    _, model, tokenizer = assemble.load_run(run_dirs[0], trust_remote_code)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    states = [checkpoint.read_weights(run) for run in run_dirs]
+    states = [rundir.read_weights(run) for run in run_dirs]
     for run, state in zip(run_dirs, states):
         if state.keys() != expected:
             odd = min(expected ^ state.keys())
-            raise RunDirError(f"{Path(run) / checkpoint.WEIGHTS}: does not fit the first run's method and model "
+            raise RunDirError(f"{Path(run) / rundir.WEIGHTS}: does not fit the first run's method and model "
                               f"({'missing' if odd in expected else 'unexpected'} {odd})")
-    names = [assemble.read_run_record(run)["label_names"] for run in run_dirs]
+    names = [rundir.read_record(run).label_names for run in run_dirs]
     return HotSwap(model, tokenizer, recipes, states, names)
 
 
@@ -199,7 +195,7 @@ def lora_scaling(cfg: Any) -> float:
     return cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
 
 
-def combine(run_dirs: list[Path], weights: list[float]):
+def combine(run_dirs: list[Path], weights: list[float], trust_remote_code: bool = False):
     """(recipe, model, tokenizer, label names): one LoRA adapter equal to Σ w_i ΔW_i over the first run's base.
 
     The recipe is the first run's with method r = Σ r_i, alpha = Σ r_i (scaling 1), rslora off, dropout 0.
@@ -209,7 +205,7 @@ def combine(run_dirs: list[Path], weights: list[float]):
         raise RecipeError(f"--weights: {len(weights)} values for {len(run_dirs)} runs; give one weight per run")
     if not all(math.isfinite(w) for w in weights):
         raise RecipeError("--weights: every weight must be a finite number")
-    recipes = read_recipes(run_dirs)
+    recipes = read_recipes(run_dirs, trust_remote_code)
     check_same_base(run_dirs, recipes)
     first = recipes[0]
     for run, r in zip(run_dirs, recipes):
@@ -223,20 +219,20 @@ def combine(run_dirs: list[Path], weights: list[float]):
     method = type(first.method).model_validate(
         first.method.model_dump() | {"r": rank, "alpha": float(rank), "rslora": False, "dropout": 0.0})
     recipe = first.model_copy(update={"method": method})
-    names = assemble.read_run_record(run_dirs[0])["label_names"]
-    tokenizer = models.load_tokenizer(str(run_dirs[0] / checkpoint.TOKENIZER))
+    names = rundir.read_record(run_dirs[0]).label_names
+    tokenizer = models.load_tokenizer(str(rundir.tokenizer_dir(run_dirs[0])), recipe.model.trust_remote_code)
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
     model = assemble.build_model(recipe, source, tokenizer, names)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     factors = {f"{name}.{part}.weight" for name in layers for part in ("lora_A", "lora_B")}
-    states = [checkpoint.read_weights(run) for run in run_dirs]
+    states = [rundir.read_weights(run) for run in run_dirs]
     for run, state in zip(run_dirs, states):
         if state.keys() - factors:
             raise RecipeError(f"--weights: {run} trained head weights ({min(state.keys() - factors)}); heads of "
                               "different runs cannot be combined: weights need causal_lm runs or classification runs "
                               "with method.train_head: false")
         if factors - state.keys():
-            raise RunDirError(f"{run / checkpoint.WEIGHTS}: lacks {min(factors - state.keys())}")
+            raise RunDirError(f"{run / rundir.WEIGHTS}: lacks {min(factors - state.keys())}")
     with torch.no_grad():
         for name, layer in layers.items():
             a = torch.cat([s[f"{name}.lora_A.weight"].float() for s in states])
@@ -262,15 +258,16 @@ def score(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, 
           data: str | None, note: Callable[[str], None] = lambda _: None, precision: str = "fp32") -> dict[str, Any]:
     """`ftune eval` for one model: {"source", metrics...} on a split of the recipe's data, or on a file, under the
     mixed precision the run trained with (run.json's `precision`), as its evaluations during training were."""
+    from ftune.data.checks import unscored
     from ftune.run.evaluate import evaluate
+    from ftune.tasks import TASKS
 
     if data and not Path(data).exists():
         raise DataError(f"--data: {data} does not exist")
     rows = assemble.read_split(recipe, split, [data] if data else None)
     encoded = assemble.encode(recipe, rows, tokenizer, names)
-    if encoded.truncated:
-        note(f"note: {encoded.truncated} of {len(rows.rows)} rows were cut to data.max_length="
-             f"{recipe.data.max_length} tokens")
+    for line in unscored(encoded, len(rows.rows), recipe.data, TASKS[recipe.task]):  # rows dropped, then cut
+        note(line)
     loader = assemble.eval_loader(recipe, encoded.examples, tokenizer)
     device = next(model.parameters()).device
     # an objective with its own metrics (DPO's rewards, which need the reference) is bound on the loaded model
@@ -281,16 +278,16 @@ def score(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, 
     return {"source": rows.source, **metrics}
 
 
-def score_runs(run_dirs: list[Path], split: str, data: str | None,
-               note: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+def score_runs(run_dirs: list[Path], split: str, data: str | None, note: Callable[[str], None] = lambda _: None,
+               trust_remote_code: bool = False) -> list[dict[str, Any]]:
     """Score each run: hot-swapped on one loaded base for a mergeable method, else each run loaded in turn."""
     run_dirs = [Path(r) for r in run_dirs]
-    recipes = read_recipes(run_dirs)
+    recipes = read_recipes(run_dirs, trust_remote_code)
     # an objective scoring with the base beside the run (DPO's reference: the method switched off) needs the
     # method unmerged, which a swapped-in run is not: such runs are loaded in turn
     own_metrics = any(OBJECTIVES[r.objective.name].own_metrics for r in recipes)
     if swappable(recipes) and not own_metrics:
-        bank = load_bank(run_dirs, recipes)
+        bank = load_bank(run_dirs, recipes, trust_remote_code)
         results = []
         for i, (run, recipe) in enumerate(zip(run_dirs, recipes)):
             with bank.active(i) as model:
@@ -300,8 +297,8 @@ def score_runs(run_dirs: list[Path], split: str, data: str | None,
         return results
     results = []
     for run in run_dirs:
-        recipe, model, tokenizer = assemble.load_run(run)
-        names = assemble.read_run_record(run)["label_names"]
+        recipe, model, tokenizer = assemble.load_run(run, trust_remote_code)
+        names = rundir.read_record(run).label_names
         results.append({"run": str(run), **score(recipe, model, tokenizer, names, split, data, note,
                                                  trained_precision(run))})
     return results
@@ -309,4 +306,4 @@ def score_runs(run_dirs: list[Path], split: str, data: str | None,
 
 def trained_precision(run_dir: str | Path) -> str:
     """The mixed precision a run trained (and evaluated) with, from run.json."""
-    return assemble.read_run_record(run_dir).get("precision", "fp32")
+    return rundir.read_record(run_dir).precision

@@ -106,26 +106,25 @@ def write_rows(path: Path, rows: list[dict[str, Any]], overwrite: bool) -> None:
     os.replace(tmp, path)
 
 
-def judge_of(kind: str, where: str) -> Judge:
+def judge_of(kind: str, where: str, trust_remote_code: bool = False) -> Judge:
     """A reward-model run (`kind` reward) or a causal-LM run or model (`kind` llm) as a judge."""
     if kind == "reward":
         from ftune.objectives.reward import scorer_of_run
 
-        return RewardJudge(scorer_of_run(where), where)
+        return RewardJudge(scorer_of_run(where, trust_remote_code), where)
     from ftune.serve.judges import greedy_answerer
 
-    model, tokenizer = causal_lm_of(where, "--judge")
+    model, tokenizer = causal_lm_of(where, "--judge", trust_remote_code)
     return PairwiseJudge(greedy_answerer(model, tokenizer), where)
 
 
-def causal_lm_of(where: str, option: str):
+def causal_lm_of(where: str, option: str, trust_remote_code: bool = False):
     """(model in eval mode, tokenizer) of a finished run whose model generates text, or of a plain causal LM."""
-    from ftune import assemble, models
-    from ftune.run import checkpoint
+    from ftune import assemble, models, rundir
     from ftune.tasks.causal_lm import TASK as SAMPLER  # a plain model samples as the SFT task loads it
 
-    if (Path(where) / checkpoint.RECIPE).is_file():
-        recipe, model, tokenizer = assemble.load_run(where)
+    if (Path(where) / rundir.RECORD).is_file():
+        recipe, model, tokenizer = assemble.load_run(where, trust_remote_code)
         if assemble.task_of(recipe).model_class != SAMPLER.model_class:
             raise RunDirError(f"{option} {where}: a {recipe.task} run does not generate text; give a causal_lm "
                               "(or preference-tuned) run")

@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ftune.assemble import read_run_record
+from ftune import rundir
+from ftune.assemble import stored_recipe
 from ftune.errors import MethodError, ModelError
 from ftune.methods import method_of
-from ftune.recipe import load_recipe
-from ftune.run import checkpoint
 from ftune.serve.export import check_fresh, make_dir, merged_model
 
 TOLERANCE = 1e-4
@@ -51,12 +50,12 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def export_onnx(run_dir: str | Path, out: str | Path) -> tuple[Path, dict]:
+def export_onnx(run_dir: str | Path, out: str | Path, trust_remote_code: bool = False) -> tuple[Path, dict]:
     """Write `out` (a new or empty folder) as the module docstring says; returns it and the report (onnx.json).
     Refusals (a method that cannot merge, an encoder-decoder, a graph that disagrees) write nothing."""
     out = check_fresh(out)
-    _refuse_unmergeable(Path(run_dir))  # before loading anything
-    recipe, model, tokenizer = merged_model(run_dir)
+    _refuse_unmergeable(Path(run_dir), trust_remote_code)  # before loading anything
+    recipe, model, tokenizer = merged_model(run_dir, trust_remote_code)
     if model.config.is_encoder_decoder:
         raise ModelError(f"export --format onnx: {type(model).__name__} is an encoder-decoder, whose forward also "
                          "needs decoder inputs; this export covers encoder-only and decoder-only models; use --format hf")
@@ -88,7 +87,7 @@ def export_onnx(run_dir: str | Path, out: str | Path) -> tuple[Path, dict]:
                              f"({'; '.join(failures)}); nothing written")
         report = _report(staging / MODEL_FILE, recipe, run_dir, exporter, difference)
         tokenizer.save_pretrained(staging)
-        checkpoint.write_json(staging / REPORT, report)
+        rundir.write_json(staging / REPORT, report)
         staging.replace(out)  # a new or empty folder: whole, or not there at all
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -154,7 +153,7 @@ def _report(path: Path, recipe, run_dir, exporter: str, difference: float) -> di
             for value in [*graph.graph.input, *graph.graph.output]}
     return {"format": "onnx", "model": MODEL_FILE, "inputs": {name: axes[name] for name in INPUTS},
             "outputs": {OUTPUT: axes[OUTPUT]}, "dtype": "float32",
-            "label_names": read_run_record(run_dir)["label_names"], "task": recipe.task, "method": recipe.method.name,
+            "label_names": rundir.read_record(run_dir).label_names, "task": recipe.task, "method": recipe.method.name,
             "run": str(run_dir), "exporter": exporter, "opset": _opset(graph),
             "check": {"max_abs_diff": difference, "tolerance": TOLERANCE, "shapes": [list(s) for s in CHECK_SHAPES],
                       "runtime": f"onnxruntime {onnxruntime.__version__}"}}
@@ -164,11 +163,9 @@ def _opset(graph) -> int | None:
     return next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _refuse_unmergeable(run_dir: Path) -> None:
+def _refuse_unmergeable(run_dir: Path, trust_remote_code: bool) -> None:
     """A method that adds modules has no merged model to export: refused with the formats that do apply."""
-    if not (run_dir / checkpoint.RECIPE).is_file():
-        return  # merged_model names what the folder lacks
-    method = method_of(load_recipe(run_dir / checkpoint.RECIPE, stored=True).method)
+    method = method_of(stored_recipe(run_dir, trust_remote_code)[0].method)
     if method.merge is None:
         other = "use --format peft for an adapter dir, or" if method.peft_config else "serve"
         raise MethodError(f"export --format onnx: {method.name} adds modules that cannot be folded into the base "

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ftune import assemble, models
+from ftune import assemble, models, rundir
 from ftune.errors import MethodError, RunDirError
 from ftune.methods.base import count_parameters
 from ftune.methods.lora import Config as LoRAConfig
@@ -210,10 +210,10 @@ def _write(out: Path, recipe: Recipe, tokenizer, record: dict, model, meta: dict
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        checkpoint.write_text(tmp / checkpoint.RECIPE, dump_recipe(recipe))
-        checkpoint.write_json(tmp / checkpoint.RUN, checkpoint.run_record(record))
+        rundir.write_record(tmp, rundir.RunRecord.model_validate({**rundir.environment(), **record}))
+        rundir.write_text(tmp / rundir.RECIPE, dump_recipe(recipe))
         checkpoint.save_weights(tmp, model, meta, state)
-        tokenizer.save_pretrained(tmp / checkpoint.TOKENIZER)
+        tokenizer.save_pretrained(tmp / rundir.TOKENIZER)
         os.replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftune import assemble
+from ftune import assemble, rundir
 from ftune.errors import DataError, RunDirError
 from ftune.layers.soft_prompts import Prompt
 from ftune.methods import method_of
 from ftune.recipe import Recipe
-from ftune.run import checkpoint
 from ftune.serve import hotswap
 from ftune.tasks import TASKS, Decoding
 
@@ -84,11 +83,11 @@ class MultiTask(nn.Module):
                 switch.task_ids = None
 
 
-def load_tasks(run_dirs: list[Path], weights: list[float] | None = None):
+def load_tasks(run_dirs: list[Path], weights: list[float] | None = None, trust_remote_code: bool = False):
     """(model, tasks, tokenizer): several soft-prompt runs as one MultiTask (the first run's base and method, the
     others' prompts and heads added); several runs of a mergeable method as a `HotSwap`; with `weights`, the weighted
     combination of LoRA runs as one task."""
-    recipes = hotswap.read_recipes(run_dirs)
+    recipes = hotswap.read_recipes(run_dirs, trust_remote_code)
     first = recipes[0]
     hotswap.check_same_base(run_dirs, recipes)
     kind = TASKS[first.task]
@@ -98,13 +97,13 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None):
     if kind.generate is not None and len(run_dirs) > 1 and weights is None:
         raise RunDirError(f"{run_dirs[1]}: predict writes {first.task} text with one run at a time; give one run")
     if weights is not None:
-        recipe, model, tokenizer, names = hotswap.combine(run_dirs, weights)
+        recipe, model, tokenizer, names = hotswap.combine(run_dirs, weights, trust_remote_code)
         return MultiTask(model, []), [Task("combined", recipe, names)], tokenizer
-    tasks = [Task(Path(run).name, r, assemble.read_run_record(run)["label_names"]) for run, r in zip(run_dirs, recipes)]
+    tasks = [Task(Path(run).name, r, rundir.read_record(run).label_names) for run, r in zip(run_dirs, recipes)]
     if len(run_dirs) > 1 and hotswap.swappable(recipes):
-        bank = hotswap.load_bank(run_dirs, recipes)
+        bank = hotswap.load_bank(run_dirs, recipes, trust_remote_code)
         return bank, tasks, bank.tokenizer
-    _, model, tokenizer = assemble.load_run(run_dirs[0])
+    _, model, tokenizer = assemble.load_run(run_dirs[0], trust_remote_code)
     if len(run_dirs) == 1:
         return MultiTask(model, []), tasks, tokenizer
     sites = {method_of(r.method).prompt_site for r in recipes}
@@ -112,7 +111,7 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None):
         raise RunDirError(f"{run_dirs[0]}: {first.method.name} is neither a soft-prompt method nor mergeable; several "
                           "runs share one base through their prompts (prompt_tuning, p_tuning, prefix_tuning, "
                           "p_tuning_v2) or by hot-swap (methods with merge: lora, adalora, ...)")
-    states = [checkpoint.read_weights(run) for run in run_dirs]
+    states = [rundir.read_weights(run) for run in run_dirs]
     kinds = {(method_of(r.method).prompt_site, getattr(r.method, "tokens_before", None)) for r in recipes}
     if len(kinds) > 1 or None in sites:
         raise RunDirError("runs mix input prompts with layer prefixes or with other methods (or differ in "

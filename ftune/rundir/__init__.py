@@ -1,0 +1,56 @@
+"""The run directory, owned by this package alone (ftune/rundir/layout.py draws it): file names, the typed record,
+the lock, atomic writes, preparing an output_dir, and reading a finished run as data."""
+
+from ftune.rundir.layout import (
+                                 CHECKPOINTS,
+                                 COMPARE,
+                                 LAYOUT,
+                                 LOCK,
+                                 METHOD_META,
+                                 METHOD_REPORT,
+                                 METHOD_STATE,
+                                 METRICS,
+                                 METRICS_LOG,
+                                 OPTIMIZER,
+                                 PLOT,
+                                 RECIPE,
+                                 RECORD,
+                                 SCHEMA,
+                                 STATE,
+                                 TOKENIZER,
+                                 TRACKING,
+                                 WEIGHTS,
+                                 RunRecord,
+                                 append_line,
+                                 environment,
+                                 temporary,
+                                 write_json,
+                                 write_record,
+                                 write_text,
+)
+from ftune.rundir.lock import RunLock, holder, lock, require_idle
+from ftune.rundir.output import check_output_dir, is_empty, note_resume, prepare_output_dir, sweep
+from ftune.rundir.read import (
+                                 complete_checkpoints,
+                                 finished,
+                                 has_metrics,
+                                 inside,
+                                 is_run,
+                                 latest_checkpoint,
+                                 read_metrics,
+                                 read_metrics_log,
+                                 read_recipe_text,
+                                 read_record,
+                                 read_weights,
+                                 recipe_file,
+                                 tokenizer_dir,
+                                 weights_file,
+)
+
+__all__ = ["CHECKPOINTS", "COMPARE", "LAYOUT", "LOCK", "METHOD_META", "METHOD_REPORT", "METHOD_STATE", "METRICS",
+           "METRICS_LOG", "OPTIMIZER", "PLOT", "RECIPE", "RECORD", "SCHEMA", "STATE", "TOKENIZER", "TRACKING",
+           "WEIGHTS", "RunLock", "RunRecord", "append_line", "check_output_dir", "complete_checkpoints",
+           "environment", "finished", "has_metrics", "holder", "inside", "is_empty", "is_run", "latest_checkpoint", "lock",
+           "note_resume", "prepare_output_dir", "read_metrics", "read_metrics_log", "read_recipe_text",
+           "read_record", "read_weights", "recipe_file", "require_idle", "sweep", "temporary", "tokenizer_dir",
+           "weights_file", "write_json", "write_record", "write_text"]

@@ -1,0 +1,184 @@
+"""Reading a finished run as data, never as code: every file must lie inside the run directory (a symbolic link
+out of it is refused), sizes are bounded before anything is parsed, and weights are safetensors only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ftune.errors import RunDirError
+from ftune.rundir.layout import (
+    CHECKPOINTS,
+    MAX_RECORD_BYTES,
+    MAX_SAFETENSORS_HEADER,
+    METRICS,
+    METRICS_LOG,
+    RECIPE,
+    RECORD,
+    STATE,
+    TOKENIZER,
+    WEIGHTS,
+    RunRecord,
+)
+from ftune.rundir.lock import require_idle
+
+
+def inside(folder: Path, name: str) -> Path:
+    """`folder / name`, refused when it resolves outside `folder` (a link pointing out of the run)."""
+    path = Path(folder) / name
+    try:
+        path.resolve().relative_to(Path(folder).resolve())
+    except ValueError:
+        raise RunDirError(f"{path}: links out of the run directory (to {path.resolve()}); a run is read only from "
+                          "its own files") from None
+    return path
+
+
+def _read_bytes(path: Path, limit: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise RunDirError(f"{path}: {size:,} bytes, more than the {limit:,} a run's {path.name} may hold")
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: missing; not a finished ftune run") from None
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def read_record(run_dir: str | Path) -> RunRecord:
+    """run.json as a RunRecord; RunDirError when missing, unreadable or not written by ftune."""
+    path = inside(Path(run_dir), RECORD)
+    try:
+        return RunRecord.model_validate(json.loads(_read_bytes(path, MAX_RECORD_BYTES)))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise RunDirError(f"{path}: cannot be read ({type(e).__name__}); was the run interrupted?") from None
+    except ValidationError as e:
+        where = ".".join(str(p) for p in e.errors()[0]["loc"]) or "record"
+        raise RunDirError(f"{path}: not an ftune run record ({where}: {e.errors()[0]['msg']})") from None
+
+
+def is_run(folder: Path) -> bool:
+    """Whether `folder` holds a run ftune wrote (its record), finished or not."""
+    try:
+        read_record(folder)
+    except RunDirError:
+        return False
+    return True
+
+
+def finished(run_dir: str | Path) -> RunRecord:
+    """The record of a run that can be loaded: not being trained now, with its recipe and weights."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    if not (run_dir / RECORD).is_file():
+        raise RunDirError(f"{run_dir}: not an ftune run directory (no {RECORD}); give the output_dir of a run")
+    require_idle(run_dir)
+    record = read_record(run_dir)
+    for name in (RECIPE, WEIGHTS):
+        if not inside(run_dir, name).is_file():
+            raise RunDirError(f"{run_dir}: not a finished ftune run (no {name})")
+    return record
+
+
+def recipe_file(run_dir: str | Path) -> Path:
+    """The run's recipe.yaml, checked to lie inside it (the recipe reader bounds its size)."""
+    return inside(Path(run_dir), RECIPE)
+
+
+def read_recipe_text(run_dir: str | Path) -> str | None:
+    """The stored recipe's text, or None when there is none."""
+    path = inside(Path(run_dir), RECIPE)
+    return _read_bytes(path, MAX_RECORD_BYTES).decode("utf-8", "replace") if path.is_file() else None
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """metrics.json: the final metrics (a run's last write)."""
+    path = inside(Path(run_dir), METRICS)
+    try:
+        metrics = json.loads(_read_bytes(path, MAX_RECORD_BYTES))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{path}: cannot be read ({type(e).__name__})") from None
+    if not isinstance(metrics, dict):
+        raise RunDirError(f"{path}: not a run's final metrics")
+    return metrics
+
+
+def has_metrics(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / METRICS).is_file()
+
+
+def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's entries (finished or in progress); a torn line (a killed run) is skipped; [] if none yet."""
+    path = inside(Path(run_dir), METRICS_LOG)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    entries = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            entries.append(entry)
+    return entries
+
+
+def tokenizer_dir(run_dir: str | Path) -> Path:
+    """The run's tokenizer folder, every file in it checked to lie inside the run."""
+    folder = inside(Path(run_dir), TOKENIZER)
+    if not folder.is_dir():
+        raise RunDirError(f"{folder}: missing; not a finished ftune run")
+    for path in folder.iterdir():
+        inside(Path(run_dir), str(path.relative_to(run_dir)))
+    return folder
+
+
+def weights_file(folder: str | Path) -> Path:
+    """method.safetensors of a run or a checkpoint, its header checked: a safetensors file starts with the byte
+    length of a JSON header, which must be bounded and fit the file before anything parses it."""
+    path = inside(Path(folder), WEIGHTS)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: missing; not a finished ftune run") from None
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if size < 8 or header > min(MAX_SAFETENSORS_HEADER, size - 8):
+        raise RunDirError(f"{path}: not a safetensors file ftune wrote (its header claims {header:,} bytes of "
+                          f"{size:,}); refused")
+    return path
+
+
+def read_weights(folder: str | Path) -> dict[str, Any]:
+    """The tensors of method.safetensors (a run's or a checkpoint's), or one RunDirError line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = weights_file(folder)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunDirError(f"{path}: cannot be read ({str(e).splitlines()[0]})") from None
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The checkpoints with a state.json, oldest first."""
+    return sorted(p for p in (Path(out) / CHECKPOINTS).glob("step-*") if (p / STATE).is_file())
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
