@@ -6,6 +6,7 @@ here, so a run rebuilt from its directory is the model that was trained.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,24 @@ def stored_recipe(run_dir: str | Path, trust_remote_code: bool = False) -> tuple
     return recipe.model_copy(update={"model": spec}), record
 
 
+def warn_changed_bases(run_dirs: list[Path], trust_remote_code: bool, note: Callable[[str], None]) -> None:
+    """`note` one warning line for each run whose base model's files (config.json, weights) are not those it was
+    trained on: run.json's fingerprints.model against the folder `stored_recipe` loads now (ftune/fingerprint.py).
+    Silent for a run recorded before fingerprints, and for a base that is not a local folder."""
+    from ftune import fingerprint
+
+    for run_dir in run_dirs:
+        recipe, record = stored_recipe(run_dir, trust_remote_code)
+        recorded, spec = record.fingerprints.get("model"), recipe.model
+        if not recorded:
+            continue
+        source = models.resolve_model(spec.name, spec.gguf_file, spec.revision)
+        changes = fingerprint.model_changes(recorded, fingerprint.model_fingerprints(source, fingerprint.model_cache()))
+        if changes:
+            note(f"warning: {run_dir}: its base model {source} is not the one it was trained on "
+                 f"({'; '.join(changes)}); what follows is of another model than the one trained")
+
+
 def _lies_in(path: Path, folder: Path) -> bool:
     try:
         path.resolve().relative_to(folder.resolve())
@@ -257,12 +276,24 @@ def _lies_in(path: Path, folder: Path) -> bool:
     return True
 
 
+def _run_tokenizer(run_dir: Path, recipe: Recipe, source: str):
+    """The run's tokenizer, read as data: never with code from the run directory. One that needs code (its
+    tokenizer_config.json names an auto_map: a model trusted with --trust-remote-code) comes from the base model's
+    own folder, whose code the flag consents to; the run saved that very tokenizer."""
+    folder = rundir.tokenizer_dir(run_dir)
+    spec = recipe.model
+    config = rundir.read_json(folder, "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    if spec.trust_remote_code and "auto_map" in config:
+        return models.load_tokenizer(source, True, spec.revision)
+    return models.load_tokenizer(str(folder), False)
+
+
 def load_run(run_dir: str | Path, trust_remote_code: bool = False):
     """Rebuild (recipe, model with trained method weights, tokenizer) from a run directory (`stored_recipe`)."""
     run_dir = Path(run_dir)
     recipe, record = stored_recipe(run_dir, trust_remote_code)
-    tokenizer = models.load_tokenizer(str(rundir.tokenizer_dir(run_dir)), recipe.model.trust_remote_code)
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
+    tokenizer = _run_tokenizer(run_dir, recipe, source)
     model = build_model(recipe, source, tokenizer, record.label_names)
     fold = method_of(recipe.method).fold
     if fold:  # method.safetensors holds what the reparameterisation produced, not the reparameterisation

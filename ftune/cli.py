@@ -18,6 +18,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune la
 err = Console(stderr=True)
 
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: dotted.key=value.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a run whose model needs code from "
+                                               "its model folder (model.trust_remote_code) to run that code. A run "
+                                               "never allows it by itself.")]
 
 
 def _quiet_libraries() -> None:
@@ -62,19 +65,21 @@ def train(
     nproc: Annotated[int, typer.Option(min=1, help="Train on N processes on this machine (N GPUs, or N CPU "
                                        "processes): runs `accelerate launch --multi_gpu --num_processes N -m ftune "
                                        "train ...`.")] = 1,
+    allow_changed_data: Annotated[bool, typer.Option(help="Resume on changed data files (run.json notes it).")] = False,
 ) -> None:
     """Train a recipe; weights, metrics and a reproducible record go to its output_dir."""
+    flags = {"resume": resume, "overwrite": overwrite, "allow_changed_data": allow_changed_data}
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not inside a launch already
-        raise typer.Exit(_launch(nproc, recipe, set_ or [], resume, overwrite))
+        raise typer.Exit(_launch(nproc, recipe, set_ or [], flags))
     from ftune.recipe import load_recipe
     from ftune.run.train import train as run_training
 
-    result = run_training(load_recipe(recipe, set_ or []), resume=resume, overwrite=overwrite, console=err)
+    result = run_training(load_recipe(recipe, set_ or []), console=err, **flags)
     if "RANK" not in os.environ or os.environ["RANK"] == "0":
         print(json.dumps(result, indent=2))
 
 
-def _launch(nproc: int, recipe: Path, overrides: list[str], resume: bool, overwrite: bool) -> int:
+def _launch(nproc: int, recipe: Path, overrides: list[str], flags: dict[str, bool]) -> int:
     """`ftune train --nproc N`: the same command under accelerate's launcher (its exit code is ours). Several machines
     are accelerate's own options: `accelerate launch --num_machines M --machine_rank R --main_process_ip HOST
     --num_processes TOTAL --multi_gpu -m ftune train RECIPE` on each machine."""
@@ -89,7 +94,7 @@ def _launch(nproc: int, recipe: Path, overrides: list[str], resume: bool, overwr
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(port),
                "-m", "ftune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)),
-               *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]
+               *(f"--{flag.replace('_', '-')}" for flag, on in flags.items() if on)]  # --resume, --overwrite, ...
     launcher = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
     for line in _without_launcher_noise(launcher.stderr):
         sys.stderr.write(line)
@@ -201,7 +206,7 @@ def compare(
     from ftune.compare.run import compare as run_compare
     from ftune.compare.table import rich_table
 
-    folder = out or Path("runs") / f"compare-{recipe.stem}"
+    folder = (out or Path("runs") / f"compare-{recipe.stem}").expanduser()
     result = run_compare(recipe, methods, every, budget, folder, set_ or [], evals, memory_limit, err)
     # a pipe or file has no width: 80 columns would cut every cell, so the table is printed at its natural width
     shown = Console() if Console().is_terminal else Console(width=240)
@@ -230,29 +235,32 @@ def evaluate_run(
     data: Annotated[str | None, typer.Option(help="Score this file instead.")] = None,
     weights: Annotated[str | None, typer.Option(help="Score ONE adapter, the weighted sum of several LoRA runs' "
                                                    "updates, e.g. 0.7,0.3 (one weight per run).")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Score trained runs on a split or a file: one run prints its metrics as JSON, several print one JSON line each."""
-    from ftune import assemble
+    from ftune import assemble, rundir
     from ftune.errors import DataError
     from ftune.serve import hotswap
 
     def note(text: str) -> None:
         err.print(text, soft_wrap=True)
 
+    run_dirs, data = [r.expanduser() for r in run_dirs], data and os.path.expanduser(data)  # a quoted ~ too
     if data and not Path(data).exists():  # before any loading: a refusal costs nothing
         raise DataError(f"--data: {data} does not exist")
     factors = hotswap.parse_weights(weights)
+    assemble.warn_changed_bases(run_dirs, trust_remote_code, note)  # a base changed since training: said first
     if factors is not None:
-        recipe, model, tokenizer, names = hotswap.combine(run_dirs, factors)
+        recipe, model, tokenizer, names = hotswap.combine(run_dirs, factors, trust_remote_code)
         scored = hotswap.score(recipe, model, tokenizer, names, split, data, note, hotswap.trained_precision(run_dirs[0]))
         print(json.dumps({"runs": [str(r) for r in run_dirs], "weights": factors, **scored}, indent=2))
     elif len(run_dirs) == 1:
-        recipe, model, tokenizer = assemble.load_run(run_dirs[0])
-        names = assemble.read_run_record(run_dirs[0])["label_names"]
+        recipe, model, tokenizer = assemble.load_run(run_dirs[0], trust_remote_code)
+        names = rundir.read_record(run_dirs[0]).label_names
         scored = hotswap.score(recipe, model, tokenizer, names, split, data, note, hotswap.trained_precision(run_dirs[0]))
         print(json.dumps(scored, indent=2))
     else:
-        for scored in hotswap.score_runs(run_dirs, split, data, note):
+        for scored in hotswap.score_runs(run_dirs, split, data, note, trust_remote_code):
             print(json.dumps(scored))
 
 
@@ -266,6 +274,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per batch; a batch may mix tasks.")] = 32,
     weights: Annotated[str | None, typer.Option(help="Answer every row with ONE adapter, the weighted sum of "
                                                    "several LoRA runs' updates, e.g. 0.7,0.3.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Predict labels for JSONL rows with one base serving several tasks (soft prompts per row, or hot-swapped
     mergeable runs per task)."""
@@ -274,12 +283,13 @@ def predict(
     from ftune.serve.predict import load_tasks, read_jsonl
     from ftune.serve.predict import predict as run_predict
 
+    runs, input, output = [r.expanduser() for r in runs], input.expanduser(), output and output.expanduser()
     if not input.is_file():
         raise DataError(f"--input: {input} does not exist")
     if output and output.exists():
         raise RunDirError(f"--output: {output} exists; choose a new file")
     rows = read_jsonl(input)
-    multi, tasks, tokenizer = load_tasks(runs, parse_weights(weights))
+    multi, tasks, tokenizer = load_tasks(runs, parse_weights(weights), trust_remote_code)
     lines = "".join(json.dumps(p) + "\n" for p in run_predict(multi, tasks, tokenizer, rows, batch_size))
     if output:
         output.write_text(lines)
@@ -289,11 +299,11 @@ def predict(
 
 
 @command
-def merge(run_dir: Path, out_dir: Path) -> None:
+def merge(run_dir: Path, out_dir: Path, trust_remote_code: TrustRemoteCode = False) -> None:
     """Write a standalone transformers model dir: base weights with the method folded in."""
     from ftune.serve.export import merge_run
 
-    err.print(f"merged model written to {merge_run(run_dir, out_dir)}")
+    err.print(f"merged model written to {merge_run(run_dir.expanduser(), out_dir.expanduser(), trust_remote_code)}")
 
 
 @command(name="import-peft")
@@ -306,7 +316,7 @@ def import_peft(
     """Turn a LoRA adapter dir saved by peft into an ftune run dir (eval, predict, merge, export work on it)."""
     from ftune.serve.peft_import import import_peft as run_import
 
-    err.print(f"ftune run written to {run_import(peft_dir, out_dir, recipe)}")
+    err.print(f"ftune run written to {run_import(peft_dir.expanduser(), out_dir.expanduser(), recipe)}")
 
 
 class ExportFormat(str, Enum):
@@ -316,19 +326,22 @@ class ExportFormat(str, Enum):
 
 
 @command
-def export(run_dir: Path, out_dir: Path, format: Annotated[ExportFormat, typer.Option()] = ExportFormat.peft) -> None:
+def export(run_dir: Path, out_dir: Path, format: Annotated[ExportFormat, typer.Option()] = ExportFormat.peft,
+           trust_remote_code: TrustRemoteCode = False) -> None:
     """Export a run as a peft adapter dir (--format peft), a merged transformers model (--format hf), or the merged
     model as ONNX checked against PyTorch with onnxruntime (--format onnx)."""
+    run_dir, out_dir = run_dir.expanduser(), out_dir.expanduser()  # a quoted ~ (or OUT=~/x) the shell left alone
     if format is ExportFormat.onnx:
         from ftune.serve.onnx_export import export_onnx
 
-        written, report = export_onnx(run_dir, out_dir)
+        written, report = export_onnx(run_dir, out_dir, trust_remote_code)
         err.print(f"onnx export written to {written} ({report['exporter']} exporter; onnxruntime vs PyTorch logits: "
                   f"max |difference| {report['check']['max_abs_diff']:.2g})", soft_wrap=True)
         return
     from ftune.serve.export import export_peft, merge_run
 
-    written = export_peft(run_dir, out_dir) if format is ExportFormat.peft else merge_run(run_dir, out_dir)
+    exporter = export_peft if format is ExportFormat.peft else merge_run
+    written = exporter(run_dir, out_dir, trust_remote_code)
     err.print(f"{format.value} export written to {written}")
 
 
@@ -343,7 +356,7 @@ def plot(
     """Plot training loss and a validation metric against step, several runs overlaid."""
     from ftune.run.plots import plot_runs
 
-    err.print(f"plot written to {plot_runs(run_dirs, out, metric)}")
+    err.print(f"plot written to {plot_runs([r.expanduser() for r in run_dirs], out and out.expanduser(), metric)}")
 
 
 
@@ -366,6 +379,7 @@ def label_pairs(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     prompt_column: str = "prompt",
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """RLAIF: sample two completions per prompt from POLICY, let a judge choose, write preference pairs that
     `task: preference` trains DPO on."""
@@ -374,11 +388,12 @@ def label_pairs(
 
     if temperature <= 0 or not 0 < top_p <= 1:
         raise RecipeError(f"--temperature {temperature} / --top-p {top_p}: temperature must be > 0 and top-p in (0, 1]")
+    prompts, out, policy, judge = prompts.expanduser(), out.expanduser(), *map(os.path.expanduser, (policy, judge))
     if out.exists() and not overwrite:  # before any model loads
         raise RunDirError(f"--out {out}: already exists; choose another file or pass --overwrite")
     rows = lp.read_prompts(prompts, prompt_column)
-    model, tokenizer = lp.causal_lm_of(policy, "POLICY")
-    judged = lp.label(rows, model, tokenizer, lp.judge_of(judge_kind.value, judge),
+    model, tokenizer = lp.causal_lm_of(policy, "POLICY", trust_remote_code)
+    judged = lp.label(rows, model, tokenizer, lp.judge_of(judge_kind.value, judge, trust_remote_code),
                       lp.Sampling(seed, temperature, top_p, max_new_tokens), policy)
     lp.write_rows(out, judged.rows, overwrite)
     dropped = ", ".join(f"{n} {why}" for why, n in judged.dropped.items()) or "none"

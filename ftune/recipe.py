@@ -21,11 +21,13 @@ from pydantic import (
     model_validator,
 )
 
+from ftune import recipe_yaml
 from ftune.errors import RecipeError
 from ftune.methods import METHODS, AnyMethodConfig, method_of
 from ftune.models.quantize import Quantization
 from ftune.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, AnyObjectiveConfig
-from ftune.recipe_errors import explain
+from ftune.recipe_errors import explain, shown
+from ftune.recipe_yaml import kind_of, one_line
 from ftune.run.optim import OPTIMIZERS
 from ftune.run.trackers import TRACKERS, known_trackers
 from ftune.tasks import TASKS
@@ -71,6 +73,8 @@ Sources = Annotated[list[str | HubSource], BeforeValidator(_as_list), Field(min_
 
 
 class DataSpec(_Section):
+    model_config = ConfigDict(validate_default=True)  # the column checks below compare defaults too
+
     train: Sources
     """Where the training rows come from: a file, a folder holding `train.*`, or a Hub source; a list is tried in
     order and the first available source is used (local copy first, Hub second)."""
@@ -89,7 +93,9 @@ class DataSpec(_Section):
     """Classification: column holding the label (an integer id or a class name)."""
     labels: list[str] | None = None
     """Classification: class names in id order; token classification: tag names in id order (needed when the
-    tags are integer ids, e.g. the Hub's conll2003). Default: the sorted set of training labels (tags)."""
+    tags are integer ids, e.g. the Hub's conll2003). Default: the sorted set of training labels (tags). Each name
+    once. Training refuses a training set of a single class (tag), and a class that validation rows have but no
+    training row; a class only this list names is said on the console (ftune/tasks/base.py: check_classes)."""
     tokens_column: str = "tokens"
     """Token classification: column holding a list of words per row (CoNLL .txt/.conll files fill it)."""
     tags_column: str = "ner_tags"
@@ -119,6 +125,10 @@ class DataSpec(_Section):
     """Seq2seq: target tokens per example after truncation (the source is cut to max_length)."""
     max_length: int = Field(128, gt=0)
     """Tokens per example after truncation."""
+    allow_truncation: bool = False
+    """Train even when data.max_length (seq2seq: also max_target_length) cuts more than 20% of a split's rows, or
+    drops more than 5% (SFT rows whose prompt fills it, leaving no response token). Off: training is refused above
+    those shares, naming the counts (ftune/data/checks.py). The counts are printed and kept in run.json either way."""
     max_train_rows: int | None = Field(None, gt=0)
     """Use only the first N training rows."""
     max_validation_rows: int | None = Field(None, gt=0)
@@ -131,6 +141,31 @@ class DataSpec(_Section):
     """Keep the encoded examples on disk ($FTUNE_ENCODED_CACHE, else $FTUNE_CACHE/encoded, default
     ~/.cache/ftune/encoded), keyed by the data files, tokenizer and encoding settings, so the next run of the same
     data skips reading and tokenising it (local files only; Hub datasets are tokenised every run)."""
+
+    @field_validator("labels")
+    @classmethod
+    def _each_label_once(cls, labels: list[str] | None) -> list[str] | None:
+        """A name listed twice would give the head an output no row can have (and shift the ids after it)."""
+        for i, label in enumerate(labels or []):
+            if label in labels[:i]:
+                raise ValueError(f"{label!r} is listed twice (entries {labels.index(label) + 1} and {i + 1}); "
+                                 "name each class (tag) once, in id order")
+        return labels
+
+    @field_validator("text_pair_column", "label_column", "tags_column", "input_column", "response_column",
+                     "chosen_column", "rejected_column", "target_column")
+    @classmethod
+    def _one_role_per_column(cls, name: str | None, info: ValidationInfo) -> str | None:
+        """Within one task's columns, each role reads its own column: a pair whose chosen and rejected text are one
+        column has nothing to prefer (DPO's loss stays at log 2), an SFT response that is its instruction is copied."""
+        roles = (("text_column", "text_pair_column", "label_column"), ("tokens_column", "tags_column"),
+                 ("instruction_column", "input_column", "response_column"),
+                 ("prompt_column", "chosen_column", "rejected_column"), ("source_column", "target_column"))
+        group = next(g for g in roles if info.field_name in g)
+        for earlier in group[:group.index(info.field_name)]:
+            if name is not None and info.data.get(earlier) == name:
+                raise ValueError(f"names column {name!r}, as data.{earlier} does; each role reads its own column")
+        return name
 
 
 class TrainSpec(_Section):
@@ -193,11 +228,33 @@ class TrainSpec(_Section):
     """Resumable checkpoints kept; older ones are deleted."""
     best_metric: str | None = None
     """Validation metric that picks the saved weights (e.g. accuracy, loss); default: the last weights."""
-    best_mode: Literal["max", "min"] = "max"
-    """Whether a larger or smaller best_metric is better."""
+    best_mode: Literal["max", "min"] | None = None
+    """Whether a larger or smaller best_metric is better; default (null) from its name: min for a loss-like metric
+    (loss, perplexity, ppl, mse, mae, rmse, or a name ending in _loss or /loss), max otherwise (and max without a
+    best_metric). The resolved recipe (recipe.yaml, `ftune validate`) shows the value used."""
     report_to: Annotated[list[TrackerName], BeforeValidator(known_trackers)] = []
     """Experiment trackers that also get metrics.jsonl's values (accelerate's): tensorboard (event files under
     <output_dir>/tracking/), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; each needs its package."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_best_mode(cls, data: Any) -> Any:
+        # filled in before validation, so the frozen spec and dump_recipe hold the mode the loop uses; a metric
+        # of the wrong type is left to the field's own error
+        if not isinstance(data, dict) or data.get("best_mode") is not None:
+            return data
+        metric = data.get("best_metric")
+        return {**data, "best_mode": best_mode_for(metric)} if isinstance(metric, str | None) else data
+
+
+LOSS_LIKE = ("loss", "perplexity", "ppl", "mse", "mae", "rmse")
+"""Metric names where smaller is better (train.best_mode's default: min); also any name ending in _loss or /loss."""
+
+
+def best_mode_for(metric: str | None) -> Literal["max", "min"]:
+    """train.best_mode's default for `metric`: "min" for a loss-like name (LOSS_LIKE), else "max"."""
+    name = (metric or "").strip().lower()
+    return "min" if name in LOSS_LIKE or name.endswith(("_loss", "/loss")) else "max"
 
 
 class GenerationSpec(_Section):
@@ -243,17 +300,23 @@ class Recipe(_Section):
         # --overwrite deletes a run dir: never let that be the filesystem root or the folder the user works in
         if not value.strip():
             raise ValueError("is empty; name a new directory for the run, e.g. runs/my-run")
+        if len(value) > 4096:  # Linux's PATH_MAX; resolving a path far longer costs seconds before the OS refuses it
+            raise ValueError(f"is {len(value):,} characters long, longer than any usable path; name a new directory "
+                             "for the run, e.g. runs/my-run")
         try:
             path = Path(value).expanduser().resolve()
-            cwd = Path.cwd().resolve()
+            cwd, home = Path.cwd().resolve(), Path.home().resolve()
         except (OSError, RuntimeError, ValueError) as e:
             raise ValueError(f"is not a usable path ({type(e).__name__})") from None
-        if path == Path(path.anchor):
-            raise ValueError(f"{value!r} is the filesystem root; name a new directory for the run, e.g. runs/my-run")
+        for folder, what in ((Path(path.anchor), "the filesystem root"), (home, "your home directory")):
+            if path == folder:
+                raise ValueError(f"{shown(value)} is {what}; name a new directory for the run, e.g. runs/my-run")
         # a stored recipe (eval, merge, export of a finished run) only names where the run was written
         if path == cwd and not (info.context or {}).get("stored"):
-            raise ValueError(f"{value!r} is the current directory; name a new directory for the run, e.g. runs/my-run")
-        return value
+            raise ValueError(f"{shown(value)} is the current directory; name a new directory for the run, e.g. "
+                             "runs/my-run")
+        # every consumer writes where the checks looked: `~/runs/x` is $HOME/runs/x, never a folder named `~` here
+        return str(Path(value).expanduser()) if value.startswith("~") else value
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
@@ -284,29 +347,15 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, stored: bool = F
 
     `stored`: the recipe.yaml of a finished run (eval, merge, export), whose output_dir is where the run already is.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a text file (not UTF-8); a recipe is a YAML mapping") from None
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(_one_line(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})")) from None
-    except Exception as e:  # noqa: BLE001 - the YAML constructors raise ValueError etc. on bad tagged scalars
-        reason = _one_line(str(e))[:120] or type(e).__name__
-        raise RecipeError(f"{path}: not valid YAML ({reason})") from None
+    doc = recipe_yaml.parse(recipe_yaml.read_text(path), str(path))  # bounded; duplicate keys refused
     if doc is None:
         raise RecipeError(f"{path}: is empty; a recipe is a YAML mapping (model:, task:, data:, method:, ...)")
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (model:, task:, data:, method:, ...), "
-                          f"not a {_yaml_kind(doc)}")
+                          f"not a {kind_of(doc)}")
     for item in overrides:
         _set_dotted(doc, item)
     return validate_recipe(doc, source=str(path), stored=stored)
@@ -316,16 +365,16 @@ def validate_recipe(doc: dict[str, Any], source: str = "recipe", *, stored: bool
     """Validate a parsed recipe document; any problem is a one-line RecipeError naming the field."""
     if not isinstance(doc, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping (model:, task:, data:, method:, ...), "
-                          f"not a {_yaml_kind(doc)}")
+                          f"not a {kind_of(doc)}")
     try:
         return Recipe.model_validate(doc, context={"stored": stored})
     except ValidationError as e:
         # a value that fits no member of a union yields one error per member: the structural ones say most
         errors = sorted(e.errors(), key=lambda err: _RANK.get(err["type"], 2))
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise RecipeError(_one_line(f"{source}: {explain(errors[0], doc, Recipe)}{more}")) from None
-    except RecursionError:  # a YAML alias that contains itself (&a [*a])
-        raise RecipeError(f"{source}: a value refers to itself (a YAML alias inside its own anchor)") from None
+        raise RecipeError(one_line(f"{source}: {explain(errors[0], doc, Recipe)}{more}")) from None
+    except RecursionError:  # a document built in Python that contains itself; the YAML reader refuses both
+        raise RecipeError(f"{source}: a value refers to itself or nests too deep") from None
 
 
 _RANK = {"union_tag_invalid": 0, "extra_forbidden": 0, "missing": 1}
@@ -338,23 +387,12 @@ def dump_recipe(recipe: Recipe) -> str:
 def _set_dotted(doc: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     *parents, leaf = key.split(".")
+    named = one_line(key) if len(key) <= 80 else shown(key)  # a key is shown on one line, whatever it holds
     if not sep or not all(parents) or not leaf:
-        raise RecipeError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.lr=3e-4")
+        raise RecipeError(f"--set {shown(item)}: expected dotted.key=value, e.g. --set train.lr=3e-4")
     node = doc
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"--set {key}: {part!r} is not a section")
-    try:
-        node[leaf] = yaml.safe_load(raw) if raw else ""
-    except Exception as e:  # noqa: BLE001 - YAMLError, or ValueError from a bad tagged scalar
-        raise RecipeError(_one_line(f"--set {key}: the value {raw!r} is not valid YAML ({type(e).__name__})")) from None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.splitlines())
-
-
-def _yaml_kind(value: Any) -> str:
-    kinds = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
-    return kinds.get(type(value), type(value).__name__)
+            raise RecipeError(f"--set {named}: {shown(part)} is not a section")
+    node[leaf] = recipe_yaml.parse(raw, f"--set {named} (value {shown(raw)})", lines=False) if raw else ""

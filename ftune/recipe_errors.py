@@ -1,9 +1,15 @@
 """Pydantic's validation errors, explained in one line in the recipe's own terms: the dotted field a user wrote,
-did-you-mean for unknown keys and unknown registry names (methods, objectives)."""
+did-you-mean for unknown keys and unknown registry names (methods, objectives).
+
+A user's value is only ever shown through `shown`, a bounded repr (reprlib: a few items of a list or mapping, a
+few levels, the head of a long string), so a huge or deeply nested value in a wrong-typed field costs a short
+message, never a walk of the whole value.
+"""
 
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Any
 
 from pydantic import BaseModel
@@ -20,7 +26,7 @@ def explain(error: dict[str, Any], doc: dict[str, Any], root: type[BaseModel]) -
     if kind == "union_tag_invalid":
         tag = str(error.get("ctx", {}).get("tag", ""))
         what, names = _registry_at(loc)
-        return f"{field}.name: unknown {what} {tag!r}{_did_you_mean(tag, names)}; `ftune methods` lists them"
+        return f"{field}.name: unknown {what} {shown(tag)}{_did_you_mean(tag, names)}; `ftune methods` lists them"
     if kind == "union_tag_not_found":
         return f"{field}.name: missing; one of {', '.join(_registry_at(loc)[1])}"
     if kind == "extra_forbidden" and loc:
@@ -28,9 +34,33 @@ def explain(error: dict[str, Any], doc: dict[str, Any], root: type[BaseModel]) -
     if kind == "missing":
         return f"{field}: required but missing"
     if kind == "value_error":  # our own validators: their message is the explanation, the input is the section
-        reason = str(error.get("ctx", {}).get("error", error["msg"]))
+        reason = _short(str(error.get("ctx", {}).get("error", error["msg"])), _REASON_LIMIT)
         return reason if not loc else f"{field}: {reason}"
-    return f"{field}: {error['msg']} (got {_short(repr(error.get('input')))})"
+    return f"{field}: {error['msg']} (got {shown(error.get('input'))})"
+
+
+class _Bounded(reprlib.Repr):
+    """reprlib's limits, and bytes (YAML's !!binary) cut before they are shown like strings are."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 3, 4, 6, 6, 6
+        self.maxstring, self.maxlong, self.maxother = 60, 40, 60
+
+    def repr_bytes(self, value: bytes, level: int) -> str:
+        return repr(value[: self.maxstring]) + ("..." if len(value) > self.maxstring else "")
+
+
+_REPR = _Bounded()
+_REASON_LIMIT = 1000  # a validator's own message, which may quote the value: far above any message ftune writes
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)` in at most `limit` characters, built from the parts shown only (the module docstring)."""
+    try:
+        return _short(_REPR.repr(value), limit)
+    except Exception:  # noqa: BLE001 - a value whose own __repr__ fails: its type is enough to go on
+        return f"<{type(value).__name__}>"
 
 
 def _user_loc(loc: tuple[Any, ...], doc: Any) -> list[Any]:
@@ -59,8 +89,8 @@ def _dotted(loc: list[Any]) -> str:
 
 
 def _show_key(part: Any) -> str:
-    text = str(part)
-    return text if text and all(c.isalnum() or c in "_-" for c in text) else repr(part)
+    text = str(part) if isinstance(part, str | int) else ""
+    return text if text and len(text) <= 60 and all(c.isalnum() or c in "_-" for c in text) else shown(part, 60)
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -103,7 +133,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 
 def _did_you_mean(word: str, choices: Any) -> str:
-    word, choices = str(word), list(choices)
+    word, choices = str(word)[:100], list(choices)  # a name is short: a huge word is matched by its head
     close = [c for c in choices if word.startswith(c) or c.startswith(word)]
     close = close or difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -311,7 +311,7 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     "resume-other-recipe": (_resume_other_recipe, 1, ["--resume", "recipe differs"]),
     "export-peft-of-full": (lambda e: ["export", e.run, e.tmp / "peft", "--format", "peft"], 1, ["peft", "full"]),
     "merge-into-non-empty": (_merge_into_non_empty, 1, ["merged", "not empty"]),
-    "eval-not-a-run": (_plain_dir, 1, ["plain-dir", "not a finished ftune run"]),
+    "eval-not-a-run": (_plain_dir, 1, ["plain-dir", "not an ftune run"]),
     "eval-data-missing": (
         lambda e: ["eval", e.run, "--data", e.tmp / "absent.jsonl"], 1, ["absent.jsonl", "--data"],
     ),
@@ -433,7 +433,7 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     ),
     # run dirs for eval, merge, export
     "eval-truncated-weights": (_truncated_weights, 1, ["method.safetensors", "cannot be read"]),
-    "eval-pickled-weights": (_pickled_weights, 1, ["method.safetensors", "cannot be read"]),
+    "eval-pickled-weights": (_pickled_weights, 1, ["method.safetensors", "not a safetensors file"]),
     "eval-weights-of-another-method": (
         lambda e: _other_methods_weights(e, "eval"), 1, ["method.safetensors", "does not fit"],
     ),
@@ -448,9 +448,9 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
         lambda e: ["export", e.adapter, e.tmp / "peft", "--format", "peft"], 1, ["peft", "adapter", "--format hf"],
     ),
     "export-into-a-run": (lambda e: ["export", e.run, e.adapter, "--format", "hf"], 1, ["not empty", "new directory"]),
-    "eval-run-record-missing": (lambda e: _run_without(e, "run.json"), 1, ["run.json", "missing"]),
+    "eval-run-record-missing": (lambda e: _run_without(e, "run.json"), 1, ["run.json", "not an ftune run"]),
     "eval-run-record-corrupt": (_corrupt_run_record, 1, ["run.json", "cannot be read"]),
-    "eval-tokenizer-missing": (lambda e: _run_without(e, "tokenizer"), 1, ["copy/tokenizer", "cannot load a tokenizer"]),
+    "eval-tokenizer-missing": (lambda e: _run_without(e, "tokenizer"), 1, ["copy/tokenizer", "missing"]),
     "merge-into-a-file": (
         lambda e: ["merge", e.run, _text(e.tmp / "merged.txt", "mine\n")], 1, ["merged.txt", "not a directory"],
     ),

@@ -104,7 +104,7 @@ def test_plot_command_of_one_run_redraws_its_own_png(two_runs):
 
 
 @pytest.mark.parametrize("case, message, code", [
-    ("not_a_run", "not an ftune run dir (no recipe.yaml)", 1),
+    ("not_a_run", "not an ftune run dir (no run.json)", 1),
     ("several_without_out", "--out: name the PNG file to write when plotting several runs", 2),
     ("out_exists", "exists; choose a new file", 1),
     ("unknown_metric", "--metric: 'bleu' is not a validation metric of these runs; use one of loss, accuracy, macro_f1, mcc, examples", 2),

@@ -29,8 +29,8 @@ from ftune.errors import RunDirError
 from ftune.recipe import Recipe, dump_recipe, load_recipe
 
 ACTIONS = {"fresh": ("training", []), "restart": ("training again (no checkpoint was saved)", ["--overwrite"]),
-           "resume": ("resuming from its last checkpoint", ["--resume"]), "measure": ("timing a forward", ["--measure-only"]),
-           "reuse": ("finished before: reused", None)}
+           "resume": ("resuming from its last checkpoint", ["--resume"]),
+           "measure": ("timing a forward", ["--measure-only"]), "reuse": ("finished before: reused", None)}
 
 
 @dataclass

@@ -11,13 +11,13 @@ a checkpoint save (the loop's clock runs through them), so it is tokens over sec
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
 from ftune import rundir
+from ftune.errors import RunDirError
 from ftune.recipe import Recipe
 from ftune.rundir import COMPARE as RESULT  # written by worker.py
 
@@ -29,8 +29,12 @@ def metric_of(recipe: Recipe) -> tuple[str, str]:
 
 
 def forward_of(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / RESULT
-    return json.loads(path.read_text()).get("forward") if path.is_file() else None
+    return measurements(run_dir).get("forward")
+
+
+def measurements(run_dir: Path) -> dict[str, Any]:
+    """compare.json (worker.py's measurements), read as data: inside the run, a regular file, bounded; {} if none."""
+    return rundir.read_json(run_dir, RESULT) if (Path(run_dir) / RESULT).is_file() else {}
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
@@ -54,10 +58,19 @@ def tokens_per_s(log: list[dict[str, Any]], eval_every: int | None, save_every: 
 
 
 def read_row(method: str, recipe: Recipe, metric: str, mode: str) -> dict[str, Any]:
+    """A method's row, read from its run directory; RunDirError (one line) for files that are not what ftune wrote."""
+    try:
+        return _row(method, recipe, metric, mode)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise RunDirError(f"{recipe.output_dir}: its {rundir.METRICS}, {rundir.METRICS_LOG} or {RESULT} is not what "
+                          f"ftune writes ({type(e).__name__}: {e}); delete the folder to train {method} "
+                          "again") from None
+
+
+def _row(method: str, recipe: Recipe, metric: str, mode: str) -> dict[str, Any]:
     out = Path(recipe.output_dir)
     final = rundir.read_metrics(out)
-    measured = json.loads((out / RESULT).read_text()) if (out / RESULT).is_file() else {}
-    log = read_log(out)
+    measured, log = measurements(out), read_log(out)
     scores = [e["validation"][metric] for e in log if metric in e.get("validation", {})]
     forward = measured.get("forward") or {}
     t = recipe.train

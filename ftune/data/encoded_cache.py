@@ -1,9 +1,10 @@
 """Tokenise once: a run's encoded examples kept on disk, so the next run of the same data starts training at once.
 
-An entry is keyed by everything the examples depend on: the data files (resolved path, size, modification time), the
-recipe's data section (columns, max_length, labels, row limits, validation_fraction, ...), the task and objective,
-the tokenizer (a hash of the files it saves), the base model's config where the task encodes with it, and the code
-that reads and encodes (a hash of ftune/data/*.py and the task's module). Any change gives a new key, so a stale
+An entry is keyed by everything the examples depend on: the data files (resolved path, and the content: size and
+sha256 of the bytes, ftune/fingerprint.py; never the modification time, which an edit may keep), the recipe's data
+section (columns, max_length, labels, row limits, validation_fraction, ...), the task and objective, the tokenizer
+(a hash of the files it saves), the base model's config where the task encodes with it, and the code that reads and
+encodes (a hash of ftune/data/*.py and the task's module). Any change gives a new key, so a stale
 entry is never read; old entries are left for `rm -rf` of the folder. Hub datasets are not cached (no cheap identity;
 `datasets` keeps its own copy of the rows).
 
@@ -64,8 +65,12 @@ def code_digest(files: list[Path]) -> str:
 
 
 def file_identity(path: Path) -> list[Any]:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    """[resolved path, size, sha256]: the content decides; the path too, because an entry keeps the source's name
+    for the messages that cite its rows."""
+    from ftune.fingerprint import file_fingerprint
+
+    content = file_fingerprint(path)
+    return [str(path.resolve()), content["size"], content["sha256"]]
 
 
 def identity(data, task_file: Path, reads_conll: bool, tokenizer, settings: dict[str, Any]) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ Every bad row is reported by source and 1-based row number (CoNLL: line number).
 from __future__ import annotations
 
 import csv
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,13 @@ def local_file(sources: list[Any], split: str, reads_conll: bool = False) -> Pat
 def _split_file(source: str, split: str, reads_conll: bool) -> Path:
     """`source` as a path; a folder stands for its `<split>.<ext>` file (CoNLL files too when `reads_conll`)."""
     path = Path(source).expanduser()
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return path
+    except OSError as e:  # a name too long for the filesystem, a loop of links, a folder it may not read
+        raise DataError(f"data.{split}: {source[:80]}{'...' if len(source) > 80 else ''} cannot be read "
+                        f"({e.strerror or type(e).__name__})") from None
     if path.is_dir():
         suffixes = (*FORMATS, *conll.SUFFIXES) if reads_conll else tuple(FORMATS)
         path = next((f for f in sorted(path.iterdir()) if f.stem == split and f.suffix in suffixes), path)
@@ -98,7 +106,11 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     if fmt == "csv":
         options["keep_default_na"] = False  # a sentence "null" or "NA" is text, not a missing value
     try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **options)
+        # a cache of its own each time: datasets' cache knows a local file by path and mtime, so an edit that keeps
+        # the mtime would be read as the old rows
+        with tempfile.TemporaryDirectory(prefix="ftune-read-") as cache:
+            rows = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache,
+                                         keep_in_memory=True, **options).to_list()
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the cause is reported below
         if _holds_no_rows(path, fmt):
             raise DataError(f"{path}: has no rows") from None
@@ -107,9 +119,9 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
             cause = cause.__cause__
         reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]  # StopIteration: no text
         raise DataError(f"{path}: cannot be read as {path.suffix[1:]}: {reason}") from None
-    if len(ds) == 0:
+    if not rows:
         raise DataError(f"{path}: has no rows")
-    return ds.to_list()
+    return rows
 
 
 def _holds_no_rows(path: Path, fmt: str) -> bool:
@@ -126,12 +138,50 @@ def _limit(rows: Rows, limit: int | None) -> Rows:
     return Rows(rows.rows[:limit], rows.source, rows.lines and rows.lines[:limit]) if limit else rows
 
 
-def column(rows: Rows, name: str, field: str, blank_ok: bool = True) -> list[Any]:
-    """The column's values; a missing cell (or, unless `blank_ok`, a blank one) is an error naming the row."""
+def column(rows: Rows, name: str, field: str, blank_ok: bool = True, text: bool = False) -> list[Any]:
+    """The column's values; a missing cell (or, unless `blank_ok`, a blank one; with `text`, one that is not a
+    string: `text_column`) is an error naming the first such row."""
     if name not in rows.rows[0]:
         raise DataError(f"{rows.source}: no column {name!r} (data.{field}); columns: {', '.join(rows.rows[0])}")
     values = [row[name] for row in rows.rows]
     for i, value in enumerate(values):
         if value is None or (not blank_ok and isinstance(value, str) and not value.strip()):
             raise DataError(f"{rows.where(i)}: {name!r} is empty; fix or drop the row")
+        if text and not isinstance(value, str):
+            raise DataError(f"{rows.where(i)}: {name!r} (data.{field}) holds {held(value)}, not text; "
+                            f"{_text_advice(value, field)}")
     return values
+
+
+def text_column(rows: Rows, name: str, field: str, blank_ok: bool = True) -> list[str]:
+    """`column`, every value text: a list, a mapping, a number or a boolean where text is read is an error naming
+    the row and what it holds, never its Python repr trained on."""
+    return column(rows, name, field, blank_ok, text=True)
+
+
+def held(value: Any) -> str:
+    """What a cell holds, in a few words for an error message: its kind and the start of its value."""
+    if _messages(value):
+        kind = f"a list of {len(value)} chat message{'s' * (len(value) != 1)}"
+    elif isinstance(value, (list, tuple)):
+        kind = f"a list of {len(value)} item{'s' * (len(value) != 1)}"
+    else:
+        kinds = ((dict, "a mapping"), (bool, "a boolean"), ((int, float), "a number"))
+        kind = next((k for t, k in kinds if isinstance(value, t)), f"a {type(value).__name__}")
+    shown = repr(value)
+    return f"{kind} ({shown if len(shown) <= 40 else shown[:37] + '...'})"
+
+
+def _messages(value: Any) -> bool:
+    """A cell in the conversational format (TRL's, OpenAI's): a list of {"role", "content"} messages."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "content" in v for v in value)
+
+
+def _text_advice(value: Any, field: str) -> str:
+    if _messages(value):
+        return (f"the conversational format (a list of messages) is not supported for data.{field} yet; "
+                "put the message's text in the column")
+    if isinstance(value, (list, tuple, dict)):
+        return f"data.{field} must name a column of plain text; flatten the cell to its text"
+    return (f"data.{field} must name a column of text, not of labels or ids; where the value is the text, "
+            "write it as a string in the file (JSON: \"5\")")

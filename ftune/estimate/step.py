@@ -57,14 +57,11 @@ def prepare_step(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] |
     micro-batch: the first ROWS_READ training `rows` encoded, with what the objective prepares per example, each
     repeated to full length (`longest_batch`)."""
     from ftune import assemble
-    from ftune.data import packing
-    from ftune.data.loader import collate
     from ftune.data.sources import Rows
     from ftune.methods import method_of
     from ftune.objectives import OBJECTIVES
     from ftune.objectives.base import TrainingData
     from ftune.run import linear_ce
-    from ftune.run.optim import make_optimizer
     from ftune.run.setup import resolve_precision
 
     t, method, objective = recipe.train, method_of(recipe.method), OBJECTIVES[recipe.objective.name]
@@ -79,15 +76,33 @@ def prepare_step(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] |
         fields = objective.prepare(recipe.objective, task, data, extra)
         examples = [e | f for e, f in zip(examples, fields, strict=True)] if fields else examples
     bound = objective.bind(recipe.objective, linear_ce.training_task(task, model, False), extra, trained)
+    setup = StepSetup(bound, method.loss_term, optimizer_for(recipe, device), t.max_grad_norm, t.grad_accum, precision,
+                      device, extra)
+    return setup, longest_batch(recipe, examples, tokenizer)
+
+
+def optimizer_for(recipe: Recipe, device: torch.device) -> Callable[[nn.Module], Any]:
+    """model -> train.optimizer over its trainable parameters, as ftune/run/setup.py makes it."""
+    from ftune.methods import method_of
+    from ftune.run.optim import make_optimizer
+
+    t, method = recipe.train, method_of(recipe.method)
 
     def optimizer(trained_model: nn.Module):
         exempt = method.decay_exempt(trained_model) if method.decay_exempt else []
         return make_optimizer(t.optimizer, [p for p in trained_model.parameters() if p.requires_grad], t.lr,
                               t.weight_decay, exempt, fused=device.type == "cuda")
 
+    return optimizer
+
+
+def longest_batch(recipe: Recipe, examples: list[dict[str, Any]], tokenizer) -> dict[str, torch.Tensor]:
+    """The micro-batch of `longest_rows` from the first ROWS_READ encoded `examples`, collated as the loop does."""
+    from ftune.data import packing
+    from ftune.data.loader import collate
+
     collate_fn = packing.collate_packed if recipe.data.packing else collate(tokenizer.pad_token_id)
-    batch = collate_fn(longest_rows(recipe, examples))
-    return StepSetup(bound, method.loss_term, optimizer, t.max_grad_norm, t.grad_accum, precision, device, extra), batch
+    return collate_fn(longest_rows(recipe, examples[:ROWS_READ]))
 
 
 def longest_rows(recipe: Recipe, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -33,10 +33,15 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 def resolve_model(name: str, gguf_file: str | None = None, revision: str | None = None) -> str:
     """A loadable folder (or Hub id) for `name`; a GGUF file is converted to a cached safetensors folder."""
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except OSError as e:  # a name too long for the filesystem, a loop of links: not a path it can open
+        raise ModelError(f"model.name: {name[:80]}{'...' if len(name) > 80 else ''} cannot be a path here "
+                         f"({e.strerror or type(e).__name__})") from None
+    if is_file and path.suffix == ".gguf":
         return _from_gguf(path)
-    if path.is_dir():
-        return _from_gguf(path / gguf_file) if gguf_file else str(path)
+    if is_dir:
+        return _from_gguf(path / Path(gguf_file).expanduser()) if gguf_file else str(path)  # ~/x.gguf: a path
     if not _HUB_ID.match(name) or name.startswith("."):
         raise ModelError(f"model.name: {name} is not a folder (nor a Hub id); check the path")
     cached = _hub_cache(name, revision)

@@ -10,7 +10,6 @@ by --resume. A save that fails (a full disk) removes what it began and leaves th
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -26,7 +25,8 @@ from ftune import rundir
 from ftune.errors import RunDirError
 
 
-def save_weights(folder: Path, model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
+def save_weights(folder: Path, model: nn.Module, meta: dict[str, Any],
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
     """The method's weights as safetensors (default: the trainable parameters and the buffers the method's modules
     name in `saved_buffers`), plus `meta` as method.json."""
     if tensors is None:
@@ -45,7 +45,8 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], method: str) -> 
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
-        raise RunDirError(f"{path}: cannot be written ({_reason(e)}); the previous version, if any, is intact") from None
+        raise RunDirError(f"{path}: cannot be written ({_reason(e)}); the previous version, if any, is "
+                          "intact") from None
 
 
 def _reason(e: BaseException) -> str:
@@ -137,11 +138,10 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_m
         load_weights(folder, model)
     if load_method_state is not None:
         try:
-            load_method_state(model, load_file(str(folder / rundir.METHOD_STATE)))
+            load_method_state(model, load_file(str(rundir.weights_file(folder, rundir.METHOD_STATE))))
         except (FileNotFoundError, SafetensorError, OSError) as e:
             raise RunDirError(f"{folder / rundir.METHOD_STATE}: cannot be read ({str(e).splitlines()[0]})") from None
-    # weights_only: this file was written by ftune, yet it is never unpickled as arbitrary objects
-    saved = torch.load(folder / rundir.OPTIMIZER, weights_only=True)
+    saved = rundir.read_optimizer(folder)
     if restore_sharded is None:
         optimizer.load_state_dict(saved["optimizer"])
     else:
@@ -152,7 +152,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_m
         raise RunDirError(f"--resume: {folder} was written by {len(states)} process(es); resume with as many "
                           "(the data order and random streams are per process)")
     _set_rng_state(states[rank])
-    return json.loads((folder / rundir.STATE).read_text())
+    return rundir.read_json(folder, rundir.STATE)
+
 
 
 def rng_state() -> dict[str, Any]:

@@ -45,8 +45,10 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> Curves:
     """A run dir's metrics.jsonl (finished or in progress). RunDirError for a folder that is not a run or has not
     logged yet; a torn last line (a killed run) is skipped."""
     run_dir = Path(run_dir)
-    if not rundir.is_run(run_dir):
-        raise RunDirError(f"{run_dir}: not an ftune run dir (no readable {rundir.RECORD}); give the output_dir of a run")
+    record = run_dir / rundir.RECORD
+    if not (record.exists() or record.is_symlink()):
+        raise RunDirError(f"{run_dir}: not an ftune run dir (no {rundir.RECORD}); give the output_dir of a run")
+    rundir.read_record(run_dir)  # a record that is not ftune's, or not a plain file inside the run: said why
     curves = Curves(name or run_dir.name, best_metric=_best_metric(run_dir))
     for entry in rundir.read_metrics_log(run_dir):
         if isinstance(entry.get("validation"), dict):

@@ -4,6 +4,7 @@ optimizer and schedule, the run directory (written only once all of that has loa
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,10 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ftune import assemble
+from ftune import assemble, fingerprint, rundir
 from ftune.data import packing
 from ftune.data.loader import make_loader
-from ftune.errors import RecipeError
+from ftune.errors import RecipeError, RunDirError
 from ftune.methods import method_of
 from ftune.methods.base import Method, count_parameters, trainable_state_dict
 from ftune.models.arch import transformer_blocks
@@ -26,6 +27,7 @@ from ftune.objectives.base import TrainingData
 from ftune.recipe import Recipe, dump_recipe
 from ftune.run import checkpoint, compiling, fsdp, linear_ce, processes, trackers
 from ftune.run.optim import lr_multiplier, make_optimizer
+from ftune.rundir import RunLock
 from ftune.tasks import Decoding, Task
 
 
@@ -75,10 +77,17 @@ class Run:
     counts: tuple[int, int]
     """(trainable, total) parameters."""
     pos: Position
+    lock: RunLock | None = None
+    """The output_dir's lock, held by the main process until the run ends (released by `train`)."""
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def release(self) -> None:
+        """Let go of the output_dir (the run has ended, or failed)."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def resolve_precision(requested: str) -> str:
@@ -111,9 +120,17 @@ def accelerator_for(recipe: Recipe, method: Method, precision: str) -> Accelerat
                        **trackers.accelerator_options(recipe.train.report_to, Path(recipe.output_dir)))
 
 
-def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) -> Run:
+def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
+            allow_changed_data: bool = False) -> Run:
     t, out = recipe.train, Path(recipe.output_dir)
-    checkpoint.check_run_dir(out, dump_recipe(recipe), resume=resume, overwrite=overwrite)  # fail before any work
+    # fail before any work; the main process checks again under the lock before it writes
+    rundir.check_output_dir(out, dump_recipe(recipe), resume=resume, overwrite=overwrite,
+                            probe_lock=os.environ.get("RANK", "0") == "0")
+    # the data as it is now, hashed before it is read: run.json records it, and --resume refuses data changed since
+    # the run started (unless allow_changed_data), on every process alike, before any collective
+    data_prints = fingerprint.data_fingerprints(recipe.data, assemble.task_of(recipe).reads_conll)
+    changed_data = fingerprint.check_resume(rundir.read_record(out) if resume else None, data_prints, resume=resume,
+                                            allow_changed_data=allow_changed_data)
     precision = resolve_precision(t.precision)
     if precision == "fp16" and not torch.cuda.is_available():
         raise RecipeError("train.precision: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on CPU")
@@ -177,38 +194,72 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console) 
     # the schedule stays ftune's: accelerate would step a prepared one once per process per optimizer step
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    from ftune.run import preflight
 
-    # nothing is written until the recipe, data and model have all loaded; then only by the main process
-    resume_from = checkpoint.latest_checkpoint(out) if resume else None
+    # lengths against the positions, the tokenizer against the embedding, the step's memory, the disk: refused here
+    preflight.check(recipe, raw_model, tokenizer, train_set.examples, bound, extra, precision, accelerator, console,
+                    overwrite=overwrite)
+
+    # nothing is written until the recipe, data and model have all loaded; then only by the main process, which
+    # holds the output_dir's lock until the run ends (Run.lock)
+    resume_from, run_lock = rundir.latest_checkpoint(out) if resume else None, None
     if accelerator.is_main_process:
-        checkpoint.prepare_run_dir(out, dump_recipe(recipe), resume=resume, overwrite=overwrite)
+        record = None if resume else rundir.RunRecord.model_validate({**rundir.environment(), 
+            "seed": t.seed, "model_source": source, "trainable_params": counts[0], "total_params": counts[1],
+            "label_names": names, "train_source": train_set.source, "train_examples": len(train_set.examples),
+            "train_rows_dropped": train_set.dropped, "train_rows_truncated": train_set.truncated,
+            "validation_rows_truncated": val_set and val_set.truncated,
+            "validation_source": val_set and val_set.source, "total_steps": total_steps,
+            "precision": precision, "device": str(accelerator.device), "world_size": world,
+            "distributed": str(accelerator.distributed_type.value).lower(),
+            "batch_per_device": per_device, "global_batch": per_device * world * t.grad_accum,
+            "fingerprints": {"data": data_prints,
+                             "model": fingerprint.model_fingerprints(source, fingerprint.model_cache())}})
+        run_lock, resume_from = rundir.prepare_output_dir(out, dump_recipe(recipe), record, resume=resume,
+                                                          overwrite=overwrite)
+    run = Run(recipe, out, accelerator, precision, model, raw_model, method, task, bound, optimizer, scheduler,
+              train_loader, val_loader, assemble.decoding(recipe, tokenizer), names, total_steps, counts, Position(),
+              run_lock)
+    try:
+        data_notes = [f"data: {line}" for line in data_note.splitlines()]  # the cache, then what was cut or dropped
+        _start(run, tokenizer, resume_from, [*data_notes, compile_note], console, changed_data)
+    except BaseException:
+        run.release()
+        raise
+    return run
+
+
+def _start(run: Run, tokenizer, resume_from: Path | None, notes: list[str | None], console: Console,
+           changed_data: dict[str, dict] | None = None) -> None:
+    """The rest of `prepare` once the run directory is ready: the tokenizer saved (a new run) or the resume noted,
+    the checkpoint restored into `run.pos`, trackers started."""
+    accelerator, out = run.accelerator, run.out
+    if run.main:
         if resume_from:  # tokenizer/ and run.json were written before the first checkpoint: keep the run's record
-            checkpoint.note_resume(out, resume_from)
+            accepted = {"changed_data": changed_data} if changed_data else {}  # --allow-changed-data: what changed
+            rundir.note_resume(out, resume_from, rundir.environment() | accepted)
         else:
-            tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
-            record = {"seed": t.seed, "model_source": source, "trainable_params": counts[0], "total_params": counts[1],
-                      "label_names": names, "train_source": train_set.source, "train_examples": len(train_set.examples),
-                      "train_rows_dropped": train_set.dropped, "train_rows_truncated": train_set.truncated,
-                      "validation_rows_truncated": val_set and val_set.truncated,
-                      "validation_source": val_set and val_set.source, "total_steps": total_steps,
-                      "precision": precision, "device": str(accelerator.device), "world_size": world,
-                      "distributed": str(accelerator.distributed_type.value).lower(),
-                      "batch_per_device": per_device, "global_batch": per_device * world * t.grad_accum}
-            checkpoint.write_json(out / checkpoint.RUN, checkpoint.run_record(record))
+            save_tokenizer(tokenizer, out / rundir.TOKENIZER)
     processes.barrier(accelerator)  # the run dir is ready before any process reads a checkpoint from it
-    pos = Position()
     if resume_from:
-        restore = (lambda w, o: fsdp.load(raw_model, optimizer, w, o)) if sharded(accelerator) else None
-        state = checkpoint.load_checkpoint(resume_from, raw_model, optimizer, scheduler, method.load_training_state,
-                                           rank=rank, restore_sharded=restore)
-        pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
-        console.print(f"resuming from {resume_from} (step {pos.step})", soft_wrap=True)  # a long path stays whole
-    for note in (f"data: {data_note}", compile_note):  # said once nothing can fail on bad input any more
+        restore = (lambda w, o: fsdp.load(run.raw_model, run.optimizer, w, o)) if sharded(accelerator) else None
+        state = checkpoint.load_checkpoint(resume_from, run.raw_model, run.optimizer, run.scheduler,
+                                           run.method.load_training_state, rank=accelerator.process_index,
+                                           restore_sharded=restore)
+        run.pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
+        console.print(f"resuming from {resume_from} (step {run.pos.step})", soft_wrap=True)  # a long path stays whole
+    for note in notes:  # said once nothing can fail on bad input any more
         if note:
             console.print(note, soft_wrap=True, markup=False, highlight=False)
-    trackers.start(accelerator, t.report_to, recipe.model_dump(mode="json"), out, pos.step)
-    return Run(recipe, out, accelerator, precision, model, raw_model, method, task, bound, optimizer, scheduler,
-               train_loader, val_loader, assemble.decoding(recipe, tokenizer), names, total_steps, counts, pos)
+    trackers.start(accelerator, run.recipe.train.report_to, run.recipe.model_dump(mode="json"), out, run.pos.step)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """The tokenizer beside the weights; a failure (a full disk) is one line."""
+    try:
+        tokenizer.save_pretrained(folder)
+    except OSError as e:
+        raise RunDirError(f"{folder}: cannot be written ({e.strerror or type(e).__name__})") from None
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

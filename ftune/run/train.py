@@ -26,10 +26,13 @@ from ftune.run.setup import Position, Run, prepare, sharded, state_of
 MAX_SKIPS_IN_A_ROW = 25
 
 
-def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
-    """Train `recipe` into `recipe.output_dir` and return the final metrics (also written to metrics.json)."""
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console: Console | None = None,
+          allow_changed_data: bool = False) -> dict:
+    """Train `recipe` into `recipe.output_dir` and return the final metrics (also written to metrics.json).
+    `allow_changed_data`: with `resume`, go on although the data files changed since the run started (recorded in
+    run.json's resume entry); else that is refused (ftune/fingerprint.py)."""
     console = console or Console(stderr=True)
-    run = prepare(recipe, resume=resume, overwrite=overwrite, console=console)
+    run = prepare(recipe, resume=resume, overwrite=overwrite, console=console, allow_changed_data=allow_changed_data)
     try:
         return _fit(run, console)
     finally:

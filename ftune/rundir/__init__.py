@@ -37,8 +37,10 @@ from ftune.rundir.read import (
                                  inside,
                                  is_run,
                                  latest_checkpoint,
+                                 read_json,
                                  read_metrics,
                                  read_metrics_log,
+                                 read_optimizer,
                                  read_recipe_text,
                                  read_record,
                                  read_weights,
@@ -50,7 +52,7 @@ from ftune.rundir.read import (
 __all__ = ["CHECKPOINTS", "COMPARE", "LAYOUT", "LOCK", "METHOD_META", "METHOD_REPORT", "METHOD_STATE", "METRICS",
            "METRICS_LOG", "OPTIMIZER", "PLOT", "RECIPE", "RECORD", "SCHEMA", "STATE", "TOKENIZER", "TRACKING",
            "WEIGHTS", "RunLock", "RunRecord", "append_line", "check_output_dir", "complete_checkpoints",
-           "environment", "finished", "has_metrics", "holder", "inside", "is_empty", "is_run", "latest_checkpoint", "lock",
-           "note_resume", "prepare_output_dir", "read_metrics", "read_metrics_log", "read_recipe_text",
-           "read_record", "read_weights", "recipe_file", "require_idle", "sweep", "temporary", "tokenizer_dir",
-           "weights_file", "write_json", "write_record", "write_text"]
+           "environment", "finished", "has_metrics", "holder", "inside", "is_empty", "is_run", "latest_checkpoint",
+           "lock", "note_resume", "prepare_output_dir", "read_json", "read_metrics", "read_metrics_log",
+           "read_optimizer", "read_recipe_text", "read_record", "read_weights", "recipe_file", "require_idle", "sweep",
+           "temporary", "tokenizer_dir", "weights_file", "write_json", "write_record", "write_text"]

@@ -43,6 +43,8 @@ LAYOUT = (RECORD, RECIPE, LOCK, TOKENIZER, WEIGHTS, METHOD_META, METHOD_REPORT, 
 SCHEMA = 1
 """run.json's schema: 0 is a record written before it was typed (still read)."""
 MAX_RECORD_BYTES = 16 << 20
+MAX_LOG_BYTES = 256 << 20
+"""metrics.jsonl: about a million log lines; a larger one is refused before it is read."""
 MAX_SAFETENSORS_HEADER = 16 << 20
 """A safetensors header (JSON: names, shapes, offsets) larger than this is refused before it is parsed."""
 TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
@@ -68,7 +70,10 @@ class RunRecord(BaseModel):
     files: list[str] = Field(default_factory=lambda: list(LAYOUT))
     """The top-level names ftune writes in this run directory: all --overwrite may remove."""
     fingerprints: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    """{"data": {path: {size, sha256}}, "model": {file: {size, sha256}}} (ftune/fingerprint.py)."""
+    """{"data": {split: {path, size, sha256}, or for a Hub dataset {hub, config, split}}, "model": {file name:
+    {size, sha256}}}, taken when the run started (ftune/fingerprint.py); a resume that accepted changed data
+    (--allow-changed-data) notes them in its `resumes` entry (`changed_data`). Empty in a record written before
+    fingerprints: nothing is compared then."""
     resumes: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("versions")

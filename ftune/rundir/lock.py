@@ -7,10 +7,14 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import time
 from pathlib import Path
 
 from ftune.errors import RunDirError
 from ftune.rundir.layout import LOCK
+
+PID_TRIES = 20
+"""Reads of an empty lock file held by another process (10 ms apart) before its pid counts as unknown."""
 
 
 class RunLock:
@@ -32,7 +36,8 @@ def lock(out: Path) -> RunLock:
     try:
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
-        raise RunDirError(f"output_dir: {out / LOCK} cannot be opened ({e.strerror}); choose another output_dir") from None
+        raise RunDirError(f"output_dir: {out / LOCK} cannot be opened ({e.strerror}); choose another "
+                          "output_dir") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -63,10 +68,17 @@ def holder(out: Path) -> int | None:
 
 
 def _pid_in(fd: int) -> int:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError):
-        return -1
+    """The pid in a held lock file, -1 if unknown. The holder writes it just after taking the lock (truncate, then
+    write), so an empty file is read again for a moment before the pid counts as unknown."""
+    for _ in range(PID_TRIES):
+        try:
+            text = os.pread(fd, 32, 0).decode().strip()
+        except (OSError, UnicodeDecodeError):
+            return -1
+        if text:
+            return int(text) if text.isdigit() else -1
+        time.sleep(0.01)
+    return -1
 
 
 def in_use(out: Path, pid: int) -> str:

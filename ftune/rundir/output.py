@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from ftune.errors import RunDirError
 from ftune.rundir.layout import (
     CHECKPOINTS,
+    LAYOUT,
     LOCK,
     RECIPE,
     RECORD,
@@ -21,7 +23,14 @@ from ftune.rundir.layout import (
     write_text,
 )
 from ftune.rundir.lock import RunLock, holder, in_use, lock
-from ftune.rundir.read import latest_checkpoint, read_recipe_text, read_record
+from ftune.rundir.read import (
+    latest_checkpoint,
+    read_json,
+    read_optimizer,
+    read_recipe_text,
+    read_record,
+    weights_file,
+)
 
 
 def check_output_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bool,
@@ -43,11 +52,17 @@ def check_output_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bo
     if resume:
         if record is None:
             raise RunDirError(f"--resume: {out} holds no run to resume; drop --resume to start one")
+        root = out / CHECKPOINTS
+        _own_files([out / name for name in LAYOUT if name != LOCK],
+                   sorted(root.iterdir()) if root.is_dir() and not root.is_symlink() else [])
         if read_recipe_text(out) != recipe_yaml:
             raise RunDirError(f"--resume: the recipe differs from {out / RECIPE}; resume with the same recipe")
         latest = latest_checkpoint(out)
         if latest is None:
             raise RunDirError(f"--resume: {out} has no complete checkpoint (checkpoints/step-*) to resume from")
+        _own_files(sorted(latest.iterdir()))
+        # what resuming reads of it, checked before anything is written: its state, weights' header, optimizer state
+        read_json(latest, STATE), weights_file(latest), read_optimizer(latest, mmap=True)
         return latest
     if not entries:
         return None
@@ -57,11 +72,28 @@ def check_output_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bo
     if not overwrite:
         raise RunDirError(f"output_dir: {out} holds another run; pass --overwrite to replace it, or choose another "
                           "output_dir")
-    foreign = sorted(name for name in entries if name not in record.files)
+    # only names ftune writes, whatever else the record lists: a record is data, and never makes a user's file ftune's
+    foreign = sorted(name for name in entries if name not in record.files or name not in LAYOUT)
     if foreign:
         raise RunDirError(f"output_dir: {out} holds {foreign[0]}, which ftune did not write; --overwrite removes only "
                           "a run's own files: move it away or choose another output_dir")
     return None
+
+
+def _own_files(*groups: list[Path]) -> None:
+    """--resume reads and rewrites a run in place: each path of `groups` that exists must be a regular file or a
+    folder of the run's own, never a symbolic link (out of the run, or to a device) nor a FIFO; RunDirError for the
+    first that is not."""
+    for path in (p for group in groups for p in group):
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            continue
+        what = f"a symbolic link (to {os.readlink(path)})" if stat.S_ISLNK(mode) else "not a regular file or folder"
+        raise RunDirError(f"--resume: {path} is {what}; a run resumes only from files of its own: put the run's file "
+                          "back, or start again with --overwrite")
 
 
 def is_empty(out: Path) -> bool:
@@ -118,7 +150,8 @@ def _clear(out: Path) -> None:
             else:
                 child.unlink()
         except OSError as e:
-            raise RunDirError(f"--overwrite: {child} cannot be removed ({e.strerror}); nothing new was written") from None
+            raise RunDirError(f"--overwrite: {child} cannot be removed ({e.strerror}); nothing new was "
+                              "written") from None
 
 
 def sweep(out: Path) -> None:

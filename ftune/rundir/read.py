@@ -4,6 +4,8 @@ out of it is refused), sizes are bounded before anything is parsed, and weights 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,12 @@ from pydantic import ValidationError
 from ftune.errors import RunDirError
 from ftune.rundir.layout import (
     CHECKPOINTS,
+    MAX_LOG_BYTES,
     MAX_RECORD_BYTES,
     MAX_SAFETENSORS_HEADER,
     METRICS,
     METRICS_LOG,
+    OPTIMIZER,
     RECIPE,
     RECORD,
     STATE,
@@ -38,16 +42,30 @@ def inside(folder: Path, name: str) -> Path:
 
 
 def _read_bytes(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes: a FIFO, a device or a folder is refused unread (opened
+    without blocking, so a FIFO with no writer cannot hang the reader)."""
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise RunDirError(f"{path}: {size:,} bytes, more than the {limit:,} a run's {path.name} may hold")
-        with open(path, "rb") as f:
-            return f.read(limit + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise RunDirError(f"{path}: missing; not a finished ftune run") from None
     except OSError as e:
         raise RunDirError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RunDirError(f"{path}: not a regular file ({_kind(st.st_mode)}); a run's {path.name} is a plain file")
+        if st.st_size > limit:
+            raise RunDirError(f"{path}: {st.st_size:,} bytes, more than the {limit:,} a run's {path.name} may hold")
+        try:
+            return f.read(limit + 1)
+        except OSError as e:
+            raise RunDirError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def _kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket", stat.S_ISLNK: "a symbolic link"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a plain file")
 
 
 def read_record(run_dir: str | Path) -> RunRecord:
@@ -109,6 +127,39 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
     return metrics
 
 
+def read_json(folder: str | Path, name: str) -> dict[str, Any]:
+    """A JSON object ftune wrote in a run or a checkpoint (state.json, compare.json): inside `folder`, a regular
+    file, bounded; RunDirError otherwise."""
+    path = inside(Path(folder), name)
+    try:
+        value = json.loads(_read_bytes(path, MAX_RECORD_BYTES))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise RunDirError(f"{path}: cannot be read ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path}: not the JSON object ftune writes there")
+    return value
+
+
+def read_optimizer(folder: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's optimizer.pt, loaded as tensors and plain containers only (weights_only): written by ftune, yet
+    never unpickled as arbitrary objects; anything else it holds (a pickled object, garbage) is one RunDirError line.
+    `mmap`: the tensors are mapped, not read (a cheap check before a resume writes anything)."""
+    import torch
+
+    path = inside(Path(folder), OPTIMIZER)
+    if not path.is_file():
+        raise RunDirError(f"{path}: missing or not a regular file; the checkpoint is incomplete")
+    try:
+        saved = torch.load(path, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
+        raise RunDirError(f"{path}: not optimizer state ftune wrote ({type(e).__name__}); it is loaded only as "
+                          "tensors (weights_only), never unpickled as objects: resume from another checkpoint, or "
+                          "start again with --overwrite") from None
+    if not isinstance(saved, dict) or not {"optimizer", "scheduler", "rng"} <= saved.keys():
+        raise RunDirError(f"{path}: not optimizer state ftune wrote (no optimizer, scheduler and rng)")
+    return saved
+
+
 def has_metrics(run_dir: str | Path) -> bool:
     return (Path(run_dir) / METRICS).is_file()
 
@@ -116,13 +167,9 @@ def has_metrics(run_dir: str | Path) -> bool:
 def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """metrics.jsonl's entries (finished or in progress); a torn line (a killed run) is skipped; [] if none yet."""
     path = inside(Path(run_dir), METRICS_LOG)
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-    except FileNotFoundError:
+    if not path.exists():
         return []
-    except OSError as e:
-        raise RunDirError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    text = _read_bytes(path, MAX_LOG_BYTES).decode("utf-8", "replace")
     entries = []
     for line in text.splitlines():
         try:
@@ -141,21 +188,28 @@ def tokenizer_dir(run_dir: str | Path) -> Path:
         raise RunDirError(f"{folder}: missing; not a finished ftune run")
     for path in folder.iterdir():
         inside(Path(run_dir), str(path.relative_to(run_dir)))
+        if not (path.is_file() or path.is_dir()):  # a FIFO would hang the tokenizer's reader, a device feed it
+            raise RunDirError(f"{path}: not a regular file ({_kind(path.stat().st_mode)}); a run's tokenizer is "
+                              "plain files")
     return folder
 
 
-def weights_file(folder: str | Path) -> Path:
-    """method.safetensors of a run or a checkpoint, its header checked: a safetensors file starts with the byte
-    length of a JSON header, which must be bounded and fit the file before anything parses it."""
-    path = inside(Path(folder), WEIGHTS)
+def weights_file(folder: str | Path, name: str = WEIGHTS) -> Path:
+    """method.safetensors (or another safetensors file `name`) of a run or a checkpoint, its header checked: a
+    safetensors file starts with the byte length of a JSON header, which must be bounded and fit the file before
+    anything parses it. A regular file only, inside `folder`."""
+    path = inside(Path(folder), name)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header = int.from_bytes(f.read(8), "little")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not hang the reader
     except FileNotFoundError:
         raise RunDirError(f"{path}: missing; not a finished ftune run") from None
     except OSError as e:
         raise RunDirError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RunDirError(f"{path}: not a regular file ({_kind(st.st_mode)}); refused")
+        size, header = st.st_size, int.from_bytes(f.read(8), "little")
     if size < 8 or header > min(MAX_SAFETENSORS_HEADER, size - 8):
         raise RunDirError(f"{path}: not a safetensors file ftune wrote (its header claims {header:,} bytes of "
                           f"{size:,}); refused")

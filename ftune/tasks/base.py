@@ -8,11 +8,14 @@ which task a recipe names; it asks the record.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
+from ftune.errors import DataError, RecipeError
 
 IGNORE_INDEX = -100  # label id the losses skip: prompt tokens, padding, a word's later sub-tokens
 
@@ -89,6 +92,13 @@ class Task:
             exactly its output layer of its last hidden state (checked at setup). None: from logits only.
         packs: examples may be packed end to end in one row (data.packing: ftune/data/packing.py): the loss is
             per token within each sequence (a causal LM).
+        check: `(train, validation, label_names, data_spec) -> lines`: what only the task can judge of its encoded
+            splits (validation None without one), before anything is written: a DataError for data it cannot learn
+            from (a single class, pairs with nothing to prefer), and lines for the console about what it accepts
+            but must not pass over in silence. Read from the examples, so data from the encoded-data cache is
+            checked alike (ftune/data/checks.py runs it). None: nothing to check.
+        length_fields: the data fields whose limits cut rows (`max_length`; seq2seq's target too), as the console
+            and the advice name them.
     """
 
     name: str
@@ -109,6 +119,8 @@ class Task:
     holdout_group: Callable[[dict[str, Any], Any], str] | None = None
     hidden_loss: Callable[[torch.Tensor, Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     packs: bool = False
+    check: Callable[..., list[str]] | None = None
+    length_fields: tuple[str, ...] = ("max_length",)
 
     @property
     def has_classes(self) -> bool:
@@ -139,3 +151,43 @@ def token_ids(tokenizer, texts: list[str], pairs: list[str] | None = None, chunk
         ids += tokenizer(texts[start:start + chunk], part, return_attention_mask=False, return_token_type_ids=False,
                          **options)["input_ids"]
     return ids
+
+
+def check_room(tokenizer, limit: int, field: str = "max_length", pair: bool = False) -> None:
+    """Refuse a length limit that leaves a row no room for text: a tokenizer asked to cut below its own special
+    tokens cuts nothing at all (rows stay longer than the limit), and at exactly their number keeps none of the text.
+    `pair`: two texts per row, one token of each at least."""
+    specials = tokenizer.num_special_tokens_to_add(pair=pair)
+    if limit <= specials + pair:
+        raise RecipeError(f"data.{field}: {limit} leaves no room for text: the tokenizer adds {specials} special "
+                          f"token{'s' * (specials != 1)} to every {'pair of texts' if pair else 'row'}; raise it")
+
+
+def check_classes(train: Encoded, validation: Encoded | None, names: list[str], ids: Callable[[dict], Iterable[int]],
+                  what: str = "class", unit: str = "row", field: str = "data.label_column") -> list[str]:
+    """A classifier's class set against its encoded data; `ids(example)` are the class ids an example is scored on
+    (`what`: class or tag; `unit`: what carries one, a row or a word; `field`: the column they are read from).
+
+    Refused: training data of a single class, whose head learns a constant (loss 0 and accuracy 1 on that same
+    class); a class that validation rows hold but no training row does (it cannot be learned, yet is scored).
+    Said (a returned line): a class that only data.labels names, in neither split, whose output is only ever
+    trained down; data.labels may rightly name the ids of a larger set (conll2003's tags) than these rows hold.
+    """
+    counts = Counter(y for e in train.examples for y in ids(e))
+    if len(counts) == 1:
+        plural = what + ("es" if what.endswith("s") else "s")
+        raise DataError(f"{train.source}: every training {unit} has {what} {names[next(iter(counts))]!r}; a "
+                        f"classifier needs at least 2 {plural} in its training data (is {field} the right column?)")
+    seen = Counter(y for e in validation.examples for y in ids(e)) if validation else Counter()
+    unseen = sorted(set(seen) - set(counts))
+    if unseen:
+        listed = ", ".join(repr(names[c]) for c in unseen)
+        raise DataError(f"{validation.source}: {what} {listed} is in {sum(seen[c] for c in unseen)} validation "
+                        f"{unit}(s) but in no training {unit} of {train.source}: it cannot be learned, yet is scored; "
+                        "add training rows that have it, or leave those rows out of validation")
+    idle = [repr(name) for c, name in enumerate(names) if c not in counts and c not in seen]
+    if not idle:
+        return []
+    said = (f"warning: {what} {', '.join(idle)} (data.labels) is in no row of {train.source}: its output is only "
+            "ever trained down; fine where data.labels names the ids of a larger set, else remove it")
+    return [said]

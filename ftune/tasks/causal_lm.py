@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ftune.data.sources import Rows, column
+from ftune.data.sources import Rows, text_column
 from ftune.errors import DataError
 from ftune.run.linear_ce import linear_cross_entropy
 from ftune.tasks.base import IGNORE_INDEX, Encoded, Task, token_loss
@@ -32,29 +32,30 @@ def encode_sft(
     Returns the examples, the number of rows dropped because truncation left no response token, and the number
     of rows kept but cut to `max_length`.
     """
-    instructions = column(rows, instruction_column, "instruction_column")
-    responses = column(rows, response_column, "response_column")
-    inputs = column(rows, input_column, "input_column") if input_column and input_column in rows.rows[0] else None
+    instructions = text_column(rows, instruction_column, "instruction_column")
+    responses = text_column(rows, response_column, "response_column")
+    has_input = input_column and input_column in rows.rows[0]
+    inputs = text_column(rows, input_column, "input_column") if has_input else None
     use_chat = template == "chat" or (template == "auto" and tokenizer.chat_template is not None)
     if template == "chat" and tokenizer.chat_template is None:
         raise DataError("data.template: chat, but the tokenizer has no chat template; use alpaca")
     examples, dropped, truncated = [], 0, 0
     for i, (instruction, response) in enumerate(zip(instructions, responses)):
-        extra = str(inputs[i]) if inputs and inputs[i] else ""
+        extra = inputs[i] if inputs else ""
         if use_chat:
-            user = [{"role": "user", "content": str(instruction) + (f"\n\n{extra}" if extra else "")}]
+            user = [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")}]
             prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
             full = tokenizer.apply_chat_template(
-                user + [{"role": "assistant", "content": str(response)}], tokenize=False
+                user + [{"role": "assistant", "content": response}], tokenize=False
             )
-            answer = full[len(prompt):] if full.startswith(prompt) else str(response) + tokenizer.eos_token
+            answer = full[len(prompt):] if full.startswith(prompt) else response + tokenizer.eos_token
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         else:
             prompt = ALPACA.format(with_input=", paired with an input" if extra else "", instruction=instruction)
             prompt += (f"### Input:\n{extra}\n\n" if extra else "") + "### Response:\n"
             prompt_ids = tokenizer(prompt)["input_ids"]
-            answer_ids = tokenizer(str(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            answer_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (prompt_ids + answer_ids)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
         if all(y == IGNORE_INDEX for y in labels):

@@ -10,6 +10,10 @@ A pair that does not fit data.max_length loses prompt tokens from its start (the
 as TRL's keep_end), down to half of max_length, then completion tokens from their end; both completions keep the
 same prompt tokens. Such pairs are counted as truncated; none is dropped.
 
+A pair whose chosen and rejected completions come out as the same tokens carries no preference (DPO's loss sits at
+log 2 with no gradient; a tie scores as a wrong pair): such pairs are named on the console, and a split where more
+than MAX_IDENTICAL_SHARE of the pairs are such is refused (`check`). Mapping one column to both is a recipe error.
+
 A batch of B pairs is 2B rows: the chosen sequences first, then the rejected ones in the same order (`Task.paired`).
 The task's own loss (objective: task) is SFT on the chosen completions; its metrics add the policy's log-probs of
 both completions and how often the chosen one is likelier per token. Preference objectives (ftune/objectives/reward.py,
@@ -23,10 +27,14 @@ from typing import Any
 
 import torch
 
-from ftune.data.sources import Rows, column
+from ftune.data.sources import Rows, text_column
 from ftune.errors import DataError
 from ftune.tasks.base import IGNORE_INDEX, Encoded, Task, token_loss
 from ftune.tasks.causal_lm import ALPACA
+
+MAX_IDENTICAL_SHARE = 0.05
+"""Pairs with nothing to prefer a split may hold: a few ties happen in collected preference data; beyond this share a
+column or an export is wrong (the same cap as data.max_length's dropped rows: rows that teach nothing)."""
 
 
 def uses_chat(tokenizer, template: str) -> bool:
@@ -76,19 +84,37 @@ def sequence(prompt: list[int], completion: list[int]) -> dict[str, list[int]]:
 def encode(rows: Rows, tokenizer, spec, names: None = None) -> Encoded:
     """One example per row: {"input_ids": [chosen ids, rejected ids], "labels": [chosen labels, rejected labels]}
     (the loader stacks the members of a batch's pairs, chosen first)."""
-    prompts = column(rows, spec.prompt_column, "prompt_column", blank_ok=False)
-    chosen = column(rows, spec.chosen_column, "chosen_column", blank_ok=False)
-    rejected = column(rows, spec.rejected_column, "rejected_column", blank_ok=False)
+    prompts = text_column(rows, spec.prompt_column, "prompt_column", blank_ok=False)
+    chosen = text_column(rows, spec.chosen_column, "chosen_column", blank_ok=False)
+    rejected = text_column(rows, spec.rejected_column, "rejected_column", blank_ok=False)
     chat = uses_chat(tokenizer, spec.template)
     examples, truncated = [], 0
     for prompt, good, bad in zip(prompts, chosen, rejected):
-        head = prompt_ids(tokenizer, str(prompt), chat)
-        answers = [completion_ids(tokenizer, str(prompt), str(text), chat) for text in (good, bad)]
+        head = prompt_ids(tokenizer, prompt, chat)
+        answers = [completion_ids(tokenizer, prompt, text, chat) for text in (good, bad)]
         head, answers, cut = fit(head, answers, spec.max_length)
         truncated += cut
         pair = [sequence(head, answer) for answer in answers]
         examples.append({key: [member[key] for member in pair] for key in ("input_ids", "labels")})
     return Encoded(examples, rows.source, 0, truncated)
+
+
+def check(train: Encoded, validation: Encoded | None, names: None, spec) -> list[str]:
+    """Pairs whose chosen and rejected sequences are the same tokens (the same text, or cut to the same tokens by
+    data.max_length), per split: a line naming them, or a DataError above MAX_IDENTICAL_SHARE."""
+    lines = []
+    for part in (train, validation):
+        same = [i + 1 for i, e in enumerate(part.examples) if e["input_ids"][0] == e["input_ids"][1]] if part else []
+        if not same:
+            continue
+        shown = ", ".join(map(str, same[:5])) + (", ..." if len(same) > 5 else "")
+        what = (f"{part.source}: {len(same)} of {len(part.examples)} pairs have the same chosen and rejected "
+                f"tokens (pairs {shown}), so they carry no preference")
+        if len(same) > MAX_IDENTICAL_SHARE * len(part.examples):
+            raise DataError(f"{what}; more than {MAX_IDENTICAL_SHARE:.0%} of the split: check data.chosen_column and "
+                            "data.rejected_column name the two completions, and drop the ties")
+        lines.append(f"warning: {what}")
+    return lines
 
 
 def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,4 +195,5 @@ TASK = Task(
     next_token=True,
     paired=True,
     holdout_group=holdout_key,
+    check=check,
 )

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ftune.data.sources import Rows, column
+from ftune.data.sources import Rows, text_column
 from ftune.errors import ModelError
-from ftune.tasks.base import IGNORE_INDEX, Decoding, Encoded, Task, token_loss
+from ftune.tasks.base import IGNORE_INDEX, Decoding, Encoded, Task, check_room, token_loss
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 
@@ -39,8 +39,10 @@ def encode(rows: Rows, tokenizer, spec, names: None = None, config=None) -> Enco
     """Examples {input_ids, decoder_input_ids, labels}: labels are the target ids, decoder_input_ids the same shifted
     right behind the decoder start token (transformers' shift_tokens_right, done once here instead of per batch)."""
     start = decoder_start(config)
-    sources = [spec.source_prefix + str(s) for s in column(rows, spec.source_column, "source_column")]
-    targets = [str(t) for t in column(rows, spec.target_column, "target_column")]
+    check_room(tokenizer, spec.max_length)
+    check_room(tokenizer, spec.max_target_length, "max_target_length")
+    sources = [spec.source_prefix + s for s in text_column(rows, spec.source_column, "source_column")]
+    targets = text_column(rows, spec.target_column, "target_column")
     inputs = tokenizer(sources, truncation=True, max_length=spec.max_length)["input_ids"]
     labels = tokenizer(text_target=targets, truncation=True, max_length=spec.max_target_length)["input_ids"]
     truncated = _cut(tokenizer, sources, inputs, spec.max_length, {}) | _cut(
@@ -127,4 +129,5 @@ TASK = Task(
     scorer=Scorer,
     encodes_with_config=True,
     generate=generate,
+    length_fields=("max_length", "max_target_length"),
 )

@@ -12,15 +12,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ftune.data.sources import Rows, column
+from ftune.data.sources import Rows, column, held
+from ftune.data.sources import text_column as texts_of
 from ftune.errors import DataError
-from ftune.tasks.base import Encoded, Task, token_ids
+from ftune.tasks.base import Encoded, Task, check_classes, check_room, token_ids
 
 
 def class_names(rows: Rows, spec) -> list[str]:
     """Default class names: the sorted distinct training labels, as strings (ids sort numerically)."""
-    values = set(column(rows, spec.label_column, "label_column", blank_ok=False))
+    values = set(labels_of(rows, spec.label_column))
     return [str(v) for v in sorted(values, key=lambda v: (isinstance(v, str), v))]
+
+
+def labels_of(rows: Rows, name: str) -> list[Any]:
+    """The labels: class names or integer ids. A list, a mapping or a fractional number (a regression target, a
+    score) is an error naming the row: as text it would become a class of its own."""
+    values = column(rows, name, "label_column", blank_ok=False)
+    for i, value in enumerate(values):
+        if isinstance(value, (list, tuple, dict)) or (isinstance(value, float) and not value.is_integer()):
+            raise DataError(f"{rows.where(i)}: {name!r} (data.label_column) holds {held(value)}; a label is a class "
+                            "name or an integer class id (a score to regress on is not a class)")
+    return values
 
 
 def encode_classification(
@@ -31,21 +43,21 @@ def encode_classification(
 
     Returns the examples and the number of rows cut to `max_length` (they are kept, truncated).
     """
-    texts = column(rows, text_column, "text_column")
-    pairs = column(rows, pair_column, "text_pair_column") if pair_column else None
+    check_room(tokenizer, max_length, pair=bool(pair_column))
+    texts = texts_of(rows, text_column, "text_column")
+    pairs = texts_of(rows, pair_column, "text_pair_column") if pair_column else None
     # a label is a class name, else an integer id into label_names
     index = {name: i for i, name in enumerate(label_names)}
     ids = range(len(label_names))
     labels = []
-    for i, value in enumerate(column(rows, label_column, "label_column", blank_ok=False)):
+    for i, value in enumerate(labels_of(rows, label_column)):
         key = str(value) if str(value) in index else value
         if key not in index and not (type(value) is int and value in ids):
             raise DataError(
-                f"{rows.source} row {i + 1}: label {value!r} is not one of the classes {label_names} "
+                f"{rows.where(i)}: label {value!r} is not one of the classes {label_names} "
                 "(set data.labels to list every class)"
             )
         labels.append(index.get(key, key))
-    texts, pairs = [str(t) for t in texts], [str(p) for p in pairs] if pairs else None
     encoded = token_ids(tokenizer, texts, pairs, truncation=True, max_length=max_length)
     # only a row that came out at exactly max_length can have been cut: tokenize those again, uncut, to count
     full = [i for i, ids in enumerate(encoded) if len(ids) >= max_length]
@@ -61,6 +73,11 @@ def encode(rows: Rows, tokenizer, spec, names: list[str]) -> Encoded:
     examples, truncated = encode_classification(rows, tokenizer, spec.text_column, spec.text_pair_column,
                                                 spec.label_column, names, spec.max_length)
     return Encoded(examples, rows.source, truncated=truncated)
+
+
+def check(train: Encoded, validation: Encoded | None, names: list[str], spec) -> list[str]:
+    """The class set against the rows (check_classes): one class per row."""
+    return check_classes(train, validation, names, lambda e: (e["labels"],))
 
 
 def loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,4 +131,5 @@ TASK = Task(
     scorer=Scorer,
     class_names=class_names,
     predict_row=predict_row,
+    check=check,
 )

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ftune.data.sources import Rows, column
+from ftune.data.sources import Rows, column, held
 from ftune.errors import DataError, ModelError
-from ftune.tasks.base import IGNORE_INDEX, Encoded, Task, token_loss
+from ftune.tasks.base import IGNORE_INDEX, Encoded, Task, check_classes, check_room, token_loss
 
 
 def _word_rows(rows: Rows, tokens_column: str, tags_column: str) -> list[tuple[list[str], list[Any]]]:
@@ -31,11 +31,15 @@ def _word_rows(rows: Rows, tokens_column: str, tags_column: str) -> list[tuple[l
                             f"{tokens_column!r} and {tags_column!r} need one tag per word")
         if not words:
             raise DataError(f"{rows.where(i)}: {tokens_column!r} is empty; fix or drop the row")
-        for j, word in enumerate(words):
+        for j, (word, tag) in enumerate(zip(words, tags)):
             if not isinstance(word, str) or not word.strip():
-                raise DataError(f"{rows.where(i)}: word {j + 1} is {word!r}; every token must be non-blank text")
-            if tags[j] is None:
+                shown = held(word) if not isinstance(word, str) else repr(word)
+                raise DataError(f"{rows.where(i)}: word {j + 1} is {shown}; every token must be non-blank text")
+            if tag is None:
                 raise DataError(f"{rows.where(i)}: word {j + 1} ({word!r}) has no tag")
+            if not isinstance(tag, (str, int)) or isinstance(tag, bool):
+                raise DataError(f"{rows.where(i)}: word {j + 1} ({word!r}) has a tag that is {held(tag)}; a tag is a "
+                                "name (B-PER) or an integer id into data.labels")
         pairs.append((words, tags))
     return pairs
 
@@ -77,6 +81,7 @@ def encode_token_classification(
     if not tokenizer.is_fast:  # only a fast (Rust) tokenizer reports which word each sub-token came from
         raise ModelError(f"model.name: token_classification needs a fast tokenizer (word_ids()); "
                          f"{type(tokenizer).__name__} is not one")
+    check_room(tokenizer, max_length)
     words = [w for w, _ in pairs]
     try:
         encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
@@ -103,6 +108,12 @@ def encode(rows: Rows, tokenizer, spec, names: list[str]) -> Encoded:
     examples, truncated = encode_token_classification(rows, tokenizer, spec.tokens_column, spec.tags_column, names,
                                                       spec.max_length)
     return Encoded(examples, rows.source, truncated=truncated)
+
+
+def check(train: Encoded, validation: Encoded | None, names: list[str], spec) -> list[str]:
+    """The tag set against the words (check_classes): each word's first sub-token carries its tag."""
+    return check_classes(train, validation, names, lambda e: (y for y in e["labels"] if y != IGNORE_INDEX),
+                         what="tag", unit="word", field="data.tags_column")
 
 
 def count(labels: torch.Tensor) -> torch.Tensor:
@@ -166,4 +177,5 @@ TASK = Task(
     scorer=Scorer,
     class_names=class_names,
     reads_conll=True,
+    check=check,
 )

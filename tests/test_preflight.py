@@ -1,0 +1,392 @@
+"""The preflight of `ftune train` (ftune/run/preflight.py): lengths past the model's positions, a tokenizer past the
+embedding, a step that cannot fit in memory, a disk that cannot hold a checkpoint, each refused in one line before
+anything is written; and train.best_mode inferred from the metric (ftune/recipe.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import WORDS, recipe_doc, s2s_recipe_doc, write_recipe
+from typer.testing import CliRunner
+
+from ftune.cli import app
+from ftune.recipe import TrainSpec, dump_recipe, validate_recipe
+from ftune.run import preflight
+
+runner = CliRunner()
+LORA = {"name": "lora", "r": 4, "alpha": 8}
+
+
+def build_gpt2(folder: Path) -> Path:
+    """A tiny GPT-2 (learned positions `wpe`, n_positions 64) with a word-level tokenizer over WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", *WORDS, ":", "#", "\n", ",", ".", "-"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return build_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+def _short_embedding(model: Path, folder: Path, rows_less: int) -> Path:
+    """A copy of the tiny BERT whose input embedding has `rows_less` rows fewer than its tokenizer has ids."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    shutil.copytree(model, folder)
+    config = BertConfig.from_pretrained(folder)
+    config.vocab_size -= rows_less
+    BertForMaskedLM(config).save_pretrained(folder)
+    return folder
+
+
+def _added_tokens(model: Path, folder: Path, pad: bool = False) -> Path:
+    """A copy of the tiny Llama whose tokenizer gained two tokens the model has no rows for (`pad`: the second is
+    its padding token)."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(["<extra-1>", "<extra-2>"])
+    if pad:
+        tokenizer.pad_token = "<extra-2>"
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _meminfo(tmp: Path, kib: int) -> str:
+    path = tmp / "meminfo"
+    path.write_text(f"MemTotal:       16000000 kB\nMemFree:          1000 kB\nMemAvailable:   {kib} kB\n")
+    return str(path)
+
+
+def _no_space(monkeypatch, free: int = 1000) -> None:
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+
+
+# --- the catalogue: (recipe doc from the fixtures and the case's folder, monkeypatching), exit code, needles --------
+
+def _cls(f, method=None, **data):
+    doc = recipe_doc("cls", f["bert"], f["cls"], f["tmp"] / "out", method)
+    doc["data"] |= data
+    return doc
+
+
+def _sft(f, model):
+    return recipe_doc("sft", model, f["sft"], f["tmp"] / "out")
+
+
+def _gpt2(f, length):
+    return _cls(f, {"name": "full"}, max_length=length) | {"model": {"name": str(f["gpt2"])}}
+
+
+def _s2s(f, method=None, **data):
+    doc = s2s_recipe_doc(f["bart"], f["s2s"], f["tmp"] / "out", method)
+    doc["data"] |= data
+    return doc
+
+
+def _low_memory(f, mp, method):
+    mp.setattr(preflight, "MEMINFO", _meminfo(f["tmp"], 256))  # 256 KiB: below any step's estimate
+    return _cls(f, method)
+
+
+def _read_only_dir(f, mp):
+    """os.access says the folder is not writable, as a read-only mount would (root ignores a chmod)."""
+    folder, real = f["tmp"] / "read-only", os.access
+    folder.mkdir()
+    mp.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == folder else real(p, mode, **kw))
+    return _cls(f) | {"output_dir": str(folder / "run")}
+
+
+POSITIONS = ["data.max_length", "64 positions", "learned position embeddings"]
+CASES = {
+    "positions-bert-65": (lambda f, mp: _cls(f, max_length=65), 2, [*POSITIONS, "65 tokens", "at most 64"]),
+    "positions-bert-1000": (lambda f, mp: _cls(f, max_length=1000), 2, [*POSITIONS, "1000 tokens", "embeddings)"]),
+    "positions-prompt-tuning": (lambda f, mp: _cls(f, {"name": "prompt_tuning", "n_tokens": 40}), 2,
+                                [*POSITIONS, "32 tokens + 40 virtual tokens of method prompt_tuning", "at most 24"]),
+    "positions-prefix-tuning": (lambda f, mp: _cls(f, {"name": "prefix_tuning", "n_tokens": 33}), 2,
+                                [*POSITIONS, "32 tokens + 33 virtual tokens of method prefix_tuning", "at most 31"]),
+    "positions-gpt2-wpe": (lambda f, mp: _gpt2(f, 100), 2, [*POSITIONS, "100 tokens", "(transformer.wpe)"]),
+    "positions-bart-encoder": (lambda f, mp: _s2s(f, max_length=80), 2, [*POSITIONS, "(encoder.embed_positions)"]),
+    "positions-bart-decoder": (lambda f, mp: _s2s(f, max_target_length=70), 2,
+                               ["data.max_target_length", "70 tokens", "64 positions", "decoder.embed_positions"]),
+    "positions-bart-decoder-prefix": (
+        lambda f, mp: _s2s(f, {"name": "prefix_tuning", "n_tokens": 8}, max_target_length=60), 2,
+        ["data.max_target_length", "60 tokens + 8 virtual tokens", "(decoder.embed_positions)", "at most 56"]),
+    "vocabulary-short-embedding": (  # the classification data's words have ids up to 26
+        lambda f, mp: _cls(f) | {"model": {"name": str(_short_embedding(f["bert"], f["tmp"] / "m", 12))}}, 1,
+        ["model.name", f"tokenizer has {len(WORDS) + 5} ids", f"has {len(WORDS) - 7} rows", "ids up to 26",
+         "use the tokenizer saved with this model"]),
+    "vocabulary-one-id-past": (
+        lambda f, mp: _cls(f) | {"model": {"name": str(_short_embedding(f["bert"], f["tmp"] / "m", 8))}}, 1,
+        ["model.name", f"has {len(WORDS) - 3} rows", "ids up to 26"]),
+    "vocabulary-pad-id": (
+        lambda f, mp: _sft(f, _added_tokens(f["llama"], f["tmp"] / "m", pad=True)), 1,
+        ["model.name", "the tokenizer's pad id", "past the model's input embedding", "rows; the tokenizer has"]),
+    "memory-lora": (lambda f, mp: _low_memory(f, mp, LORA), 2,
+                    ["train.batch_size", "one training step needs", "only 256.0 KiB of RAM is available",
+                     "data.max_length", "or set train.gradient_checkpointing: true"]),
+    "memory-full": (lambda f, mp: _low_memory(f, mp, {"name": "full"}), 2,
+                    ["train.batch_size", "at 8 rows × 32 tokens", "10% to spare", "RAM is available",
+                     "train.grad_accum"]),
+    "memory-prefix-tuning": (lambda f, mp: _low_memory(f, mp, {"name": "prefix_tuning", "n_tokens": 4}), 2,
+                             ["train.batch_size", "RAM is available", "or data.max_length"]),
+    "disk-lora": (lambda f, mp: (_no_space(mp), _cls(f))[1], 1,
+                  ["output_dir", "1000 B free", "needs about", "MiB", "choose another output_dir"]),
+    "disk-full": (lambda f, mp: (_no_space(mp, 2**20), _cls(f, {"name": "full"}))[1], 1,
+                  ["output_dir", "1.0 MiB free", "optimizer state"]),
+    "disk-read-only": (_read_only_dir, 1, ["output_dir", "read-only", "is not writable", "run cannot be made"]),
+}
+CPU_ONLY = {"memory-lora", "memory-full", "memory-prefix-tuning"}  # on CUDA a step that does not fit is a warning
+
+
+def _snapshot(*roots: Path) -> dict[Path, tuple[int, bytes]]:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for root in roots for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_before_anything_is_written(case, tiny_bert, tiny_llama, tiny_gpt2, tiny_bart, cls_data, sft_data,
+                                            s2s_data, tmp_path, monkeypatch):
+    if case in CPU_ONLY and torch.cuda.is_available():
+        pytest.skip("refused only on CPU")
+    monkeypatch.chdir(tmp_path)
+    build, code, needles = CASES[case]
+    fixtures = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "bart": tiny_bart, "cls": cls_data,
+                "sft": sft_data, "s2s": s2s_data, "tmp": tmp_path}
+    recipe = write_recipe(tmp_path / "recipe.yaml", build(fixtures, monkeypatch))
+    before = _snapshot(tmp_path, tiny_bert, tiny_llama, cls_data)
+
+    result = runner.invoke(app, ["train", str(recipe)])
+
+    assert not (result.exception and not isinstance(result.exception, SystemExit)), repr(result.exception)
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert _snapshot(tmp_path, tiny_bert, tiny_llama, cls_data) == before
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a chmod")
+def test_read_only_folder_by_chmod(tiny_bert, cls_data, tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        doc = recipe_doc("cls", tiny_bert, cls_data, folder / "run")
+        result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "recipe.yaml", doc))])
+        assert result.exit_code == 1, result.output
+        assert f"output_dir: {folder} is not writable" in result.stderr
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_rotary_model_past_its_context_is_a_warning(tiny_llama, sft_data, tmp_path):
+    """Llama computes any position (rotary): past max_position_embeddings (256) training goes on, with one warning."""
+    doc = recipe_doc("sft", tiny_llama, sft_data, tmp_path / "out", max_steps=1)
+    doc["data"]["max_length"] = 300
+    result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "recipe.yaml", doc))])
+    assert result.exit_code == 0, result.output
+    assert ("warning: data.max_length: 300 tokens run past the 256 positions the model was trained at"
+            in " ".join(result.stderr.split()))
+
+
+def test_lengths_at_the_limit_train(tiny_bert, cls_data, tmp_path):
+    """max_length + virtual tokens exactly the 64 positions is allowed."""
+    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "out", {"name": "prompt_tuning", "n_tokens": 32},
+                     max_steps=1)
+    result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "recipe.yaml", doc))])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr
+
+
+# --- units -------------------------------------------------------------------------------------------------------
+
+def _built(doc: dict):
+    from ftune import assemble
+
+    recipe = validate_recipe(doc)
+    source, tokenizer = assemble.load_tokenizer(recipe)
+    rows = assemble.read_split(recipe, "train")
+    names = assemble.label_names(recipe, rows)
+    return recipe, assemble.build_model(recipe, source, tokenizer, names), tokenizer, names, rows
+
+
+def test_position_limits_and_offsets(tiny_bert, tiny_llama, tiny_bart, tiny_t5, tmp_path):
+    from transformers import AutoModel, RobertaConfig, RobertaModel
+
+    assert preflight.position_limits(AutoModel.from_pretrained(tiny_bert)) == {"embeddings.position_embeddings": 64}
+    bart = AutoModel.from_pretrained(tiny_bart)  # BartLearnedPositionalEmbedding: 64 + an offset of 2 rows
+    assert preflight.position_limits(bart) == {"encoder.embed_positions": 64, "decoder.embed_positions": 64}
+    roberta = RobertaModel(RobertaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=66, pad_token_id=1))
+    assert preflight.position_limits(roberta) == {"embeddings.position_embeddings": 64}  # from padding_idx + 1
+    assert preflight.position_limits(AutoModel.from_pretrained(tiny_llama)) == {}  # rotary
+    assert preflight.position_limits(AutoModel.from_pretrained(tiny_t5)) == {}  # relative buckets
+
+
+def test_virtual_tokens_by_wrapper(tiny_bert, tiny_bart, cls_data, s2s_data, tmp_path):
+    prompt = _built(recipe_doc("cls", tiny_bert, cls_data, tmp_path, {"name": "prompt_tuning", "n_tokens": 7}))[1]
+    p_tuning = _built(recipe_doc("cls", tiny_bert, cls_data, tmp_path, {"name": "p_tuning", "n_tokens": 5}))[1]
+    prefix = _built(s2s_recipe_doc(tiny_bart, s2s_data, tmp_path, {"name": "prefix_tuning", "n_tokens": 3}))[1]
+    lora = _built(recipe_doc("cls", tiny_bert, cls_data, tmp_path))[1]
+    assert [preflight.virtual_tokens(m) for m in (prompt, p_tuning, prefix, lora)] == [(7, 0), (5, 0), (0, 3), (0, 0)]
+
+
+STEPS = {
+    "bert-lora": lambda m, d, tmp: recipe_doc("cls", m["bert"], d["cls"], tmp, LORA),
+    "bert-full-bf16": lambda m, d, tmp: recipe_doc("cls", m["bert"], d["cls"], tmp, {"name": "full"}, precision="bf16"),
+    "bert-prompt": lambda m, d, tmp: recipe_doc("cls", m["bert"], d["cls"], tmp, {"name": "prompt_tuning"}),
+    "llama-prefix": lambda m, d, tmp: recipe_doc("sft", m["llama"], d["sft"], tmp, {"name": "prefix_tuning"}),
+    "llama-full-accum": lambda m, d, tmp: recipe_doc("sft", m["llama"], d["sft"], tmp, {"name": "full"}, grad_accum=2),
+}
+
+
+@pytest.mark.parametrize("case", list(STEPS))
+def test_the_bound_is_above_the_estimate(case, tiny_bert, tiny_llama, cls_data, sft_data, tmp_path):
+    """step_bound, which lets most runs skip the simulation, is never below the simulated peak."""
+    from ftune.estimate import step
+    from ftune.estimate.simulate import simulate
+
+    doc = STEPS[case]({"bert": tiny_bert, "llama": tiny_llama}, {"cls": cls_data, "sft": sft_data}, tmp_path)
+    recipe, model, tokenizer, names, rows = _built(doc)
+    setup, batch = step.prepare_step(recipe, model, tokenizer, names, rows, torch.device("cpu"))
+    peak = simulate(model, batch, setup, recipe.train.gradient_checkpointing).peak
+    bound = preflight.step_bound(recipe, model, setup.extra_models, setup.precision)
+    assert peak < bound < 50 * peak
+
+
+def test_memory_fits_warns_or_refuses(tiny_bert, cls_data, tmp_path, monkeypatch):
+    """Enough memory: nothing, without a simulation; too little: a refusal on CPU and the same line as a warning on
+    CUDA; an unreadable MemAvailable: no check; several processes share the machine's memory."""
+    from ftune.errors import RecipeError
+
+    recipe, model, tokenizer, _, _ = _built(recipe_doc("cls", tiny_bert, cls_data, tmp_path, LORA))
+    examples = [{"input_ids": [2, 5, 6, 3], "attention_mask": [1] * 4, "labels": 1}]
+    simulated = []
+    monkeypatch.setattr(preflight, "simulated_peak", lambda *a: simulated.append(a) or 5 * 2**20)
+
+    def check(kib, device="cpu", processes=1):
+        monkeypatch.setattr(preflight, "free_memory", lambda d: None if kib is None else kib * 1024)
+        return preflight.memory(recipe, model, tokenizer, examples, None, {}, "fp32", torch.device(device), processes)
+
+    assert check(16 * 2**20) is None and not simulated  # 16 GiB: the bound settles it
+    assert check(None) is None
+    assert check(8 * 1024) is None and simulated  # 8 MiB: the bound does not fit, the 5 MiB step does
+    with pytest.raises(RecipeError, match=r"needs about 5.0 MiB .* only 4.0 MiB of RAM is available"):
+        check(4 * 1024)
+    with pytest.raises(RecipeError, match="8.0 MiB of RAM is available, 4.0 MiB for each of 2 processes"):
+        check(8 * 1024, processes=2)
+    assert "4.0 MiB is free on cuda" in check(4 * 1024, "cuda")
+
+
+def test_free_memory_reads_meminfo(tmp_path, monkeypatch):
+    monkeypatch.setattr(preflight, "MEMINFO", _meminfo(tmp_path, 2048))
+    assert preflight.free_memory(torch.device("cpu")) == 2048 * 1024
+    monkeypatch.setattr(preflight, "MEMINFO", str(tmp_path / "absent"))
+    assert preflight.free_memory(torch.device("cpu")) is None
+
+
+def test_run_bytes_counts_a_checkpoint(tiny_bert, cls_data, tmp_path):
+    """Trainable weights twice (a checkpoint's and the run's) and AdamW's two moments, + margin and slack."""
+    _, model, _, _, _ = _built(recipe_doc("cls", tiny_bert, cls_data, tmp_path, {"name": "full"}))
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert preflight.run_bytes(model, "adamw") == int(4 * n * 4 * preflight.DISK_MARGIN) + preflight.DISK_SLACK
+    linear = torch.nn.Linear(128, 128)  # 8-bit moments for the weight (16,384 values), 32-bit for the bias (128)
+    weights, state = 2 * (128 * 128 + 128) * 4, 2 * 128 * 128 * 1 + 2 * 128 * 4
+    expected = int((weights + state) * preflight.DISK_MARGIN) + preflight.DISK_SLACK
+    assert preflight.run_bytes(linear, "adamw_8bit") == expected
+
+
+def test_overwrite_counts_the_old_run_as_free(tiny_bert, cls_data, tmp_path, monkeypatch):
+    from ftune.errors import RunDirError
+
+    recipe, model, _, _, _ = _built(recipe_doc("cls", tiny_bert, cls_data, tmp_path / "out", {"name": "full"}))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.bin").write_bytes(b"0" * preflight.run_bytes(model, "adamw"))
+    _no_space(monkeypatch)
+    with pytest.raises(RunDirError, match="1000 B free"):
+        preflight.free_space(recipe, model, tmp_path / "out", overwrite=False)
+    preflight.free_space(recipe, model, tmp_path / "out", overwrite=True)
+
+
+# --- train.best_mode ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("metric", "mode"), [("loss", "min"), ("perplexity", "min"), ("eval_loss", "min"),
+                                              ("rmse", "min"), ("accuracy", "max"), ("f1", "max"),
+                                              ("rewards/accuracies", "max"), (None, "max")])
+def test_best_mode_is_inferred(metric, mode):
+    assert TrainSpec(best_metric=metric).best_mode == mode
+    assert TrainSpec(best_metric=metric, best_mode=None).best_mode == mode
+
+
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_best_mode_set_is_kept(metric):
+    assert TrainSpec(best_metric=metric, best_mode="max").best_mode == "max"
+    assert TrainSpec(best_metric=metric, best_mode="min").best_mode == "min"
+
+
+def test_resolved_best_mode_is_in_the_stored_recipe(tiny_llama, sft_data, tmp_path):
+    """The run's recipe.yaml holds the mode used; loading it again (--resume compares the dumps) gives the same text,
+    and the kept weights are the lowest loss's."""
+    doc = recipe_doc("sft", tiny_llama, sft_data, tmp_path / "out", max_steps=2, eval_every=1, best_metric="loss")
+    recipe = validate_recipe(doc)
+    assert "best_mode: min" in dump_recipe(recipe)
+    assert dump_recipe(validate_recipe(yaml.safe_load(dump_recipe(recipe)))) == dump_recipe(recipe)
+    result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "recipe.yaml", doc))])
+    assert result.exit_code == 0, result.output
+    stored = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert stored["train"]["best_mode"] == "min"
+    again = runner.invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--resume"])
+    assert "recipe differs" not in again.output
+
+
+def test_a_simulated_check_leaves_training_as_it_was(tiny_bert, cls_data, tmp_path, monkeypatch):
+    """Where the bound does not fit but the step does, the simulation runs (on a fake copy, the random stream
+    forked) and the run trains exactly as without it."""
+    from safetensors.torch import load_file
+
+    simulated = []
+    real = preflight.simulated_peak
+    monkeypatch.setattr(preflight, "simulated_peak", lambda *a: simulated.append(real(*a)) or simulated[-1])
+    weights = {}
+    for name, kib in (("plain", None), ("simulated", 4 * 1024)):  # 4 MiB: above the step, below the bound
+        if kib:
+            monkeypatch.setattr(preflight, "MEMINFO", _meminfo(tmp_path, kib))
+        doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / name, max_steps=2)
+        result = runner.invoke(app, ["train", str(write_recipe(tmp_path / f"{name}.yaml", doc))])
+        assert result.exit_code == 0, result.output
+        weights[name] = load_file(tmp_path / name / "method.safetensors")
+    assert len(simulated) == 1 and simulated[0] < 4 * 2**20
+    assert all(torch.equal(weights["plain"][k], weights["simulated"][k]) for k in weights["plain"])
+
+
+def test_unused_ids_past_the_embedding_are_a_warning(tiny_llama, sft_data, tmp_path):
+    """Extra tokenizer ids the data never uses (Gemma 3's image token) do not stop training: one warning line."""
+    model = _added_tokens(tiny_llama, tmp_path / "m")
+    doc = recipe_doc("sft", model, sft_data, tmp_path / "out", max_steps=1)
+    result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "recipe.yaml", doc))])
+    assert result.exit_code == 0, result.output
+    assert "rows; the training data uses none past them (<extra-1>, <extra-2>)" in " ".join(result.stderr.split())
