@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import pref_recipe_doc, recipe_doc, s2s_recipe_doc, token_recipe_doc, write_recipe
-from test_bad_inputs import _snapshot, runner
+from refusals import check_refusal
+from test_bad_inputs import runner
 
 from ftune.cli import app
 from ftune.errors import DataError, RecipeError
@@ -280,19 +281,7 @@ def env(tiny_bert, tiny_llama, tiny_t5, cls_data, sft_data, pref_data, conll_dat
 def test_data_mistake(case, env, monkeypatch):
     monkeypatch.chdir(env.tmp)
     build, code, needles = CASES[case]
-    args = [str(a) for a in build(env)]
-    before = _snapshot(env.tmp, *env.data.values())
-
-    result = runner.invoke(app, args)
-
-    assert not (result.exception and not isinstance(result.exception, SystemExit)), repr(result.exception)
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert _snapshot(env.tmp, *env.data.values()) == before  # nothing written, nothing overwritten
+    check_refusal(build(env), code, needles, env.tmp, *env.data.values())
 
 
 # What is accepted is said: on the console at training time, and on stderr by `ftune eval`.

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import recipe_doc, write_recipe
+from refusals import check_refusal
+from refusals import snapshot as _snapshot
 from safetensors.torch import load_file, save_file
-from test_bad_inputs import _snapshot
 from test_distributed import _ftune
 from typer.testing import CliRunner
 
@@ -113,19 +114,7 @@ CASES: dict[str, tuple[Callable[[Path], list], int, list[str]]] = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, here):
     build, code, needles = CASES[case]
-    args = [str(a) for a in build(here)]
-    before = _snapshot(here)
-
-    result = runner.invoke(app, args)
-
-    assert not (result.exception and not isinstance(result.exception, SystemExit)), repr(result.exception)
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert _snapshot(here) == before  # nothing written, nothing overwritten
+    check_refusal(build(here), code, needles, here)
 
 
 # --- what run.json records, and resuming ------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import recipe_doc, write_recipe
-from test_bad_inputs import _snapshot, runner
+from refusals import runner
+from refusals import snapshot as _snapshot
 
 from ftune import recipe_yaml
 from ftune.cli import app
