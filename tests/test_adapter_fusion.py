@@ -163,6 +163,7 @@ def _houlsby_run(tmp_path, tiny_bert, cls_data):
     out.mkdir()
     doc = recipe_doc("cls", tiny_bert, cls_data, out, {"name": "adapter", "placement": "houlsby"})
     (out / "recipe.yaml").write_text(dump_recipe(validate_recipe(doc)))
+    (out / "run.json").write_text(json.dumps({"versions": {"ftune": "test"}}))
     for name in ("method.safetensors", "metrics.json"):
         (out / name).write_text("")
     return out
@@ -172,7 +173,7 @@ def _houlsby_run(tmp_path, tiny_bert, cls_data):
 def test_bad_stage1_runs_are_refused_in_one_line(case, tiny_bert, cls_data, adapter_runs, lora_run, tmp_path):
     good = adapter_runs["bert"][0]
     bad, words = {
-        "missing": (tmp_path / "no-such-run", ["not a finished ftune run"]),
+        "missing": (tmp_path / "no-such-run", ["no such run directory"]),
         "unfinished": (tmp_path / "unfinished", ["not a finished ftune run"]),
         "lora": (lora_run, ["is a lora run", "pfeiffer"]),
         "houlsby": (_houlsby_run(tmp_path, tiny_bert, cls_data) if case == "houlsby" else None, ["placement houlsby"]),
@@ -180,8 +181,8 @@ def test_bad_stage1_runs_are_refused_in_one_line(case, tiny_bert, cls_data, adap
     }[case]
     if case == "unfinished":  # a run that has not reached its end: no metrics.json yet
         bad.mkdir()
-        (bad / "recipe.yaml").write_text((good / "recipe.yaml").read_text())
-        (bad / "method.safetensors").write_bytes((good / "method.safetensors").read_bytes())
+        for name in ("run.json", "recipe.yaml", "method.safetensors"):
+            (bad / name).write_bytes((good / name).read_bytes())
     with pytest.raises(MethodError) as error:
         _fused(tiny_bert, [good, bad])
     message = str(error.value)

@@ -10,7 +10,6 @@ global backend is switched (a notebook that trains keeps its own); matplotlib is
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +136,7 @@ def plot_runs(run_dirs: list[Path], out: Path | None = None, metric: str | None 
     png = draw(runs, chosen_metric(runs, metric))
     if not out.parent.is_dir():
         raise RunDirError(f"--out: {out.parent} is not a folder")
-    _write(out, png)
+    rundir.write_bytes(out, png)
     return out
 
 
@@ -146,22 +145,8 @@ def refresh(run_dir: Path) -> str | None:
     as one line for the caller to print (None when drawn)."""
     try:
         curves = read_curves(run_dir)
-        _write(Path(run_dir) / PLOT, draw([curves], chosen_metric([curves], None)))
+        rundir.write_bytes(Path(run_dir) / PLOT, draw([curves], chosen_metric([curves], None)))
     except Exception as e:  # noqa: BLE001 - reported to the caller, never raised into the training loop
         reason = (str(e).strip().splitlines() or [""])[0]
         return f"{PLOT} not redrawn ({type(e).__name__}{': ' + reason if reason else ''})"
     return None
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Whole or not at all: a reader (an image viewer refreshing) never sees half a PNG."""
-    tmp = rundir.temporary(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunDirError(f"{path}: cannot be written ({e.strerror or type(e).__name__})") from None

@@ -24,6 +24,7 @@ from ftune.rundir.layout import (
                                  append_line,
                                  environment,
                                  temporary,
+                                 write_bytes,
                                  write_json,
                                  write_record,
                                  write_text,
@@ -55,4 +56,4 @@ __all__ = ["CHECKPOINTS", "COMPARE", "LAYOUT", "LOCK", "METHOD_META", "METHOD_RE
            "environment", "finished", "has_metrics", "holder", "inside", "is_empty", "is_run", "latest_checkpoint",
            "lock", "note_resume", "prepare_output_dir", "read_json", "read_metrics", "read_metrics_log",
            "read_optimizer", "read_recipe_text", "read_record", "read_weights", "recipe_file", "require_idle", "sweep",
-           "temporary", "tokenizer_dir", "weights_file", "write_json", "write_record", "write_text"]
+           "temporary", "tokenizer_dir", "weights_file", "write_bytes", "write_json", "write_record", "write_text"]

@@ -116,12 +116,16 @@ def temporary(path: Path) -> Path:
 
 
 def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
     """Write atomically: a temporary file, fsynced, renamed. A failure (a full disk) leaves the old file and no
     temporary, and is one RunDirError line."""
     tmp = temporary(path)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
