@@ -276,7 +276,7 @@ def _lies_in(path: Path, folder: Path) -> bool:
     return True
 
 
-def _run_tokenizer(run_dir: Path, recipe: Recipe, source: str):
+def run_tokenizer(run_dir: Path, recipe: Recipe, source: str):
     """The run's tokenizer, read as data: never with code from the run directory. One that needs code (its
     tokenizer_config.json names an auto_map: a model trusted with --trust-remote-code) comes from the base model's
     own folder, whose code the flag consents to; the run saved that very tokenizer."""
@@ -293,7 +293,7 @@ def load_run(run_dir: str | Path, trust_remote_code: bool = False):
     run_dir = Path(run_dir)
     recipe, record = stored_recipe(run_dir, trust_remote_code)
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
-    tokenizer = _run_tokenizer(run_dir, recipe, source)
+    tokenizer = run_tokenizer(run_dir, recipe, source)
     model = build_model(recipe, source, tokenizer, record.label_names)
     fold = method_of(recipe.method).fold
     if fold:  # method.safetensors holds what the reparameterisation produced, not the reparameterisation

@@ -484,6 +484,13 @@ CASES: dict[str, Case] = {
                                 ["still training", "another process"]),
     "locked-overwrite-unknown-pid": ("lock", lambda e: _locked_run(e, "overwrite", ""), 1,
                                      ["in use", "another process"]),
+    # a lock file that is not one: never followed out of the run, never a pid written into a FIFO
+    "lock-file-link-out-overwrite": ("lock", lambda e: _command(e, _file_link(e, ".ftune.lock"), "overwrite"), 1,
+                                     [".ftune.lock", "cannot be opened", "symbolic links"]),
+    "lock-file-link-out-resume": ("lock", lambda e: _command(e, _file_link(e, ".ftune.lock"), "resume"), 1,
+                                  [".ftune.lock", "cannot be opened"]),
+    "lock-file-fifo-overwrite": ("lock", lambda e: _command(e, _special(e, ".ftune.lock", "fifo"), "overwrite"), 1,
+                                 [".ftune.lock", "not a regular file"]),
     # places that cannot be written, or are not folders
     "read-only-parent": ("environment", lambda e: _read_only(e, "run"), 1, ["ro is not writable", "ro/run"]),
     "read-only-grandparent": ("environment", lambda e: _read_only(e, "a/b/run"), 1, ["ro is not writable", "a/b/run"]),

@@ -17,7 +17,6 @@ failure from stopping the others. Usage: python -m ftune.compare.worker RECIPE.y
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -109,7 +108,7 @@ def run(recipe_path: Path, resume: bool, overwrite: bool, measure_only: bool) ->
 
     recipe = load_recipe(recipe_path)
     out = Path(recipe.output_dir)
-    result = json.loads((out / RESULT).read_text()) if (out / RESULT).is_file() else {}
+    result = rundir.read_json(out, RESULT) if (out / RESULT).is_file() else {}
     if not measure_only:
         start = time.perf_counter()
         try:

@@ -234,12 +234,8 @@ def _start(run: Run, tokenizer, resume_from: Path | None, notes: list[str | None
     """The rest of `prepare` once the run directory is ready: the tokenizer saved (a new run) or the resume noted,
     the checkpoint restored into `run.pos`, trackers started."""
     accelerator, out = run.accelerator, run.out
-    if run.main:
-        if resume_from:  # tokenizer/ and run.json were written before the first checkpoint: keep the run's record
-            accepted = {"changed_data": changed_data} if changed_data else {}  # --allow-changed-data: what changed
-            rundir.note_resume(out, resume_from, rundir.environment() | accepted)
-        else:
-            save_tokenizer(tokenizer, out / rundir.TOKENIZER)
+    if run.main and not resume_from:  # a resumed run keeps the tokenizer/ and run.json it started with
+        save_tokenizer(tokenizer, out / rundir.TOKENIZER)
     processes.barrier(accelerator)  # the run dir is ready before any process reads a checkpoint from it
     if resume_from:
         restore = (lambda w, o: fsdp.load(run.raw_model, run.optimizer, w, o)) if sharded(accelerator) else None
@@ -247,6 +243,9 @@ def _start(run: Run, tokenizer, resume_from: Path | None, notes: list[str | None
                                            run.method.load_training_state, rank=accelerator.process_index,
                                            restore_sharded=restore)
         run.pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
+        if run.main:  # noted once the checkpoint has loaded: a resume that fails leaves no entry behind
+            accepted = {"changed_data": changed_data} if changed_data else {}  # --allow-changed-data: what changed
+            rundir.note_resume(out, resume_from, rundir.environment() | accepted)
         console.print(f"resuming from {resume_from} (step {run.pos.step})", soft_wrap=True)  # a long path stays whole
     for note in notes:  # said once nothing can fail on bad input any more
         if note:

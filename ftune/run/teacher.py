@@ -48,13 +48,13 @@ def describe(where: str, trust_remote_code: bool = False) -> Teacher:
     directory nor a loadable model."""
     path = Path(where).expanduser()
     if (path / rundir.RECORD).is_file():
-        from ftune.assemble import stored_recipe
+        from ftune import assemble
 
-        recipe, record = stored_recipe(path, trust_remote_code)
+        recipe, record = assemble.stored_recipe(path, trust_remote_code)
         weights = rundir.weights_file(path)
         m = recipe.model
         base = models.resolve_model(m.name, m.gguf_file, m.revision)
-        tokenizer = models.load_tokenizer(str(rundir.tokenizer_dir(path)), m.trust_remote_code)
+        tokenizer = assemble.run_tokenizer(path, recipe, base)
         files = [rundir.recipe_file(path), weights, *_files(rundir.tokenizer_dir(path)), *_files(Path(base))]
         return Teacher(where, recipe.task, record.label_names, tokenizer, files)
     from ftune.assemble import missing_folder

@@ -38,14 +38,22 @@ def lock(out: Path) -> RunLock:
     except OSError as e:
         raise RunDirError(f"output_dir: {out / LOCK} cannot be opened ({e.strerror}); choose another "
                           "output_dir") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device cannot hold a pid
+        os.close(fd)
+        raise RunDirError(f"output_dir: {out / LOCK} is not a regular file; remove it or choose another output_dir")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _pid_in(fd)
         os.close(fd)
         raise RunDirError(in_use(out, holder)) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:  # a full disk
+        os.close(fd)  # lets go of the lock too
+        raise RunDirError(f"output_dir: {out / LOCK} cannot be written ({e.strerror}); free space there or choose "
+                          "another output_dir") from None
     return RunLock(fd)
 
 

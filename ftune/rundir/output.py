@@ -62,7 +62,9 @@ def check_output_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bo
             raise RunDirError(f"--resume: {out} has no complete checkpoint (checkpoints/step-*) to resume from")
         _own_files(sorted(latest.iterdir()))
         # what resuming reads of it, checked before anything is written: its state, weights' header, optimizer state
-        read_json(latest, STATE), weights_file(latest), read_optimizer(latest, mmap=True)
+        read_json(latest, STATE)
+        weights_file(latest)
+        read_optimizer(latest, mmap=True)
         return latest
     if not entries:
         return None

@@ -143,14 +143,14 @@ def read_json(folder: str | Path, name: str) -> dict[str, Any]:
 def read_optimizer(folder: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint's optimizer.pt, loaded as tensors and plain containers only (weights_only): written by ftune, yet
     never unpickled as arbitrary objects; anything else it holds (a pickled object, garbage) is one RunDirError line.
-    `mmap`: the tensors are mapped, not read (a cheap check before a resume writes anything)."""
+    `mmap`: the tensors are mapped on the CPU, not read (a cheap check before a resume writes anything)."""
     import torch
 
     path = inside(Path(folder), OPTIMIZER)
     if not path.is_file():
         raise RunDirError(f"{path}: missing or not a regular file; the checkpoint is incomplete")
     try:
-        saved = torch.load(path, weights_only=True, mmap=mmap)
+        saved = torch.load(path, weights_only=True, mmap=mmap, map_location="cpu" if mmap else None)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
         raise RunDirError(f"{path}: not optimizer state ftune wrote ({type(e).__name__}); it is loaded only as "
                           "tensors (weights_only), never unpickled as objects: resume from another checkpoint, or "

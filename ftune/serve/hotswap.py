@@ -220,8 +220,8 @@ def combine(run_dirs: list[Path], weights: list[float], trust_remote_code: bool 
         first.method.model_dump() | {"r": rank, "alpha": float(rank), "rslora": False, "dropout": 0.0})
     recipe = first.model_copy(update={"method": method})
     names = rundir.read_record(run_dirs[0]).label_names
-    tokenizer = models.load_tokenizer(str(rundir.tokenizer_dir(run_dirs[0])), recipe.model.trust_remote_code)
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
+    tokenizer = assemble.run_tokenizer(run_dirs[0], recipe, source)
     model = assemble.build_model(recipe, source, tokenizer, names)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     factors = {f"{name}.{part}.weight" for name in layers for part in ("lora_A", "lora_B")}
