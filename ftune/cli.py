@@ -70,7 +70,9 @@ def train(
     """Train a recipe; weights, metrics and a reproducible record go to its output_dir."""
     flags = {"resume": resume, "overwrite": overwrite, "allow_changed_data": allow_changed_data}
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not inside a launch already
-        raise typer.Exit(_launch(nproc, recipe, set_ or [], flags))
+        from ftune.launch import launch
+
+        raise typer.Exit(launch(nproc, recipe, set_ or [], flags))
     from ftune.recipe import load_recipe
     from ftune.run.train import train as run_training
 
@@ -79,49 +81,12 @@ def train(
         print(json.dumps(result, indent=2))
 
 
-def _launch(nproc: int, recipe: Path, overrides: list[str], flags: dict[str, bool]) -> int:
-    """`ftune train --nproc N`: the same command under accelerate's launcher (its exit code is ours). Several machines
-    are accelerate's own options: `accelerate launch --num_machines M --machine_rank R --main_process_ip HOST
-    --num_processes TOTAL --multi_gpu -m ftune train RECIPE` on each machine."""
-    import socket
-    import subprocess
-    import sys
+def _warn_if_base_changed(run_dirs: list[Path], trust_remote_code: bool) -> None:
+    """One warning line per run whose base model's files differ from those it trained on (run.json's fingerprints)."""
+    from ftune import assemble
 
-    with socket.socket() as probe:  # a free port: two runs on one machine must not share a rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port),
-               "-m", "ftune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)),
-               *(f"--{flag.replace('_', '-')}" for flag, on in flags.items() if on)]  # --resume, --overwrite, ...
-    launcher = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
-    for line in _without_launcher_noise(launcher.stderr):
-        sys.stderr.write(line)
-    return launcher.wait()
-
-
-def _without_launcher_noise(lines):
-    """The processes' stderr, less what torch's launcher adds when one fails: its log lines and the traceback of its
-    own ChildFailedError (each process has already printed its one-line error). Any other traceback passes."""
-    import re
-
-    held: list[str] = []
-    for line in lines:
-        if os.environ.get("FTUNE_DEBUG") == "1":
-            yield line
-        elif held:
-            held.append(line)
-            if not line[:1].isspace():  # the exception line closes the traceback
-                if "ChildFailedError" in line:
-                    return  # the launcher's own failure report, to the end of its output
-                yield from held
-                held = []
-        elif line.startswith("Traceback (most recent call last):"):
-            held = [line]
-        elif not re.match(r"[WEI]\d{4} \d\d:\d\d:\d\d", line):
-            yield line
-    yield from held
+    assemble.warn_changed_bases(run_dirs, trust_remote_code,
+                                lambda text: err.print(text, soft_wrap=True, markup=False, highlight=False))
 
 
 @command
@@ -289,6 +254,7 @@ def predict(
     if output and output.exists():
         raise RunDirError(f"--output: {output} exists; choose a new file")
     rows = read_jsonl(input)
+    _warn_if_base_changed(runs, trust_remote_code)
     multi, tasks, tokenizer = load_tasks(runs, parse_weights(weights), trust_remote_code)
     lines = "".join(json.dumps(p) + "\n" for p in run_predict(multi, tasks, tokenizer, rows, batch_size))
     if output:
@@ -301,8 +267,10 @@ def predict(
 @command
 def merge(run_dir: Path, out_dir: Path, trust_remote_code: TrustRemoteCode = False) -> None:
     """Write a standalone transformers model dir: base weights with the method folded in."""
-    from ftune.serve.export import merge_run
+    from ftune.serve.export import check_fresh, merge_run
 
+    check_fresh(out_dir.expanduser())  # a refusal of OUT costs nothing: before the base model is read
+    _warn_if_base_changed([run_dir.expanduser()], trust_remote_code)
     err.print(f"merged model written to {merge_run(run_dir.expanduser(), out_dir.expanduser(), trust_remote_code)}")
 
 
@@ -331,6 +299,10 @@ def export(run_dir: Path, out_dir: Path, format: Annotated[ExportFormat, typer.O
     """Export a run as a peft adapter dir (--format peft), a merged transformers model (--format hf), or the merged
     model as ONNX checked against PyTorch with onnxruntime (--format onnx)."""
     run_dir, out_dir = run_dir.expanduser(), out_dir.expanduser()  # a quoted ~ (or OUT=~/x) the shell left alone
+    from ftune.serve.export import check_fresh
+
+    check_fresh(out_dir)  # a refusal of OUT costs nothing: before the base model is read
+    _warn_if_base_changed([run_dir], trust_remote_code)
     if format is ExportFormat.onnx:
         from ftune.serve.onnx_export import export_onnx
 

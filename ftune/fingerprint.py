@@ -41,13 +41,24 @@ CACHED_FROM = 64 << 20
 
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    """{"size", "sha256"} of `path`'s bytes, read once in CHUNK-sized pieces."""
+    """{"size", "sha256"} of `path`'s bytes, read once in CHUNK-sized pieces. Within one process a file is hashed
+    once while it stays unchanged (`_seen`: the run's record and the encoded-data cache's key ask for the same file)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _seen:
+        return dict(_seen[key])
     digest, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
-    return {"size": size, "sha256": digest.hexdigest()}
+    _seen[key] = {"size": size, "sha256": digest.hexdigest()}
+    return dict(_seen[key])
+
+
+_seen: dict[tuple, dict[str, Any]] = {}
+"""Digests this process computed, keyed by what any write changes (ctime is set by every write and utime() and
+never set back), so a file edited since is hashed anew."""
 
 
 # --- data ------------------------------------------------------------------------------------------------------

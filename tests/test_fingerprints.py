@@ -229,6 +229,20 @@ def test_eval_warns_when_the_base_weights_changed(own_base):
     assert json.loads(changed.stdout)  # the scores still come
 
 
+@pytest.mark.parametrize("command", ["predict", "merge", "export"])
+def test_predict_merge_and_export_warn_too(command, own_base, tmp_path):
+    base, run = own_base
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"sentence": "a good film"}\n')
+    args = {"predict": ["predict", run, "--input", rows], "merge": ["merge", run, tmp_path / "merged"],
+            "export": ["export", run, tmp_path / "exported", "--format", "hf"]}[command]
+    _change_one_weight(base)
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    (warning,) = _warnings(result)
+    assert str(run) in warning and "not the one it was trained on" in warning
+
+
 def test_eval_of_several_runs_warns_for_each(own_base):
     base, run = own_base
     copy = shutil.copytree(run, run.with_name("copy"))

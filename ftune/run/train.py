@@ -46,7 +46,7 @@ def _fit(run: Run, console: Console) -> dict:
                   f"({100 * n_trainable / n_total:.3f}%); {run.total_steps} steps on {acc.device} "
                   f"× {acc.num_processes}, {run.precision}")
     if run.main:
-        _truncate_log(run.out / rundir.METRICS_LOG, pos.step, run.total_steps)
+        _truncate_log(run.out, pos.step, run.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     micro_batches = _micro_batches(run.train_loader, pos, accelerated=acc.device.type == "cuda")
     window_tokens, window_start, started = 0, time.perf_counter(), time.perf_counter() - pos.train_seconds
@@ -247,19 +247,13 @@ def _save_checkpoint(run: Run) -> None:
     processes.barrier(run.accelerator)
 
 
-def _truncate_log(path: Path, step: int, total_steps: int) -> None:
+def _truncate_log(out: Path, step: int, total_steps: int) -> None:
     """Drop log lines past `step`: a resumed run rewrites them, exactly as the uninterrupted run would.
 
     The final evaluation (a validation line at total_steps) is always rerun, so a run resumed from its final
-    checkpoint drops that line too rather than log it twice. Appending is not atomic: a kill can leave a torn last line.
-    """
-    if path.exists():
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn line from a killed run: it was past the checkpoint, and is rewritten
-            if entry["step"] <= step and not ("validation" in entry and entry["step"] >= total_steps):
-                kept.append(line + "\n")
-        rundir.write_text(path, "".join(kept))
+    checkpoint drops that line too rather than log it twice. Appending is not atomic: a kill can leave a torn last
+    line, which the bounded reader skips (it was past the checkpoint, and is rewritten)."""
+    if (out / rundir.METRICS_LOG).exists():
+        kept = [e for e in rundir.read_metrics_log(out)
+                if e["step"] <= step and not ("validation" in e and e["step"] >= total_steps)]
+        rundir.write_text(out / rundir.METRICS_LOG, "".join(json.dumps(e) + "\n" for e in kept))
