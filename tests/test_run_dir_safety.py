@@ -14,12 +14,10 @@ marker a payload would write), the shared finished run, the base model and the d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,6 +28,7 @@ import pytest
 import torch
 import yaml
 from conftest import recipe_doc, write_recipe
+from refusals import check_refusal, invoke, snapshot
 from typer.testing import CliRunner
 
 from ftune.cli import app
@@ -37,8 +36,6 @@ from ftune.cli import app
 runner = CliRunner()
 MARKER = "MARKER"
 """What a payload (remote code, an unpickled object) creates in the case's folder if it ever runs."""
-HANG_S = 240
-"""A case that has not ended by then hangs (a reader blocked on a FIFO): it fails instead of stalling the suite."""
 
 HOLD_LOCK = """
 import fcntl, os, sys, time
@@ -643,27 +640,6 @@ CASES["remote-code-model-inside-run-trusted-merge"] = (
     ["copy/model", "lies inside the run directory"])
 
 
-def _snapshot(*roots: Path) -> dict[Path, tuple]:
-    """Everything under `roots`, links not followed: a file by (mtime, sha256), a folder, a link by its target, a
-    FIFO or device by its type."""
-    seen: dict[Path, tuple] = {}
-    for root in roots:
-        for folder, dirs, files in os.walk(root):
-            for name in dirs + files:
-                path = Path(folder) / name
-                mode = path.lstat().st_mode
-                if stat.S_ISLNK(mode):
-                    seen[path] = ("link", os.readlink(path))
-                elif stat.S_ISDIR(mode):
-                    seen[path] = ("folder",)
-                elif stat.S_ISREG(mode):
-                    with open(path, "rb") as f:
-                        seen[path] = ("file", path.stat().st_mtime_ns, hashlib.file_digest(f, "sha256").hexdigest())
-                else:
-                    seen[path] = ("special", stat.S_IFMT(mode))
-    return seen
-
-
 @pytest.fixture
 def env(tiny_bert, cls_data, finished_run, tmp_path, monkeypatch):
     environment = Env(tiny_bert, cls_data, finished_run, tmp_path, monkeypatch)
@@ -676,21 +652,6 @@ def env(tiny_bert, cls_data, finished_run, tmp_path, monkeypatch):
     for folder in tmp_path.rglob("*"):  # what a case made read-only, so pytest can remove it
         if folder.is_dir() and not folder.is_symlink() and not os.access(folder, os.W_OK):
             folder.chmod(0o755)
-
-
-def _hung(signum, frame):
-    raise TimeoutError(f"the command did not end within {HANG_S} s: a reader hangs")
-
-
-def invoke(args: list) -> object:
-    """runner.invoke under an alarm: a hang (a reader blocked on a FIFO) fails the case instead of the suite."""
-    previous = signal.signal(signal.SIGALRM, _hung)
-    signal.alarm(HANG_S)
-    try:
-        return runner.invoke(app, [str(a) for a in args])
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 CLASSES = {"data-loss": 10, "lock": 8, "environment": 12, "hostile": 50}
@@ -706,22 +667,10 @@ def test_the_catalogue_covers_every_class():
 def test_run_dir_refusal(case, env, monkeypatch):
     monkeypatch.chdir(env.tmp)  # relative paths a case might write land in its own folder, under the snapshot
     _, build, code, needles = CASES[case]
-    args = build(env)
-    roots = (env.tmp, env.run, env.cls, env.bert)
-    before = _snapshot(*roots)
-
-    result = invoke(args)
-
-    assert not (result.exception and not isinstance(result.exception, SystemExit)), repr(result.exception)
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        needle = needle.format(holder=env.holder, tmp=env.tmp)
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    args = build(env)  # first: a case may start the process that holds the lock (env.holder)
+    needles = [needle.format(holder=env.holder, tmp=env.tmp) for needle in needles]
+    check_refusal(args, code, needles, env.tmp, env.run, env.cls, env.bert)  # nothing outside the run touched
     assert not (env.tmp / MARKER).exists(), "code from the run (or a pickle) ran"
-    assert _snapshot(*roots) == before  # nothing written, deleted or replaced; nothing outside the run touched
 
 
 # --- what the refusals leave possible ----------------------------------------------------------------------------
@@ -802,10 +751,10 @@ def test_overwrite_removes_a_link_out_never_its_target(env):
     copy = _copy(env)
     for name in ("checkpoints", "loss.png"):
         _link(copy / name, _outside(env, copy / name))
-    outside = _snapshot(env.tmp / "outside")
+    outside = snapshot(env.tmp / "outside")
     result = invoke(["train", copy / "recipe.yaml", "--overwrite"])
     assert result.exit_code == 0, result.output
-    assert _snapshot(env.tmp / "outside") == outside
+    assert snapshot(env.tmp / "outside") == outside
     assert not (copy / "checkpoints").is_symlink() and (copy / "checkpoints" / "step-00000002").is_dir()
 
 
@@ -888,7 +837,7 @@ def test_compare_reads_its_runs_as_data(tamper, comparison, tmp_path):
     make, code, needles = COMPARE_TAMPERS[tamper]
     if make:
         make(run, outside)
-    before = _snapshot(run, outside)
+    before = snapshot(run, outside)
 
     result = invoke(["compare", recipe, "--methods", "lora", "--budget", "2steps", "--out", out])
 
@@ -899,4 +848,4 @@ def test_compare_reads_its_runs_as_data(tamper, comparison, tmp_path):
     assert len(errors) == (1 if code else 0), result.stderr
     for needle in needles:
         assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
-    assert _snapshot(run, outside) == before
+    assert snapshot(run, outside) == before

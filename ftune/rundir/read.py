@@ -41,21 +41,28 @@ def inside(folder: Path, name: str) -> Path:
     return path
 
 
-def _read_bytes(path: Path, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes: a FIFO, a device or a folder is refused unread (opened
-    without blocking, so a FIFO with no writer cannot hang the reader)."""
+def _open_regular(path: Path):
+    """`path` opened for reading (binary) with its size, refused unless it is a regular file: a FIFO, a device or a
+    folder is refused unread (opened without blocking, so a FIFO with no writer cannot hang the reader)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise RunDirError(f"{path}: missing; not a finished ftune run") from None
     except OSError as e:
         raise RunDirError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RunDirError(f"{path}: not a regular file ({_kind(st.st_mode)}); a run's {path.name} is a plain file")
-        if st.st_size > limit:
-            raise RunDirError(f"{path}: {st.st_size:,} bytes, more than the {limit:,} a run's {path.name} may hold")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RunDirError(f"{path}: not a regular file ({_kind(st.st_mode)}); a run's {path.name} is a plain file")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (`_open_regular`)."""
+    f, size = _open_regular(path)
+    with f:
+        if size > limit:
+            raise RunDirError(f"{path}: {size:,} bytes, more than the {limit:,} a run's {path.name} may hold")
         try:
             return f.read(limit + 1)
         except OSError as e:
@@ -199,17 +206,9 @@ def weights_file(folder: str | Path, name: str = WEIGHTS) -> Path:
     safetensors file starts with the byte length of a JSON header, which must be bounded and fit the file before
     anything parses it. A regular file only, inside `folder`."""
     path = inside(Path(folder), name)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not hang the reader
-    except FileNotFoundError:
-        raise RunDirError(f"{path}: missing; not a finished ftune run") from None
-    except OSError as e:
-        raise RunDirError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RunDirError(f"{path}: not a regular file ({_kind(st.st_mode)}); refused")
-        size, header = st.st_size, int.from_bytes(f.read(8), "little")
+    f, size = _open_regular(path)
+    with f:
+        header = int.from_bytes(f.read(8), "little")
     if size < 8 or header > min(MAX_SAFETENSORS_HEADER, size - 8):
         raise RunDirError(f"{path}: not a safetensors file ftune wrote (its header claims {header:,} bytes of "
                           f"{size:,}); refused")
