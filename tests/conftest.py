@@ -188,6 +188,21 @@ def cls_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def full_run(tiny_bert, cls_data, tmp_path_factory) -> Path:
+    """A finished `full` run of the tiny BERT (2 steps, a checkpoint each), shared: tests read it or copy it, never
+    change it (the bad-input catalogues snapshot it)."""
+    from typer.testing import CliRunner
+
+    from ftune.cli import app
+
+    root = tmp_path_factory.mktemp("full-run")
+    doc = recipe_doc("cls", tiny_bert, cls_data, root / "run", method={"name": "full"}, max_steps=2)
+    result = CliRunner().invoke(app, ["train", str(write_recipe(root / "recipe.yaml", doc))])
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
 def sft_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sft")
     rng = random.Random(1)

@@ -45,15 +45,6 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_bert, cls_data, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bad-inputs-run")
-    doc = recipe_doc("cls", tiny_bert, cls_data, root / "run", method={"name": "full"}, max_steps=2)
-    result = runner.invoke(app, ["train", str(write_recipe(root / "recipe.yaml", doc))])
-    assert result.exit_code == 0, result.output
-    return root / "run"
-
-
-@pytest.fixture(scope="module")
 def adapter_run(tiny_bert, cls_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad-inputs-adapter-run")
     method = {"name": "adapter", "bottleneck": 4}

@@ -70,13 +70,9 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_bert, cls_data, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("safety-run")
-    doc = recipe_doc("cls", tiny_bert, cls_data, root / "run", method={"name": "full"}, max_steps=2)
-    result = runner.invoke(app, ["train", str(write_recipe(root / "recipe.yaml", doc))])
-    assert result.exit_code == 0, result.output
-    assert (root / "run" / "checkpoints" / "step-00000002" / "state.json").is_file()
-    return root / "run"
+def finished_run(full_run) -> Path:
+    assert (full_run / "checkpoints" / "step-00000002" / "state.json").is_file()
+    return full_run
 
 
 # --- building blocks ---------------------------------------------------------------------------------------------
