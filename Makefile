@@ -66,8 +66,12 @@ lock:
 bench: install
 	$(BIN)/python scripts/bench_lora.py
 
+# style and structure, in seconds: ruff's checks (line length included) and its formatting, and the layer contract
+# (pyproject.toml's [tool.importlinter]: every module imports only from its own layer or those below it)
 lint: install
 	$(BIN)/ruff check ftune tests scripts
+	$(BIN)/ruff format --check ftune tests scripts
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(LATEST) runs .pytest_cache

@@ -8,22 +8,23 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from ftune import models, rundir
-from ftune.data import checks, encoded_cache, holdout, loader, sources
+from ftune.data import encoded_cache, holdout, loader, sources
+from ftune.tasks import checks
 from ftune.errors import ModelError, RecipeError, RunDirError
 from ftune.methods import attach, method_of
 from ftune.models import quantize
 from ftune.objectives import OBJECTIVES, Bound, Trained, trained_task
+from ftune.objectives.base import OtherRun, TrainingData
 from ftune.recipe import Recipe, load_recipe
-from ftune.run import checkpoint
 from ftune.tasks import TASKS, Decoding, Encoded, Task
 
 
-def task_of(recipe: Recipe) -> Task:
+def recipe_task(recipe: Recipe) -> Task:
     """The recipe's task as its objective trains it (a reward model reads preference pairs through a one-output
     head: Objective.shape_task): the record every build and score of the run asks."""
     return trained_task(OBJECTIVES[recipe.objective.name], recipe.objective, TASKS[recipe.task])
@@ -37,27 +38,68 @@ def trained(recipe: Recipe, model: nn.Module, tokenizer, device, precision: str,
                    pad_token_id=tokenizer.pad_token_id, load_base=lambda: base_model(recipe, tokenizer, names))
 
 
+class BoundObjective(NamedTuple):
+    bound: Bound
+    examples: list[dict[str, Any]] | None
+    """The training examples with the objective's per-example values added (None when none were given)."""
+    extra: dict[str, nn.Module]
+    """The frozen models the objective reads (a teacher), on the device."""
+
+
 def bind_objective(recipe: Recipe, model: nn.Module, tokenizer, device, precision: str = "fp32",
-                   names: list[str] | None = None) -> Bound:
-    """The recipe's objective bound for a finished run's `model` (to score it with the objective's own metrics):
-    its extra models built on `device`."""
+                   names: list[str] | None = None, *, task: Task | None = None,
+                   examples: list[dict[str, Any]] | None = None, rows: sources.Rows | None = None) -> BoundObjective:
+    """The recipe's objective bound to `model` (as the method's `attach` returned it): the one place an objective is
+    bound, for training (ftune/run/setup.py), its memory estimate (ftune/estimate/step.py) and scoring a finished
+    run. Its extra models are built on `device`. Given training `examples` (and the `rows` they were encoded from;
+    read from data.train when needed and not given), the objective's `prepare` checks them and adds its values per
+    example. `task`: the task as the loss reads it (default `recipe_task`; training passes the hidden-state route
+    where it is exact: kernels.linear_ce.training_task)."""
     objective = OBJECTIVES[recipe.objective.name]
     extra = {role: m.to(device)
              for role, m in build_extra_models(recipe, objective.extra_models(recipe.objective), names).items()}
-    return objective.bind(recipe.objective, task_of(recipe), extra,
-                          trained(recipe, model, tokenizer, device, precision, names))
+    model_in_training = trained(recipe, model, tokenizer, device, precision, names)
+    if objective.prepare and examples is not None:  # checks against the data, values its loss reads per example
+        data = training_data(recipe, rows if rows is not None else read_split(recipe, "train"), examples, tokenizer, names, device,
+                             model_in_training)
+        fields = objective.prepare(recipe.objective, recipe_task(recipe), data, extra)
+        if fields:
+            examples = [e | f for e, f in zip(examples, fields, strict=True)]
+    bound = objective.bind(recipe.objective, task or recipe_task(recipe), extra, model_in_training)
+    return BoundObjective(bound, examples, extra)
+
+
+def training_data(recipe: Recipe, rows: sources.Rows, examples: list[dict[str, Any]], tokenizer,
+                  names: list[str] | None, device, model_in_training: Trained | None = None) -> TrainingData:
+    """What an objective's `prepare` reads, with the builders it may need (bound to this recipe)."""
+    return TrainingData(
+        rows=rows, examples=examples, tokenizer=tokenizer, label_names=names, device=device,
+        encode=lambda other_rows, other_tokenizer: encode_rows(recipe, other_rows, other_tokenizer, names).examples,
+        load_model=lambda role, where: build_extra_models(recipe, {role: where}, names)[role],
+        open_run=lambda path: other_run(path, recipe.model.trust_remote_code),
+        trust_remote_code=recipe.model.trust_remote_code, trained=model_in_training)
+
+
+def other_run(run_dir: Path, trust_remote_code: bool = False) -> OtherRun:
+    """A finished run as an objective reads it (a teacher): its task, classes, tokenizer and defining files."""
+    recipe, record = stored_recipe(run_dir, trust_remote_code)
+    m = recipe.model
+    base = models.resolve_model(m.name, m.gguf_file, m.revision)
+    return OtherRun(recipe.task, record.label_names, run_tokenizer(run_dir, recipe, base),
+                    [rundir.recipe_file(run_dir), rundir.weights_file(run_dir)],
+                    [rundir.tokenizer_dir(run_dir), Path(base)])
 
 
 def base_model(recipe: Recipe, tokenizer, names: list[str] | None = None) -> nn.Module:
     """A fresh copy of the base model the recipe trains, without its method: frozen, in eval mode."""
     spec = recipe.model
-    model, _ = models.load_model(task_of(recipe), models.resolve_model(spec.name, spec.gguf_file, spec.revision),
+    model, _ = models.load_model(recipe_task(recipe), models.resolve_model(spec.name, spec.gguf_file, spec.revision),
                                  spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
                                  trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     return model.eval().requires_grad_(False)
 
 
-def load_tokenizer(recipe: Recipe):
+def source_and_tokenizer(recipe: Recipe):
     """(resolved model source, tokenizer)."""
     spec = recipe.model
     source = models.resolve_model(spec.name, spec.gguf_file, spec.revision)
@@ -67,7 +109,7 @@ def load_tokenizer(recipe: Recipe):
 def label_names(recipe: Recipe, train_rows: sources.Rows | None = None) -> list[str] | None:
     """Class (tag) names: data.labels, else the training labels (read here when `train_rows` is not given); None for
     a task without classes."""
-    task = task_of(recipe)
+    task = recipe_task(recipe)
     if not task.has_classes:
         return None
     if recipe.data.labels:
@@ -77,9 +119,8 @@ def label_names(recipe: Recipe, train_rows: sources.Rows | None = None) -> list[
 
 def eval_loader(recipe: Recipe, examples: list[dict[str, Any]], tokenizer):
     """Evaluation batches, the same for `train` and `ftune eval`: the rows sorted longest first (stable), so a batch
-    pads little (SST-2's 872 validation rows, all-MiniLM-L6-v2 on CPU, batches of 64: 23,568 tokens in 3.5-4.3 s
-    against 44,448 in 7.6-9.2 s in data order) and the widest batch, the peak, comes first. Every metric is a sum or
-    a statistic over all rows, so the order changes no score."""
+    pads little (about half the tokens of data order on SST-2) and the widest batch, the peak, comes first. Every
+    metric is a sum or a statistic over all rows, so the order changes no score."""
     t = recipe.train
     examples = sorted(examples, key=loader.example_length, reverse=True)
     return loader.make_loader(examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed,
@@ -96,12 +137,12 @@ def build_model(recipe: Recipe, source: str, tokenizer, names: list[str] | None)
     """The base model with the recipe's method attached and exactly the method's parameters trainable."""
     spec = recipe.model
     model, missing = models.load_model(
-        task_of(recipe), source, spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
+        recipe_task(recipe), source, spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
         trust_remote_code=spec.trust_remote_code, revision=spec.revision, quantization=spec.quantization,
     )
     if spec.quantization:  # fp32 norms and head; input grads for checkpointed segments
         quantize.prepare_for_training(model, recipe.train.gradient_checkpointing)
-    head = models.head_parameters(model, task_of(recipe), missing)
+    head = models.head_parameters(model, recipe_task(recipe), missing)
     return attach(model, recipe.method, head)
 
 
@@ -136,7 +177,7 @@ def _split_sources(recipe: Recipe, split: str) -> list[Any]:
     return folders
 
 
-def encode(recipe: Recipe, rows: sources.Rows, tokenizer, names: list[str] | None) -> Encoded:
+def encode_rows(recipe: Recipe, rows: sources.Rows, tokenizer, names: list[str] | None) -> Encoded:
     task = TASKS[recipe.task]
     extra = {"config": model_config(recipe)} if task.encodes_with_config else {}
     return task.encode(rows, tokenizer, recipe.data, names, **extra)
@@ -145,7 +186,7 @@ def encode(recipe: Recipe, rows: sources.Rows, tokenizer, names: list[str] | Non
 def encoded_splits(recipe: Recipe, tokenizer) -> tuple[encoded_cache.Splits, str]:
     """(label names, encoded training split, encoded validation split or None) and a note for the console, one line
     per fact: read from the encoded-data cache when this data, tokenizer and encoding were seen before (data.cache),
-    else read, encoded and cached (ftune/data/encoded_cache.py); then checked either way (ftune/data/checks.py:
+    else read, encoded and cached (ftune/data/encoded_cache.py); then checked either way (ftune/tasks/checks.py:
     a DataError for data that cannot be trained on as the recipe says, and a line for each thing cut or dropped)."""
     splits, note = _encoded_splits(recipe, tokenizer)
     return splits, "\n".join([note, *checks.check_splits(TASKS[recipe.task], recipe.data, *splits)])
@@ -158,8 +199,8 @@ def _encoded_splits(recipe: Recipe, tokenizer) -> tuple[encoded_cache.Splits, st
         rows = read_split(recipe, "train")
         names = label_names(recipe, rows)
         held_out = d.validation or d.validation_fraction
-        return (names, encode(recipe, rows, tokenizer, names),
-                encode(recipe, read_split(recipe, "validation"), tokenizer, names) if held_out else None)
+        return (names, encode_rows(recipe, rows, tokenizer, names),
+                encode_rows(recipe, read_split(recipe, "validation"), tokenizer, names) if held_out else None)
 
     if not d.cache:
         return build(), "encoded (data.cache: false)"
@@ -201,21 +242,13 @@ def build_extra_models(recipe: Recipe, needs: dict[str, str], names: list[str] |
     return built
 
 
-def missing_folder(where: str) -> bool:
-    """`where` is written as a local path (absolute, ./, ~, or under a folder that exists here) but is no folder:
-    said at once, not after the Hub's download retries."""
-    path = Path(where).expanduser()
-    local = path.is_absolute() or where.startswith((".", "~")) or Path(where.split("/")[0]).is_dir()
-    return local and not path.is_dir()
-
-
 def _named_extra_model(recipe: Recipe, role: str, where: str, names: list[str] | None) -> nn.Module:
     """A model named by folder or Hub id, used as it is: every weight must come from its checkpoint (a frozen model
     with a freshly initialised head would be noise)."""
-    if missing_folder(where):
+    if models.missing_folder(where):
         raise ModelError(f"objective.{role}: {where}: no such run directory or model folder")
     try:
-        model, missing = models.load_model(task_of(recipe), models.resolve_model(where), label_names=names,
+        model, missing = models.load_model(recipe_task(recipe), models.resolve_model(where), label_names=names,
                                            trust_remote_code=recipe.model.trust_remote_code)
     except ModelError as e:
         raise ModelError(f"objective.{role}: {where} is neither a finished ftune run directory (no "
@@ -252,9 +285,9 @@ def stored_recipe(run_dir: str | Path, trust_remote_code: bool = False) -> tuple
 
 def warn_changed_bases(run_dirs: list[Path], trust_remote_code: bool, note: Callable[[str], None]) -> None:
     """`note` one warning line for each run whose base model's files (config.json, weights) are not those it was
-    trained on: run.json's fingerprints.model against the folder `stored_recipe` loads now (ftune/fingerprint.py).
+    trained on: run.json's fingerprints.model against the folder `stored_recipe` loads now (ftune/data/fingerprint.py).
     Silent for a run recorded before fingerprints, and for a base that is not a local folder."""
-    from ftune import fingerprint
+    from ftune.data import fingerprint
 
     for run_dir in run_dirs:
         recipe, record = stored_recipe(run_dir, trust_remote_code)
@@ -295,9 +328,9 @@ def load_run(run_dir: str | Path, trust_remote_code: bool = False):
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
     tokenizer = run_tokenizer(run_dir, recipe, source)
     model = build_model(recipe, source, tokenizer, record.label_names)
-    fold = method_of(recipe.method).fold
+    fold = method_of(recipe.method).saving.fold
     if fold:  # method.safetensors holds what the reparameterisation produced, not the reparameterisation
         fold(model)
-    checkpoint.load_weights(run_dir, model)
+    rundir.load_weights(run_dir, model)
     model.eval()
     return recipe, model, tokenizer

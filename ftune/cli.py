@@ -14,6 +14,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ftune import launch
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune language models from YAML recipes.")
 err = Console(stderr=True)
 
@@ -21,17 +23,6 @@ Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a r
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a run whose model needs code from "
                                                "its model folder (model.trust_remote_code) to run that code. A run "
                                                "never allows it by itself.")]
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its load errors reach us as exceptions: one line
 
 
 def command(fn=None, *, name: str | None = None):
@@ -44,7 +35,7 @@ def command(fn=None, *, name: str | None = None):
         from ftune.errors import FtuneError
 
         try:
-            _quiet_libraries()
+            launch.quiet_libraries()
             return fn(*args, **kwargs)
         except FtuneError as e:
             if os.environ.get("FTUNE_DEBUG") == "1":
@@ -70,9 +61,7 @@ def train(
     """Train a recipe; weights, metrics and a reproducible record go to its output_dir."""
     flags = {"resume": resume, "overwrite": overwrite, "allow_changed_data": allow_changed_data}
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not inside a launch already
-        from ftune.launch import launch
-
-        raise typer.Exit(launch(nproc, recipe, set_ or [], flags))
+        raise typer.Exit(launch.launch(nproc, recipe, set_ or [], flags))
     from ftune.recipe import load_recipe
     from ftune.run.train import train as run_training
 
@@ -106,14 +95,14 @@ def validate(
     from ftune.recipe import dump_recipe, load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    source, tokenizer = assemble.load_tokenizer(r)
+    source, tokenizer = assemble.source_and_tokenizer(r)
     rows = assemble.read_split(r, "train")  # for the class names and the estimate's batch
     names = assemble.label_names(r, rows)
     model = assemble.build_model(r, source, tokenizer, names)
     trainable, total = count_parameters(model)
     print(dump_recipe(r), end="")
     print(f"# model source: {source}\n# trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    for line in validate_lines(r, model):  # a recipe that drops blocks: blocks, parameters, estimated speed-up
+    for line in validate_lines(r, model, assemble.model_config):  # a recipe that drops blocks: blocks, speed-up
         print(f"# {line}")
     try:
         table, notes = render(estimate_recipe(r, model, tokenizer, names, rows, 3 if measure else None))
@@ -134,9 +123,9 @@ def methods(markdown: Annotated[bool, typer.Option(help="Print a Markdown table.
     for m in METHODS.values():
         fields = ", ".join(f"{k}=" + ("<required>" if v.is_required() else _shown(v.get_default(call_default_factory=True)))
                            for k, v in m.config_cls.model_fields.items() if k != "name")
-        lr = f"{m.recommended.lr:g}" if m.recommended else "-"
-        print(f"| `{m.name}` | {m.summary} | {lr} | {m.paper} |" if markdown
-              else f"{m.name:<14} {m.summary}  [{fields}]  recommended lr {lr}")
+        lr = f"{m.about.recommended.lr:g}" if m.about.recommended else "-"
+        print(f"| `{m.name}` | {m.about.summary} | {lr} | {m.about.paper} |" if markdown
+              else f"{m.name:<14} {m.about.summary}  [{fields}]  recommended lr {lr}")
 
 
 def _shown(default) -> str:
@@ -205,7 +194,7 @@ def evaluate_run(
     """Score trained runs on a split or a file: one run prints its metrics as JSON, several print one JSON line each."""
     from ftune import assemble, rundir
     from ftune.errors import DataError
-    from ftune.serve import hotswap
+    from ftune.serve import hotswap, score
 
     def note(text: str) -> None:
         err.print(text, soft_wrap=True)
@@ -216,16 +205,18 @@ def evaluate_run(
     factors = hotswap.parse_weights(weights)
     assemble.warn_changed_bases(run_dirs, trust_remote_code, note)  # a base changed since training: said first
     if factors is not None:
-        recipe, model, tokenizer, names = hotswap.combine(run_dirs, factors, trust_remote_code)
-        scored = hotswap.score(recipe, model, tokenizer, names, split, data, note, hotswap.trained_precision(run_dirs[0]))
+        recipe, model, tokenizer, names = hotswap.mix_runs(run_dirs, factors, trust_remote_code)
+        scored = score.score(recipe, model, tokenizer, names, split, data, note,
+                             score.trained_precision(run_dirs[0]))
         print(json.dumps({"runs": [str(r) for r in run_dirs], "weights": factors, **scored}, indent=2))
     elif len(run_dirs) == 1:
         recipe, model, tokenizer = assemble.load_run(run_dirs[0], trust_remote_code)
         names = rundir.read_record(run_dirs[0]).label_names
-        scored = hotswap.score(recipe, model, tokenizer, names, split, data, note, hotswap.trained_precision(run_dirs[0]))
+        scored = score.score(recipe, model, tokenizer, names, split, data, note,
+                             score.trained_precision(run_dirs[0]))
         print(json.dumps(scored, indent=2))
     else:
-        for scored in hotswap.score_runs(run_dirs, split, data, note, trust_remote_code):
+        for scored in score.score_runs(run_dirs, split, data, note, trust_remote_code):
             print(json.dumps(scored))
 
 

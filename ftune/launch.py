@@ -1,4 +1,5 @@
-"""`ftune train --nproc N`: the same command again under accelerate's launcher, its output less the launcher's own
+"""How an ftune process starts: the libraries it drives kept quiet (every command, and each `ftune compare` worker),
+and `ftune train --nproc N`, the same command again under accelerate's launcher, its output less the launcher's own
 noise. Several processes always go through accelerate, never a launcher of ftune's own."""
 
 from __future__ import annotations
@@ -50,3 +51,15 @@ def without_launcher_noise(lines):
         elif not re.match(r"[WEI]\d{4} \d\d:\d\d:\d\d", line):
             yield line
     yield from held
+
+
+def quiet_libraries() -> None:
+    """transformers and datasets print no progress bars or warnings; their errors reach ftune as exceptions."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its load errors reach us as exceptions: one line

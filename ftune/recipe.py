@@ -28,12 +28,12 @@ from ftune.models.quantize import Quantization
 from ftune.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, AnyObjectiveConfig
 from ftune.recipe_errors import explain, shown
 from ftune.recipe_yaml import kind_of, one_line
-from ftune.run.optim import OPTIMIZERS
-from ftune.run.trackers import TRACKERS, known_trackers
+from ftune.step.optim import OPTIMIZERS
+from ftune.trackers import TRACKERS, known_trackers
 from ftune.tasks import TASKS
 
 TaskName = Literal[tuple(TASKS)]  # the task registry's names (ftune/tasks/)
-TrackerName = Literal[tuple(TRACKERS)]  # accelerate's trackers (ftune/run/trackers.py)
+TrackerName = Literal[tuple(TRACKERS)]  # accelerate's trackers (ftune/trackers.py)
 
 
 class _Section(BaseModel):
@@ -128,7 +128,7 @@ class DataSpec(_Section):
     allow_truncation: bool = False
     """Train even when data.max_length (seq2seq: also max_target_length) cuts more than 20% of a split's rows, or
     drops more than 5% (SFT rows whose prompt fills it, leaving no response token). Off: training is refused above
-    those shares, naming the counts (ftune/data/checks.py). The counts are printed and kept in run.json either way."""
+    those shares, naming the counts (ftune/tasks/checks.py). The counts are printed and kept in run.json either way."""
     max_train_rows: int | None = Field(None, gt=0)
     """Use only the first N training rows."""
     max_validation_rows: int | None = Field(None, gt=0)
@@ -332,11 +332,11 @@ class Recipe(_Section):
         objective = OBJECTIVES[self.objective.name]
         if objective.check:  # a combination the objective cannot train: no pairs, a reference it cannot make
             objective.check(self.objective, TASKS[self.task], method)
-        if self.train.gradient_checkpointing and not method.gradient_checkpointing:
+        if self.train.gradient_checkpointing and not method.runs_with.gradient_checkpointing:
             raise ValueError(f"train.gradient_checkpointing: {method.name} keeps per-layer key/value prefixes in "
                              "the attention cache, which recomputation in backward would extend twice; set it to false")
-        if self.model.quantization and not method.quantized_base:
-            fit = ", ".join(n for n, m in METHODS.items() if m.quantized_base)
+        if self.model.quantization and not method.runs_with.quantized_base:
+            fit = ", ".join(n for n, m in METHODS.items() if m.runs_with.quantized_base)
             raise ValueError(f"model.quantization: {method.name} trains weights inside the quantised base linears, "
                              f"which cannot be updated; use a method that trains outside them ({fit}) or drop it")
         return self

@@ -136,8 +136,8 @@ def peft_llama(args: argparse.Namespace, folder: Path, side: str) -> dict:
     from ftune.recipe import validate_recipe
 
     recipe = validate_recipe(llama_recipe(args, folder, side.endswith("qlora")))
-    _, tokenizer = assemble.load_tokenizer(recipe)
-    examples = assemble.encode(recipe, assemble.read_split(recipe, "train"), tokenizer, None).examples
+    _, tokenizer = assemble.source_and_tokenizer(recipe)
+    examples = assemble.encode_rows(recipe, assemble.read_split(recipe, "train"), tokenizer, None).examples
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     options = {"dtype": torch.float32}
     if side.endswith("qlora"):

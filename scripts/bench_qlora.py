@@ -106,7 +106,7 @@ def load_side(args, side: str, folder: str):
         from ftune.methods import attach
         from ftune.methods.lora import Config
         from ftune.models import quantize
-        from ftune.run.optim import make_optimizer
+        from ftune.step.optim import make_optimizer
 
         q = quantize.Quantization(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16") if qlora else None
         model, missing = models.load_model("causal_lm", folder, "bfloat16", quantization=q)

@@ -13,7 +13,7 @@ causal-LM loss over full logits (Trainer passes the step's token count, so accum
 ftune runs the recipe with only max_steps, output_dir and the evaluation set overridden: as it is (length-grouped
 batches, the loss from hidden states on the response positions only), with data.packing, with
 train.group_by_length false (the hidden-state loss alone), and with neither (the loss from full logits, by a
-bench-only patch of ftune.run.linear_ce.training_task: ftune's loop as it was before grouping and the hidden route).
+bench-only patch of ftune.kernels.linear_ce.training_task: ftune's loop as it was before grouping and the hidden route).
 
 Tokens are input tokens without padding (ftune's metrics.json train_tokens; Trainer's num_input_tokens_seen with
 non_padding); tokens/s divides them by the training loop's seconds. `work s` runs from before the tokenizer and data
@@ -137,7 +137,7 @@ def ftune_side(args: argparse.Namespace) -> dict:
     if args.side == "ftune-ungrouped-logits":  # the loss from full logits, as before the hidden-state route
         from dataclasses import replace
 
-        from ftune.run import linear_ce
+        from ftune.kernels import linear_ce
 
         linear_ce.training_task = lambda task, model, sharded: replace(task, hidden_loss=None)
     with tempfile.TemporaryDirectory() as out:

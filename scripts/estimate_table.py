@@ -89,7 +89,7 @@ def cannot_run_here(recipe) -> str | None:
 
 
 def build(recipe):
-    source, tokenizer = assemble.load_tokenizer(recipe)
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
     rows = assemble.read_split(recipe, "train")
     names = assemble.label_names(recipe, rows)
     return recipe, assemble.build_model(recipe, source, tokenizer, names), tokenizer, names, rows

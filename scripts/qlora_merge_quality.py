@@ -68,7 +68,7 @@ def main() -> None:
     from ftune.methods import METHODS
     from ftune.methods.base import unwrap_merged
     from ftune.recipe import load_recipe
-    from ftune.run import checkpoint
+    from ftune import rundir
     from ftune.run.train import train
     from ftune.serve import export
 
@@ -84,7 +84,7 @@ def main() -> None:
     if not recipe.model.quantization:
         raise SystemExit(f"{run}: its recipe sets no model.quantization; this script compares a QLoRA run's merges")
     names = assemble.read_run_record(run)["label_names"]
-    examples = assemble.encode(recipe, assemble.read_split(recipe, "validation"), tokenizer, names).examples
+    examples = assemble.encode_rows(recipe, assemble.read_split(recipe, "validation"), tokenizer, names).examples
     device = next(quantized.parameters()).device
     rows = {}
 
@@ -101,8 +101,8 @@ def main() -> None:
     full_precision = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": None})})
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
     model = assemble.build_model(full_precision, source, tokenizer, names).to(device)
-    checkpoint.load_weights(run, model)
-    METHODS[recipe.method.name].merge(model)
+    rundir.load_weights(run, model)
+    METHODS[recipe.method.name].merging.merge(model)
     rows["merged into full-precision base"] = score(unwrap_merged(model), recipe, examples, tokenizer)
     del model
 

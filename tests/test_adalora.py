@@ -21,7 +21,7 @@ from ftune.errors import MethodError, RecipeError
 from ftune.layers import svd as svd_lora
 from ftune.layers.svd import svd_layers
 from ftune.methods import METHODS, adalora
-from ftune.methods.base import set_trainable
+from ftune.methods.base import Resume, set_trainable
 from ftune.recipe import validate_recipe
 from ftune.run.train import train
 from ftune.rundir import METHOD_STATE, latest_checkpoint
@@ -75,7 +75,7 @@ def test_forward_and_regulariser_equal_peft(arch, tiny_bert, tiny_llama):
         logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
         task = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         assert torch.allclose(out.loss, task, atol=1e-6)  # the model's own loss is the task's: no hook adds to it
-        term = METHODS["adalora"].loss_term(ours)  # what the loop adds (grad_accum 1)
+        term = METHODS["adalora"].hooks.loss_term(ours)  # what the loop adds (grad_accum 1)
         reg = svd_lora.orthogonality(list(svd_layers(ours).values()))
         assert reg > 0 and torch.allclose(term, 0.5 * reg, atol=1e-7)  # orth_reg_weight from the config
         assert (task + term - theirs(**batch).loss).abs() <= 1e-5  # peft adds the regulariser to outputs.loss
@@ -133,10 +133,15 @@ def _train(tiny_bert, cls_data, out, method=None):
     return json.loads((out / "method_report.json").read_text()), metrics
 
 
+def _with_hooks(**hooks):
+    """AdaLoRA's record with some of its loop hooks replaced."""
+    return dataclasses.replace(METHODS["adalora"], hooks=dataclasses.replace(METHODS["adalora"].hooks, **hooks))
+
+
 @pytest.fixture(scope="module")
 def hooked_run(tiny_bert, cls_data, tmp_path_factory):
     """One run through ftune's train() with a spy after the real hook: its calls and R(P, Q) after each step."""
-    calls, orthogonality, real = [], [], METHODS["adalora"].on_step_end
+    calls, orthogonality, real = [], [], METHODS["adalora"].hooks.on_step_end
 
     def hook(model, step, total_steps):
         real(model, step, total_steps)
@@ -146,7 +151,7 @@ def hooked_run(tiny_bert, cls_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("adalora") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(METHODS, "adalora", dataclasses.replace(METHODS["adalora"], on_step_end=hook))
+        patch.setitem(METHODS, "adalora", _with_hooks(on_step_end=hook))
         report, metrics = _train(tiny_bert, cls_data, out)
     return {"dir": out, "report": report, "metrics": metrics, "calls": calls, "orthogonality": orthogonality}
 
@@ -167,7 +172,7 @@ def test_loop_calls_the_hook_and_ranks_are_reallocated(hooked_run):
 
 def test_without_the_hook_ranks_stay_at_init_r(tiny_bert, cls_data, tmp_path, monkeypatch):
     """What users of a loop that forgets the hook get: plain LoRA in SVD form. The report shows it."""
-    monkeypatch.setitem(METHODS, "adalora", dataclasses.replace(METHODS["adalora"], on_step_end=None))
+    monkeypatch.setitem(METHODS, "adalora", _with_hooks(on_step_end=None))
     report, _ = _train(tiny_bert, cls_data, tmp_path / "run")
     assert set(report["ranks"].values()) == {4}
     assert report["budget"] == report["initial_budget"] != report["target_budget"]
@@ -213,7 +218,8 @@ def test_resume_restores_ranks_and_importance(tinit, tfinal, tiny_bert, cls_data
 
     # the comparison can fail: a resume that drops the method state ends elsewhere
     crash_after_step_4()
-    monkeypatch.setitem(METHODS, "adalora", dataclasses.replace(METHODS["adalora"], load_training_state=None))
+    forgets = Resume(METHODS["adalora"].hooks.resume.save, lambda model, state: None)  # saves, never loads
+    monkeypatch.setitem(METHODS, "adalora", _with_hooks(resume=forgets))
     forgetful = finish(resume=True)
     assert any(not torch.equal(forgetful[0][n], t) for n, t in weights.items())
 

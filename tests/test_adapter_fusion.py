@@ -114,7 +114,7 @@ def _two_fusions(weight: float) -> torch.nn.Module:
 
 def test_value_identity_term_is_zero_at_identity_and_the_papers_sum_elsewhere():
     """λ Σ_layers ‖I − V‖²_F (Pfeiffer et al. 2021): 0 at the start (V = I), the sum by hand after a change to V."""
-    term = METHODS["adapter_fusion"].loss_term
+    term = METHODS["adapter_fusion"].hooks.loss_term
     model = _two_fusions(0.03)
     assert float(term(model)) == 0.0
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_value_identity_term_pulls_v_towards_the_identity():
         for f in model:
             f.value.weight.add_(torch.randn(6, 6) * 0.1)
     distance = [float((torch.eye(6) - f.value.weight).norm()) for f in model]
-    METHODS["adapter_fusion"].loss_term(model).backward()
+    METHODS["adapter_fusion"].hooks.loss_term(model).backward()
     with torch.no_grad():
         for f, before in zip(model, distance):
             assert f.query.weight.grad is None and f.key.weight.grad is None  # it acts on V only
@@ -147,7 +147,7 @@ def test_value_identity_weight_comes_from_the_config(tiny_bert, adapter_runs):
     fusions = [m for m in model.modules() if isinstance(m, Fusion)]
     with torch.no_grad():
         fusions[1].value.weight[0, 0] += 2.0
-    assert float(METHODS["adapter_fusion"].loss_term(model)) == pytest.approx(0.5 * 4.0)
+    assert float(METHODS["adapter_fusion"].hooks.loss_term(model)) == pytest.approx(0.5 * 4.0)
     assert Config(adapters=["x"]).value_identity_weight == 0.01  # the reference code's λ
 
 

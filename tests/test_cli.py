@@ -107,8 +107,8 @@ def test_methods_lists_the_registry():
     assert "PydanticUndefined" not in result.stdout  # defaults from a factory are shown as values
     for line in result.stdout.splitlines():
         method = METHODS[line.split()[0]]
-        if method.recommended:
-            assert line.endswith(f"recommended lr {method.recommended.lr:g}"), line
+        if method.about.recommended:
+            assert line.endswith(f"recommended lr {method.about.recommended.lr:g}"), line
 
 
 def test_schema():

@@ -53,7 +53,7 @@ def test_table_agrees_with_each_run(compared):
         scores = [e["validation"]["accuracy"] for e in _log(run) if "validation" in e]
         assert len(scores) == 3  # steps 2 and 4, and the final evaluation
         assert row["steps"] == final["step"] == 6
-        assert row["lr"] == METHODS[row["method"]].recommended.lr
+        assert row["lr"] == METHODS[row["method"]].about.recommended.lr
         assert row["trainable_params"] == final["trainable_params"]
         assert row["trainable_pct"] == pytest.approx(100 * final["trainable_params"] / final["total_params"])
         assert row["saved_bytes"] == (run / "method.safetensors").stat().st_size
@@ -77,7 +77,7 @@ def test_recipes_written_for_each_method(compared):
     _, out = compared
     for method in ("lora", "bitfit"):
         ran = load_recipe(out / "recipes" / f"{method}.yaml")
-        assert (ran.method.name, ran.train.lr, ran.train.max_steps) == (method, METHODS[method].recommended.lr, 6)
+        assert (ran.method.name, ran.train.lr, ran.train.max_steps) == (method, METHODS[method].about.recommended.lr, 6)
         assert (ran.train.eval_every, ran.train.save_every) == (2, 2)
 
 
@@ -126,7 +126,7 @@ def test_interrupted_comparison_reuses_and_resumes(recipe, tmp_path, capsys, mon
     result = compare(recipe, "lora,bitfit", False, BUDGET, out, [])
     err = capsys.readouterr().err
     assert not result.failed
-    lr = {name: METHODS[name].recommended.lr for name in ("lora", "bitfit")}
+    lr = {name: METHODS[name].about.recommended.lr for name in ("lora", "bitfit")}
     assert f"lora (lr {lr['lora']:g}, 6 steps): timing a forward" in err
     assert f"bitfit (lr {lr['bitfit']:g}, 6 steps): resuming from its last checkpoint" in err
     assert "resuming from" in err and "(step 4)" in err and err.count("parameters train") == 1  # bitfit only

@@ -146,12 +146,12 @@ def test_training_state_of_a_part_round_trips(tiny_bert):
     model, cfg = _build(tiny_bert, parts)
     method = method_of(cfg)
     model(**_batch(), labels=torch.tensor([0, 1, 1])).loss.backward()
-    method.on_step_end(model, 1, 4)
-    state = method.training_state(model)
+    method.hooks.on_step_end(model, 1, 4)
+    state = method.hooks.resume.save(model)
     assert state and all(k.startswith("adalora.") for k in state)
     fresh, _ = _build(tiny_bert, parts)
-    method.load_training_state(fresh, state)
-    for key, value in method.training_state(fresh).items():
+    method.hooks.resume.load(fresh, state)
+    for key, value in method.hooks.resume.save(fresh).items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
 
 

@@ -1,5 +1,5 @@
-"""Method.disabled and Method.loss_term over every registered method x {tiny BERT classifier, tiny Llama causal LM},
-and the hybrids (UniPELT, AdapterFusion) also on a tiny T5 and BART (seq2seq).
+"""Method.disabled and Method.hooks.loss_term over every registered method x {tiny BERT classifier, tiny Llama causal
+LM}, and the hybrids (UniPELT, AdapterFusion) also on a tiny T5 and BART (seq2seq).
 
 `disabled`: inside the block the attached model computes the base model's outputs (a deep copy taken before attach is
 the reference), drawing the same random numbers in training mode; after it, also after an exception, the method's
@@ -146,22 +146,22 @@ def test_no_disabled_only_where_base_weights_train(case, combo, folders):
 
 def test_disabled_refuses_a_merged_model(folders):
     model, _, method, _, _ = _setup("lora", "bert-cls", folders)
-    method.merge(model)
+    method.merging.merge(model)
     with pytest.raises(MethodError, match="unmerge first"), method.disabled(model):
         pass
-    method.unmerge(model)
+    method.merging.unmerge(model)
     with method.disabled(model):
         pass
 
 
 @pytest.mark.parametrize("case,combo", PAIRS)
 def test_loss_term_is_a_finite_scalar_on_the_trainable_graph(case, combo, folders):
-    if _record(case).loss_term is None:
+    if _record(case).hooks.loss_term is None:
         return
     model, _, method, cfg, _ = _setup(case, combo, folders)
     _perturb(model, method, cfg)  # a term at its minimum (V = I) has a zero gradient
     model.train()
-    term = method.loss_term(model)
+    term = method.hooks.loss_term(model)
     assert term.dim() == 0 and torch.isfinite(term) and term.requires_grad
     term.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
@@ -170,6 +170,6 @@ def test_loss_term_is_a_finite_scalar_on_the_trainable_graph(case, combo, folder
 def test_composite_loss_term_is_the_sum_of_its_parts(folders):
     model, _, method, cfg, _ = _setup("adalora+prompt", "bert-cls", folders)
     adalora = METHODS["adalora"]
-    assert METHODS["prompt_tuning"].loss_term is None and method.loss_term is not None
+    assert METHODS["prompt_tuning"].hooks.loss_term is None and method.hooks.loss_term is not None
     _perturb(model, method, cfg)
-    torch.testing.assert_close(method.loss_term(model), adalora.loss_term(model), rtol=0, atol=0)
+    torch.testing.assert_close(method.hooks.loss_term(model), adalora.hooks.loss_term(model), rtol=0, atol=0)

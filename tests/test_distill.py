@@ -199,10 +199,10 @@ def task_batches(tiny_bert, tiny_llama, tiny_t5, cls_data, sft_data, conll_data,
     built = {}
     for name, doc in docs.items():
         recipe = validate_recipe(doc | {"method": {"name": "full"}})
-        source, tokenizer = assemble.load_tokenizer(recipe)
+        source, tokenizer = assemble.source_and_tokenizer(recipe)
         rows = assemble.read_split(recipe, "train")
         names = assemble.label_names(recipe, rows)
-        examples = assemble.encode(recipe, rows, tokenizer, names).examples
+        examples = assemble.encode_rows(recipe, rows, tokenizer, names).examples
         model = assemble.build_model(recipe, source, tokenizer, names).eval()
         built[name] = (model, collate(tokenizer.pad_token_id)(examples[:6]))
     return built

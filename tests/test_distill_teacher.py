@@ -1,4 +1,4 @@
-"""Distillation's teacher (ftune/run/teacher.py): the per-row logits cache (filled once, reused without building the
+"""Distillation's teacher (ftune/objectives/teacher.py): the per-row logits cache (filled once, reused without building the
 teacher, invalidated when the teacher or the data change), a classification teacher with its own tokenizer, and the
 bad inputs (one line, nothing written)."""
 
@@ -18,9 +18,8 @@ from ftune import assemble
 from ftune.cli import app
 from ftune.data.loader import collate
 from ftune.objectives import distill
-from ftune.objectives.base import TrainingData
 from ftune.recipe import validate_recipe
-from ftune.run import teacher as teachers
+from ftune.objectives import teacher as teachers
 from ftune.tasks import TASKS
 
 
@@ -150,17 +149,17 @@ def test_a_teacher_with_its_own_tokenizer(tiny_bert, cls_data, tmp_path):
     assert _train(teacher_doc, tmp_path / "t.yaml").exit_code == 0
     doc = _student("cls", tiny_bert, cls_data, tmp_path / "student", {"teacher": str(tmp_path / "teacher")})
     recipe = validate_recipe(doc)
-    _, tokenizer = assemble.load_tokenizer(recipe)
+    _, tokenizer = assemble.source_and_tokenizer(recipe)
     rows = assemble.read_split(recipe, "train")
     names = assemble.label_names(recipe, rows)
-    examples = assemble.encode(recipe, rows, tokenizer, names).examples
+    examples = assemble.encode_rows(recipe, rows, tokenizer, names).examples
     extra = assemble.build_extra_models(recipe, distill.extra_models(recipe.objective), names)
-    data = TrainingData(recipe, rows, examples, tokenizer, names, torch.device("cpu"))
+    data = assemble.training_data(recipe, rows, examples, tokenizer, names, torch.device("cpu"))
     fields = distill.prepare(recipe.objective, TASKS[recipe.task], data, extra)
 
     # the fields are the teacher's logits on its own token ids for the same rows
     _, teacher_model, teacher_tokenizer = assemble.load_run(tmp_path / "teacher")
-    own = assemble.encode(recipe, rows, teacher_tokenizer, names).examples
+    own = assemble.encode_rows(recipe, rows, teacher_tokenizer, names).examples
     assert own[0]["input_ids"] != examples[0]["input_ids"]
     with torch.no_grad():
         direct = teacher_model(input_ids=torch.tensor([own[3]["input_ids"]])).logits[0]

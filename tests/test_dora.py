@@ -14,6 +14,7 @@ from ftune.assemble import load_run
 from ftune.methods import METHODS, attach, lora
 from ftune.methods.base import count_parameters, unwrap_merged
 from ftune.recipe import validate_recipe
+from ftune import rundir
 from ftune.run import checkpoint
 from ftune.run.train import train
 from ftune.serve import export
@@ -166,7 +167,7 @@ def test_weights_round_trip(arch, folders, tmp_path):
     checkpoint.save_weights(tmp_path, model, {"method": "lora"})
     assert any(n.endswith("lora_magnitude_vector.weight") for n, p in model.named_parameters() if p.requires_grad)
     fresh, _ = _dora_model(arch, folders)
-    checkpoint.load_weights(tmp_path, fresh)
+    rundir.load_weights(tmp_path, fresh)
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(**_batch()).logits, model(**_batch()).logits, rtol=0, atol=0)
 
@@ -181,14 +182,14 @@ def test_merge_equals_unmerged_and_unmerge_restores(arch, folders):
     model.eval()
     reference = model(**_batch()).logits
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    METHODS["lora"].merge(model)
+    METHODS["lora"].merging.merge(model)
     assert all(m.merged for m in model.modules() if isinstance(m, lora.LoRALinear))
     torch.testing.assert_close(model(**_batch()).logits, reference, rtol=0, atol=1e-5)
-    METHODS["lora"].unmerge(model)
+    METHODS["lora"].merging.unmerge(model)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, base_weights[n], rtol=0, atol=1e-6)
     torch.testing.assert_close(model(**_batch()).logits, reference, rtol=0, atol=1e-6)
-    METHODS["lora"].merge(model)
+    METHODS["lora"].merging.merge(model)
     plain = unwrap_merged(copy.deepcopy(model))
     assert not any(isinstance(m, lora.LoRALinear) for m in plain.modules())
     torch.testing.assert_close(plain(**_batch()).logits, reference, rtol=0, atol=1e-5)

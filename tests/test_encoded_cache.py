@@ -28,8 +28,8 @@ def _train(doc: dict) -> str:
 
 
 def _counting_encode(monkeypatch) -> list[int]:
-    calls, real = [], assemble.encode
-    monkeypatch.setattr(assemble, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], assemble.encode_rows
+    monkeypatch.setattr(assemble, "encode_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -48,7 +48,7 @@ def test_the_second_run_reads_the_cache_and_trains_the_same(tiny_bert, data, tmp
     assert "encoded and cached at" in first
     weights = load_file(tmp_path / "run" / "method.safetensors")
 
-    monkeypatch.setattr(assemble, "encode", _refuse)
+    monkeypatch.setattr(assemble, "encode_rows", _refuse)
     monkeypatch.setattr(assemble, "read_split", _refuse)
     second = _train(doc)
     assert "encoded examples read from" in second
@@ -58,14 +58,14 @@ def test_the_second_run_reads_the_cache_and_trains_the_same(tiny_bert, data, tmp
 
 def test_what_the_cache_returns_equals_a_fresh_encoding(tiny_bert, data, tmp_path):
     recipe = validate_recipe(recipe_doc("cls", tiny_bert, data, tmp_path / "run"))
-    _, tokenizer = assemble.load_tokenizer(recipe)
+    _, tokenizer = assemble.source_and_tokenizer(recipe)
     (names, train_set, val_set), note = assemble.encoded_splits(recipe, tokenizer)
     assert "cached at" in note
     (names2, train2, val2), note = assemble.encoded_splits(recipe, tokenizer)
     assert "read from" in note
     assert (names2, train2, val2) == (names, train_set, val_set)  # dataclass equality: examples, source, counts
     rows = assemble.read_split(recipe, "train")
-    assert train2.examples == assemble.encode(recipe, rows, tokenizer, names).examples
+    assert train2.examples == assemble.encode_rows(recipe, rows, tokenizer, names).examples
 
 
 @pytest.mark.parametrize("change", ["data file", "max_length", "labels"])

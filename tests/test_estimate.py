@@ -61,7 +61,7 @@ def estimated(tiny_bert, tiny_llama, cls_data, sft_data, pref_data, tmp_path_fac
 
 
 def _estimate(recipe, measure_steps=None):
-    source, tokenizer = assemble.load_tokenizer(recipe)
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
     rows = assemble.read_split(recipe, "train")
     names = assemble.label_names(recipe, rows)
     model = assemble.build_model(recipe, source, tokenizer, names)
@@ -74,7 +74,7 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(estimated, case):
     ratio = e.step.peak / e.measured.peak
     assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (case, e.step, e.measured)
     rows, length, _ = e.batch
-    per_example = 2 if assemble.task_of(recipe).paired else 1  # a preference pair is two rows
+    per_example = 2 if assemble.recipe_task(recipe).paired else 1  # a preference pair is two rows
     assert (rows, length) == (per_example * recipe.train.batch_size, recipe.data.max_length)
 
 
@@ -88,7 +88,7 @@ def test_simulation_runs_the_hooks_on_its_copy_and_keeps_the_generator(tiny_bert
     plain = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "plain", {"name": "adapter"})
     recipe = validate_recipe(recipe_doc("cls", tiny_bert, cls_data, tmp_path / "drop",
                                         {"name": "adapter_drop", "drop_first": 1, "robust": True}))
-    source, tokenizer = assemble.load_tokenizer(recipe)
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
     rows = assemble.read_split(recipe, "train")
     names = assemble.label_names(recipe, rows)
     model = assemble.build_model(recipe, source, tokenizer, names)

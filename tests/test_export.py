@@ -82,7 +82,7 @@ def test_peft_export_loads_in_peft(which, request, tmp_path, tiny_bert, tiny_lla
 def test_merge_refused_for_method_without_merge(lora_cls_run, tmp_path, monkeypatch):
     from ftune.methods import METHODS
 
-    monkeypatch.setitem(METHODS, "lora", dataclasses.replace(METHODS["lora"], merge=None))
+    monkeypatch.setitem(METHODS, "lora", dataclasses.replace(METHODS["lora"], merging=None))
     with pytest.raises(MethodError, match="cannot be folded"):
         export.merge_run(lora_cls_run, tmp_path / "m")
     assert not (tmp_path / "m").exists()

@@ -1,4 +1,4 @@
-"""Fingerprinted inputs (ftune/fingerprint.py): run.json records the content of the data files and the base model's
+"""Fingerprinted inputs (ftune/data/fingerprint.py): run.json records the content of the data files and the base model's
 files; `--resume` refuses changed data in one line (or goes on with --allow-changed-data, recorded), `ftune eval`
 warns in one line when the base weights changed, and the encoded-data cache misses on an edit that keeps the
 file's size and modification time."""
@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from test_distributed import _ftune
 from typer.testing import CliRunner
 
-from ftune import assemble, fingerprint
+from ftune import assemble
+from ftune.data import fingerprint
 from ftune.cli import app
 from ftune.data.sources import read_rows
 from ftune.recipe import DataSpec, HubSource, validate_recipe
@@ -320,7 +321,7 @@ def test_a_moved_file_with_the_same_bytes_is_no_change():
 def test_the_encoded_cache_misses_after_an_edit_keeping_size_and_mtime(tiny_bert, cls_data, tmp_path):
     data = shutil.copytree(cls_data, tmp_path / "data")
     recipe = validate_recipe(recipe_doc("cls", tiny_bert, data, tmp_path / "run"))
-    _, tokenizer = assemble.load_tokenizer(recipe)
+    _, tokenizer = assemble.source_and_tokenizer(recipe)
     assert "cached at" in assemble.encoded_splits(recipe, tokenizer)[1]
     assert "read from" in assemble.encoded_splits(recipe, tokenizer)[1]
 

@@ -105,10 +105,10 @@ def test_merge_then_unmerge_restores_the_base(family, runs):
     _, model, _ = load_run(runs[family][0])
     method = METHODS[FAMILIES[family]["name"]]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    method.merge(model)
+    method.merging.merge(model)
     moved = max(float((p - before[n]).abs().max()) for n, p in model.named_parameters() if n in before)
     assert moved > 1e-4  # the merge really changed the base weights
-    method.unmerge(model)
+    method.merging.unmerge(model)
     drift = max(float((p - before[n]).abs().max()) for n, p in model.named_parameters() if n in before)
     assert drift <= 1e-6
 
@@ -149,7 +149,8 @@ def test_same_label_set_runs_swap_too(runs):
 
 def test_a_broken_unmerge_is_caught(runs):
     bank, tasks, tokenizer = load_tasks(runs["lora"][:2])
-    bank.method = dataclasses.replace(bank.method, unmerge=lambda model: None)
+    broken = dataclasses.replace(bank.method.merging, unmerge=lambda model: None)
+    bank.method = dataclasses.replace(bank.method, merging=broken)
     with pytest.raises(MethodError, match="unmerge left"):
         predict(bank, tasks, tokenizer, _rows([p.name for p in runs["lora"][:2]]))
 
@@ -195,7 +196,7 @@ def test_weighted_combination_equals_the_dense_update(lm_runs, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     weights = [0.7, -0.3]
-    _, combined, _, _ = hotswap.combine(lm_runs, weights)
+    _, combined, _, _ = hotswap.mix_runs(lm_runs, weights)
     singles = [load_run(run)[1] for run in lm_runs]
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     layers = {n: m for n, m in combined.named_modules() if isinstance(m, lora.LoRALinear)}
@@ -226,10 +227,10 @@ def test_cli_eval_with_weights(lm_runs):
 
 def test_weights_refusals(runs, lm_runs):
     with pytest.raises(RecipeError, match="heads of different runs"):
-        hotswap.combine(runs["lora"][:2], [0.5, 0.5])
+        hotswap.mix_runs(runs["lora"][:2], [0.5, 0.5])
     with pytest.raises(RecipeError, match="2 values for 3 runs"):
-        hotswap.combine([*lm_runs, lm_runs[0]], [0.5, 0.5])
+        hotswap.mix_runs([*lm_runs, lm_runs[0]], [0.5, 0.5])
     with pytest.raises(RecipeError, match="is adalora"):
-        hotswap.combine([runs["lora"][0], runs["adalora"][0]], [0.5, 0.5])
+        hotswap.mix_runs([runs["lora"][0], runs["adalora"][0]], [0.5, 0.5])
     result = CliRunner().invoke(app, ["eval", *map(str, lm_runs), "--weights", "a,b"])
     assert result.exit_code == 2 and "comma-separated numbers" in result.output

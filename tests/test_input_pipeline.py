@@ -13,7 +13,7 @@ import torch
 from ftune.data.loader import token_count
 from ftune.data.prefetch import ahead
 from ftune.run.compiling import compile_model, why_not
-from ftune.run.optim import make_optimizer
+from ftune.step.optim import make_optimizer
 
 
 def _threads() -> int:
@@ -87,8 +87,8 @@ def test_frozen_parameters_get_no_gradient_under_lora(tiny_bert, cls_data, tmp_p
     from ftune.recipe import validate_recipe
 
     recipe = validate_recipe(recipe_doc("cls", tiny_bert, cls_data, tmp_path / "unused"))
-    (names, train_set, _), _ = assemble.encoded_splits(recipe, assemble.load_tokenizer(recipe)[1])
-    source, tokenizer = assemble.load_tokenizer(recipe)
+    (names, train_set, _), _ = assemble.encoded_splits(recipe, assemble.source_and_tokenizer(recipe)[1])
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
     model = assemble.build_model(recipe, source, tokenizer, names)
     batch = collate(tokenizer.pad_token_id)(train_set.examples[:4])
     model(**{k: v for k, v in batch.items() if k != "labels"}).logits.sum().backward()

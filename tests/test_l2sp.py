@@ -31,7 +31,7 @@ def _build(tiny_bert, parts):
     model, missing = models.load_model(TASK, str(tiny_bert), num_labels=2, pad_token_id=0)
     model = attach(model, cfg, models.head_parameters(model, TASK, missing))
     method = method_of(cfg)
-    method.calibrate(model, cfg, [], None)
+    method.hooks.calibrate(model, cfg, [], None)
     return model, method
 
 
@@ -46,14 +46,14 @@ def test_penalty_is_the_formula_and_zero_at_start(tiny_bert):
     model, method = _build(tiny_bert, [{"name": "full"}, {"name": "l2sp", "alpha": ALPHA, "beta": BETA}])
     pretrained, head = _split(model)
     head_term = BETA / 2 * sum(p.detach().square().sum() for p in head.values())
-    torch.testing.assert_close(method.loss_term(model).detach(), head_term)  # w = w0: only β's part
+    torch.testing.assert_close(method.hooks.loss_term(model).detach(), head_term)  # w = w0: only β's part
     start = {n: p.detach().clone() for n, p in pretrained.items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     direct = (ALPHA / 2 * sum((p - start[n]).square().sum() for n, p in pretrained.items())
               + BETA / 2 * sum(p.square().sum() for p in head.values()))
-    torch.testing.assert_close(method.loss_term(model), direct)
+    torch.testing.assert_close(method.hooks.loss_term(model), direct)
 
 
 def test_gradients_pull_toward_the_start_and_decay_the_head(tiny_bert):
@@ -63,7 +63,7 @@ def test_gradients_pull_toward_the_start_and_decay_the_head(tiny_bert):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    method.loss_term(model).backward()
+    method.hooks.loss_term(model).backward()
     for n, p in pretrained.items():
         torch.testing.assert_close(p.grad, ALPHA * (p.detach() - start[n]))
     for p in head.values():
@@ -74,10 +74,10 @@ def test_with_sparse_the_penalty_is_on_the_values(tiny_bert):
     model, method = _build(tiny_bert, [{"name": "sparse", "selection": "random", "density": 0.05},
                                        {"name": "l2sp", "alpha": ALPHA, "beta": 0.0}])
     values = model.bert.sparse_delta.values
-    assert method.loss_term(model) == 0
+    assert method.hooks.loss_term(model) == 0
     with torch.no_grad():
         values.normal_()
-    torch.testing.assert_close(method.loss_term(model), ALPHA / 2 * values.detach().square().sum())
+    torch.testing.assert_close(method.hooks.loss_term(model), ALPHA / 2 * values.detach().square().sum())
 
 
 def test_weight_decay_is_off_for_its_parameters(tiny_bert, cls_data, tmp_path):

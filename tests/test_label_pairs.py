@@ -102,7 +102,7 @@ def test_round_trip_reward_judge_then_dpo(tiny_llama, sft_data, pref_data, tmp_p
     from conftest import pref_recipe_doc, recipe_doc
     from rich.console import Console
 
-    from ftune.objectives.reward import scorer_of_run
+    from ftune.serve.label_pairs import reward_scorer as scorer_of_run
     from ftune.recipe import validate_recipe
     from ftune.run.train import train
 

@@ -1,6 +1,6 @@
 """Defaults that learn: every registered method, trained by `ftune train` with its recommended learning rate and options
-(`Method.recommended`) and otherwise its config's defaults, must make the training loss fall clearly within 40 steps
-on an easy task: scored after training on the training rows (the task's loss alone, without a method's regulariser
+(`Method.about.recommended`) and otherwise its config's defaults, must make the training loss fall clearly within 40
+steps on an easy task: scored after training on the training rows (the task's loss alone, without a method's regulariser
 such as AdaLoRA's), it must be at most 2/3 of ln 2, the loss of the new classifier at its start (a balanced two-class
 task and logits near zero).
 
@@ -12,8 +12,9 @@ kept SST-2 at chance) does not show at this size, where the new head learns the 
 that setting passes here; the evidence for the change is the measured table in the README.
 
 Methods that only run in company are trained in their natural company, at the smallest recommended rate of the
-parts: `l2sp` beside `full`, `shrink` (the top block dropped) before `lora`, and `compose` as LoRA + BitFit
-(recipes/lora_bitfit_sst2.yaml). `adapter_fusion` fuses two stage-1 adapter runs trained here.
+parts, given in the battery beside each method's case (tests/test_methods.py `IN_COMPANY`): `l2sp` beside `full`,
+`shrink` (the top block dropped) before `lora`, and `compose` as LoRA + BitFit (recipes/lora_bitfit_sst2.yaml).
+`adapter_fusion` fuses two stage-1 adapter runs trained here.
 """
 
 from __future__ import annotations
@@ -27,19 +28,15 @@ import pytest
 import torch
 from conftest import WORDS, _sentence, recipe_doc
 from rich.console import Console
+from test_methods import IN_COMPANY
 
 from ftune.methods import METHODS
-from ftune.methods.base import only_with_others
+from ftune.methods.base import Trains
 from ftune.recipe import validate_recipe
 from ftune.run.train import train
 
 STEPS, WIDTH = 40, 128
 LEARNED = 2 / 3 * math.log(2)  # the loss on the training rows after training must be at most this
-IN_COMPANY = {  # methods that train in a list of methods, with the list they are tested in
-    "compose": [{"name": "lora"}, {"name": "bitfit"}],
-    "l2sp": [{"name": "full"}, {"name": "l2sp"}],
-    "shrink": [{"name": "shrink", "k": 1}, {"name": "lora"}],
-}
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +78,19 @@ def _learned(loss: float) -> tuple[bool, str]:
 
 
 def _rate(parts: list[dict]) -> float:
-    return min(METHODS[p["name"]].recommended.lr for p in parts if METHODS[p["name"]].recommended)
+    return min(METHODS[p["name"]].about.recommended.lr for p in parts if METHODS[p["name"]].about.recommended)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_recommended_settings_learn(name, pretrained_bert, cls_data, tmp_path):
     method = METHODS[name]
-    if method.recommended is None or method.trainable is only_with_others:  # no run of its own: a list, or a part
-        assert name in IN_COMPANY, f"{name} runs only in a method list: add the list it is tested in to IN_COMPANY"
+    if method.about.recommended is None or method.trains is Trains.NOTHING:  # no run of its own: a list, or a part
+        assert name in IN_COMPANY, f"{name} runs only in a method list: add its list to test_methods.IN_COMPANY"
         section, lr = IN_COMPANY[name], _rate(IN_COMPANY[name])
     else:
-        section, lr = {"name": name, **method.recommended.options}, method.recommended.lr
+        section, lr = {"name": name, **method.about.recommended.options}, method.about.recommended.lr
     if name == "adapter_fusion":  # stage 2 over two stage-1 adapter runs, each trained with adapter's own settings
-        stage1 = METHODS["adapter"].recommended
+        stage1 = METHODS["adapter"].about.recommended
         runs = [tmp_path / f"stage1-{seed}" for seed in (0, 1)]
         for seed, run in enumerate(runs):
             _trained_loss(pretrained_bert, cls_data, run, {"name": "adapter", **stage1.options}, stage1.lr, seed, 10)

@@ -12,7 +12,7 @@ from torch import nn
 from ftune import assemble
 from ftune.data.loader import collate
 from ftune.recipe import validate_recipe
-from ftune.run import linear_ce
+from ftune.kernels import linear_ce
 from ftune.tasks import TASKS
 
 
@@ -51,8 +51,8 @@ def test_no_kept_position_gives_zero_and_zero_gradients():
 
 def _tiny_lm(tiny_llama, sft_data, tmp_path, method: dict):
     recipe = validate_recipe(recipe_doc("sft", tiny_llama, sft_data, tmp_path / "unused", method))
-    source, tokenizer = assemble.load_tokenizer(recipe)
-    examples = assemble.encode(recipe, assemble.read_split(recipe, "train"), tokenizer, None).examples
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
+    examples = assemble.encode_rows(recipe, assemble.read_split(recipe, "train"), tokenizer, None).examples
     return assemble.build_model(recipe, source, tokenizer, None), examples, tokenizer
 
 

@@ -18,7 +18,7 @@ from ftune import assemble
 from ftune.cli import app
 from ftune.data.loader import EpochBatches, example_length
 from ftune.recipe import validate_recipe
-from ftune.run import setup
+from ftune.step import optim
 from ftune.run.train import train
 
 
@@ -40,7 +40,7 @@ def _no_dropout(monkeypatch) -> None:
 def _first_step_gradients(monkeypatch, doc: dict, tmp_path: Path) -> tuple[dict[str, torch.Tensor], float]:
     """The gradients the first optimizer step applies, by parameter name, and the step's logged loss."""
     seen: dict[str, torch.Tensor] = {}
-    real = setup.make_optimizer
+    real = optim.make_optimizer
 
     def recording(name, params, *args, **kwargs):
         params = list(params)
@@ -53,7 +53,7 @@ def _first_step_gradients(monkeypatch, doc: dict, tmp_path: Path) -> tuple[dict[
         optimizer.register_step_pre_hook(record)
         return optimizer
 
-    monkeypatch.setattr(setup, "make_optimizer", recording)
+    monkeypatch.setattr(optim, "make_optimizer", recording)
     train(validate_recipe(doc), console=Console(file=io.StringIO()))
     log = [json.loads(line) for line in (Path(doc["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     return seen, next(e["loss"] for e in log if "loss" in e)
@@ -91,9 +91,9 @@ def test_accumulation_equals_one_large_batch(kind, monkeypatch, tmp_path, tiny_l
 
     # and the micro-batches really do carry different numbers of tokens (else a mean of means would pass too)
     recipe = validate_recipe(doc("probe", batch_size=2, grad_accum=4))
-    _, tokenizer = assemble.load_tokenizer(recipe)
+    _, tokenizer = assemble.source_and_tokenizer(recipe)
     rows = assemble.read_split(recipe, "train")
-    encoded = assemble.encode(recipe, rows, tokenizer, assemble.label_names(recipe, rows))
+    encoded = assemble.encode_rows(recipe, rows, tokenizer, assemble.label_names(recipe, rows))
     lengths = [example_length(e) for e in encoded.examples]  # the run groups by length (train.group_by_length)
     order = EpochBatches(len(encoded.examples), 2, seed=0, lengths=lengths, step_batches=4).order(0)[:8]
     counts = [sum(y != -100 for i in order[m:m + 2] for y in encoded.examples[i]["labels"]) for m in range(0, 8, 2)]

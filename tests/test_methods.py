@@ -12,6 +12,7 @@ from ftune import models
 from ftune.errors import MethodError
 from ftune.methods import METHODS, attach, method_of
 from ftune.methods.base import count_parameters, unwrap_merged
+from ftune import rundir
 from ftune.run import checkpoint
 
 # One config per registered method; test_every_method_has_a_case keeps this in step with the registry.
@@ -37,6 +38,12 @@ CASES = {
     "sparse": {"selection": "random", "density": 0.05},  # a placeholder mask before calibration: trains as any mask
     "l2sp": {},
     "shrink": {"k": 1},
+}
+# Methods that run only in a list of methods (no run of their own), with the list tests/test_learns.py trains them in.
+IN_COMPANY = {
+    "compose": [{"name": "lora"}, {"name": "bitfit"}],
+    "l2sp": [{"name": "full"}, {"name": "l2sp"}],
+    "shrink": [{"name": "shrink", "k": 1}, {"name": "lora"}],
 }
 # (method, architecture) pairs that must be refused with a MethodError rather than run.
 REFUSED = {("bitfit", "llama"), ("l2sp", "bert"), ("l2sp", "llama"), ("shrink", "bert"), ("shrink", "llama")}
@@ -115,7 +122,7 @@ def test_weights_round_trip(name, arch, folders, tmp_path):
                 p.add_(torch.randn_like(p) * 0.05)
     checkpoint.save_weights(tmp_path, model, {"method": name})
     fresh, _ = _build(name, arch, folders)
-    checkpoint.load_weights(tmp_path, fresh)
+    rundir.load_weights(tmp_path, fresh)
     model.eval(), fresh.eval()
     batch = _batch()
     torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, rtol=0, atol=0)
@@ -123,7 +130,7 @@ def test_weights_round_trip(name, arch, folders, tmp_path):
 
 def _mergeable(name: str) -> bool:
     case = CASES[name]
-    return not callable(case) and method_of(METHODS[name].config_cls(name=name, **case)).merge is not None
+    return not callable(case) and method_of(METHODS[name].config_cls(name=name, **case)).merging is not None
 
 
 @pytest.mark.parametrize("name,arch", [p for p in PAIRS if _mergeable(p[0])])
@@ -138,12 +145,12 @@ def test_merge_equals_unmerged_and_unmerge_restores(name, arch, folders):
     batch = _batch()
     reference = model(**batch).logits
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    method.merge(model)
+    method.merging.merge(model)
     torch.testing.assert_close(model(**batch).logits, reference, rtol=0, atol=1e-5)
-    method.unmerge(model)
+    method.merging.unmerge(model)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, base_weights[n], rtol=0, atol=1e-6)
-    method.merge(model)
+    method.merging.merge(model)
     plain = unwrap_merged(copy.deepcopy(model))
     torch.testing.assert_close(plain(**batch).logits, reference, rtol=0, atol=1e-5)
 

@@ -54,7 +54,7 @@ def _poison(monkeypatch, at_call: int, what: str) -> dict:
                 return output  # evaluation is never poisoned
             seen["calls"] += 1
             if seen["calls"] == at_call:
-                # a causal LM's loss may come from the last hidden state instead of the logits (ftune/run/linear_ce.py)
+                # a causal LM's loss may come from the last hidden state instead of the logits (ftune/kernels/linear_ce.py)
                 if output.hidden_states is not None:
                     output.hidden_states = (*output.hidden_states[:-1], _poisoned(output.hidden_states[-1], what))
                 output.logits = _poisoned(output.logits, what)

@@ -23,7 +23,7 @@ from ftune.data.loader import collate
 from ftune.data.packing import check_examples, collate_packed, require_isolation
 from ftune.errors import RecipeError
 from ftune.recipe import validate_recipe
-from ftune.run.linear_ce import output_layer
+from ftune.kernels.linear_ce import output_layer
 from ftune.run.train import train
 from ftune.rundir import latest_checkpoint
 from ftune.tasks import IGNORE_INDEX, TASKS
@@ -44,8 +44,8 @@ def uneven_sft(tmp_path) -> Path:
 
 def _model_and_examples(tiny_llama: Path, data: Path, tmp_path: Path):
     recipe = validate_recipe(recipe_doc("sft", tiny_llama, data, tmp_path / "unused", {"name": "full"}))
-    source, tokenizer = assemble.load_tokenizer(recipe)
-    examples = assemble.encode(recipe, assemble.read_split(recipe, "train"), tokenizer, None).examples
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
+    examples = assemble.encode_rows(recipe, assemble.read_split(recipe, "train"), tokenizer, None).examples
     return assemble.build_model(recipe, source, tokenizer, None), examples, tokenizer
 
 

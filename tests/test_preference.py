@@ -99,9 +99,9 @@ def recipe_of(tiny_llama, pref_data, tmp_path):
 
 
 def _built(recipe):
-    source, tokenizer = assemble.load_tokenizer(recipe)
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
     rows = assemble.read_split(recipe, "validation")
-    examples = assemble.encode(recipe, rows, tokenizer, None).examples
+    examples = assemble.encode_rows(recipe, rows, tokenizer, None).examples
     model = assemble.build_model(recipe, source, tokenizer, assemble.label_names(recipe, rows))
     return tokenizer, rows, examples, model
 
@@ -139,9 +139,9 @@ def test_policy_equal_to_reference_gives_log2(recipe_of, method):
     every pair's loss is log 2 and every reward 0."""
     recipe = recipe_of(method=method)
     tokenizer, _, examples, model = _built(recipe)
-    bound = assemble.bind_objective(recipe, model, tokenizer, torch.device("cpu"))
+    bound = assemble.bind_objective(recipe, model, tokenizer, torch.device("cpu")).bound
     loader = assemble.eval_loader(recipe, examples, tokenizer)
-    metrics = evaluate(model, loader, assemble.task_of(recipe), None, torch.device("cpu"), objective=bound.evaluation)
+    metrics = evaluate(model, loader, assemble.recipe_task(recipe), None, torch.device("cpu"), objective=bound.evaluation)
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert metrics[key] == pytest.approx(0.0, abs=1e-6), key
@@ -150,7 +150,7 @@ def test_policy_equal_to_reference_gives_log2(recipe_of, method):
 def test_one_step_moves_margins_up(recipe_of):
     recipe = recipe_of()
     tokenizer, _, examples, model = _built(recipe)
-    bound = assemble.bind_objective(recipe, model, tokenizer, torch.device("cpu"))
+    bound = assemble.bind_objective(recipe, model, tokenizer, torch.device("cpu")).bound
     batch = collate(tokenizer.pad_token_id)(examples)
     with torch.no_grad():
         before = bound.evaluation.sums(model.eval(), batch)

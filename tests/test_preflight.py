@@ -216,7 +216,7 @@ def _built(doc: dict):
     from ftune import assemble
 
     recipe = validate_recipe(doc)
-    source, tokenizer = assemble.load_tokenizer(recipe)
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
     rows = assemble.read_split(recipe, "train")
     names = assemble.label_names(recipe, rows)
     return recipe, assemble.build_model(recipe, source, tokenizer, names), tokenizer, names, rows

@@ -22,10 +22,10 @@ from ftune import assemble, models, rundir
 from ftune.errors import MethodError, RecipeError
 from ftune.layers.lora import LoRALinear
 from ftune.methods import METHODS, attach, compose, lora, method_of
-from ftune.methods.base import count_parameters, only_with_others
+from ftune.methods.base import Trains, count_parameters
 from ftune.models import quantize
 from ftune.recipe import validate_recipe
-from ftune.run.optim import make_optimizer
+from ftune.step.optim import make_optimizer
 from ftune.run.train import train
 from ftune.serve import export
 
@@ -186,9 +186,9 @@ def _refused() -> list[str]:
     that only joins a list (l2sp), which is refused alone before any other check."""
     from test_methods import CASES
 
-    return [name for name, m in METHODS.items() if m.trainable is not only_with_others
-            if not (m.quantized_base or (isinstance(CASES[name], dict) and method_of(
-                m.config_cls(name=name, **CASES[name])).quantized_base))]
+    return [name for name, m in METHODS.items() if m.trains is not Trains.NOTHING
+            if not (m.runs_with.quantized_base or (isinstance(CASES[name], dict) and method_of(
+                m.config_cls(name=name, **CASES[name])).runs_with.quantized_base))]
 
 
 REFUSED = _refused()
@@ -270,7 +270,7 @@ def test_merged_qlora_model_loads_with_transformers(which, auto, qlora_runs, tmp
 def test_hot_swap_merge_refused_on_a_quantised_base(qlora_runs):
     _, model, _ = assemble.load_run(qlora_runs["sft"])
     with pytest.raises(MethodError, match="quantised"):
-        METHODS["lora"].merge(model)
+        METHODS["lora"].merging.merge(model)
     assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
 
 
@@ -320,7 +320,7 @@ def test_preparation_keeps_norms_and_head_fp32_and_feeds_checkpointed_inputs(tin
     doc = recipe_doc("sft", tiny_llama, sft_data, tmp_path / "run", gradient_checkpointing=True)
     doc["model"] |= {"dtype": "bfloat16", "quantization": {"bits": 4}}
     recipe = validate_recipe(doc)
-    source, tokenizer = assemble.load_tokenizer(recipe)
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
     model = assemble.build_model(recipe, source, tokenizer, None)
     quantized = {id(m.weight) for m in model.modules() if quantize.is_quantized_linear(m)}
     others = [p for p in model.parameters() if id(p) not in quantized]
@@ -329,7 +329,7 @@ def test_preparation_keeps_norms_and_head_fp32_and_feeds_checkpointed_inputs(tin
     assert embedded.requires_grad  # a checkpointed segment always has a graph input, even with the body frozen
 
 
-QUANTIZABLE = [name for name, m in METHODS.items() if m.quantized_base and name != "adapter_fusion"]
+QUANTIZABLE = [name for name, m in METHODS.items() if m.runs_with.quantized_base and name != "adapter_fusion"]
 
 
 @pytest.mark.parametrize("name", QUANTIZABLE)
@@ -339,7 +339,7 @@ def test_every_quantizable_method_trains_over_a_4bit_base(name, tiny_llama):
     from test_methods import CASES
 
     cfg = METHODS[name].config_cls(name=name, **CASES[name])
-    if METHODS[name].trainable is only_with_others:  # a part that trains nothing alone (shrink) joins LoRA
+    if METHODS[name].trains is Trains.NOTHING:  # a part that trains nothing alone (shrink) joins LoRA
         cfg = compose.Config(methods=[cfg, lora.Config(r=4)])
     torch.manual_seed(0)
     model, missing = models.load_model("causal_lm", str(tiny_llama), quantization=quantize.Quantization(**NF4))
@@ -364,7 +364,7 @@ def test_cli_train_with_set_quantization(tiny_llama, sft_data, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     unquantized = validate_recipe(recipe_doc("sft", tiny_llama, sft_data, tmp_path / "other"))
-    source, tokenizer = assemble.load_tokenizer(unquantized)
+    source, tokenizer = assemble.source_and_tokenizer(unquantized)
     expected = count_parameters(assemble.build_model(unquantized, source, tokenizer, None))
     assert (record["trainable_params"], record["total_params"]) == expected  # 4-bit weights count their logical shape
 

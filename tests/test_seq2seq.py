@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import peft_side, s2s_recipe_doc, write_recipe
+from test_methods import CASES as BATTERY
 from typer.testing import CliRunner
 
 from ftune import models
@@ -18,13 +19,15 @@ from ftune.cli import app
 from ftune.errors import MethodError
 from ftune.methods import METHODS, attach, method_of
 from ftune.methods.base import count_parameters, unwrap_merged
+from ftune import rundir
 from ftune.run import checkpoint
 from ftune.tasks import TASKS
 
 TASK = "seq2seq"
 PREFIX = {"n_tokens": 3, "mlp_hidden": 16}
-# One config per method that applies to encoder-decoder models (a name may carry a variant after ":").
-CASES = {
+# One config per method that applies to encoder-decoder models (a name may carry a variant after ":"); a method
+# without one here runs with its case in the battery (test_methods.CASES).
+CASES = BATTERY | {
     "full": {},
     "head": {},  # the output projection (tied to the shared embedding in T5 and BART), as for a causal LM
     "layers": {"top_k": 1},  # the decoder's top block: the output side
@@ -103,7 +106,7 @@ def _loss(model, batch):
 
 
 def test_every_method_is_covered():
-    """A new method must say how it serves seq2seq: a case here, or a refusal."""
+    """Every method serves seq2seq: with a case here or in the battery, or by a refusal."""
     assert {c.split(":")[0] for c in CASES} | {m for m, _ in REFUSED} == set(METHODS)
 
 
@@ -132,11 +135,11 @@ def test_weights_round_trip_and_generation_follows_the_logits(case, arch, folder
     (the prompt or prefixes reach every decoding step as they reach the forward)."""
     model, cfg = _build(case, arch, folders)
     _nudge(model)
-    checkpoint.save_weights(tmp_path, model, {"method": cfg.name}, method_of(cfg).saved_weights(model))
+    checkpoint.save_weights(tmp_path, model, {"method": cfg.name}, method_of(cfg).saving.weights(model))
     fresh, _ = _build(case, arch, folders)
-    if method_of(cfg).fold:
-        method_of(cfg).fold(fresh)
-    checkpoint.load_weights(tmp_path, fresh)
+    if method_of(cfg).saving.fold:
+        method_of(cfg).saving.fold(fresh)
+    rundir.load_weights(tmp_path, fresh)
     model.eval(), fresh.eval()
     batch = {k: v for k, v in _batch().items() if k != "labels"}
     torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
@@ -153,7 +156,7 @@ def test_weights_round_trip_and_generation_follows_the_logits(case, arch, folder
 
 
 def _mergeable(case: str) -> bool:
-    return not callable(CASES[case]) and method_of(_cfg(case)).merge is not None
+    return not callable(CASES[case]) and method_of(_cfg(case)).merging is not None
 
 
 @pytest.mark.parametrize("case,arch", [p for p in PAIRS if _mergeable(p[0])])
@@ -163,7 +166,7 @@ def test_merge_equals_unmerged(case, arch, folders):
     model.eval()
     batch = {k: v for k, v in _batch().items() if k != "labels"}
     reference = model(**batch).logits
-    method_of(cfg).merge(model)
+    method_of(cfg).merging.merge(model)
     plain = unwrap_merged(copy.deepcopy(model))
     torch.testing.assert_close(plain(**batch).logits, reference, rtol=0, atol=1e-5)
 
@@ -237,10 +240,10 @@ def test_input_prompt_export_equals_peft(name, arch, folders, tmp_path):
     method, cfg = METHODS[name], METHODS[name].config_cls(n_tokens=3)
     ours = attach(models.load_model(TASK, str(folders[arch]))[0], cfg, []).eval()
     _nudge(ours)
-    config = method.peft_config(ours, cfg) | {"task_type": "SEQ_2_SEQ_LM", "inference_mode": True,
+    config = method.saving.peft.config(ours, cfg) | {"task_type": "SEQ_2_SEQ_LM", "inference_mode": True,
                                               "base_model_name_or_path": str(folders[arch])}
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    tensors, _ = method.peft_weights(ours)
+    tensors, _ = method.saving.peft.weights(ours)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "adapter_model.safetensors"))
     reference = PeftModel.from_pretrained(models.load_model(TASK, str(folders[arch]))[0], tmp_path).eval()
     batch = {k: v for k, v in _batch().items() if k != "labels"}

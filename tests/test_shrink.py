@@ -107,7 +107,7 @@ def test_schedule_removes_blocks_at_evenly_spaced_steps(deep):
         model, originals, cfg = _build(deep, "bert", [{"name": "shrink", "k": 3, "schedule": schedule}, {"name": "full"}])
         method, kept_after = method_of(cfg), []
         for step in range(1, 9):
-            method.on_step_end(model, step, 8)
+            method.hooks.on_step_end(model, step, 8)
             kept_after.append([originals[0].index(b) for b in transformer_blocks(model)])
         assert kept_after == [[0, 1, 2, 3, 4, 5], *[[0, 1, 2, 3, 4]] * 2, *[[0, 1, 2, 3]] * 2, *[[0, 1, 2]] * 3]
         assert model.config.num_hidden_layers == 3
@@ -122,14 +122,14 @@ def test_merge_of_a_schedule_midway_equals_the_run_and_unmerge_restores(deep):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    method.on_step_end(model, 2, 3)
+    method.hooks.on_step_end(model, 2, 3)
     model.eval()
     batch = {"input_ids": torch.randint(5, 25, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
     reference, names = model(**batch).logits, {n for n, _ in model.named_parameters()}
-    method.merge(model)
+    method.merging.merge(model)
     assert {n.split(".")[3] for n, _ in model.named_parameters() if n.startswith("bert.encoder.layer.")} == set("0123")
     torch.testing.assert_close(model(**batch).logits, reference, rtol=0, atol=1e-5)
-    method.unmerge(model)
+    method.merging.unmerge(model)
     assert {n for n, _ in model.named_parameters()} == names
     torch.testing.assert_close(model(**batch).logits, reference, rtol=0, atol=1e-5)
 

@@ -106,10 +106,10 @@ def test_reparameterisation_folds_away(case, tiny_bert, tmp_path):
     """method.safetensors holds the produced prompt only; a model rebuilt from it computes the same outputs."""
     model, _ = _ours(case, tiny_bert, "sequence_classification")
     method = METHODS[case.split("-")[0]]
-    checkpoint.save_weights(tmp_path, model, {"method": method.name}, method.saved_weights(model))
+    checkpoint.save_weights(tmp_path, model, {"method": method.name}, method.saving.weights(model))
     fresh, _ = _ours(case, tiny_bert, "sequence_classification")
-    method.fold(fresh)
-    checkpoint.load_weights(tmp_path, fresh)
+    method.saving.fold(fresh)
+    rundir.load_weights(tmp_path, fresh)
     assert sum(p.numel() for p in fresh.source.parameters()) == model.source().numel()
     batch = _batch()
     with torch.no_grad():
@@ -195,7 +195,7 @@ def test_saving_mid_training_stores_the_inference_prompt(tiny_llama):
     model, _ = _ours("p_tuning-lstm", tiny_llama, "causal_lm", lstm_dropout=0.5)
     model.train()
     rng = torch.get_rng_state()
-    saved = METHODS["p_tuning"].saved_weights(model)["source.weight"]
+    saved = METHODS["p_tuning"].saving.weights(model)["source.weight"]
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.source.training  # training mode is restored
     model.source.eval()

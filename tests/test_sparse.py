@@ -59,7 +59,7 @@ def _body_params(model):
 
 def test_fisher_is_top_k_of_summed_squared_gradients(tiny_bert):
     model, cfg = _sparse(tiny_bert, selection="fisher", density=0.01, samples=5)
-    method_of(cfg).calibrate(model, cfg, _batches(), _loss)
+    method_of(cfg).hooks.calibrate(model, cfg, _batches(), _loss)
     reference, _ = _plain(tiny_bert)  # by hand: one example at a time, eval mode, squared gradients summed
     reference.eval()
     body = _body_params(reference)
@@ -82,7 +82,7 @@ def test_most_changed_keeps_what_moved_most_and_resets(tiny_bert):
     model, cfg = _sparse(tiny_bert, selection="most_changed", density=0.01, full_steps=3, full_lr=1e-2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(1)
-    method_of(cfg).calibrate(model, cfg, _batches(), _loss)
+    method_of(cfg).hooks.calibrate(model, cfg, _batches(), _loss)
     reference, head = _plain(tiny_bert)  # by hand: AdamW over body and head, the same steps and dropout draws
     start = [p.detach().clone() for p in _body_params(reference)]
     optimizer = torch.optim.AdamW(list(dict.fromkeys(_body_params(reference) + head)), lr=1e-2, weight_decay=0.0)
@@ -104,7 +104,7 @@ def test_most_changed_keeps_what_moved_most_and_resets(tiny_bert):
 
 def test_random_density_is_exact_and_counts_are_the_masks(tiny_bert):
     model, cfg = _sparse(tiny_bert, selection="random", density=0.03)
-    method_of(cfg).calibrate(model, cfg, _batches(), _loss)
+    method_of(cfg).hooks.calibrate(model, cfg, _batches(), _loss)
     (store,) = stores(model)
     size = sum(p.numel() for p in _body_params(_plain(tiny_bert)[0]))
     k = round(0.03 * size)
@@ -116,7 +116,7 @@ def test_random_density_is_exact_and_counts_are_the_masks(tiny_bert):
 
 def test_merge_is_exact_and_unmerge_restores_bit_for_bit(tiny_bert):
     model, cfg = _sparse(tiny_bert, selection="random", density=0.05)
-    method_of(cfg).calibrate(model, cfg, _batches(), _loss)
+    method_of(cfg).hooks.calibrate(model, cfg, _batches(), _loss)
     with torch.no_grad():
         stores(model)[0].values.normal_()
     model.eval()
@@ -124,9 +124,9 @@ def test_merge_is_exact_and_unmerge_restores_bit_for_bit(tiny_bert):
     reference = model(**batch).logits
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     method = method_of(cfg)
-    method.merge(model)
+    method.merging.merge(model)
     assert torch.equal(model(**batch).logits, reference)
-    method.unmerge(model)
+    method.merging.unmerge(model)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
     with method.disabled(model):
         plain, _ = _plain(tiny_bert)

@@ -21,8 +21,12 @@ from ftune.tasks import IGNORE_INDEX, TASKS
 PACKAGE = Path(__file__).parents[1] / "ftune"
 
 
+SUPPORT = {"__init__", "base", "checks", "teacher"}
+"""Files of the registry packages that are no entry: the record, the task's data checks, distillation's teacher."""
+
+
 def _files(folder: str) -> set[str]:
-    return {p.stem for p in (PACKAGE / folder).glob("*.py")} - {"__init__", "base"}
+    return {p.stem for p in (PACKAGE / folder).glob("*.py")} - SUPPORT
 
 
 def test_task_registry_matches_files_and_recipe():
@@ -32,7 +36,7 @@ def test_task_registry_matches_files_and_recipe():
 
 
 def test_objective_registry_matches_files():
-    files = {p.stem for p in (PACKAGE / "objectives").glob("*.py")} - {"__init__", "base"}
+    files = _files("objectives")
     modules = {o.bind.__module__.rpartition(".")[2] for o in OBJECTIVES.values()}
     assert files == modules
 
@@ -62,11 +66,11 @@ def recipes(tiny_bert, tiny_llama, tiny_t5, cls_data, sft_data, conll_data, s2s_
 @pytest.mark.parametrize("name", list(TASKS))
 def test_every_task_trains_and_scores(name, recipes):
     recipe, task = recipes[name], TASKS[name]
-    source, tokenizer = assemble.load_tokenizer(recipe)
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
     rows = assemble.read_split(recipe, "train")
     names = assemble.label_names(recipe, rows)
     assert (names is None) == (not task.has_classes)
-    encoded = assemble.encode(recipe, rows, tokenizer, names)
+    encoded = assemble.encode_rows(recipe, rows, tokenizer, names)
     batch = collate(tokenizer.pad_token_id)(encoded.examples[:4])
     model = assemble.build_model(recipe, source, tokenizer, names)
     labels = batch.pop("labels")

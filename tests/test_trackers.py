@@ -14,7 +14,7 @@ from ftune import rundir
 from ftune.cli import app
 from ftune.errors import RecipeError
 from ftune.recipe import validate_recipe
-from ftune.run import trackers
+from ftune import trackers
 from ftune.run.train import train
 
 

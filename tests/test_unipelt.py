@@ -152,7 +152,7 @@ def test_a_gated_lora_layer_refuses_to_merge(folders):
     layer = next(m for m in model.modules() if isinstance(m, LoRALinear))
     with pytest.raises(MethodError, match="gate"):
         layer.merge()
-    assert method_of(Config(**SMALL)).merge is None
+    assert method_of(Config(**SMALL)).merging is None
 
 
 @pytest.fixture(scope="module")

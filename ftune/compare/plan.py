@@ -1,7 +1,7 @@
 """What `ftune compare` runs: the methods, the budget, and one recipe per method.
 
-Each method runs with its recommended settings (`Method.recommended`: the learning rate and any options, with their
-source) on the recipe's model, task, data and other train settings (batch, schedule, seed, best_metric), for one
+Each method runs with its recommended settings (`Method.about.recommended`: the learning rate and any options, with
+their source) on the recipe's model, task, data and other train settings (batch, schedule, seed, best_metric), for one
 budget: N optimizer steps, N epochs, or N seconds of training (`train.max_seconds`; the schedule still spans the
 recipe's steps or epochs, and stops wherever the time runs out). With a step budget the run is evaluated `evals` times
 (default 4, evenly spaced) so the table has a best-so-far besides the final score; a run without `save_every` saves a
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from ftune.errors import RecipeError
 from ftune.methods import METHODS
-from ftune.methods.base import Method, only_with_others
+from ftune.methods.base import Method, Trains
 from ftune.recipe import Recipe, validate_recipe
 
 UNITS = {"step": "steps", "steps": "steps", "epoch": "epochs", "epochs": "epochs", "s": "seconds", "sec": "seconds",
@@ -77,14 +77,14 @@ def parse_size(text: str, option: str) -> int:
 
 def why_not_alone(method: Method) -> str | None:
     """Why a registered method cannot run by itself from its defaults (None when it can)."""
-    if method.trainable is only_with_others:
+    if method.trains is Trains.NOTHING:
         return f"trains nothing itself: it is a part of a method list (e.g. [{{name: full}}, {{name: {method.name}}}])"
     needed = [name for name, field in method.config_cls.model_fields.items() if field.is_required()]
     if needed:
         what = (method.config_cls.model_fields[needed[0]].description or "no default").split(".")[0]
         return f"needs method.{needed[0]} from you ({what[0].lower() + what[1:]})"
-    if method.recommended is None:
-        return "has no recommended settings (Method.recommended)"
+    if method.about.recommended is None:
+        return "has no recommended settings (Method.about.recommended)"
     return None
 
 
@@ -111,7 +111,7 @@ def chosen_methods(names: str | None, every: bool) -> tuple[list[str], dict[str,
 
 def method_recipe(base: Recipe, method: str, budget: Budget, out: Path, evals: int) -> Recipe:
     """The recipe `method` runs: `base` with the method's recommended settings, the budget, and `<out>/<method>`."""
-    recommended = METHODS[method].recommended
+    recommended = METHODS[method].about.recommended
     doc = copy.deepcopy(base.model_dump(mode="json"))
     doc["method"] = {"name": method, **recommended.options}
     train = doc["train"] | {"lr": recommended.lr} | budget.train_fields(evals)

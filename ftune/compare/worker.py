@@ -50,15 +50,15 @@ def forward_cost(run_dir: Path, trust_remote_code: bool, repeats: int = REPEATS)
     from ftune.data.loader import collate
     from ftune.methods import method_of
     from ftune.methods.base import unwrap_merged
-    from ftune.run.evaluate import autocast
-    from ftune.serve.hotswap import trained_precision
+    from ftune.models.precision import autocast
+    from ftune.serve.score import trained_precision
     from ftune.tasks import TASKS
 
     recipe, model, tokenizer = assemble.load_run(run_dir, trust_remote_code)
     method = method_of(recipe.method)
-    merged = method.merge is not None and not recipe.model.quantization
+    merged = method.merging is not None and not recipe.model.quantization
     if merged:  # what a deployment of a mergeable method runs: plain weights, no wrapper left
-        method.merge(model)
+        method.merging.merge(model)
         model = unwrap_merged(model)
     names = rundir.read_record(run_dir).label_names
     spec = recipe.model
@@ -66,7 +66,7 @@ def forward_cost(run_dir: Path, trust_remote_code: bool, repeats: int = REPEATS)
     base, _ = models.load_model(TASKS[recipe.task], source, spec.dtype, label_names=names,
                                 pad_token_id=tokenizer.pad_token_id, trust_remote_code=spec.trust_remote_code,
                                 revision=spec.revision, quantization=spec.quantization)
-    encoded = assemble.encode(recipe, assemble.read_split(recipe, "validation"), tokenizer, names)
+    encoded = assemble.encode_rows(recipe, assemble.read_split(recipe, "validation"), tokenizer, names)
     # the first rows in data order (evaluation batches run longest first, which would time only the longest rows)
     batch = collate(tokenizer.pad_token_id)(encoded.examples[:ROWS])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,14 +138,14 @@ def _cuda() -> bool:
 
 
 def main(argv: list[str]) -> int:
-    from ftune.cli import _quiet_libraries
+    from ftune.launch import quiet_libraries
 
     flags = {a for a in argv if a.startswith("--")}
     paths = [a for a in argv if not a.startswith("--")]
     if len(paths) != 1 or flags - {"--resume", "--overwrite", "--measure-only"}:
         print(__doc__.split("Usage: ")[1].split(";")[0], file=sys.stderr)
         return 2
-    _quiet_libraries()
+    quiet_libraries()
     try:
         run(Path(paths[0]), "--resume" in flags, "--overwrite" in flags, "--measure-only" in flags)
     except FtuneError as e:

@@ -1,7 +1,7 @@
 """Tokenise once: a run's encoded examples kept on disk, so the next run of the same data starts training at once.
 
 An entry is keyed by everything the examples depend on: the data files (resolved path, and the content: size and
-sha256 of the bytes, ftune/fingerprint.py; never the modification time, which an edit may keep), the recipe's data
+sha256 of the bytes, ftune/data/fingerprint.py; never the modification time, which an edit may keep), the recipe's data
 section (columns, max_length, labels, row limits, validation_fraction, ...), the task and objective, the tokenizer
 (a hash of the files it saves), the base model's config where the task encodes with it, and the code that reads and
 encodes (a hash of ftune/data/*.py and the task's module). Any change gives a new key, so a stale
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ftune.tasks.base import Encoded
+from ftune.data.encoded import Encoded
 
 FORMAT = 1
 Splits = tuple[list[str] | None, Encoded, Encoded | None]
@@ -67,7 +67,7 @@ def code_digest(files: list[Path]) -> str:
 def file_identity(path: Path) -> list[Any]:
     """[resolved path, size, sha256]: the content decides; the path too, because an entry keeps the source's name
     for the messages that cite its rows."""
-    from ftune.fingerprint import file_fingerprint
+    from ftune.data.fingerprint import file_fingerprint
 
     content = file_fingerprint(path)
     return [str(path.resolve()), content["size"], content["sha256"]]

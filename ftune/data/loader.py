@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ftune.tasks.base import IGNORE_INDEX
+from ftune.data.encoded import IGNORE_INDEX
 
 # optimizer steps per megabatch when grouping by length: transformers' LengthGroupedSampler sorts 50 batches
 MEGABATCH_STEPS = 50

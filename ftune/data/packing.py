@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ftune.errors import RecipeError
-from ftune.tasks.base import IGNORE_INDEX
+from ftune.data.encoded import IGNORE_INDEX
 
 PACKED_KEYS = {"input_ids", "labels"}
 

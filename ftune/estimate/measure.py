@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ftune.estimate import step
+from ftune import models
 from ftune.models import quantize
 
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -47,7 +48,7 @@ def measure(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepSe
             steps: int = 3) -> Measured:
     """Train `model` (its weights change) for `MEASURED_STEPS` + `steps` steps of `setup` on `batch` (on
     setup.device) with gradient checkpointing on or off, and measure them."""
-    step.set_checkpointing(model, checkpointing)
+    models.set_gradient_checkpointing(model, checkpointing)
     if not quantize.is_quantized(model):  # bitsandbytes places a quantised model where it loads it
         model.to(setup.device)
     model.train()

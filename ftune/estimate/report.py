@@ -63,7 +63,7 @@ def estimate_recipe(recipe: Recipe, model: nn.Module, tokenizer, names: list[str
     setup, batch = step.prepare_step(recipe, model, tokenizer, names, rows, device)
     checkpointing = recipe.train.gradient_checkpointing
     footprint = simulate(model, batch, setup, checkpointing)
-    if both_ways and method_of(recipe.method).gradient_checkpointing:
+    if both_ways and method_of(recipe.method).runs_with.gradient_checkpointing:
         other = simulate(model, batch, setup, not checkpointing)
     else:
         other = None

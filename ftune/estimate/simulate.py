@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ftune.estimate import step
+from ftune import models
 from ftune.models import quantize
 
 KINDS = ("gradients", "optimizer state", "activations", "temporaries", "optimizer scratch")
@@ -98,7 +99,7 @@ def simulate(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepS
         # its method switched off) and over the frozen models they read (a teacher): they read the copies
         setup = dataclasses.replace(setup, objective=_rebound(setup.objective, memo),
                                     loss_term=_rebound(setup.loss_term, memo))
-    step.set_checkpointing(fake, checkpointing)
+    models.set_gradient_checkpointing(fake, checkpointing)
     fake.train()  # dropout draws masks, and decides the attention kernel
     counts = _Counts([t for t in memo.values() if isinstance(t, torch.Tensor)])  # every weight, teacher's too
     batches = [{k: v.to(setup.device) for k, v in batch.items()}] * setup.grad_accum

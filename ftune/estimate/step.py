@@ -1,29 +1,29 @@
-"""One optimizer step at the recipe's batch and length, taken as the training loop takes it (ftune/run/train.py),
-and what it needs, built as ftune/run/setup.py builds it (the objective bound to the model with the task it
-trains, the objective's per-example values, the optimizer).
-
-The step: `grad_accum` micro-batches of forward (under the recipe's mixed precision), the objective's loss, the
-method's loss term and backward, then the gradient norm (clipped when train.max_grad_norm is set), the optimizer
-step, and zero_grad(set_to_none=True). The memory estimate runs it on fake tensors and `--measure` on real ones, so
-both see the same operations. Left out, because none of them keeps a tensor across the step: logging, the
-non-finite check, the scheduler, and `Method.on_step_end` (AdaLoRA's rank budget, in place on its own buffers).
+"""One optimizer step at the recipe's batch and length, taken through the loop's own step functions (ftune/step:
+the micro-step, the gradient norm, the update), and what it needs, built as ftune/run/setup.py builds it (the
+objective bound by assemble.bind_objective with the task it trains and its per-example values, the optimizer by
+step.optim.training_optimizer). The memory estimate runs it on fake tensors and `--measure` on real ones, so both
+see the operations the loop runs. Left out, because none of them keeps a tensor across the step: logging, the
+non-finite check, the scheduler, and the method's step-end hook (AdaLoRA's rank budget, in place on its own buffers).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ftune import step
+from ftune.models.precision import autocast as precision_autocast
+from ftune.models.precision import resolve_precision
 from ftune.objectives.base import Bound
 from ftune.recipe import Recipe
+from ftune.step.optim import training_optimizer
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ROWS_READ = 8
 """Training rows encoded for the batch (each is repeated to the recipe's length)."""
 
@@ -44,56 +44,42 @@ class StepSetup:
     extra_models: dict[str, nn.Module] = field(default_factory=dict)
     """The frozen models the objective reads (a teacher), whose weights are held too."""
 
-    @property
-    def autocast(self) -> Callable[[], AbstractContextManager]:
-        if self.precision not in AUTOCAST:
-            return nullcontext
-        return lambda: torch.autocast(self.device.type, dtype=AUTOCAST[self.precision])
+    def autocast(self) -> AbstractContextManager:
+        return precision_autocast(self.precision, self.device)
 
 
 def prepare_step(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, rows,
                  device: torch.device) -> tuple[StepSetup, dict[str, torch.Tensor]]:
     """The step of `recipe` for `model` (as assemble.build_model made it, with class `names`) on `device`, and its
     micro-batch: the first ROWS_READ training `rows` encoded, with what the objective prepares per example, each
-    repeated to full length (`longest_batch`)."""
+    repeated to full length (`longest_batch`). The objective is bound as the loop binds it (assemble.bind_objective),
+    the optimizer made as the loop makes it (step.optim.training_optimizer)."""
     from ftune import assemble
     from ftune.data.sources import Rows
-    from ftune.methods import method_of
-    from ftune.objectives import OBJECTIVES
-    from ftune.objectives.base import TrainingData
-    from ftune.run import linear_ce
-    from ftune.run.setup import resolve_precision
+    from ftune.kernels import linear_ce
 
-    t, method, objective = recipe.train, method_of(recipe.method), OBJECTIVES[recipe.objective.name]
-    precision, task = resolve_precision(t.precision), assemble.task_of(recipe)
+    precision, task = resolve_precision(recipe.train.precision), assemble.recipe_task(recipe)
     first = Rows(rows.rows[:ROWS_READ], rows.source, rows.lines[:ROWS_READ] if rows.lines else None)
-    examples = assemble.encode(recipe, first, tokenizer, names).examples
-    extra = {role: m.to(device)
-             for role, m in assemble.build_extra_models(recipe, objective.extra_models(recipe.objective), names).items()}
-    trained = assemble.trained(recipe, model, tokenizer, device, precision, names)
-    if objective.prepare:
-        data = TrainingData(recipe, first, examples, tokenizer, names, device, trained)
-        fields = objective.prepare(recipe.objective, task, data, extra)
-        examples = [e | f for e, f in zip(examples, fields, strict=True)] if fields else examples
-    bound = objective.bind(recipe.objective, linear_ce.training_task(task, model, False), extra, trained)
-    setup = StepSetup(bound, method.loss_term, optimizer_for(recipe, device), t.max_grad_norm, t.grad_accum, precision,
-                      device, extra)
-    return setup, longest_batch(recipe, examples, tokenizer)
+    examples = assemble.encode_rows(recipe, first, tokenizer, names).examples
+    bound, examples, extra = assemble.bind_objective(recipe, model, tokenizer, device, precision, names,
+                                                     task=linear_ce.training_task(task, model, False),
+                                                     examples=examples, rows=first)
+    return step_setup(recipe, bound, precision, device, extra), longest_batch(recipe, examples, tokenizer)
 
 
-def optimizer_for(recipe: Recipe, device: torch.device) -> Callable[[nn.Module], Any]:
-    """model -> train.optimizer over its trainable parameters, as ftune/run/setup.py makes it."""
+def step_setup(recipe: Recipe, objective: Bound, precision: str, device: torch.device,
+               extra: dict[str, nn.Module]) -> StepSetup:
+    """The step of `recipe` with its `objective` bound (and the `extra` models it reads): the method's loss term and
+    the loop's optimizer over whatever model the step is taken on."""
     from ftune.methods import method_of
-    from ftune.run.optim import make_optimizer
 
     t, method = recipe.train, method_of(recipe.method)
 
     def optimizer(trained_model: nn.Module):
-        exempt = method.decay_exempt(trained_model) if method.decay_exempt else []
-        return make_optimizer(t.optimizer, [p for p in trained_model.parameters() if p.requires_grad], t.lr,
-                              t.weight_decay, exempt, fused=device.type == "cuda")
+        return training_optimizer(t, trained_model, method.hooks.decay_exempt, fused=device.type == "cuda")
 
-    return optimizer
+    return StepSetup(objective, method.hooks.loss_term, optimizer, t.max_grad_norm, t.grad_accum, precision, device,
+                     extra)
 
 
 def longest_batch(recipe: Recipe, examples: list[dict[str, Any]], tokenizer) -> dict[str, torch.Tensor]:
@@ -138,32 +124,12 @@ def _repeat(values: list[int], length: int) -> list[int]:
 
 
 def train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], setup: StepSetup, optimizer: Any) -> None:
-    """One optimizer step over `batches` (its micro-batches), as the loop takes it (see the module docstring)."""
+    """One optimizer step over `batches` (its micro-batches), through the loop's own step functions (ftune/step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     count = sum(setup.objective.count(b) for b in batches).clamp(min=1)
     for batch in batches:
-        with setup.autocast():
-            loss_sum, _ = setup.objective.loss(model, batch)
-        loss = loss_sum / count
-        if setup.loss_term:
-            loss = loss + setup.loss_term(model) / len(batches)
-        loss.backward()
-    grads = [p.grad for p in params if p.grad is not None]
-    if setup.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, setup.max_grad_norm)
-    elif grads:
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def set_checkpointing(model: nn.Module, on: bool) -> None:
-    """Switch gradient checkpointing on (as the loop does) or off."""
-    from ftune.run.setup import enable_gradient_checkpointing
-
-    if on:
-        enable_gradient_checkpointing(model)
-    elif hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    elif hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+        step.micro_step(model, batch, setup.objective.loss, scale=1 / count, loss_term=setup.loss_term,
+                        term_model=model, grad_accum=len(batches), autocast=setup.autocast,
+                        backward=torch.Tensor.backward)
+    step.gradient_norm(params, setup.max_grad_norm, torch.nn.utils.clip_grad_norm_)
+    step.update(optimizer)

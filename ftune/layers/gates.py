@@ -38,7 +38,7 @@ from ftune.layers.bottleneck import AdapterAt
 from ftune.layers.lora import LoRALinear
 from ftune.layers.soft_prompts import CACHE_KEYWORDS, PrefixedModel
 from ftune.layers.token_masks import hand_over_masks, real_tokens
-from ftune.models.arch import block_stacks, first_input, is_encoder_decoder
+from ftune.models.arch import block_stacks, first_input, hidden_size, is_encoder_decoder
 
 
 class Gate(nn.Module):
@@ -102,8 +102,6 @@ def add_gates(model: PrefixedModel) -> PrefixedModel:
     """Gate every LoRA layer, adapter and per-layer prefix of `model`, a PrefixedModel around a model with LoRA
     layers and adapters (see the module docstring for an encoder-decoder model's decoder); a prefix's gate is the
     `prefix_gate` of its attention. Each stack hands its attention mask to its gates (ftune/layers/token_masks.py)."""
-    from ftune.methods.adapter import hidden_size  # not at the top: the method registry imports this module
-
     device, d = next(model.parameters()).device, hidden_size(model)
     seq2seq = is_encoder_decoder(model)
     in_decoder = {id(m) for m in block_stacks(model)[-1][0].modules()} if seq2seq else set()

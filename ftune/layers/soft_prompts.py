@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.tasks import IGNORE_INDEX
+from ftune.data.encoded import IGNORE_INDEX
 
 
 class Prompt(nn.Module):

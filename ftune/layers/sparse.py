@@ -35,7 +35,7 @@ class SparseDelta(nn.Module):
     """
 
     saved_buffers = ("indices",)
-    """Buffers method.safetensors holds beside the trainable values (checkpoint.load_weights loads them)."""
+    """Buffers method.safetensors holds beside the trainable values (rundir.load_weights loads them)."""
 
     def __init__(self, weights: list[nn.Parameter], k: int) -> None:
         super().__init__()

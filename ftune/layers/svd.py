@@ -34,7 +34,7 @@ STATE = tuple(f"{part}_{kind}" for part in PARTS for kind in ("sensitivity", "un
 def add_importance_state(module: nn.Module) -> None:
     """Register the EMAs of sensitivity and uncertainty (one per entry of P, Λ, Q; zero at start) and the rank mask
     (r,) bool, all True: nothing is pruned before the first masking. Non-persistent: they are training state (saved
-    in checkpoints through `Method.training_state`), not weights."""
+    in checkpoints through `Method.hooks.resume`), not weights."""
     for part in PARTS:
         weight = getattr(module, part)
         module.register_buffer(f"{part}_sensitivity", torch.zeros_like(weight), persistent=False)

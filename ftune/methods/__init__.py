@@ -1,7 +1,9 @@
-"""The method registry: one file per method, one entry each (a test keeps files, registry and union in sync)."""
+"""The method registry: one file per method, one entry each (tests/test_methods.py keeps files and registry in step)."""
 
 from __future__ import annotations
 
+import operator
+from functools import reduce
 from typing import Annotated
 
 from pydantic import AfterValidator, Field
@@ -28,7 +30,7 @@ from ftune.methods import (
     sparse,
     unipelt,
 )
-from ftune.methods.base import Method, MethodConfig, only_with_others, set_trainable
+from ftune.methods.base import Method, MethodConfig, Trains, set_trainable
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -38,17 +40,11 @@ METHODS: dict[str, Method] = {
               shrink.METHOD)
 }
 
-_AnyPart = Annotated[
-    full.Config | head.Config | layers.Config | bitfit.Config | lora.Config | adapter.Config | adapter_drop.Config
-    | adapter_fusion.Config | prompt_tuning.Config | p_tuning.Config | prefix_tuning.Config | p_tuning_v2.Config
-    | adalora.Config | compose.Config | mam_adapter.Config | unipelt.Config | sparse.Config | l2sp.Config
-    | shrink.Config,
-    Field(discriminator="name"),
-]
+_AnyPart = Annotated[reduce(operator.or_, (m.config_cls for m in METHODS.values())), Field(discriminator="name")]
 
 
 def _trains_something(cfg: MethodConfig) -> MethodConfig:
-    if METHODS[cfg.name].trainable is only_with_others:  # L2-SP: a part that adds to what another method trains
+    if METHODS[cfg.name].trains is Trains.NOTHING:  # L2-SP, shrink: a part that adds to what another method trains
         raise ValueError(f"{cfg.name} trains nothing itself; list it with a method that trains pretrained weights, "
                          f"e.g. method: [{{name: full}}, {{name: {cfg.name}}}]")
     return cfg

@@ -25,11 +25,11 @@ from torch import nn
 from ftune.errors import MethodError
 from ftune.layers import svd as svd_lora
 from ftune.layers.svd import SVDLinear, svd_layers
-from ftune.methods.base import Method, MethodConfig, Recommended, switched_off
+from ftune.methods import base
 from ftune.methods.lora import target_linears
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["adalora"] = "adalora"
     init_r: int = Field(12, gt=0)
     """Rank every adapted matrix starts with."""
@@ -82,7 +82,7 @@ def loss_term(model: nn.Module) -> torch.Tensor:
 
 
 def disabled(model: nn.Module) -> AbstractContextManager[None]:
-    return switched_off(svd_layers(model).values())
+    return base.switched_off(svd_layers(model).values())
 
 
 def check_total_steps(cfg: Config, total_steps: int) -> None:
@@ -120,16 +120,6 @@ def report(model: nn.Module) -> dict[str, Any]:
             "initial_budget": cfg.init_r * len(ranks), "orthogonality": orthogonality, "ranks": ranks}
 
 
-def merge(model: nn.Module) -> None:
-    for m in svd_layers(model).values():
-        m.merge()
-
-
-def unmerge(model: nn.Module) -> None:
-    for m in svd_layers(model).values():
-        m.unmerge()
-
-
 def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
     # pruned triplets are saved in place with λ = 0, so no rank_pattern (peft would expect tensors cut to it);
     # total_step only drives peft's training schedule, yet peft refuses a config without one > tinit + tfinal
@@ -140,11 +130,15 @@ def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
             "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True}
 
 
-METHOD = Method(
-    name="adalora", config_cls=Config, apply=apply, trainable=trainable, merge=merge, unmerge=unmerge,
-    claims=frozenset({"linear layers"}), on_step_end=on_step_end, check_total_steps=check_total_steps,
-    training_state=training_state, load_training_state=load_training_state, report=report, peft_config=peft_config,
-    loss_term=loss_term, disabled=disabled, recommended=Recommended(
-        1e-2, "MiniLM / SST-2: 0.787 after 100 steps at 1e-2, 0.537 at 3e-3, chance at 1e-3 (README)", {"alpha": 16}),
-    summary="SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)", paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
+METHOD = base.Method(
+    name="adalora", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.LINEARS}),
+    apply=apply, trainable=trainable, disabled=disabled,
+    merging=base.module_merging(lambda model: svd_layers(model).values()),
+    saving=base.Saving(peft=base.Peft(peft_config)),
+    hooks=base.Hooks(loss_term=loss_term, on_step_end=on_step_end, check_total_steps=check_total_steps,
+                     report=report, resume=base.Resume(training_state, load_training_state)),
+    about=base.About(
+        "SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)",
+        "Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
+        base.Recommended(1e-2, "the best of MiniLM / SST-2 runs at 1e-2, 3e-3 and 1e-3 (README)", {"alpha": 16})),
 )

@@ -33,11 +33,11 @@ from torch import nn
 
 from ftune.errors import MethodError
 from ftune.layers.bottleneck import AdapterAt, Bottleneck
-from ftune.methods.base import Method, MethodConfig, Recommended, switched_off
-from ftune.models.arch import block_stacks, replace_submodule
+from ftune.methods import base
+from ftune.models.arch import block_stacks, hidden_size, replace_submodule
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["adapter"] = "adapter"
     placement: Literal["houlsby", "pfeiffer", "parallel"] = "pfeiffer"
     """houlsby: after attention and feed-forward (+ trainable norms); pfeiffer: after feed-forward; parallel:
@@ -60,10 +60,6 @@ class Config(MethodConfig):
 
 PRETRAINED = "pretrained_"
 """Prefix of the buffers holding a Houlsby norm's pretrained parameters (`pretrained_weight`, `pretrained_bias`)."""
-
-
-def hidden_size(model: nn.Module) -> int:
-    return getattr(model.config, "hidden_size", None) or model.config.n_embd
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
@@ -122,7 +118,7 @@ def disabled(model: nn.Module) -> Iterator[None]:
     """Every adapter skipped, and Houlsby's norms at their pretrained values (swapped in by reference, not copied)."""
     kept = [(p, getattr(m, PRETRAINED + name)) for m in block_norms(model)
             for name, p in m.named_parameters(recurse=False) if hasattr(m, PRETRAINED + name)]
-    with switched_off(m for m in model.modules() if isinstance(m, AdapterAt)):
+    with base.switched_off(m for m in model.modules() if isinstance(m, AdapterAt)):
         trained = [p.data for p, _ in kept]
         try:
             for p, pretrained in kept:  # neither a copy nor a version bump: a graph built before backpropagates after
@@ -133,12 +129,12 @@ def disabled(model: nn.Module) -> Iterator[None]:
                 p.data = value
 
 
-METHOD = Method(
-    name="adapter",
-    config_cls=Config, quantized_base=True, claims=frozenset({"sub-block outputs"}),
-    apply=apply, trainable=trainable, disabled=disabled,
-    summary="bottleneck adapters: houlsby, pfeiffer or parallel placement",
-    paper="Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2021, arXiv:2005.00247; He et al. 2022, arXiv:2110.04366",
-    recommended=Recommended(2e-3, "ftune's adapter_sst2 (MiniLM: 0.801 after 100 steps, README); Houlsby et al. "
-                            "2019 search {3e-5, 3e-4, 3e-3}"),
+METHOD = base.Method(
+    name="adapter", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.SUB_BLOCKS}),
+    apply=apply, trainable=trainable, disabled=disabled, runs_with=base.RunsWith(quantized_base=True),
+    about=base.About(
+        "bottleneck adapters: houlsby, pfeiffer or parallel placement",
+        "Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2021, arXiv:2005.00247; He et al. 2022, "
+        "arXiv:2110.04366",
+        base.Recommended(2e-3, "ftune's adapter_sst2 recipe (README); Houlsby et al. 2019 search {3e-5, 3e-4, 3e-3}")),
 )

@@ -16,8 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ftune.methods import adapter
-from ftune.methods.base import Method, Recommended
+from ftune.methods import adapter, base
 
 
 class Config(adapter.Config):
@@ -50,16 +49,12 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     return model
 
 
-METHOD = Method(
-    name="adapter_drop",
-    claims=frozenset({"sub-block outputs"}),
-    config_cls=Config,
-    apply=apply,
-    trainable=adapter.trainable,
-    disabled=adapter.disabled,
-    quantized_base=True,
-    unused_parameters=True,
-    summary="adapters of the lowest k blocks skipped (fixed or robust k; k at inference)",
-    paper="Rücklé et al. 2021, AdapterDrop, arXiv:2010.11918",
-    recommended=Recommended(2e-3, 'as `adapter` (Rücklé et al. 2021 train AdapterDrop as the adapters they drop)'),
+METHOD = base.Method(
+    name="adapter_drop", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.SUB_BLOCKS}),
+    apply=apply, trainable=adapter.trainable, disabled=adapter.disabled,
+    runs_with=base.RunsWith(quantized_base=True, unused_parameters=True),
+    about=base.About(
+        "adapters of the lowest k blocks skipped (fixed or robust k; k at inference)",
+        "Rücklé et al. 2021, AdapterDrop, arXiv:2010.11918",
+        base.Recommended(2e-3, "as `adapter` (Rücklé et al. 2021 train AdapterDrop as the adapters they drop)")),
 )

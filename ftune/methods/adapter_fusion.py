@@ -26,19 +26,18 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationError
 from torch import nn
 
-from ftune import rundir
+from ftune import recipe_yaml, rundir
 from ftune.errors import FtuneError, MethodError
 from ftune.layers.fusion import Fusion
 from ftune.layers.token_masks import hand_over_masks
-from ftune.methods import adapter
-from ftune.methods.base import Method, MethodConfig, Recommended, switched_off
-from ftune.models.arch import block_stacks, replace_submodule
+from ftune.methods import adapter, base
+from ftune.models.arch import block_stacks, hidden_size, replace_submodule
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["adapter_fusion"] = "adapter_fusion"
     adapters: list[str] = Field(min_length=1)
     """Stage-1 run dirs: finished `adapter` runs, placement pfeiffer, all on this recipe's base model."""
@@ -52,48 +51,47 @@ class Config(MethodConfig):
 
 def load_stage1(run_dir: str) -> tuple[adapter.Config, str, dict[str, torch.Tensor]]:
     """(adapter config, base model name, weights) of one stage-1 run, or a one-line MethodError naming it."""
-    from ftune.recipe import load_recipe  # not at the top: ftune.recipe imports this package's registry
-
     path = Path(run_dir).expanduser()
     try:
         rundir.finished(path)
         if not rundir.has_metrics(path):  # metrics.json is a run's last write
             raise MethodError(f"{run_dir} is not a finished ftune run (no {rundir.METRICS})")
-        recipe = load_recipe(rundir.recipe_file(path), stored=True)
-        m = recipe.method
-        if m.name != "adapter" or m.placement != "pfeiffer" or m.layers is not None:
-            what = m.name + (f" placement {m.placement}" if m.name == "adapter" else "")
-            raise MethodError(f"{run_dir} is a {what} run; AdapterFusion fuses `adapter` runs with placement "
-                              "pfeiffer in every block")
-        return m, recipe.model.name, rundir.read_weights(path)
-    except FtuneError as e:  # its message already names the run dir, its recipe.yaml or its weights file
-        raise MethodError(f"method.adapters: {str(e).splitlines()[0]}") from None
+        doc = recipe_yaml.parse(recipe_yaml.read_text(rundir.recipe_file(path)), str(rundir.recipe_file(path)))
+        section, model = (doc.get("method"), doc.get("model")) if isinstance(doc, dict) else (None, None)
+        if not isinstance(section, dict) or not isinstance(model, dict) or not isinstance(model.get("name"), str):
+            raise MethodError(f"{rundir.recipe_file(path)}: not a stored ftune recipe (no method or model.name)")
+        m = adapter.Config.model_validate(section) if section.get("name") == "adapter" else None
+        if m is None or m.placement != "pfeiffer" or m.layers is not None:
+            raise MethodError(f"{run_dir} is a {f'adapter placement {m.placement}' if m else section.get('name')} run;"
+                              " AdapterFusion fuses `adapter` runs with placement pfeiffer in every block")
+        return m, model["name"], rundir.read_weights(path)
+    except (FtuneError, ValidationError) as e:  # an FtuneError names the run dir, its recipe.yaml or weights file
+        why = str(e).splitlines()[0] if isinstance(e, FtuneError) else f"{run_dir}: {e.errors()[0]['msg']}"
+        raise MethodError(f"method.adapters: {why}") from None
 
 
 def stage1_adapters(key: str, d: int, runs: list[tuple[str, adapter.Config, dict]]) -> list[adapter.Bottleneck]:
-    """The adapter each stage-1 run keeps under `key` (a block's feed-forward output path + ".adapter."), frozen
-    weights loaded; its head is ignored."""
+    """Each stage-1 run's adapter under `key` (a block's feed-forward output path + ".adapter."), weights loaded."""
     bottlenecks = []
     for run_dir, acfg, weights in runs:
         state = {k[len(key):]: v for k, v in weights.items() if k.startswith(key)}
         if "down.weight" not in state or state["down.weight"].shape[1] != d:
             raise MethodError(f"method.adapters: {run_dir} has no adapter of width {d} at {key[:-1]}; "
                               "was it trained on another base model?")
-        m = state["down.weight"].shape[0]  # the width, whichever option set it
-        bottleneck = adapter.Bottleneck(d, m, acfg.activation, acfg.dropout, acfg.scaling or 1.0, False)
-        bottleneck.load_state_dict(state)
-        bottlenecks.append(bottleneck)
+        width = state["down.weight"].shape[0]  # whichever option set it
+        bottlenecks.append(adapter.Bottleneck(d, width, acfg.activation, acfg.dropout, acfg.scaling or 1.0, False))
+        bottlenecks[-1].load_state_dict(state)
     return bottlenecks
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
     if any(isinstance(m, (Fusion, adapter.AdapterAt)) for m in model.modules()):
         raise MethodError("adapter_fusion: the model already has adapters")
-    d, device = adapter.hidden_size(model), next(model.parameters()).device
+    d, device = hidden_size(model), next(model.parameters()).device
     runs = [load_stage1(run_dir) for run_dir in cfg.adapters]
-    for run_dir, (_, base, _) in zip(cfg.adapters, runs):
-        if base != runs[0][1]:
-            raise MethodError(f"method.adapters: {run_dir} was trained on {base}, {cfg.adapters[0]} on "
+    for run_dir, (_, model_name, _) in zip(cfg.adapters, runs):
+        if model_name != runs[0][1]:
+            raise MethodError(f"method.adapters: {run_dir} was trained on {model_name}, {cfg.adapters[0]} on "
                               f"{runs[0][1]}; all fused adapters must share one base model")
     stage1 = [(run_dir, acfg, weights) for run_dir, (acfg, _, weights) in zip(cfg.adapters, runs)]
     names = {id(m): name for name, m in model.named_modules()}
@@ -118,7 +116,7 @@ def loss_term(model: nn.Module) -> torch.Tensor:
 
 
 def disabled(model: nn.Module) -> AbstractContextManager[None]:
-    return switched_off(m for m in model.modules() if isinstance(m, Fusion))
+    return base.switched_off(m for m in model.modules() if isinstance(m, Fusion))
 
 
 def report(model: nn.Module) -> dict:
@@ -129,10 +127,12 @@ def report(model: nn.Module) -> dict:
     return {"adapters": fusions[0].sources, "tokens": fusions[0].tokens, "layers": layers}
 
 
-METHOD = Method(name="adapter_fusion", config_cls=Config, apply=apply, trainable=trainable, report=report,
-                loss_term=loss_term, disabled=disabled,
-                paper="Pfeiffer et al. 2021, AdapterFusion, arXiv:2005.00247", quantized_base=True,
-                claims=frozenset({"sub-block outputs"}),
-                summary="attention over frozen stage-1 pfeiffer adapters (per-layer weights in method_report.json)",
-                recommended=Recommended(5e-4, "ftune's adapter_fusion_sst2 recipe (README: 0.857 on SST-2 in one "
-                                        "epoch); Pfeiffer et al. train fusion at 5e-5 for up to 10 epochs"))
+METHOD = base.Method(
+    name="adapter_fusion", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.SUB_BLOCKS}),
+    apply=apply, trainable=trainable, disabled=disabled, hooks=base.Hooks(loss_term=loss_term, report=report),
+    runs_with=base.RunsWith(quantized_base=True),
+    about=base.About(
+        "attention over frozen stage-1 pfeiffer adapters (per-layer weights in method_report.json)",
+        "Pfeiffer et al. 2021, AdapterFusion, arXiv:2005.00247",
+        base.Recommended(5e-4, "ftune's adapter_fusion_sst2 recipe (README); Pfeiffer et al. train fusion at 5e-5")),
+)

@@ -1,7 +1,9 @@
-"""The method interface: a `Method` is a small record of functions, not a class to inherit from.
+"""The method interface: a `Method` is a small record of functions and flags, not a class to inherit from.
 
 Every method file in this package defines a pydantic `Config` and a `METHOD = Method(...)` record. The training
-loop, `eval`, `merge` and `export` only ever talk to a method through this record.
+loop, `eval`, `merge` and `export` only ever talk to a method through this record. Its required fields say what the
+method is; the groups after them (`Merging`, `Saving`, `Hooks`, `RunsWith`) default to "nothing special". Several
+methods applied together make one record by the rules in `combine.RULES`, one per field.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 import torch
@@ -37,131 +40,193 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+class Trains(StrEnum):
+    """What the parameters a method trains are, in the order `combine` ranks them (the first any part has)."""
+
+    ADDED = "new weights"
+    """Modules the method adds (LoRA factors, adapters, prompts); switched off, the model is the base model."""
+    EXISTING = "the model's weights"
+    """Weights the model has, in place (full, layers, bitfit, head) or as a sparse difference (sparse); L2-SP may
+    pull them toward their start."""
+    NOTHING = "nothing itself"
+    """No weight: a part of a method list only (L2-SP's loss term, shrink's dropped blocks); alone it is refused."""
+
+
+class Claim(StrEnum):
+    """A part of the model a method rebuilds, which no other method of the same run may rebuild too."""
+
+    BLOCKS = "block list"
+    """The stack of transformer blocks (shrink drops some)."""
+    LINEARS = "linear layers"
+    """The body's linears, replaced by wrappers (LoRA, AdaLoRA)."""
+    SUB_BLOCKS = "sub-block outputs"
+    """The attention and feed-forward outputs, wrapped (adapters, AdapterFusion)."""
+    WHOLE_MODEL = "whole model"
+    """The model itself, wrapped (soft prompts)."""
+    EVERY_WEIGHT = "every weight"
+    """Every weight trains (full, sparse): no other method trains beside it."""
+
+
 @dataclass(frozen=True)
 class Recommended:
     """How to run a method when nothing better is known: `ftune compare` trains each method so, and
-    tests/test_learns.py checks that the training loss falls so on a tiny model.
-
-    Attributes:
-        lr: AdamW peak learning rate for the method's default config (with `options`).
-        source: where `lr` (and `options`) come from: the paper, peft, or a measurement named in the README.
-        options: method options that differ from the config's defaults for such a run (e.g. `layers` has no default
-            block count); empty for most methods.
-    """
+    tests/test_learns.py checks that the training loss falls so on a tiny model."""
 
     lr: float
+    """AdamW peak learning rate for the method's default config (with `options`)."""
     source: str
+    """Where `lr` (and `options`) come from: the paper, peft, or a recipe or measurement the README names."""
     options: dict[str, Any] = field(default_factory=dict)
+    """Method options that differ from the config's defaults for such a run (`layers` has no default block count)."""
 
 
 @dataclass(frozen=True)
-class Method:
-    """Everything ftune needs to know about one fine-tuning method.
+class About:
+    """What `ftune methods` and `ftune compare` show."""
 
-    Attributes:
-        name: registry key; equals the `name` literal of `config_cls`.
-        config_cls: the method's pydantic config (one member of the recipe's `method` union).
-        apply: edits or wraps the model (e.g. LoRA wraps linears) and returns the module to train; the default
-            leaves the model as it is (full, head, bitfit, layers). It must not change `requires_grad`.
-        trainable: the parameters the method trains, found structurally (module types, the block list, the
-            head), never by parameter-name substrings. `attach` freezes everything else.
-        merge: folds the method into the base weights in place, so the model computes the same function with the
-            method's own path switched off. None: the method cannot be merged (`ftune merge` refuses).
-        unmerge: undoes `merge` exactly (up to float rounding).
-        on_step_end: `(model, step, total_steps)`, called after optimizer step `step` (1-based) of the run's
-            `total_steps`, before `zero_grad`: AdaLoRA's budget schedule reads the gradients and needs the run's
-            length, which the loop knows (a config field would have to follow epochs and batch size by hand).
-            None for most methods.
-        check_total_steps: `(cfg, total_steps)` refuses (MethodError) a config that cannot work over the run's
-            optimizer steps (AdaLoRA's tinit + tfinal must leave steps for the budget to fall); called by the loop
-            before anything is written. None for most methods.
-        peft_config: the method's part of a peft `adapter_config.json`, for `ftune export --format peft`.
-            None: peft has no equivalent.
-        report: what the method learned that is worth reading after a run (AdapterFusion's attention over
-            adapters per layer); saved as method_report.json after the final evaluation. None for most methods.
-        saved_weights: what method.safetensors holds. Default: the trainable parameters by name. A method that trains
-            through a reparameterisation (prefix tuning's MLP) returns the tensors it produces instead.
-        fold: turns a freshly attached model into the form `saved_weights` describes (drops the reparameterisation
-            for the tensors it produced), in place; `load_run` calls it before loading method.safetensors.
-        training_state: tensors besides the weights that an exact resume needs (AdaLoRA's importance averages and
-            rank masks); saved in every checkpoint. None for most methods.
-        load_training_state: restores what `training_state` returned.
-        gradient_checkpointing: False when the method cannot run under activation recomputation (prefixes held in
-            an attention cache would be extended twice); the recipe then refuses train.gradient_checkpointing.
-        quantized_base: True when every parameter the method trains lies outside the base weights, so the base may
-            be loaded 4- or 8-bit quantised (QLoRA); the recipe refuses model.quantization otherwise.
-        prompt_site: where a soft-prompt method's vectors enter, "input" (virtual tokens) or "layers" (key/value
-            prefixes); runs with the same site share one batch in `ftune predict`. None for other methods.
-        peft_weights: the tensors of `ftune export --format peft`, named as peft saves them, and the modules peft
-            saves beside them (the head). None: peft's tuner layout, `base_model.model.<name>` for each trainable.
-        claims: the parts of the model the method rebuilds, which no other method in the same run may rebuild too
-            ("linear layers", "sub-block outputs", "whole model" for a wrapper, "every weight" for full
-            fine-tuning); `compose` refuses two methods with a claim in common, and applies linear replacers first
-            and wrappers last.
-        resolve: a method built from other methods (compose, mam_adapter, unipelt) returns the record that serves
-            one config, made from its parts' records; `method_of(cfg)` calls it. None for single methods.
-        disabled: `with method.disabled(model):` the model `attach` returned computes exactly the base model's
-            outputs (the reference model of preference tuning, as peft's `disable_adapter()`), without copying any
-            weight: each module the method added skips its own path, so it also draws no dropout or other random
-            numbers (Houlsby adapters also swap in their norms' pretrained values, kept by `apply`). On exit, also
-            by an exception, every switch is as it was. The task head (`train_head`) is no part of the method and
-            stays as it is. Refuses (MethodError) a merged model. None: the method trains base weights in place
-            (full, layers, bitfit; head trains the output layer of a causal LM), which only a copy could undo.
-        loss_term: a regulariser the method adds to the training loss, a scalar tensor on the graph of the trainable
-            parameters (AdaLoRA's orthogonality of P and Q, AdapterFusion's pull of V towards the identity), with
-            its weight from the method config. The loop calls it on the model `attach` returned (not a DDP
-            wrapper) once per micro-batch in training mode, after that micro-batch's forward, and adds
-            `loss_term(model) / grad_accum` to the micro-batch's loss before backward, so the term counts once per
-            optimizer step whatever grad_accum is. It depends on the weights only (not on the batch); evaluation
-            losses leave it out. None: no regulariser (most methods).
-        unused_parameters: True when some of the method's parameters may get no gradient in a step (AdapterDrop
-            skips the lowest blocks' adapters, a random number of them per batch); DDP is then told to look for them,
-            else it waits for their gradients forever.
-        calibrate: `(model, cfg, batches, loss_fn)`, data-dependent choices made before training: sparse
-            fine-tuning's mask (from squared gradients or a short full fine-tune), L2-SP's w0. `batches` iterates the
-            whole training set's micro-batches, again on each pass (every process the same rows, on the host: the
-            method moves them to the model's device); `loss_fn(model, batch)` is the objective's (sum, count). Called by setup.prepare once the model is attached (trainable parameters
-            set) and before the optimizer is made, in a fresh training run only: a resumed run gets the same state
-            from its checkpoint (weights, `load_training_state`), a reloaded run (eval, merge) from
-            method.safetensors. It must leave no gradients behind. None for most methods.
-        decay_exempt: `model -> parameters` that the optimizer must not weight-decay (L2-SP's, which its penalty
-            regularises instead); found structurally, so a resumed run makes the same parameter groups. None: all
-            trainable parameters decay with train.weight_decay.
-        summary: one line for `ftune methods`.
-        paper: the paper the method follows.
-        recommended: the learning rate (and options) a run of the method starts from, with their source. None:
-            the method cannot run alone from its defaults (a part that trains nothing itself, such as l2sp, or a
-            config that needs the user's inputs, such as adapter_fusion's stage-1 runs).
-    """
+    summary: str
+    """One line for `ftune methods`."""
+    paper: str
+    """The paper the method follows."""
+    recommended: Recommended | None = None
+    """The settings a run of the method starts from. None: it cannot run alone from its defaults (a part that trains
+    nothing itself, such as l2sp, or a config that needs the user's inputs, such as adapter_fusion's stage-1 runs)."""
+
+
+@dataclass(frozen=True)
+class Merging:
+    """Folding the method into the base weights (`ftune merge`, export, hot-swap)."""
+
+    merge: Callable[[nn.Module], None]
+    """Folds the method into the base weights in place: the same function with the method's own path off."""
+    unmerge: Callable[[nn.Module], None]
+    """Undoes `merge` exactly (up to float rounding)."""
+
+
+@dataclass(frozen=True)
+class Peft:
+    """The method as a peft adapter, for `ftune export --format peft`."""
+
+    config: Callable[[nn.Module, Any], dict[str, Any]]
+    """`(model, cfg)`: the method's part of peft's adapter_config.json."""
+    weights: Callable[[nn.Module], tuple[dict[str, torch.Tensor], list[str]]] | None = None
+    """The tensors named as peft saves them, and the modules peft saves beside them (the head). None: peft's tuner
+    layout, `base_model.model.<name>` for each trainable parameter."""
+
+
+@dataclass(frozen=True)
+class Saving:
+    """What a run writes for the method, and how a fresh model reads it back."""
+
+    own_form: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+    """What method.safetensors holds when it is more or other than the trainable parameters by name: what a
+    reparameterisation produces (prefix tuning's MLP), or extra tensors (a sparse mask's indices). None: those
+    parameters. One run holds one own form."""
+    fold: Callable[[nn.Module], None] | None = None
+    """Turns a freshly attached model into the form `own_form` describes, in place (drops the reparameterisation);
+    `load_run` calls it before loading method.safetensors."""
+    peft: Peft | None = None
+    """The method as a peft adapter; None: peft has no equivalent."""
+
+    def weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What method.safetensors holds."""
+        return (self.own_form or trainable_state_dict)(model)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Tensors besides the weights that an exact resume needs (AdaLoRA's importance averages and rank masks)."""
+
+    save: Callable[[nn.Module], dict[str, torch.Tensor]]
+    """The tensors, saved in every checkpoint."""
+    load: Callable[[nn.Module, dict[str, torch.Tensor]], None]
+    """Restores what `save` returned."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hooks:
+    """Calls the training loop makes into the method besides forward and backward; None for most methods."""
+
+    loss_term: Callable[[nn.Module], torch.Tensor] | None = None
+    """A regulariser: a scalar on the graph of the trainable parameters that depends on the weights only, weighted
+    by the config (AdaLoRA's orthogonality of P and Q). The loop calls it on the model `attach` returned (not a DDP
+    wrapper) after each training micro-batch's forward and adds `loss_term(model) / grad_accum` to that loss, so it
+    counts once per optimizer step; evaluation losses leave it out."""
+    on_step_end: Callable[[nn.Module, int, int], None] | None = None
+    """`(model, step, total_steps)`: after optimizer step `step` (1-based) of the run's `total_steps`, before
+    `zero_grad` (AdaLoRA's budget schedule reads the gradients and spans the run)."""
+    check_total_steps: Callable[[Any, int], None] | None = None
+    """`(cfg, total_steps)`: refuses (MethodError) a config that cannot work over the run's optimizer steps
+    (AdaLoRA's tinit + tfinal), before anything is written."""
+    calibrate: Callable[[nn.Module, Any, Iterable[dict[str, torch.Tensor]], Callable], None] | None = None
+    """`(model, cfg, batches, loss_fn)`: choices made from the data once the model is attached and before the
+    optimizer is made, in a fresh run only (sparse's mask, L2-SP's w0; a resumed or reloaded run reads them back).
+    `batches` iterates the whole training set's micro-batches, on the host, again on each pass (the same rows on
+    every process); `loss_fn(model, batch)` is the objective's (sum, count). It must leave no gradients behind."""
+    decay_exempt: Callable[[nn.Module], list[nn.Parameter]] | None = None
+    """`model -> parameters` the optimizer must not weight-decay (what L2-SP's penalty regularises instead), found
+    structurally so a resumed run makes the same parameter groups."""
+    report: Callable[[nn.Module], dict[str, Any]] | None = None
+    """What the method learned (AdapterFusion's attention over adapters per layer): method_report.json, written
+    after the final evaluation."""
+    resume: Resume | None = None
+    """State besides the weights for an exact resume; None: the weights suffice."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunsWith:
+    """Run settings the method allows; the recipe refuses the others with the reason."""
+
+    gradient_checkpointing: bool = True
+    """False when activation recomputation would break it (prefixes in an attention cache would be extended twice)."""
+    quantized_base: bool = False
+    """True when everything the method trains lies outside the base weights, so they may load 4- or 8-bit (QLoRA)."""
+    unused_parameters: bool = False
+    """True when some of its parameters may get no gradient in a step (AdapterDrop skips the lowest blocks'
+    adapters): DDP is told to look for them, else it waits for their gradients forever."""
+    prompt_site: Literal["input", "layers"] | None = None
+    """Where a soft prompt enters: virtual tokens ("input") or key/value prefixes ("layers"); runs with one site
+    share a batch in `ftune predict`. None for other methods."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """Everything ftune needs to know about one fine-tuning method: the fields without a default say what it is; the
+    groups after them default to "nothing special"."""
 
     name: str
+    """Registry key; equals the `name` literal of `config_cls`."""
     config_cls: type[MethodConfig]
+    """The method's pydantic config (one member of the recipe's `method` union)."""
+    about: About
+    """Summary, paper and recommended settings."""
+    trains: Trains
+    """What the parameters it trains are: new weights, the model's own, or nothing itself."""
+    claims: frozenset[Claim]
+    """The parts of the model it rebuilds (empty: none, as head, bitfit, l2sp). `compose` refuses two methods with a
+    claim in common and applies the parts in claim order (`combine.STAGES`)."""
     trainable: Callable[[nn.Module, Any], Iterable[nn.Parameter]]
-    summary: str
-    paper: str
+    """The parameters it trains, found structurally (module types, the block list, the head), never by parameter
+    name substrings; `attach` freezes everything else."""
     apply: Callable[[nn.Module, Any], nn.Module] = keep_model
-    merge: Callable[[nn.Module], None] | None = None
-    unmerge: Callable[[nn.Module], None] | None = None
-    on_step_end: Callable[[nn.Module, int, int], None] | None = None
-    check_total_steps: Callable[[Any, int], None] | None = None
-    peft_config: Callable[[nn.Module, Any], dict[str, Any]] | None = None
-    report: Callable[[nn.Module], dict[str, Any]] | None = None
-    saved_weights: Callable[[nn.Module], dict[str, torch.Tensor]] = trainable_state_dict
-    fold: Callable[[nn.Module], None] | None = None
-    training_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
-    load_training_state: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None
-    gradient_checkpointing: bool = True
-    quantized_base: bool = False
-    prompt_site: Literal["input", "layers"] | None = None
-    peft_weights: Callable[[nn.Module], tuple[dict[str, torch.Tensor], list[str]]] | None = None
-    claims: frozenset[str] = frozenset()
-    resolve: Callable[[Any], Method] | None = None
+    """Edits or wraps the model (LoRA wraps linears) and returns the module to train, without changing
+    `requires_grad`. Default: the model as it is (full, head, bitfit, layers)."""
     disabled: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None
-    loss_term: Callable[[nn.Module], torch.Tensor] | None = None
-    unused_parameters: bool = False
-    calibrate: Callable[[nn.Module, Any, Iterable[dict[str, torch.Tensor]], Callable], None] | None = None
-    decay_exempt: Callable[[nn.Module], list[nn.Parameter]] | None = None
-    recommended: Recommended | None = None
+    """`with method.disabled(model):` the model `attach` returned computes exactly the base model's outputs (the
+    reference of preference tuning, as peft's `disable_adapter()`), copying no weight: each module the method added
+    skips its own path and draws no random numbers. On exit, also by an exception, every switch is as it was. The
+    task head is no part of the method. Refuses (MethodError) a merged model. None: only a copy could undo it."""
+    merging: Merging | None = None
+    """How it folds into the base weights; None: it cannot be merged (`ftune merge` refuses)."""
+    saving: Saving = Saving()
+    """What method.safetensors holds, and the peft format; default: the trainable parameters, no peft equivalent."""
+    hooks: Hooks = Hooks()
+    """Calls from the training loop: loss term, step end, step check, calibration, decay exemption, report, resume."""
+    runs_with: RunsWith = RunsWith()
+    """Run settings it allows: gradient checkpointing, a quantised base, unused parameters under DDP, prompt site."""
+    resolve: Callable[[Any], Method] | None = None
+    """A method built from others (compose, mam_adapter, unipelt) returns the record serving one config, made by
+    `combine` from its parts' records; `method_of(cfg)` calls it. None for single methods."""
 
 
 def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
@@ -187,7 +252,7 @@ def _logical_numel(p: nn.Parameter) -> int:
 
 @contextlib.contextmanager
 def switched_off(modules: Iterable[nn.Module], flag: str = "enabled") -> Iterator[None]:
-    """`Method.disabled` for methods whose modules skip their own path while `flag` is False (LoRALinear.enabled,
+    """`Method.disabled` of methods whose modules skip their own path while `flag` is False (LoRALinear.enabled,
     PrefixedModel.prefixes_on, ...): clears it on each of `modules` for the block, then gives each its own value back.
     A merged module holds its update inside the base weight, which no flag can take out: refused."""
     modules = list(modules)
@@ -204,13 +269,27 @@ def switched_off(modules: Iterable[nn.Module], flag: str = "enabled") -> Iterato
 
 
 def only_with_others(model: nn.Module, cfg: MethodConfig) -> list[nn.Parameter]:
-    """`trainable` of a method that trains nothing itself and only adds to what the other parts of a method list
-    train (L2-SP's loss term; it may join `full`). A composite skips it; alone it is refused (MethodError)."""
+    """`trainable` of a method that trains nothing itself (`Trains.NOTHING`: L2-SP's loss term, shrink): a method
+    list skips it; alone it is refused (MethodError)."""
     raise MethodError(f"{cfg.name} trains nothing itself; list it with a method that trains pretrained weights")
 
 
 def fold_nothing(model: nn.Module) -> None:
     """Merge/unmerge for methods whose trained weights already are the model's weights (full, head, bitfit)."""
+
+
+ALREADY_MERGED = Merging(fold_nothing, fold_nothing)
+"""`merging` of methods whose trained weights already are the model's weights (full, head, bitfit, l2sp)."""
+
+
+def module_merging(modules: Callable[[nn.Module], Iterable[nn.Module]]) -> Merging:
+    """`merging` of a method whose modules fold themselves: `merge()`, `unmerge()` on each of `modules(model)`."""
+    def each(call: str) -> Callable[[nn.Module], None]:
+        def on_each(model: nn.Module) -> None:
+            for m in modules(model):
+                getattr(m, call)()
+        return on_each
+    return Merging(each("merge"), each("unmerge"))
 
 
 def unwrap_merged(model: nn.Module) -> nn.Module:

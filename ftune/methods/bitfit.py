@@ -13,10 +13,10 @@ from typing import Literal
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig, Recommended, fold_nothing
+from ftune.methods import base
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["bitfit"] = "bitfit"
 
 
@@ -27,14 +27,12 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     return biases
 
 
-METHOD = Method(
-    name="bitfit",
-    config_cls=Config,
-    trainable=trainable,
-    merge=fold_nothing,
-    unmerge=fold_nothing,
-    summary="only bias terms (+ task head) train",
-    paper="Ben Zaken et al. 2022, BitFit, arXiv:2106.10199",
-    recommended=Recommended(2e-3, "ftune's bitfit_sst2 (MiniLM: 0.846 in one epoch, README); Ben Zaken et al. "
-                            "2022 search 1e-4 to 1e-3 over longer runs"),
+METHOD = base.Method(
+    name="bitfit", config_cls=Config, trains=base.Trains.EXISTING, claims=frozenset(),
+    trainable=trainable, merging=base.ALREADY_MERGED,
+    about=base.About(
+        "only bias terms (+ task head) train",
+        "Ben Zaken et al. 2022, BitFit, arXiv:2106.10199",
+        base.Recommended(2e-3, "ftune's bitfit_sst2 recipe (README); Ben Zaken et al. 2022 search 1e-4 to 1e-3 over "
+                               "longer runs")),
 )

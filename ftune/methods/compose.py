@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from ftune.methods.base import Method, MethodConfig
+from ftune.methods import base
 from ftune.methods.combine import check_compatible, combine, resolved_trainable
 
 if TYPE_CHECKING:
     from ftune.methods import AnyMethodConfig
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["compose"] = "compose"
     methods: list[AnyMethodConfig] = Field(min_length=2)
     """The methods to apply together, each a method section of its own (name and options)."""
@@ -43,12 +43,12 @@ class Config(MethodConfig):
         return self
 
 
-def resolve(cfg: Config) -> Method:
+def resolve(cfg: Config) -> base.Method:
     return combine("+".join(part.name for part in cfg.methods), Config, cfg.methods)
 
 
-METHOD = Method(
-    name="compose", config_cls=Config, trainable=resolved_trainable, resolve=resolve,
-    summary="several methods together (a recipe's `method:` as a list), e.g. LoRA + BitFit, prefix + adapter",
-    paper="the parts' papers",
+METHOD = base.Method(  # what it trains and claims: the record `resolve` makes from the parts
+    name="compose", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset(), trainable=resolved_trainable,
+    resolve=resolve, about=base.About("several methods together (a recipe's `method:` as a list), e.g. LoRA + BitFit, "
+                                      "prefix + adapter", "the parts' papers"),
 )

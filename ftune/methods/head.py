@@ -11,10 +11,10 @@ from typing import Literal
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig, Recommended, fold_nothing
+from ftune.methods import base
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["head"] = "head"
 
 
@@ -29,15 +29,12 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     return list(output.parameters())
 
 
-METHOD = Method(
-    name="head",
-    config_cls=Config,
-    trainable=trainable,
-    merge=fold_nothing,
-    unmerge=fold_nothing,
-    quantized_base=True,
-    summary="only the task head trains (linear probe)",
-    paper="Pfeiffer et al. 2021, AdapterFusion, Table 1 'Head' baseline, arXiv:2005.00247",
-    recommended=Recommended(1e-2, "a logistic regression on frozen features: at head_sst2's 2e-3 MiniLM's probe "
-                            "reached 0.635 in a whole epoch and had not left chance after 60 steps (README)"),
+METHOD = base.Method(
+    name="head", config_cls=Config, trains=base.Trains.EXISTING, claims=frozenset(),
+    trainable=trainable, merging=base.ALREADY_MERGED, runs_with=base.RunsWith(quantized_base=True),
+    about=base.About(
+        "only the task head trains (linear probe)",
+        "Pfeiffer et al. 2021, AdapterFusion, Table 1 'Head' baseline, arXiv:2005.00247",
+        base.Recommended(1e-2, "a logistic regression on frozen features: MiniLM's probe barely left chance at "
+                               "head_sst2's 2e-3 (README)")),
 )

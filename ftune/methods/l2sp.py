@@ -27,10 +27,10 @@ from pydantic import Field
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig, fold_nothing, only_with_others
+from ftune.methods import base
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["l2sp"] = "l2sp"
     alpha: float = Field(0.01, ge=0)
     """α: weight of α/2 ‖w - w0‖² over the pretrained weights that train."""
@@ -121,19 +121,12 @@ def disabled(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()  # l2sp adds nothing to the forward
 
 
-METHOD = Method(
-    name="l2sp",
-    config_cls=Config,
-    apply=apply,
-    trainable=only_with_others,
-    calibrate=calibrate,
-    training_state=training_state,
-    load_training_state=load_training_state,
-    loss_term=loss_term,
-    decay_exempt=decay_exempt,
-    merge=fold_nothing,
-    unmerge=fold_nothing,
-    disabled=disabled,
-    summary="regulariser: α/2 ‖w - w0‖² on trained pretrained weights, β/2 ‖w‖² on the head (list it with full, ...)",
-    paper="Li, Grandvalet & Davoine 2018, L2-SP, arXiv:1802.01483",
+METHOD = base.Method(
+    name="l2sp", config_cls=Config, trains=base.Trains.NOTHING, claims=frozenset(),
+    apply=apply, trainable=base.only_with_others, disabled=disabled, merging=base.ALREADY_MERGED,
+    hooks=base.Hooks(loss_term=loss_term, calibrate=calibrate, decay_exempt=decay_exempt,
+                     resume=base.Resume(training_state, load_training_state)),
+    about=base.About(
+        "regulariser: α/2 ‖w - w0‖² on trained pretrained weights, β/2 ‖w‖² on the head (list it with full, ...)",
+        "Li, Grandvalet & Davoine 2018, L2-SP, arXiv:1802.01483"),
 )

@@ -13,11 +13,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ftune.errors import MethodError
-from ftune.methods.base import Method, MethodConfig, Recommended, fold_nothing
+from ftune.methods import base
 from ftune.models.arch import transformer_blocks
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["layers"] = "layers"
     top_k: int = Field(0, ge=0)
     """Number of transformer blocks, counted from the output side, that train."""
@@ -56,15 +56,13 @@ def _weighted_types(model: nn.Module) -> set[str]:
     return {type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(recurse=False))}
 
 
-METHOD = Method(
-    name="layers",
-    config_cls=Config,
-    trainable=trainable,
-    merge=fold_nothing,
-    unmerge=fold_nothing,
-    summary="top-k blocks and/or named module types train",
-    paper="Lee et al. 2019, What Would Elsa Do? Freezing Layers During Transformer Fine-Tuning, arXiv:1911.03090",
-    recommended=Recommended(3e-4, "the top two blocks, above full fine-tuning's 1e-4 as fewer weights train (ULMFiT "
-                            "gives the top layers the highest rates); at 1e-4 a tiny model barely moved in 40 steps "
-                            "(tests/test_learns.py)", options={"top_k": 2}),
+METHOD = base.Method(
+    name="layers", config_cls=Config, trains=base.Trains.EXISTING, claims=frozenset(),
+    trainable=trainable, merging=base.ALREADY_MERGED,
+    about=base.About(
+        "top-k blocks and/or named module types train",
+        "Lee et al. 2019, What Would Elsa Do? Freezing Layers During Transformer Fine-Tuning, arXiv:1911.03090",
+        base.Recommended(3e-4, "the top two blocks, above full fine-tuning's 1e-4 as fewer weights train (ULMFiT "
+                               "gives the top layers the highest rates); at 1e-4 a tiny model barely moved in 40 "
+                               "steps (tests/test_learns.py)", options={"top_k": 2})),
 )

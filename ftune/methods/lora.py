@@ -20,12 +20,12 @@ from torch import nn
 
 from ftune.errors import MethodError
 from ftune.layers.lora import LoRALinear
-from ftune.methods.base import Method, MethodConfig, Recommended, switched_off
+from ftune.methods import base
 from ftune.models.arch import attention_sites, block_stacks
 from ftune.models.quantize import is_quantized_linear
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["lora"] = "lora"
     r: int = Field(8, gt=0)
     """Rank of the update: A is r x d_in, B is d_out x r."""
@@ -96,19 +96,9 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
             for p in part.parameters()]
 
 
-def merge(model: nn.Module) -> None:
-    for m in (m for m in model.modules() if isinstance(m, LoRALinear)):
-        m.merge()
-
-
-def unmerge(model: nn.Module) -> None:
-    for m in (m for m in model.modules() if isinstance(m, LoRALinear)):
-        m.unmerge()
-
-
 def disabled(model: nn.Module) -> AbstractContextManager[None]:
     """Every LoRA layer computes its base layer alone (DoRA's magnitude and a UniPELT gate included)."""
-    return switched_off(m for m in model.modules() if isinstance(m, LoRALinear))
+    return base.switched_off(m for m in model.modules() if isinstance(m, LoRALinear))
 
 
 def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
@@ -127,19 +117,14 @@ def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
     }
 
 
-METHOD = Method(
-    name="lora",
-    claims=frozenset({"linear layers"}),
-    config_cls=Config,
-    apply=apply,
-    trainable=trainable,
-    merge=merge,
-    unmerge=unmerge,
-    disabled=disabled,
-    peft_config=peft_config,
-    quantized_base=True,
-    summary="low-rank updates B A on frozen linears (rsLoRA, DoRA options; QLoRA over model.quantization)",
-    paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685",
-    recommended=Recommended(1e-3, "ftune's lora_sst2 (MiniLM: 0.822 after 100 steps, README); Hu et al. 2021 "
-                            "train RoBERTa-base at 4e-4 to 5e-4 for 30+ epochs", options={"alpha": 16}),
+METHOD = base.Method(
+    name="lora", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.LINEARS}),
+    apply=apply, trainable=trainable, disabled=disabled,
+    merging=base.module_merging(lambda model: [m for m in model.modules() if isinstance(m, LoRALinear)]),
+    saving=base.Saving(peft=base.Peft(peft_config)), runs_with=base.RunsWith(quantized_base=True),
+    about=base.About(
+        "low-rank updates B A on frozen linears (rsLoRA, DoRA options; QLoRA over model.quantization)",
+        "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685",
+        base.Recommended(1e-3, "ftune's lora_sst2 recipe (README); Hu et al. 2021 train RoBERTa-base at 4e-4 to "
+                               "5e-4 for 30+ epochs", options={"alpha": 16})),
 )

@@ -7,15 +7,15 @@ one on the feed-forward block (a parallel adapter with its output scaled by s, w
     FFN: h <- h + s * up(relu(down(x))), x the FFN's input, down Kaiming-uniform, up zero (`adapter`, parallel).
 Composed from those two methods (ftune/methods/combine.py); its config holds theirs, under `prefix` and `adapter`.
 
-Defaults are the paper's MAM adapter as Table 6 defines it for generation (XSum, WMT; jxhe/unify-parameter-efficient-
-tuning README): l = 30 prefixes, FFN bottleneck 512, s = 4 (Table 5: s = 4 beats s = 1), except that the prefixes
-train directly, as `prefix_tuning`'s default (its docstring says why): through the paper's 800-wide MLP (the
-reference code's mid_dim, also AdapterHub's MAMConfig) MAM stayed at chance on MiniLM / SST-2 at 2e-3, since one
-learning rate serves both parts and the MLP needs a far smaller one; `prefix: {mlp_hidden: 800}` restores it. That is 6.7 % of BART-large, and wider than a small encoder
-(MiniLM's d is 384): for classification use the paper's 0.5 % GLUE setting (exps/run_glue.sh: l = 16, bottleneck 16,
-s = 2), as recipes/mam_adapter_sst2.yaml does. A part given in part (`adapter: {bottleneck: 16}`) keeps MAM's
-defaults for the rest. The adapter must stay parallel beside the FFN; list `prefix_tuning` and `adapter` as a method
-list for another placement.
+Defaults are the paper's MAM adapter as Table 6 defines it for generation (XSum, WMT;
+jxhe/unify-parameter-efficient-tuning README): l = 30 prefixes, FFN bottleneck 512, s = 4 (Table 5: s = 4 beats s = 1),
+except that the prefixes train directly, as `prefix_tuning`'s default (its docstring says why): through the paper's
+800-wide MLP (the reference code's mid_dim, also AdapterHub's MAMConfig) MAM did not learn on a small encoder, since
+one learning rate serves both parts and the MLP needs a far smaller one; `prefix: {mlp_hidden: 800}` restores it. The
+defaults are 6.7 % of BART-large, and wider than a small encoder (MiniLM's d is 384): for classification use the
+paper's 0.5 % GLUE setting (exps/run_glue.sh: l = 16, bottleneck 16, s = 2), as recipes/mam_adapter_sst2.yaml does. A
+part given in part (`adapter: {bottleneck: 16}`) keeps MAM's defaults for the rest. The adapter must stay parallel
+beside the FFN; list `prefix_tuning` and `adapter` as a method list for another placement.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
+from ftune.methods import base
 from ftune.methods.adapter import Config as AdapterConfig
-from ftune.methods.base import Method, MethodConfig, Recommended
 from ftune.methods.combine import combine, keep_part_defaults, resolved_trainable
 from ftune.methods.prefix_tuning import Config as PrefixConfig
 
@@ -34,7 +34,7 @@ PREFIX = {"n_tokens": 30}
 ADAPTER = {"placement": "parallel", "parallel_at": "ffn", "bottleneck": 512, "scaling": 4.0}
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["mam_adapter"] = "mam_adapter"
     prefix: PrefixConfig = PrefixConfig(**PREFIX)
     """Prefix tuning on every attention layer; default l = 30, trained directly."""
@@ -55,16 +55,16 @@ class Config(MethodConfig):
         return value
 
 
-def resolve(cfg: Config) -> Method:
+def resolve(cfg: Config) -> base.Method:
     parts = combine("mam_adapter", Config, [cfg.prefix, cfg.adapter])
-    return dataclasses.replace(parts, summary=METHOD.summary, paper=METHOD.paper)
+    return dataclasses.replace(parts, about=METHOD.about)
 
 
-METHOD = Method(
-    name="mam_adapter", config_cls=Config, trainable=resolved_trainable, resolve=resolve,
-    summary="prefix tuning on attention + a scaled parallel adapter on the feed-forward block",
-    paper="He et al. 2022, Towards a Unified View of Parameter-Efficient Transfer Learning, arXiv:2110.04366",
-    recommended=Recommended(3e-3, "the paper's 0.5 % GLUE setting, as recipes/mam_adapter_sst2.yaml (MiniLM / SST-2: "
-                            "0.751 after 100 steps; the generation defaults stayed at chance at 1e-3 and 3e-3, README)",
-                            {"prefix": {"n_tokens": 16}, "adapter": {"bottleneck": 16, "scaling": 2.0}}),
+METHOD = base.Method(
+    name="mam_adapter", config_cls=Config, trains=base.Trains.ADDED, trainable=resolved_trainable, resolve=resolve,
+    claims=frozenset({base.Claim.SUB_BLOCKS, base.Claim.WHOLE_MODEL}), about=base.About(
+        "prefix tuning on attention + a scaled parallel adapter on the feed-forward block",
+        "He et al. 2022, Towards a Unified View of Parameter-Efficient Transfer Learning, arXiv:2110.04366",
+        base.Recommended(3e-3, "the paper's 0.5 % GLUE setting, as recipes/mam_adapter_sst2.yaml (README)",
+                         {"prefix": {"n_tokens": 16}, "adapter": {"bottleneck": 16, "scaling": 2.0}})),
 )

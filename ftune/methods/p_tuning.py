@@ -17,11 +17,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ftune.layers.soft_prompts import PromptedModel, embedding_width, prompt_parameters
-from ftune.methods.base import Method, MethodConfig, Recommended
+from ftune.methods import base
 from ftune.methods.prompt_tuning import disabled, peft_prompt_fields
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["p_tuning"] = "p_tuning"
     n_tokens: int = Field(20, gt=0)
     """Virtual tokens n."""
@@ -78,20 +78,14 @@ def peft_config(model: PromptedModel, cfg: Config) -> dict[str, Any]:
             or embedding_width(model), "encoder_num_layers": 2, "encoder_dropout": cfg.lstm_dropout}
 
 
-METHOD = Method(
-    name="p_tuning",
-    claims=frozenset({"whole model"}),
-    config_cls=Config,
-    apply=apply,
-    trainable=prompt_parameters,
-    disabled=disabled,
-    saved_weights=PromptedModel.saved_weights,
-    fold=PromptedModel.fold,
-    peft_config=peft_config,
-    peft_weights=PromptedModel.peft_weights,
-    prompt_site="input",
-    quantized_base=True,
-    summary="virtual tokens from an MLP or bi-LSTM prompt encoder, before and after the input",
-    paper="Liu et al. 2021, GPT Understands, Too, arXiv:2103.10385",
-    recommended=Recommended(1e-3, "peft's P-tuning sequence-classification example (AdamW, 1e-3)"),
+METHOD = base.Method(
+    name="p_tuning", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.WHOLE_MODEL}),
+    apply=apply, trainable=prompt_parameters, disabled=disabled,
+    saving=base.Saving(PromptedModel.saved_weights, PromptedModel.fold,
+                       base.Peft(peft_config, PromptedModel.peft_weights)),
+    runs_with=base.RunsWith(quantized_base=True, prompt_site="input"),
+    about=base.About(
+        "virtual tokens from an MLP or bi-LSTM prompt encoder, before and after the input",
+        "Liu et al. 2021, GPT Understands, Too, arXiv:2103.10385",
+        base.Recommended(1e-3, "peft's P-tuning sequence-classification example (AdamW, 1e-3)")),
 )

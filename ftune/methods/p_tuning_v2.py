@@ -16,8 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ftune.methods import prefix_tuning
-from ftune.methods.base import Recommended
+from ftune.methods import base, prefix_tuning
 
 
 class Config(prefix_tuning.Config):
@@ -37,7 +36,8 @@ METHOD = dataclasses.replace(
     prefix_tuning.METHOD,
     name="p_tuning_v2",
     config_cls=Config,
-    summary="deep prompts in every layer without reparameterisation, plus a task head",
-    paper="Liu et al. 2022, P-Tuning v2, arXiv:2110.07602",
-    recommended=Recommended(1e-2, "THUDM/P-tuning-v2 run_script: rates 5e-3 to 6e-2 (e.g. RTE, RoBERTa: 5e-3)"),
+    about=base.About(
+        "deep prompts in every layer without reparameterisation, plus a task head",
+        "Liu et al. 2022, P-Tuning v2, arXiv:2110.07602",
+        base.Recommended(1e-2, "THUDM/P-tuning-v2 run_script: rates 5e-3 to 6e-2 (e.g. RTE, RoBERTa: 5e-3)")),
 )

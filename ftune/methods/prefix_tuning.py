@@ -7,13 +7,12 @@ Linear(k, layers * 2 * w), k = 512 (the reference code's mid_dim), w = key/value
 without grouped-query attention; w, as peft, where keys are narrower). ftune's default trains them directly, as
 peft does (prefix_projection=False) and as P-tuning v2 finds better for some understanding tasks (§3.2): the MLP moves
 each prefix by about k/2 times the learning rate per Adam step (every hidden unit's weight moves by the rate), so it
-needs the paper's tiny rate (5e-5); on MiniLM / SST-2 it stayed at chance after 200 steps at 3e-3 and barely moved
-at 1e-4, where direct prefixes at 1e-2 reached 0.763 (README, "measured table"). Giving `mlp_hidden` without
-`reparameterize` selects the MLP. After training the MLP
-is folded away and only the prefixes, (n, layers * 2 * kv_width), are peft's PREFIX_TUNING layout, loadable as its `prompt_embeddings`. Works for encoders and decoders
-(anything that takes an attention cache). Encoder-decoder models (T5, BART) get prefixes in the encoder's
-self-attention, the decoder's self-attention and the cross-attention, as the paper does (`sites: all`, one MLP per
-site as its code has), or in the decoder's self-attention only (`sites: decoder`, peft's placement); see
+needs the paper's tiny rate (5e-5), where direct prefixes learn at 1e-2 (the README's measured table). Giving
+`mlp_hidden` without `reparameterize` selects the MLP. After training the MLP is folded away and only the prefixes,
+(n, layers * 2 * kv_width), are saved: peft's PREFIX_TUNING layout, loadable as its `prompt_embeddings`. Works for
+encoders and decoders (anything that takes an attention cache). Encoder-decoder models (T5, BART) get prefixes in the
+encoder's self-attention, the decoder's self-attention and the cross-attention, as the paper does (`sites: all`, one
+MLP per site as its code has), or in the decoder's self-attention only (`sites: decoder`, peft's placement); see
 ftune/layers/seq2seq_prefixes.py. Default n = 20 (the issue's reference budget; the paper used 10 for table-to-text,
 200 for summarisation).
 """
@@ -34,12 +33,12 @@ from ftune.layers.seq2seq_prefixes import (
     seq2seq_prefix_width,
 )
 from ftune.layers.soft_prompts import PrefixedModel, Prompt, prefix_geometry, prompt_parameters
-from ftune.methods.base import Method, MethodConfig, Recommended, switched_off
+from ftune.methods import base
 from ftune.methods.prompt_tuning import peft_prompt_fields
 from ftune.models.arch import block_stacks, is_encoder_decoder
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["prefix_tuning"] = "prefix_tuning"
     n_tokens: int = Field(20, gt=0)
     """Prefix length n (positions added to every layer's keys and values)."""
@@ -102,7 +101,7 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 def disabled(model: nn.Module) -> AbstractContextManager[None]:
     """The wrapper runs the model without prefixes, on the caller's inputs as they are."""
-    return switched_off((m for m in model.modules() if isinstance(m, PrefixedModel)), "prefixes_on")
+    return base.switched_off((m for m in model.modules() if isinstance(m, PrefixedModel)), "prefixes_on")
 
 
 def peft_config(model: PrefixedModel, cfg: Any) -> dict[str, Any]:
@@ -126,22 +125,14 @@ def peft_weights(model: PrefixedModel) -> tuple[dict[str, torch.Tensor], list[st
     return tensors, owners
 
 
-METHOD = Method(
-    name="prefix_tuning",
-    claims=frozenset({"whole model"}),
-    config_cls=Config,
-    apply=apply,
-    trainable=prompt_parameters,
-    disabled=disabled,
-    saved_weights=PrefixedModel.saved_weights,
-    fold=PrefixedModel.fold,
-    peft_config=peft_config,
-    peft_weights=peft_weights,
-    prompt_site="layers",
-    gradient_checkpointing=False,
-    quantized_base=True,
-    summary="key/value prefixes in every attention layer, trained directly or through an MLP that is folded away",
-    paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190",
-    recommended=Recommended(1e-2, "direct prefixes: P-tuning v2's rates run 5e-3 to 6e-2 (THUDM/P-tuning-v2 "
-                            "run_script); 1e-2 reached 0.763 on MiniLM / SST-2 in 200 CPU steps (README)"),
+METHOD = base.Method(
+    name="prefix_tuning", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.WHOLE_MODEL}),
+    apply=apply, trainable=prompt_parameters, disabled=disabled,
+    saving=base.Saving(PrefixedModel.saved_weights, PrefixedModel.fold, base.Peft(peft_config, peft_weights)),
+    runs_with=base.RunsWith(gradient_checkpointing=False, quantized_base=True, prompt_site="layers"),
+    about=base.About(
+        "key/value prefixes in every attention layer, trained directly or through an MLP that is folded away",
+        "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190",
+        base.Recommended(1e-2, "direct prefixes: P-tuning v2's rates run 5e-3 to 6e-2 (THUDM/P-tuning-v2 "
+                               "run_script); a MiniLM / SST-2 run at 1e-2 (README)")),
 )

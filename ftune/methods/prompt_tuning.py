@@ -19,10 +19,10 @@ from torch import nn
 
 from ftune.errors import MethodError
 from ftune.layers.soft_prompts import Prompt, PromptedModel, prompt_parameters
-from ftune.methods.base import Method, MethodConfig, Recommended, switched_off
+from ftune.methods import base
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["prompt_tuning"] = "prompt_tuning"
     n_tokens: int = Field(20, gt=0)
     """Virtual tokens n."""
@@ -61,7 +61,7 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 def disabled(model: nn.Module) -> AbstractContextManager[None]:
     """`disabled` of the virtual-token methods: the wrapper hands the caller's inputs to the model as they are."""
-    return switched_off((m for m in model.modules() if isinstance(m, PromptedModel)), "prompts_on")
+    return base.switched_off((m for m in model.modules() if isinstance(m, PromptedModel)), "prompts_on")
 
 
 def peft_config(model: PromptedModel, cfg: Config) -> dict[str, Any]:
@@ -79,19 +79,14 @@ def peft_prompt_fields(model: nn.Module, n: int) -> dict[str, Any]:
             "num_attention_heads": heads, "num_layers": layers}
 
 
-METHOD = Method(
-    name="prompt_tuning",
-    claims=frozenset({"whole model"}),
-    config_cls=Config,
-    apply=apply,
-    trainable=prompt_parameters,
-    disabled=disabled,
-    peft_config=peft_config,
-    peft_weights=PromptedModel.peft_weights,
-    prompt_site="input",
-    quantized_base=True,
-    summary="n trainable virtual-token embeddings before the input",
-    paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691",
-    recommended=Recommended(3e-2, "peft's prompt-tuning examples (AdamW, 3e-2); Lester et al. 2021 use 0.3 with "
-                            'Adafactor'),
+METHOD = base.Method(
+    name="prompt_tuning", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.WHOLE_MODEL}),
+    apply=apply, trainable=prompt_parameters, disabled=disabled,
+    saving=base.Saving(peft=base.Peft(peft_config, PromptedModel.peft_weights)),
+    runs_with=base.RunsWith(quantized_base=True, prompt_site="input"),
+    about=base.About(
+        "n trainable virtual-token embeddings before the input",
+        "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691",
+        base.Recommended(3e-2, "peft's prompt-tuning examples (AdamW, 3e-2); Lester et al. 2021 use 0.3 with "
+                               "Adafactor")),
 )

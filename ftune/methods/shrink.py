@@ -25,7 +25,7 @@ from torch import nn
 
 from ftune.errors import MethodError
 from ftune.layers import shrinking_blocks as sb
-from ftune.methods.base import Method, MethodConfig, fold_nothing, only_with_others, trainable_state_dict
+from ftune.methods import base
 from ftune.models import depth
 
 
@@ -51,7 +51,7 @@ class Schedule(BaseModel):
         return tuple(p if isinstance(p, int) else max(1, round(p * total_steps)) for p in (self.start, self.end))
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["shrink"] = "shrink"
     drop: Literal["top-k", "every-other", "list"] = "top-k"
     """Which blocks go: the top k, every other one from the top (evenly spaced), or those listed in `blocks`."""
@@ -73,8 +73,8 @@ class Config(MethodConfig):
                 raise ValueError(f"blocks: {list(self.blocks)} names a block twice; give each block once")
         elif self.blocks:
             raise ValueError(f"blocks is read by drop: list only; drop: {self.drop} chooses its blocks by k")
-        if self.schedule and type(self.schedule.start) is type(self.schedule.end) and self.schedule.start > self.schedule.end:
-            raise ValueError(f"schedule: start {self.schedule.start} comes after end {self.schedule.end}")
+        if (s := self.schedule) and type(s.start) is type(s.end) and s.start > s.end:  # a step and a fraction: later
+            raise ValueError(f"schedule: start {s.start} comes after end {s.end}")
         return self
 
 
@@ -102,49 +102,49 @@ def check_total_steps(cfg: Config, total_steps: int) -> None:
         raise MethodError(f"shrink.schedule: start (step {start}) comes after end (step {end}) of {total_steps}")
 
 
-def drop_due(model: nn.Module, step: int, total_steps: int, cfg: Config) -> None:
+def drop_due(model: nn.Module, step: int, total: int, cfg: Config) -> None:
     """`on_step_end` of a schedule: every block whose removal step has come is dropped (again, harmlessly)."""
     for stack in sb.shrinking_stacks(model):
         order = _order(cfg, len(stack.dropped))
-        due = [i for i, at in zip(order, depth.removal_steps(*cfg.schedule.steps(total_steps), len(order))) if at <= step]
+        due = [i for i, at in zip(order, depth.removal_steps(*cfg.schedule.steps(total), len(order))) if at <= step]
         if due and not bool(stack.dropped[due].all()):
             stack.drop(due)
 
 
 def saved_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable weights and, per stack, which blocks were dropped when they were saved."""
-    return trainable_state_dict(model) | sb.dropped_state(model)
+    return base.trainable_state_dict(model) | sb.dropped_state(model)
 
 
-BEFORE_TRAINING = Method(
-    name="shrink", config_cls=Config, apply=apply, trainable=only_with_others, claims=frozenset({"block list"}),
-    merge=fold_nothing, unmerge=fold_nothing, quantized_base=True,
-    summary="drops transformer blocks (top-k, every-other, a list), before or during training (list it with a method)",
-    paper="Sajjad et al. 2020, On the Effect of Dropping Layers of Pre-trained Transformer Models, arXiv:2004.03844; "
-          "Hou et al. 2020, DynaBERT, arXiv:2004.04037",
+BEFORE_TRAINING = base.Method(
+    name="shrink", config_cls=Config, trains=base.Trains.NOTHING, claims=frozenset({base.Claim.BLOCKS}),
+    apply=apply, trainable=base.only_with_others, merging=base.ALREADY_MERGED,
+    runs_with=base.RunsWith(quantized_base=True),
+    about=base.About(
+        "drops transformer blocks (top-k, every-other, a list), before or during training (list it with a method)",
+        "Sajjad et al. 2020, On the Effect of Dropping Layers of Pre-trained Transformer Models, arXiv:2004.03844; "
+        "Hou et al. 2020, DynaBERT, arXiv:2004.04037"),
 )
 
 
-def resolve(cfg: Config) -> Method:
+def resolve(cfg: Config) -> base.Method:
     """The record for `cfg`: blocks gone before training, or a schedule (stepwise, with its own saved form)."""
     if cfg.schedule is None:
         return BEFORE_TRAINING
     return dataclasses.replace(
-        BEFORE_TRAINING, merge=sb.collapse_all, unmerge=sb.expand_all, check_total_steps=check_total_steps,
-        on_step_end=lambda model, step, total_steps: drop_due(model, step, total_steps, cfg),
-        saved_weights=saved_weights, unused_parameters=True)
+        BEFORE_TRAINING, merging=base.Merging(sb.collapse_all, sb.expand_all), saving=base.Saving(saved_weights),
+        hooks=base.Hooks(check_total_steps=check_total_steps, on_step_end=lambda m, step, n: drop_due(m, step, n, cfg)),
+        runs_with=base.RunsWith(quantized_base=True, unused_parameters=True))
 
 
 METHOD = dataclasses.replace(BEFORE_TRAINING, resolve=resolve)
 
 
-def validate_lines(recipe, model: nn.Module) -> list[str]:
+def validate_lines(recipe, model: nn.Module, base_config) -> list[str]:
     """What `ftune validate` adds for a recipe with a shrink part (nothing without): blocks kept, parameters, and an
-    estimate of the forward speed-up at data.max_length (models/depth.py: describe)."""
-    from ftune.assemble import model_config
-
+    estimate of the forward speed-up at data.max_length (models/depth.py: describe) from `base_config(recipe)`."""
     cfg = next((p for p in [recipe.method, *getattr(recipe.method, "methods", [])] if isinstance(p, Config)), None)
     if cfg is None:
         return []
-    when = "before training" if cfg.schedule is None else f"one at a time from {cfg.schedule.start} to {cfg.schedule.end}"
-    return depth.describe(model, model_config(recipe), lambda n: _order(cfg, n), when, recipe.data.max_length)
+    when = "before training" if (s := cfg.schedule) is None else f"one at a time from {s.start} to {s.end}"
+    return depth.describe(model, base_config(recipe), lambda n: _order(cfg, n), when, recipe.data.max_length)

@@ -31,10 +31,10 @@ from torch import nn
 from ftune.errors import MethodError
 from ftune.layers.sparse import SparseDelta, adapted_weights, attach_to, stores
 from ftune.layers.sparse_select import LossFn, fisher_scores, moved_entries, random_positions
-from ftune.methods.base import Method, MethodConfig, Recommended, switched_off, trainable_state_dict
+from ftune.methods import base
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["sparse"] = "sparse"
     selection: Literal["fisher", "most_changed", "random"] = "fisher"
     """How the mask is chosen: squared gradients (FISH), the entries a short full fine-tune moved most (LT-SFT), or
@@ -81,7 +81,7 @@ def calibrate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, torch.T
 def saved_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The k values (and the head) plus each store's (k,) indices: what is needed to rebuild ΔW without data."""
     indices = {f"{name}.indices": m.indices for name, m in model.named_modules() if isinstance(m, SparseDelta)}
-    return trainable_state_dict(model) | indices
+    return base.trainable_state_dict(model) | indices
 
 
 def merge(model: nn.Module) -> None:
@@ -96,23 +96,16 @@ def unmerge(model: nn.Module) -> None:
 
 def disabled(model: nn.Module) -> AbstractContextManager[None]:
     """The base weights alone: every adapted weight skips its difference."""
-    return switched_off(stores(model))
+    return base.switched_off(stores(model))
 
 
-METHOD = Method(
-    name="sparse",
-    claims=frozenset({"every weight"}),
-    config_cls=Config,
-    apply=apply,
-    trainable=trainable,
-    calibrate=calibrate,
-    merge=merge,
-    unmerge=unmerge,
-    disabled=disabled,
-    saved_weights=saved_weights,
-    summary="a fixed sparse mask over every weight trains (FISH: Fisher, LT-SFT: most changed, or random)",
-    paper="Sung et al. 2021, FISH mask, arXiv:2111.09839; Ansell et al. 2022, LT-SFT, arXiv:2110.07560",
-    recommended=Recommended(5e-4, "LoRA's rate at a like number of trained values; sparse_fisher_sst2 at 1e-4 "
-                            "trailed LoRA by 6.9 points after 300 steps (README) and a tiny model barely moved in 40 "
-                            "(tests/test_learns.py)"),
+METHOD = base.Method(
+    name="sparse", config_cls=Config, trains=base.Trains.EXISTING, claims=frozenset({base.Claim.EVERY_WEIGHT}),
+    apply=apply, trainable=trainable, disabled=disabled, merging=base.Merging(merge, unmerge),
+    saving=base.Saving(saved_weights), hooks=base.Hooks(calibrate=calibrate),
+    about=base.About(
+        "a fixed sparse mask over every weight trains (FISH: Fisher, LT-SFT: most changed, or random)",
+        "Sung et al. 2021, FISH mask, arXiv:2111.09839; Ansell et al. 2022, LT-SFT, arXiv:2110.07560",
+        base.Recommended(5e-4, "LoRA's rate at a like number of trained values; sparse_fisher_sst2 at 1e-4 trailed "
+                               "LoRA (README) and a tiny model barely moved in 40 steps (tests/test_learns.py)")),
 )

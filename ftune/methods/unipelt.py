@@ -2,8 +2,8 @@
 
 Mao et al. 2022, "UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning", arXiv:2110.07577.
 The three sub-modules are ftune's own `lora`, `adapter` (placement pfeiffer) and `prefix_tuning`, applied together by
-`combine` (ftune/methods/combine.py); each gets gates (ftune/layers/gates.py): g = mean over the row's real tokens of sigmoid(w·h + b), (B, 1, 1),
-w (d,) and b trained, from the sub-module's input h (B, T, d):
+`combine` (ftune/methods/combine.py); each gets gates (ftune/layers/gates.py): g = mean over the row's real tokens of
+sigmoid(w·h + b), (B, 1, 1), w (d,) and b trained, from the sub-module's input h (B, T, d):
     LoRA    (each adapted linear, input x):         W x + g_L(x) · (alpha / r) B A x
     adapter (after each block's FFN, input y):      y + g_A(y) · adapter(y)
     prefix  (each layer, input h_in of attention):  keys/values [g_P(h_in) P_K; K], [g_P(h_in) P_V; V]
@@ -44,16 +44,15 @@ from torch import nn
 
 from ftune.layers.gates import Gate, add_gates, gates_by_block
 from ftune.methods import adapter as adapter_method
+from ftune.methods import base, prefix_tuning
 from ftune.methods import lora as lora_method
-from ftune.methods import prefix_tuning
-from ftune.methods.base import Method, MethodConfig, Recommended
 from ftune.methods.combine import combine, keep_part_defaults, resolved_trainable
 
-DEFAULTS = {"lora": {"r": 8, "alpha": 16, "targets": "query-value"}, "adapter": {"placement": "pfeiffer", "bottleneck": 48},
-            "prefix": {"n_tokens": 10, "mlp_hidden": 512}}
+DEFAULTS = {"lora": {"r": 8, "alpha": 16, "targets": "query-value"},
+            "adapter": {"placement": "pfeiffer", "bottleneck": 48}, "prefix": {"n_tokens": 10, "mlp_hidden": 512}}
 
 
-class Config(MethodConfig):
+class Config(base.MethodConfig):
     name: Literal["unipelt"] = "unipelt"
     lora: lora_method.Config = lora_method.Config(**DEFAULTS["lora"])
     """The LoRA part: `lora` method options (default r 8, alpha 16, targets query-value)."""
@@ -91,23 +90,24 @@ def report(model: nn.Module) -> dict[str, Any]:
             "layers": [{name: gate.mean() for name, gate in row.items()} for row in rows]}
 
 
-def resolve(cfg: Config) -> Method:
+def resolve(cfg: Config) -> base.Method:
     parts = combine("unipelt", Config, [cfg.lora, cfg.adapter, cfg.prefix])
 
     def trainable(model: nn.Module, config: Config) -> list[nn.Parameter]:
         gates = [p for m in model.modules() if isinstance(m, Gate) for p in m.parameters()]
         return list(parts.trainable(model, config)) + gates
 
-    def apply(model: nn.Module, config: Config) -> nn.Module:
-        return add_gates(parts.apply(model, config))
-
-    return dataclasses.replace(parts, apply=apply, trainable=trainable, report=report, merge=None, unmerge=None,
-                               peft_config=None, peft_weights=None, summary=METHOD.summary, paper=METHOD.paper)
+    return dataclasses.replace(  # the gates depend on the input: no merging
+        parts, apply=lambda model, config: add_gates(parts.apply(model, config)), trainable=trainable, merging=None,
+        hooks=dataclasses.replace(parts.hooks, report=report), about=METHOD.about)
 
 
-METHOD = Method(
-    name="unipelt", config_cls=Config, trainable=resolved_trainable, resolve=resolve,
-    summary="LoRA + prefix tuning + a pfeiffer adapter, each scaled by a learned gate (mean gates in method_report.json)",
-    paper="Mao et al. 2022, UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning, arXiv:2110.07577",
-    recommended=Recommended(2e-3, "ftune's unipelt_sst2 recipe (README: 0.795 on MiniLM / SST-2 after 100 steps)"),
+METHOD = base.Method(
+    name="unipelt", config_cls=Config, trains=base.Trains.ADDED,
+    claims=frozenset({base.Claim.LINEARS, base.Claim.SUB_BLOCKS, base.Claim.WHOLE_MODEL}),
+    trainable=resolved_trainable, resolve=resolve,
+    about=base.About(
+        "LoRA + prefix tuning + a pfeiffer adapter, each scaled by a learned gate (mean gates in method_report.json)",
+        "Mao et al. 2022, UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning, arXiv:2110.07577",
+        base.Recommended(2e-3, "ftune's unipelt_sst2 recipe (README)")),
 )

@@ -19,7 +19,7 @@ from torch import nn
 
 from ftune.errors import ModelError
 from ftune.models import quantize
-from ftune.tasks import Task, task_of
+from ftune.tasks import Task, as_task
 
 # Hub id -> (package, GGUF file inside the package or None for a plain HF folder from `get_model_path()`).
 OFFLINE_PACKAGES = {
@@ -91,7 +91,7 @@ def load_model(
     """
     import transformers
 
-    task = task_of(task)
+    task = as_task(task)
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "revision": revision}
     auto = getattr(transformers, task.model_class)
     if task.has_classes:
@@ -118,7 +118,7 @@ def head_parameters(model: nn.Module, task: Task | str, missing_keys: list[str])
     """
     named = dict(model.named_parameters())
     params = [named[k] for k in missing_keys if k in named]
-    if task_of(task).has_classes:
+    if as_task(task).has_classes:
         body = {id(p) for p in model.base_model.parameters()}
         params += [p for p in model.parameters() if id(p) not in body]
     return list({id(p): p for p in params}.values())
@@ -162,3 +162,23 @@ def _from_gguf(gguf: Path) -> str:
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def missing_folder(where: str) -> bool:
+    """`where` is written as a local path (absolute, ./, ~, or under a folder that exists here) but is no folder:
+    said at once, not after the Hub's download retries."""
+    path = Path(where).expanduser()
+    local = path.is_absolute() or where.startswith((".", "~")) or Path(where.split("/")[0]).is_dir()
+    return local and not path.is_dir()
+
+
+def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each block's activations in backward (train.gradient_checkpointing), non-reentrant; or stop."""
+    if on and hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers; the old goes in v6
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()

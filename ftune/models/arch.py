@@ -77,6 +77,11 @@ def is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def hidden_size(model: nn.Module) -> int:
+    """The width d of the hidden states between blocks (GPT-2's config calls it n_embd)."""
+    return getattr(model.config, "hidden_size", None) or model.config.n_embd
+
+
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks, found structurally: the longest ModuleList of identical module types.
 

@@ -5,7 +5,7 @@ are stored as 4-bit NormalFloat (NF4) with one absmax per block of 64 weights, o
 constants themselves 8-bit, in blocks of 256: 0.127 instead of 0.5 extra bits per weight); each forward dequantises
 to the compute dtype. 8-bit is LLM.int8() (Dettmers et al. 2022, arXiv:2208.07339): row-wise absmax int8 weights,
 activation columns above a threshold kept in 16 bits. Only trainable parameters outside the quantised linears
-(LoRA factors, adapters, a task head) can learn; `Method.quantized_base` says which methods qualify.
+(LoRA factors, adapters, a task head) can learn; `Method.runs_with.quantized_base` says which methods qualify.
 
 bitsandbytes is imported lazily, inside functions: `ftune --help` and runs without quantisation never load it.
 """

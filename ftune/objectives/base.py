@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,11 +74,24 @@ class Bound:
 
 
 @dataclass(frozen=True)
-class TrainingData:
-    """What setup has read and encoded for training, handed to `Objective.prepare` as plain values."""
+class OtherRun:
+    """A finished ftune run an objective reads (a teacher), opened by ftune/assemble.py as data: objectives never
+    import the layers that build runs; they receive this from `TrainingData.open_run`."""
 
-    recipe: Any
-    """The validated Recipe (typed Any: ftune.recipe imports this package)."""
+    task: str
+    label_names: list[str] | None
+    tokenizer: Any
+    files: list[Path]
+    """Its recipe and method weights."""
+    folders: list[Path]
+    """Its tokenizer folder and its base model's folder (their regular files define it too)."""
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What setup has read and encoded for training, handed to `Objective.prepare` as plain values, with the
+    builders an objective may need besides (all made by ftune/assemble.py: objectives import nothing above them)."""
+
     rows: Any
     """The training rows as read (data.sources.Rows): the text a teacher with its own tokenizer encodes."""
     examples: list[dict[str, Any]]
@@ -87,6 +101,14 @@ class TrainingData:
     label_names: list[str] | None
     device: torch.device
     """Where the run computes (a model `prepare` runs is moved there)."""
+    encode: Callable[[Any, Any], list[dict[str, Any]]]
+    """`(rows, tokenizer) -> examples`: the recipe's encoding of `rows` with another model's tokenizer."""
+    load_model: Callable[[str, str], nn.Module]
+    """`(role, where) -> model`: a frozen model as `extra_models` would build it (a run dir or a model name)."""
+    open_run: Callable[[Path], OtherRun]
+    """A finished run directory as data (refused while it trains; never runs its code)."""
+    trust_remote_code: bool = False
+    """The recipe's model.trust_remote_code: the consent a model named by Hub id may be loaded with."""
     trained: Trained | None = None
     """The model being trained, its method and the base's loader (DPO's reference log-probs computed beforehand)."""
 

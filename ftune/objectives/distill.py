@@ -19,7 +19,7 @@ Positions go `chunk_size` at a time, each chunk's fp32 log-probabilities recompu
 checkpointing), so a 150k-token vocabulary never holds every position's fp32 log-probs at once; the cross-entropy is
 computed in the same pass (equal to the task's own loss: tests/test_distill.py checks it for every task).
 
-The teacher (objective.teacher; ftune/run/teacher.py): a finished ftune run directory or a model fine-tuned for the
+The teacher (objective.teacher; ftune/objectives/teacher.py): a finished ftune run directory or a model fine-tuned for the
 task, built once beside the student, in eval mode, without gradients.
 - Tasks with an output per row (sequence classification): the teacher may have its own tokenizer; it then reads
   every training row once, before training, and its logits (rows, C) travel with the rows (`teacher_logits` in the
@@ -170,11 +170,9 @@ def prepare(cfg: Config, task: Task, data: TrainingData, extra: dict[str, nn.Mod
     """Check the teacher against the student and the data; per-row tasks: its logits per training row when they
     cannot be computed on the batch (another tokenizer) or are cached. One line, before anything is written, for a
     teacher of another task, classes or vocabulary."""
-    from ftune import assemble
-    from ftune.run import teacher as teachers
+    from ftune.objectives import teacher as teachers
 
-    recipe = data.recipe
-    about = teachers.describe(cfg.teacher, recipe.model.trust_remote_code)
+    about = teachers.describe(cfg.teacher, data.open_run, data.trust_remote_code)
     teachers.check_fits(about, task.name, data.label_names)
     if isinstance(data.examples[0]["labels"], list):  # an output per token
         if cfg.cache:
@@ -183,14 +181,14 @@ def prepare(cfg: Config, task: Task, data: TrainingData, extra: dict[str, nn.Mod
         teachers.check_vocabulary(about, data.tokenizer)
         return None
     shared = teachers.same_tokenizer(about.tokenizer, data.tokenizer)
-    encoded = data.examples if shared else assemble.encode(recipe, data.rows, about.tokenizer, data.label_names).examples
+    encoded = data.examples if shared else data.encode(data.rows, about.tokenizer)
     if len(encoded) != len(data.examples):
         raise RecipeError(f"objective.teacher: its tokenizer keeps {len(encoded)} of the {len(data.examples)} rows")
     if cfg.cache:
         key = teachers.cache_key(about, encoded)
         logits = teachers.read_cache(key, len(encoded))
         if logits is None:
-            model = assemble.build_extra_models(recipe, {"teacher": cfg.teacher}, data.label_names)["teacher"]
+            model = data.load_model("teacher", cfg.teacher)
             logits = teachers.per_row_logits(model.to(data.device), encoded, about.tokenizer.pad_token_id, data.device)
             teachers.write_cache(key, logits)
     elif shared or all(t["input_ids"] == s["input_ids"] for t, s in zip(encoded, data.examples)):

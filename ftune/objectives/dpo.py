@@ -193,7 +193,7 @@ def prepare(cfg: Config, task: Task, data: TrainingData, extra: dict[str, nn.Mod
     if not cfg.precompute_reference:
         return None
     from ftune.data.loader import collate
-    from ftune.run.evaluate import autocast
+    from ftune.models.precision import autocast
 
     reference, pad = Reference(cfg, data.trained), collate(data.trained.pad_token_id)
     data.trained.model.to(data.device)

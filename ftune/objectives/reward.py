@@ -10,7 +10,7 @@ with c = `center_coefficient` (default 0, off; TRL's `center_rewards_coefficient
 2023): it keeps rewards centred on zero, which the pairwise loss alone leaves free. Metrics: loss, accuracy (share
 of pairs with r_c > r_r), margin (mean r_c − r_r), mean rewards of chosen and rejected completions.
 
-`score_completions` (and `scorer_of_run` for a finished run) score (prompt, completion) texts with a trained reward
+`score_completions` (and ftune/serve/label_pairs.py's `reward_scorer` for a finished run) score (prompt, completion) texts with a trained reward
 model, e.g. to judge sampled pairs (RLAIF).
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -119,18 +118,6 @@ def score_completions(model: nn.Module, tokenizer, data_spec, prompt: str, compl
     device = next(model.parameters()).device
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     return logits[:, 0].float().tolist()
-
-
-def scorer_of_run(run_dir: str | Path, trust_remote_code: bool = False):
-    """`(prompt, completions) -> rewards` of a finished reward-model run (RunDirError for another kind of run)."""
-    from ftune import assemble
-    from ftune.errors import RunDirError
-
-    recipe, model, tokenizer = assemble.load_run(run_dir, trust_remote_code)
-    if recipe.objective.name != OBJECTIVE.name:
-        raise RunDirError(f"{run_dir}: trained objective {recipe.objective.name}, not a reward model "
-                          f"(objective: {{name: {OBJECTIVE.name}}})")
-    return partial(score_completions, model.eval(), tokenizer, recipe.data)
 
 
 OBJECTIVE = Objective(name="reward", config_cls=Config, bind=bind, shape_task=shape_task, check=check,

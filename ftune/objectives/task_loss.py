@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ftune.objectives.base import Bound, Objective, ObjectiveConfig, Trained
-from ftune.run.linear_ce import output_layer
+from ftune.kernels.linear_ce import output_layer
 from ftune.tasks import Task
 
 

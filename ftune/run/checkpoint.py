@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ftune import rundir
+from ftune.rundir import load_weights, saved_buffers
 from ftune.errors import RunDirError
 
 
@@ -53,36 +54,13 @@ def _reason(e: BaseException) -> str:
     return getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def load_weights(folder: Path, model: nn.Module) -> None:
-    """Load method weights into a freshly attached model: the names must be exactly its trainable parameters and
-    `saved_buffers` (a sparse mask's indices, which the values need: loaded first)."""
-    tensors = rundir.read_weights(folder)
-    buffers = saved_buffers(model)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad} | buffers.keys()
-    missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
-    if missing or unexpected:
-        which = f"missing {min(missing)}" if missing else f"unexpected {min(unexpected)}"
-        raise RunDirError(f"{folder / rundir.WEIGHTS}: does not fit this method and model ({which}); was it written "
-                          "by another run?")
-    params = dict(model.named_parameters()) | buffers
-    with torch.no_grad():
-        for name in sorted(tensors, key=lambda n: n not in buffers):
-            params[name].copy_(tensors[name])
-
-
-def saved_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffers that are part of a method's weights, by name: those its modules list in `saved_buffers`."""
-    return {f"{name}.{b}" if name else b: getattr(m, b) for name, m in model.named_modules()
-            for b in getattr(m, "saved_buffers", ())}
-
-
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int,
                     method_state: dict[str, torch.Tensor] | None = None, rng: list[dict] | None = None,
                     gathered: tuple[dict, dict] | None = None) -> None:
     """A resumable checkpoint, written under a temporary name and renamed only when complete. A failure (a full
     disk) removes the temporary folder and is one RunDirError line; the previous checkpoint stays as it was.
 
-    `method_state`: what the method needs besides its weights to resume exactly (`Method.training_state`).
+    `method_state`: what the method needs besides its weights to resume exactly (`Method.hooks.resume`).
     `rng`: every process's random state in rank order (`rng_state()` of each); default this process's alone.
     `gathered`: (weights, optimizer state) already gathered whole from a sharded model (ftune/run/fsdp.py); default
     the model's trainable parameters and the optimizer's own state dict.

@@ -6,25 +6,13 @@ process's shard of the rows."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ftune.models.precision import autocast
 from ftune.objectives.base import Evaluation
 from ftune.tasks import Decoding, Task
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(precision: str, device: torch.device):
-    """The mixed-precision context of `train.precision` as resolved for the run ("fp32": none). Training (through
-    accelerate, which wraps the forward in the same context) and evaluation of the finished run both use it, so
-    their numbers agree."""
-    dtype = AUTOCAST.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, task: Task, label_names: list[str] | None, device: torch.device,

@@ -5,8 +5,7 @@ with one FSDP unit per transformer block. What the loop writes must be whole: th
 state are gathered into full tensors on the main process (torch.distributed.checkpoint's state-dict API), and a
 resume hands them back, each process keeping its shard.
 
-accelerate shards only on GPUs: on CPU processes it ignores the plugin and trains plain DDP without a word (measured
-with accelerate 1.15), so `train.distributed: fsdp` without CUDA is refused rather than silently not sharded.
+accelerate shards only on GPUs: on CPU processes it ignores the plugin and trains plain DDP without a word, so `train.distributed: fsdp` without CUDA is refused rather than silently not sharded.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ def _too_little(recipe, peak: int, where: str) -> str:
 
     t, d = recipe.train, recipe.data
     fixes = "lower train.batch_size (raise train.grad_accum to keep the batch) or data.max_length"
-    if not t.gradient_checkpointing and method_of(recipe.method).gradient_checkpointing:
+    if not t.gradient_checkpointing and method_of(recipe.method).runs_with.gradient_checkpointing:
         fixes += ", or set train.gradient_checkpointing: true"
     return (f"train.batch_size: one training step needs about {size(peak)} beyond the loaded weights (the estimate "
             f"`ftune validate` prints, at {t.batch_size} rows × {d.max_length} tokens) and "
@@ -313,13 +313,11 @@ def simulated_peak(recipe, model: nn.Module, tokenizer, examples, objective, ext
     will take it; None where it cannot be simulated (the estimate is advice here, never the end of a run)."""
     from ftune.estimate import step
     from ftune.estimate.simulate import simulate
-    from ftune.methods import method_of
 
-    t = recipe.train
-    setup = step.StepSetup(objective, method_of(recipe.method).loss_term, step.optimizer_for(recipe, device),
-                           t.max_grad_norm, t.grad_accum, precision, device, extra)
+    setup = step.step_setup(recipe, objective, precision, device, extra)
     try:
-        return simulate(model, step.longest_batch(recipe, examples, tokenizer), setup, t.gradient_checkpointing).peak
+        batch = step.longest_batch(recipe, examples, tokenizer)
+        return simulate(model, batch, setup, recipe.train.gradient_checkpointing).peak
     except Exception:
         if os.environ.get("FTUNE_DEBUG") == "1":
             raise

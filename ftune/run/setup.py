@@ -15,18 +15,20 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ftune import assemble, fingerprint, rundir
+from ftune import assemble, models, rundir, trackers
+from ftune.data import fingerprint
 from ftune.data import packing
 from ftune.data.loader import make_loader
 from ftune.errors import RecipeError, RunDirError
 from ftune.methods import method_of
-from ftune.methods.base import Method, count_parameters, trainable_state_dict
+from ftune.methods.base import Method, count_parameters
 from ftune.models.arch import transformer_blocks
-from ftune.objectives import OBJECTIVES, Bound
-from ftune.objectives.base import TrainingData
+from ftune.models.precision import resolve_precision
+from ftune.objectives import Bound
 from ftune.recipe import Recipe, dump_recipe
-from ftune.run import checkpoint, compiling, fsdp, linear_ce, processes, trackers
-from ftune.run.optim import lr_multiplier, make_optimizer
+from ftune.kernels import linear_ce
+from ftune.run import checkpoint, compiling, fsdp, processes
+from ftune.step.optim import lr_multiplier, training_optimizer
 from ftune.rundir import RunLock
 from ftune.tasks import Decoding, Task
 
@@ -90,12 +92,6 @@ class Run:
             self.lock.release()
 
 
-def resolve_precision(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-
-
 def accelerator_for(recipe: Recipe, method: Method, precision: str) -> Accelerator:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -104,13 +100,13 @@ def accelerator_for(recipe: Recipe, method: Method, precision: str) -> Accelerat
     # `ftune compare`, tests) may ask for another. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     # a method that skips some of its parameters in a step (AdapterDrop) must say so, or DDP waits for their gradients
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=method.unused_parameters)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=method.runs_with.unused_parameters)
     sharding = None
     if recipe.train.distributed == "fsdp":
         from accelerate import FullyShardedDataParallelPlugin
 
-        fsdp.check(method.name, method.saved_weights is not trainable_state_dict,
-                   bool(method.on_step_end or method.training_state))
+        fsdp.check(method.name, method.saving.own_form is not None,
+                   bool(method.hooks.on_step_end or method.hooks.resume))
         # the unit class (the transformer block) is named once the model is built, before prepare wraps it
         sharding = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                                   state_dict_type="FULL_STATE_DICT", reshard_after_forward=True)
@@ -128,13 +124,13 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
                             probe_lock=os.environ.get("RANK", "0") == "0")
     # the data as it is now, hashed before it is read: run.json records it, and --resume refuses data changed since
     # the run started (unless allow_changed_data), on every process alike, before any collective
-    data_prints = fingerprint.data_fingerprints(recipe.data, assemble.task_of(recipe).reads_conll)
+    data_prints = fingerprint.data_fingerprints(recipe.data, assemble.recipe_task(recipe).reads_conll)
     changed_data = fingerprint.check_resume(rundir.read_record(out) if resume else None, data_prints, resume=resume,
                                             allow_changed_data=allow_changed_data)
     precision = resolve_precision(t.precision)
     if precision == "fp16" and not torch.cuda.is_available():
         raise RecipeError("train.precision: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on CPU")
-    method, task = method_of(recipe.method), assemble.task_of(recipe)
+    method, task = method_of(recipe.method), assemble.recipe_task(recipe)
     accelerator = accelerator_for(recipe, method, precision)
     console.quiet = not accelerator.is_main_process  # progress and notes once; errors still reach every stderr
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -146,30 +142,23 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
 
     set_seed(t.seed)
 
-    source, tokenizer = assemble.load_tokenizer(recipe)
+    source, tokenizer = assemble.source_and_tokenizer(recipe)
     (names, train_set, val_set), data_note = assemble.encoded_splits(recipe, tokenizer)  # tokenised once (data.cache)
     model = assemble.build_model(recipe, source, tokenizer, names)
-    objective = OBJECTIVES[recipe.objective.name]
-    extra = {role: m.to(accelerator.device)
-             for role, m in assemble.build_extra_models(recipe, objective.extra_models(recipe.objective), names).items()}
-    trained = assemble.trained(recipe, model, tokenizer, accelerator.device, precision, names)
-    if objective.prepare:  # checks against the data, and values its loss reads per example (a teacher's logits)
-        train_rows = assemble.read_split(recipe, "train")  # the text, which the encoded-data cache skips
-        data = TrainingData(recipe, train_rows, train_set.examples, tokenizer, names, accelerator.device, trained)
-        fields = objective.prepare(recipe.objective, task, data, extra)
-        if fields:
-            train_set.examples = [e | f for e, f in zip(train_set.examples, fields, strict=True)]
+    # the objective checks the data and adds its per-example values (a teacher's logits); the task's own loss comes
+    # from hidden states where that is exact for this model (logits only where labels are kept)
+    bound, train_set.examples, extra = assemble.bind_objective(
+        recipe, model, tokenizer, accelerator.device, precision, names,
+        task=linear_ce.training_task(task, model, sharded(accelerator)), examples=train_set.examples)
     if recipe.data.packing:  # before anything is written: examples and model must allow it
         packing.check_examples(train_set.examples)
         packing.require_isolation(model, train_set.examples)
-    # the task's own loss from hidden states where that is exact for this model (logits only where labels are kept)
-    bound = objective.bind(recipe.objective, linear_ce.training_task(task, model, sharded(accelerator)), extra, trained)
     if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if method.calibrate and not resume:  # a sparse mask, L2-SP's w0: before the optimizer; a resumed run has them
+        models.set_gradient_checkpointing(model, True)
+    if method.hooks.calibrate and not resume:  # a sparse mask, L2-SP's w0: before the optimizer; a resumed run has them
         model.to(accelerator.device)
         every_row = make_loader(train_set.examples, per_device, tokenizer.pad_token_id, t.seed, True)  # same on all
-        method.calibrate(model, recipe.method, every_row, bound.loss)
+        method.hooks.calibrate(model, recipe.method, every_row, bound.loss)
     counts = count_parameters(model)
     compile_note = compiling.compile_model(model, t.compile, accelerator.device, sharded(accelerator),
                                            recipe.model.quantization is not None)
@@ -182,12 +171,11 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
 
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
-    if method.check_total_steps:  # before anything is written
-        method.check_total_steps(recipe.method, total_steps)
+    if method.hooks.check_total_steps:  # before anything is written
+        method.hooks.check_total_steps(recipe.method, total_steps)
     warmup = t.warmup_steps or round(t.warmup_ratio * total_steps)
-    exempt = method.decay_exempt(model) if method.decay_exempt else []
-    optimizer = make_optimizer(t.optimizer, [p for p in model.parameters() if p.requires_grad], t.lr, t.weight_decay,
-                               exempt, fused=accelerator.device.type == "cuda" and not sharded(accelerator))
+    optimizer = training_optimizer(t, model, method.hooks.decay_exempt,
+                                   fused=accelerator.device.type == "cuda" and not sharded(accelerator))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t.scheduler, warmup, total_steps))
     if sharded(accelerator):
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = [type(transformer_blocks(model)[0]).__name__]
@@ -240,8 +228,8 @@ def _start(run: Run, tokenizer, resume_from: Path | None, notes: list[str | None
     if resume_from:
         restore = (lambda w, o: fsdp.load(run.raw_model, run.optimizer, w, o)) if sharded(accelerator) else None
         state = checkpoint.load_checkpoint(resume_from, run.raw_model, run.optimizer, run.scheduler,
-                                           run.method.load_training_state, rank=accelerator.process_index,
-                                           restore_sharded=restore)
+                                           run.method.hooks.resume and run.method.hooks.resume.load,
+                                           rank=accelerator.process_index, restore_sharded=restore)
         run.pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
         if run.main:  # noted once the checkpoint has loaded: a resume that fails leaves no entry behind
             accepted = {"changed_data": changed_data} if changed_data else {}  # --allow-changed-data: what changed
@@ -259,14 +247,6 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
     except OSError as e:
         raise RunDirError(f"{folder}: cannot be written ({e.strerror or type(e).__name__})") from None
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward (train.gradient_checkpointing), non-reentrant."""
-    if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers; the old goes in v6
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def sharded(accelerator: Accelerator) -> bool:

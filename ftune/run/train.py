@@ -7,18 +7,19 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ftune import rundir
 from ftune.data import prefetch
 from ftune.data.loader import token_count
 from ftune.errors import TrainingError
 from ftune.recipe import Recipe
-from ftune.run import checkpoint, fsdp, plots, processes, trackers
+from ftune import rundir, step, trackers
+from ftune.run import checkpoint, fsdp, plots, processes
 from ftune.run.evaluate import evaluate
 from ftune.run.setup import Position, Run, prepare, sharded, state_of
 
@@ -30,7 +31,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
           allow_changed_data: bool = False) -> dict:
     """Train `recipe` into `recipe.output_dir` and return the final metrics (also written to metrics.json).
     `allow_changed_data`: with `resume`, go on although the data files changed since the run started (recorded in
-    run.json's resume entry); else that is refused (ftune/fingerprint.py)."""
+    run.json's resume entry); else that is refused (ftune/data/fingerprint.py)."""
     console = console or Console(stderr=True)
     run = prepare(recipe, resume=resume, overwrite=overwrite, console=console, allow_changed_data=allow_changed_data)
     try:
@@ -68,14 +69,14 @@ def _fit(run: Run, console: Console) -> dict:
                 batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
                 # gradients are reduced across processes once per step, on its last micro-batch
                 with nullcontext() if i == len(batches) - 1 else acc.no_sync(model):
-                    with acc.autocast():
-                        loss_sum, _ = run.objective.loss(model, batch)
-                    loss = loss_sum * (acc.num_processes / step_count)  # DDP averages over processes: undo it
-                    if run.method.loss_term:
-                        loss = loss + run.method.loss_term(run.raw_model) / t.grad_accum
-                    acc.backward(loss)
-                step_loss += loss.detach()
-            norm = _clip(acc, params, t.max_grad_norm).float()
+                    step_loss += step.micro_step(
+                        model, batch, run.objective.loss, scale=acc.num_processes / step_count,  # undoes DDP's mean
+                        loss_term=run.method.hooks.loss_term, term_model=run.raw_model, grad_accum=t.grad_accum,
+                        autocast=acc.autocast, backward=acc.backward)
+            # fp16's loss scaler skips overflowing steps itself (routine, not an error): no norm unless clipping
+            unscaled = acc.scaler is None or t.max_grad_norm
+            norm = (step.gradient_norm(params, t.max_grad_norm, partial(_clip, acc)) if unscaled
+                    else torch.zeros((), device=acc.device)).float()
             # the step's one collective and one host read (none per micro-batch): loss, norm, tokens and clocks over
             # every process, so a non-finite value anywhere, or train.max_seconds, is every process's decision
             clock = torch.tensor([float(tokens), time.perf_counter() - started], device=norm.device)
@@ -93,11 +94,9 @@ def _fit(run: Run, console: Console) -> dict:
                     raise _stopped(run, f"{skips_in_a_row} steps in a row skipped, the last for a {bad}")
                 continue
             skips_in_a_row = 0
-            run.optimizer.step()
-            run.scheduler.step()
-            if run.method.on_step_end:
-                run.method.on_step_end(run.raw_model, pos.step + 1, run.total_steps)  # before zero_grad: reads grads
-            run.optimizer.zero_grad(set_to_none=True)
+            step_end = run.method.hooks.on_step_end and partial(run.method.hooks.on_step_end, run.raw_model,
+                                                                pos.step + 1, run.total_steps)
+            step.update(run.optimizer, run.scheduler, step_end)
             pos.step += 1
             pos.window_steps += 1
             pos.window_loss += loss_all / acc.num_processes
@@ -105,26 +104,26 @@ def _fit(run: Run, console: Console) -> dict:
             pos.tokens += round(tokens_all)
             pos.train_seconds = time.perf_counter() - started
             out_of_time = t.max_seconds is not None and seconds_all / acc.num_processes >= t.max_seconds
-            step = pos.step
+            done = pos.step
 
-            if step % t.log_every == 0 or step == run.total_steps or out_of_time:
+            if done % t.log_every == 0 or done == run.total_steps or out_of_time:
                 span = time.perf_counter() - window_start
-                entry = {"step": step, "loss": pos.window_loss / pos.window_steps, "lr": run.scheduler.get_last_lr()[0],
+                entry = {"step": done, "loss": pos.window_loss / pos.window_steps, "lr": run.scheduler.get_last_lr()[0],
                          "tokens_per_s": window_tokens / span, "epoch": pos.epoch, "skipped_steps": pos.skipped_steps}
                 _log(run, entry)
                 progress.update(bar, stats=f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:,.0f} tok/s")
                 pos.window_loss, pos.window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-            progress.update(bar, completed=step)
+            progress.update(bar, completed=done)
 
-            last = step == run.total_steps or out_of_time  # the final evaluation and save follow the loop
-            if run.val_loader and t.eval_every and step % t.eval_every == 0 and not last:
+            last = done == run.total_steps or out_of_time  # the final evaluation and save follow the loop
+            if run.val_loader and t.eval_every and done % t.eval_every == 0 and not last:
                 metrics = _score(run)
-                _log(run, {"step": step, "validation": metrics})
-                console.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), soft_wrap=True)
+                _log(run, {"step": done, "validation": metrics})
+                console.print(f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), soft_wrap=True)
                 _plot(run, console)
                 if t.best_metric:
                     _keep_if_best(run, metrics)
-            if t.save_every and step % t.save_every == 0 and not last:
+            if t.save_every and done % t.save_every == 0 and not last:
                 _save_checkpoint(run)
 
     micro_batches.close()  # stops the thread that collates ahead
@@ -141,8 +140,8 @@ def _fit(run: Run, console: Console) -> dict:
               "train_tokens": pos.tokens,
               "trainable_params": n_trainable, "total_params": n_total, "validation": final,
               "best": {t.best_metric: pos.best} if t.best_metric else None}
-    if run.method.report:  # read after the final evaluation, which the report may summarise
-        result["method_report"] = run.method.report(run.raw_model)
+    if run.method.hooks.report:  # read after the final evaluation, which the report may summarise
+        result["method_report"] = run.method.hooks.report(run.raw_model)
         if run.main:
             rundir.write_json(run.out / rundir.METHOD_REPORT, result["method_report"])
     if run.main:
@@ -157,7 +156,7 @@ def _micro_batches(loader, pos: Position, accelerated: bool):
 
     `accelerated` (CUDA): a background thread collates ahead into pinned memory while the device computes; what it
     holds unread is not counted. On CPU the batches are collated inline: torch's threads already use every core, and
-    a collating thread beside them slowed training (2 cores: 80 SST-2 steps in 61.5 s with it, 54.4 s without)."""
+    a collating thread beside them slows training (measured in the commit that made it so)."""
     while True:
         loader.batch_sampler.set_position(pos.epoch, pos.batch)
         for batch in prefetch.ahead(loader, pin=True) if accelerated else loader:
@@ -166,17 +165,11 @@ def _micro_batches(loader, pos: Position, accelerated: bool):
         pos.epoch, pos.batch = pos.epoch + 1, 0
 
 
-def _clip(acc, params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """The gradient norm, clipped to `max_norm` if set (computed anyway: a non-finite norm drops the step). fp16 is
-    left to its loss scaler, which skips overflowing steps and lowers the scale itself (routine, not an error)."""
-    if max_norm:
-        norm = acc.clip_grad_norm_(params, max_norm)
-        # sharded gradients (FSDP2) give the norm as a DTensor of partial sums: made whole, it is the full norm
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else torch.as_tensor(norm, device=acc.device)
-    grads = [p.grad for p in params if p.grad is not None]
-    if acc.scaler is not None or not grads:
-        return torch.zeros((), device=acc.device)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+def _clip(acc, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """accelerate's clipping (it unscales fp16 gradients first), as one tensor on the device."""
+    norm = acc.clip_grad_norm_(params, max_norm)
+    # sharded gradients (FSDP2) give the norm as a DTensor of partial sums: made whole, it is the full norm
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else torch.as_tensor(norm, device=acc.device)
 
 
 def _why_bad(loss: float, norm: float) -> str | None:
@@ -228,7 +221,8 @@ def _keep_if_best(run: Run, metrics: dict) -> None:
 
 def _save_weights(run: Run, metrics: dict) -> None:
     # every process: a sharded model gathers its weights whole (a collective)
-    tensors = fsdp.gathered_weights(run.raw_model) if sharded(run.accelerator) else run.method.saved_weights(run.raw_model)
+    tensors = (fsdp.gathered_weights(run.raw_model) if sharded(run.accelerator)
+               else run.method.saving.weights(run.raw_model))
     if run.main:
         meta = {"method": run.recipe.method.name, "config": run.recipe.method.model_dump(mode="json"),
                 "step": run.pos.step, "metrics": metrics}
@@ -236,7 +230,7 @@ def _save_weights(run: Run, metrics: dict) -> None:
 
 
 def _save_checkpoint(run: Run) -> None:
-    state = run.method.training_state(run.raw_model) if run.method.training_state else None
+    state = run.method.hooks.resume.save(run.raw_model) if run.method.hooks.resume else None
     rng = processes.gather(run.accelerator, checkpoint.rng_state())  # each process draws its own dropout masks
     gathered = None
     if sharded(run.accelerator):

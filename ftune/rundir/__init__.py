@@ -30,6 +30,7 @@ from ftune.rundir.layout import (
     write_text,
 )
 from ftune.rundir.lock import RunLock, holder, lock, require_idle
+from ftune.rundir.weights import load_weights, saved_buffers
 from ftune.rundir.output import check_output_dir, is_empty, note_resume, prepare_output_dir, sweep
 from ftune.rundir.read import (
     complete_checkpoints,
@@ -82,6 +83,7 @@ __all__ = [
     "is_empty",
     "is_run",
     "latest_checkpoint",
+    "load_weights",
     "lock",
     "note_resume",
     "prepare_output_dir",
@@ -94,6 +96,7 @@ __all__ = [
     "read_weights",
     "recipe_file",
     "require_idle",
+    "saved_buffers",
     "sweep",
     "temporary",
     "tokenizer_dir",

@@ -71,7 +71,7 @@ class RunRecord(BaseModel):
     """The top-level names ftune writes in this run directory: all --overwrite may remove."""
     fingerprints: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """{"data": {split: {path, size, sha256}, or for a Hub dataset {hub, config, split}}, "model": {file name:
-    {size, sha256}}}, taken when the run started (ftune/fingerprint.py); a resume that accepted changed data
+    {size, sha256}}}, taken when the run started (ftune/data/fingerprint.py); a resume that accepted changed data
     (--allow-changed-data) notes them in its `resumes` entry (`changed_data`). Empty in a record written before
     fingerprints: nothing is compared then."""
     resumes: list[dict[str, Any]] = Field(default_factory=list)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ftune.assemble import load_run, task_of
+from ftune.assemble import load_run, recipe_task
 from ftune.errors import MethodError, RunDirError
 from ftune.methods import method_of
 from ftune.methods.base import unwrap_merged
@@ -33,13 +33,13 @@ def merged_model(run_dir: str | Path, trust_remote_code: bool = False):
     tokenizer); MethodError for a method that cannot merge. `ftune merge` saves it, `--format onnx` exports it."""
     recipe, model, tokenizer = load_run(run_dir, trust_remote_code)
     method = method_of(recipe.method)
-    if method.merge is None:
+    if method.merging is None:
         raise MethodError(f"{method.name} adds modules that cannot be folded into the base weights, so there is no "
                           f"merged model; the run dir itself is the model (`ftune eval {run_dir}`)")
     dtype = DTYPES[recipe.model.dtype]
     if recipe.model.quantization:  # B A cannot be added to 4/8-bit codes: dequantise (to the compute dtype), then fold
         quantize.dequantize(model, dtype)
-    method.merge(model)
+    method.merging.merge(model)
     model = unwrap_merged(model)
     if recipe.model.quantization:  # training kept norms and head in fp32; the merged model has one dtype
         model.to(dtype)
@@ -53,18 +53,18 @@ def export_peft(run_dir: str | Path, out: str | Path, trust_remote_code: bool = 
     out = check_fresh(out)
     recipe, model, tokenizer = load_run(run_dir, trust_remote_code)
     method = method_of(recipe.method)
-    if method.peft_config is None:
+    if method.saving.peft is None:
         raise MethodError(f"export --format peft: peft has no equivalent of {method.name}; use --format hf")
-    config = method.peft_config(model, recipe.method)
-    if method.peft_weights:  # soft prompts: peft's prompt-learning layout differs from its tuners'
-        tensors, extra_owners = method.peft_weights(model)
+    config = method.saving.peft.config(model, recipe.method)
+    if method.saving.peft.weights:  # soft prompts: peft's prompt-learning layout differs from its tuners'
+        tensors, extra_owners = method.saving.peft.weights(model)
     else:
         method_params = {id(p) for p in method.trainable(model, recipe.method)}
         # weights that train beside the method (the task head) travel as peft's modules_to_save
         extra_owners = sorted({name.rpartition(".")[0] for name, p in model.named_parameters()
                                if p.requires_grad and id(p) not in method_params})
         tensors = {f"base_model.model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    config |= {"task_type": task_of(recipe).peft_task_type, "modules_to_save": extra_owners or None,
+    config |= {"task_type": recipe_task(recipe).peft_task_type, "modules_to_save": extra_owners or None,
                "base_model_name_or_path": recipe.model.name, "inference_mode": True}
     tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
     make_dir(out)

@@ -3,7 +3,7 @@
 Hu et al. 2021, "LoRA", arXiv:2106.09685, §4: a deployed model switches tasks by subtracting one update and adding
 another, (W + ΔW) - ΔW + ΔW', without reloading W. `HotSwap` holds one base with the method attached (built from the
 first run) and each run's method.safetensors (its update AND its own head, on the CPU). For one task it loads that
-run's weights, calls `Method.merge` (W + ΔW), runs the rows, and `Method.unmerge` (back to W). A method that cannot be
+run's weights, calls `Method.merging.merge` (W + ΔW), runs the rows, and `.unmerge` (back to W). A method that cannot be
 merged exactly over its base (a 4/8-bit base, QLoRA) runs its update beside the base instead; the swap is the same.
 
 Rounding makes (W + ΔW) - ΔW differ from W by a few ulps, and repeated swaps would add up, so `restore_base` (run
@@ -29,11 +29,9 @@ import torch
 from torch import nn
 
 from ftune import assemble, models, rundir
-from ftune.errors import DataError, MethodError, RecipeError, RunDirError
+from ftune.errors import MethodError, RecipeError, RunDirError
 from ftune.methods import METHODS, method_of
-from ftune.methods.base import trainable_state_dict
 from ftune.methods.lora import LoRALinear
-from ftune.objectives import OBJECTIVES
 from ftune.recipe import Recipe
 
 # config fields that act only in training: hot-swapped runs may differ in them (the rest is the attached structure)
@@ -62,7 +60,7 @@ def swappable(recipes: list[Recipe]) -> bool:
     (what a swap loads): LoRA, DoRA, AdaLoRA; also the methods whose weights are the model's own (full, bitfit, layers,
     head: merge is a no-op, and a swap loads those weights). Not sparse, whose runs carry their own mask."""
     method = method_of(recipes[0].method)
-    return method.merge is not None and method.unmerge is not None and method.saved_weights is trainable_state_dict
+    return method.merging is not None and method.saving.own_form is None
 
 
 class HotSwap:
@@ -94,13 +92,13 @@ class HotSwap:
         """The model as run `index` alone: its weights and head loaded, its update merged (unmerged on exit)."""
         self._load(index)
         if self.merges:
-            self.method.merge(self.model)
+            self.method.merging.merge(self.model)
             self._note_merged_magnitudes()
         try:
             yield self.model
         finally:
             if self.merges:
-                self.method.unmerge(self.model)
+                self.method.merging.unmerge(self.model)
             self.swaps += 1
 
     def schedule(self, task_of: list[int]) -> Iterator[tuple[Callable, list[int]]]:
@@ -167,7 +165,7 @@ def load_bank(run_dirs: list[Path], recipes: list[Recipe] | None = None, trust_r
     if not swappable(recipes):
         raise RunDirError(f"{run_dirs[0]}: {first.method.name} cannot be merged into the base, so several runs cannot "
                           "be hot-swapped on one base (mergeable: "
-                          f"{', '.join(n for n, m in METHODS.items() if m.merge)})")
+                          f"{', '.join(n for n, m in METHODS.items() if m.merging)})")
     for run, r in zip(run_dirs[1:], recipes[1:]):
         if r.method.name != first.method.name:
             raise RunDirError(f"{run}: method is {r.method.name}, {run_dirs[0]} has {first.method.name}; hot-swapped "
@@ -195,7 +193,7 @@ def lora_scaling(cfg: Any) -> float:
     return cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
 
 
-def combine(run_dirs: list[Path], weights: list[float], trust_remote_code: bool = False):
+def mix_runs(run_dirs: list[Path], weights: list[float], trust_remote_code: bool = False):
     """(recipe, model, tokenizer, label names): one LoRA adapter equal to Σ w_i ΔW_i over the first run's base.
 
     The recipe is the first run's with method r = Σ r_i, alpha = Σ r_i (scaling 1), rslora off, dropout 0.
@@ -252,58 +250,3 @@ def parse_weights(text: str | None) -> list[float] | None:
         return [float(part) for part in text.split(",")]
     except ValueError:
         raise RecipeError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
-
-
-def score(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, split: str,
-          data: str | None, note: Callable[[str], None] = lambda _: None, precision: str = "fp32") -> dict[str, Any]:
-    """`ftune eval` for one model: {"source", metrics...} on a split of the recipe's data, or on a file, under the
-    mixed precision the run trained with (run.json's `precision`), as its evaluations during training were."""
-    from ftune.data.checks import unscored
-    from ftune.run.evaluate import evaluate
-    from ftune.tasks import TASKS
-
-    if data and not Path(data).exists():
-        raise DataError(f"--data: {data} does not exist")
-    rows = assemble.read_split(recipe, split, [data] if data else None)
-    encoded = assemble.encode(recipe, rows, tokenizer, names)
-    for line in unscored(encoded, len(rows.rows), recipe.data, TASKS[recipe.task]):  # rows dropped, then cut
-        note(line)
-    loader = assemble.eval_loader(recipe, encoded.examples, tokenizer)
-    device = next(model.parameters()).device
-    # an objective with its own metrics (DPO's rewards, which need the reference) is bound on the loaded model
-    own = OBJECTIVES[recipe.objective.name].own_metrics
-    objective = assemble.bind_objective(recipe, model, tokenizer, device, precision, names).evaluation if own else None
-    metrics = evaluate(model, loader, assemble.task_of(recipe), names, device, precision,
-                       decoding=assemble.decoding(recipe, tokenizer), objective=objective)
-    return {"source": rows.source, **metrics}
-
-
-def score_runs(run_dirs: list[Path], split: str, data: str | None, note: Callable[[str], None] = lambda _: None,
-               trust_remote_code: bool = False) -> list[dict[str, Any]]:
-    """Score each run: hot-swapped on one loaded base for a mergeable method, else each run loaded in turn."""
-    run_dirs = [Path(r) for r in run_dirs]
-    recipes = read_recipes(run_dirs, trust_remote_code)
-    # an objective scoring with the base beside the run (DPO's reference: the method switched off) needs the
-    # method unmerged, which a swapped-in run is not: such runs are loaded in turn
-    own_metrics = any(OBJECTIVES[r.objective.name].own_metrics for r in recipes)
-    if swappable(recipes) and not own_metrics:
-        bank = load_bank(run_dirs, recipes, trust_remote_code)
-        results = []
-        for i, (run, recipe) in enumerate(zip(run_dirs, recipes)):
-            with bank.active(i) as model:
-                results.append({"run": str(run), **score(recipe, model, bank.tokenizer, bank.label_names[i], split,
-                                                         data, note, trained_precision(run))})
-        bank.restore_base()
-        return results
-    results = []
-    for run in run_dirs:
-        recipe, model, tokenizer = assemble.load_run(run, trust_remote_code)
-        names = rundir.read_record(run).label_names
-        results.append({"run": str(run), **score(recipe, model, tokenizer, names, split, data, note,
-                                                 trained_precision(run))})
-    return results
-
-
-def trained_precision(run_dir: str | Path) -> str:
-    """The mixed precision a run trained (and evaluated) with, from run.json."""
-    return rundir.read_record(run_dir).precision

@@ -109,13 +109,25 @@ def write_rows(path: Path, rows: list[dict[str, Any]], overwrite: bool) -> None:
 def judge_of(kind: str, where: str, trust_remote_code: bool = False) -> Judge:
     """A reward-model run (`kind` reward) or a causal-LM run or model (`kind` llm) as a judge."""
     if kind == "reward":
-        from ftune.objectives.reward import scorer_of_run
-
-        return RewardJudge(scorer_of_run(where, trust_remote_code), where)
+        return RewardJudge(reward_scorer(where, trust_remote_code), where)
     from ftune.serve.judges import greedy_answerer
 
     model, tokenizer = causal_lm_of(where, "--judge", trust_remote_code)
     return PairwiseJudge(greedy_answerer(model, tokenizer), where)
+
+
+def reward_scorer(run_dir: str | Path, trust_remote_code: bool = False):
+    """`(prompt, completions) -> rewards` of a finished reward-model run (RunDirError for another kind of run)."""
+    from functools import partial
+
+    from ftune import assemble
+    from ftune.objectives import reward
+
+    recipe, model, tokenizer = assemble.load_run(run_dir, trust_remote_code)
+    if recipe.objective.name != reward.OBJECTIVE.name:
+        raise RunDirError(f"{run_dir}: trained objective {recipe.objective.name}, not a reward model "
+                          f"(objective: {{name: {reward.OBJECTIVE.name}}})")
+    return partial(reward.score_completions, model.eval(), tokenizer, recipe.data)
 
 
 def causal_lm_of(where: str, option: str, trust_remote_code: bool = False):
@@ -125,7 +137,7 @@ def causal_lm_of(where: str, option: str, trust_remote_code: bool = False):
 
     if (Path(where) / rundir.RECORD).is_file():
         recipe, model, tokenizer = assemble.load_run(where, trust_remote_code)
-        if assemble.task_of(recipe).model_class != SAMPLER.model_class:
+        if assemble.recipe_task(recipe).model_class != SAMPLER.model_class:
             raise RunDirError(f"{option} {where}: a {recipe.task} run does not generate text; give a causal_lm "
                               "(or preference-tuned) run")
         return model.eval(), tokenizer

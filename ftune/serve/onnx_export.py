@@ -166,8 +166,8 @@ def _opset(graph) -> int | None:
 def _refuse_unmergeable(run_dir: Path, trust_remote_code: bool) -> None:
     """A method that adds modules has no merged model to export: refused with the formats that do apply."""
     method = method_of(stored_recipe(run_dir, trust_remote_code)[0].method)
-    if method.merge is None:
-        other = "use --format peft for an adapter dir, or" if method.peft_config else "serve"
+    if method.merging is None:
+        other = "use --format peft for an adapter dir, or" if method.saving.peft else "serve"
         raise MethodError(f"export --format onnx: {method.name} adds modules that cannot be folded into the base "
                           f"weights, so there is no merged model to export; {other} the run dir itself "
                           f"(`ftune predict {run_dir}`)")

@@ -97,7 +97,7 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None, trust_r
     if kind.generate is not None and len(run_dirs) > 1 and weights is None:
         raise RunDirError(f"{run_dirs[1]}: predict writes {first.task} text with one run at a time; give one run")
     if weights is not None:
-        recipe, model, tokenizer, names = hotswap.combine(run_dirs, weights, trust_remote_code)
+        recipe, model, tokenizer, names = hotswap.mix_runs(run_dirs, weights, trust_remote_code)
         return MultiTask(model, []), [Task("combined", recipe, names)], tokenizer
     tasks = [Task(Path(run).name, r, rundir.read_record(run).label_names) for run, r in zip(run_dirs, recipes)]
     if len(run_dirs) > 1 and hotswap.swappable(recipes):
@@ -106,13 +106,13 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None, trust_r
     _, model, tokenizer = assemble.load_run(run_dirs[0], trust_remote_code)
     if len(run_dirs) == 1:
         return MultiTask(model, []), tasks, tokenizer
-    sites = {method_of(r.method).prompt_site for r in recipes}
+    sites = {method_of(r.method).runs_with.prompt_site for r in recipes}
     if sites == {None}:
         raise RunDirError(f"{run_dirs[0]}: {first.method.name} is neither a soft-prompt method nor mergeable; several "
                           "runs share one base through their prompts (prompt_tuning, p_tuning, prefix_tuning, "
                           "p_tuning_v2) or by hot-swap (methods with merge: lora, adalora, ...)")
     states = [rundir.read_weights(run) for run in run_dirs]
-    kinds = {(method_of(r.method).prompt_site, getattr(r.method, "tokens_before", None)) for r in recipes}
+    kinds = {(method_of(r.method).runs_with.prompt_site, getattr(r.method, "tokens_before", None)) for r in recipes}
     if len(kinds) > 1 or None in sites:
         raise RunDirError("runs mix input prompts with layer prefixes or with other methods (or differ in "
                           "tokens_before); give runs of one kind")
@@ -160,7 +160,7 @@ def predict(multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, ro
         d = task.recipe.data
         # encoding wants a label (or a target text); predictions ignore it
         labelled = ({d.target_column: ""} if TASKS[task.recipe.task].generate else {d.label_column: task.labels[0]}) | row
-        encoded = assemble.encode(task.recipe, Rows([labelled], f"input row {i + 1}"), tokenizer, task.labels)
+        encoded = assemble.encode_rows(task.recipe, Rows([labelled], f"input row {i + 1}"), tokenizer, task.labels)
         examples.append(encoded.examples[0] | {"task": index})
     device = multi.device
     out: list[dict[str, Any]] = [{}] * len(examples)

@@ -9,9 +9,9 @@ TASKS: dict[str, Task] = {t.name: t for t in (sequence_classification.TASK, toke
                                                seq2seq.TASK, preference.TASK)}
 
 
-def task_of(task: Task | str) -> Task:
+def as_task(task: Task | str) -> Task:
     """A task record, given the record or its registry name (the recipe's `task:`)."""
     return task if isinstance(task, Task) else TASKS[task]
 
 
-__all__ = ["IGNORE_INDEX", "TASKS", "Decoding", "Encoded", "Task", "task_of"]
+__all__ = ["IGNORE_INDEX", "TASKS", "Decoding", "Encoded", "Task", "as_task"]

@@ -15,22 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ftune.data.encoded import IGNORE_INDEX, Encoded
 from ftune.errors import DataError, RecipeError
-
-IGNORE_INDEX = -100  # label id the losses skip: prompt tokens, padding, a word's later sub-tokens
-
-
-@dataclass
-class Encoded:
-    """Encoded examples of one split, and what the run record should say about them."""
-
-    examples: list[dict[str, Any]]
-    source: str
-    dropped: int = 0
-    """Rows left out: truncation to data.max_length left them no token to learn from (SFT)."""
-    truncated: int = 0
-    """Rows kept but cut to data.max_length."""
-
 
 class Scorer(Protocol):
     """Accumulates one evaluation: `add` per batch, `merge` another process's scorer, `result` the metrics.
@@ -88,7 +74,7 @@ class Task:
             data.validation_fraction's split (preference pairs that share a prompt). None: each row on its own.
         hidden_loss: `(hidden, output_layer, labels) -> (sum, count)`, the same as `loss` but from the final hidden
             states (B, T, d) and the model's output layer, so that logits are made only where a label is kept and
-            in chunks (ftune/run/linear_ce.py). The task's own objective uses it when the model's logits are
+            in chunks (ftune/kernels/linear_ce.py). The task's own objective uses it when the model's logits are
             exactly its output layer of its last hidden state (checked at setup). None: from logits only.
         packs: examples may be packed end to end in one row (data.packing: ftune/data/packing.py): the loss is
             per token within each sequence (a causal LM).
@@ -96,7 +82,7 @@ class Task:
             splits (validation None without one), before anything is written: a DataError for data it cannot learn
             from (a single class, pairs with nothing to prefer), and lines for the console about what it accepts
             but must not pass over in silence. Read from the examples, so data from the encoded-data cache is
-            checked alike (ftune/data/checks.py runs it). None: nothing to check.
+            checked alike (ftune/tasks/checks.py runs it). None: nothing to check.
         length_fields: the data fields whose limits cut rows (`max_length`; seq2seq's target too), as the console
             and the advice name them.
     """

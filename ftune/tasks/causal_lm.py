@@ -14,7 +14,7 @@ import torch
 
 from ftune.data.sources import Rows, text_column
 from ftune.errors import DataError
-from ftune.run.linear_ce import linear_cross_entropy
+from ftune.kernels.linear_ce import linear_cross_entropy
 from ftune.tasks.base import IGNORE_INDEX, Encoded, Task, token_loss
 
 ALPACA = (

@@ -39,6 +39,15 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, w
     return getattr(bnb.optim, _BNB_CLASSES[name])(params, lr=lr, weight_decay=weight_decay)
 
 
+def training_optimizer(train, model: torch.nn.Module, decay_exempt, fused: bool):
+    """`train.optimizer` (the recipe's `train` section) over `model`'s trainable parameters, those `decay_exempt`
+    returns (a method's: L2-SP's) without weight decay: the loop's optimizer, and the one its memory estimate
+    steps."""
+    exempt = decay_exempt(model) if decay_exempt else []
+    return make_optimizer(train.optimizer, [p for p in model.parameters() if p.requires_grad], train.lr,
+                          train.weight_decay, exempt, fused=fused)
+
+
 def lr_multiplier(kind: str, warmup: int, total: int):
     """Linear warmup to the peak, then linear or cosine decay to zero, or constant (as transformers' schedules).
 

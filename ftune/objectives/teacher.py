@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from torch import nn
 
 from ftune import models, rundir
 from ftune.errors import ModelError, RecipeError
+from ftune.objectives.base import OtherRun
 
 CACHE_FORMAT = b"ftune teacher logits v1"
 
@@ -43,23 +45,15 @@ class Teacher:
     """The files that define it (hashed into the cache key)."""
 
 
-def describe(where: str, trust_remote_code: bool = False) -> Teacher:
-    """The teacher named by objective.teacher; one line (ModelError, RunDirError) when it is neither a finished run
-    directory nor a loadable model."""
+def describe(where: str, open_run: Callable[[Path], OtherRun], trust_remote_code: bool = False) -> Teacher:
+    """The teacher named by objective.teacher (a run directory is read through `open_run`, TrainingData's); one line
+    (ModelError, RunDirError) when it is neither a finished run directory nor a loadable model."""
     path = Path(where).expanduser()
     if (path / rundir.RECORD).is_file():
-        from ftune import assemble
-
-        recipe, record = assemble.stored_recipe(path, trust_remote_code)
-        weights = rundir.weights_file(path)
-        m = recipe.model
-        base = models.resolve_model(m.name, m.gguf_file, m.revision)
-        tokenizer = assemble.run_tokenizer(path, recipe, base)
-        files = [rundir.recipe_file(path), weights, *_files(rundir.tokenizer_dir(path)), *_files(Path(base))]
-        return Teacher(where, recipe.task, record.label_names, tokenizer, files)
-    from ftune.assemble import missing_folder
-
-    if missing_folder(where):
+        run = open_run(path)
+        files = [*run.files, *(f for folder in run.folders for f in _files(folder))]
+        return Teacher(where, run.task, run.label_names, run.tokenizer, files)
+    if models.missing_folder(where):
         raise ModelError(f"objective.teacher: {where}: no such run directory or model folder")
     try:
         source = models.resolve_model(where)

@@ -1,0 +1,1 @@
+"""Numerical kernels below every model-facing layer: plain torch, no ftune imports."""
