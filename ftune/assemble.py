@@ -14,14 +14,13 @@ from torch import nn
 
 from ftune import models, rundir
 from ftune.data import encoded_cache, holdout, loader, sources
-from ftune.tasks import checks
 from ftune.errors import ModelError, RecipeError, RunDirError
 from ftune.methods import attach, method_of
 from ftune.models import quantize
 from ftune.objectives import OBJECTIVES, Bound, Trained, trained_task
 from ftune.objectives.base import OtherRun, TrainingData
 from ftune.recipe import Recipe, load_recipe
-from ftune.tasks import TASKS, Decoding, Encoded, Task
+from ftune.tasks import TASKS, Decoding, Encoded, Task, checks
 
 
 def recipe_task(recipe: Recipe) -> Task:
@@ -30,12 +29,19 @@ def recipe_task(recipe: Recipe) -> Task:
     return trained_task(OBJECTIVES[recipe.objective.name], recipe.objective, TASKS[recipe.task])
 
 
-def trained(recipe: Recipe, model: nn.Module, tokenizer, device, precision: str,
-            names: list[str] | None = None) -> Trained:
+def trained(
+    recipe: Recipe, model: nn.Module, tokenizer, device, precision: str, names: list[str] | None = None
+) -> Trained:
     """What an objective may read of the model being trained (`model` as the method's `attach` returned it): the
     model, its method, and a loader of the bare base (a reference for preference objectives)."""
-    return Trained(model=model, method=method_of(recipe.method), device=device, precision=precision,
-                   pad_token_id=tokenizer.pad_token_id, load_base=lambda: base_model(recipe, tokenizer, names))
+    return Trained(
+        model=model,
+        method=method_of(recipe.method),
+        device=device,
+        precision=precision,
+        pad_token_id=tokenizer.pad_token_id,
+        load_base=lambda: base_model(recipe, tokenizer, names),
+    )
 
 
 class BoundObjective(NamedTuple):
@@ -46,9 +52,18 @@ class BoundObjective(NamedTuple):
     """The frozen models the objective reads (a teacher), on the device."""
 
 
-def bind_objective(recipe: Recipe, model: nn.Module, tokenizer, device, precision: str = "fp32",
-                   names: list[str] | None = None, *, task: Task | None = None,
-                   examples: list[dict[str, Any]] | None = None, rows: sources.Rows | None = None) -> BoundObjective:
+def bind_objective(
+    recipe: Recipe,
+    model: nn.Module,
+    tokenizer,
+    device,
+    precision: str = "fp32",
+    names: list[str] | None = None,
+    *,
+    task: Task | None = None,
+    examples: list[dict[str, Any]] | None = None,
+    rows: sources.Rows | None = None,
+) -> BoundObjective:
     """The recipe's objective bound to `model` (as the method's `attach` returned it): the one place an objective is
     bound, for training (ftune/run/setup.py), its memory estimate (ftune/estimate/step.py) and scoring a finished
     run. Its extra models are built on `device`. Given training `examples` (and the `rows` they were encoded from;
@@ -56,12 +71,21 @@ def bind_objective(recipe: Recipe, model: nn.Module, tokenizer, device, precisio
     example. `task`: the task as the loss reads it (default `recipe_task`; training passes the hidden-state route
     where it is exact: kernels.linear_ce.training_task)."""
     objective = OBJECTIVES[recipe.objective.name]
-    extra = {role: m.to(device)
-             for role, m in build_extra_models(recipe, objective.extra_models(recipe.objective), names).items()}
+    extra = {
+        role: m.to(device)
+        for role, m in build_extra_models(recipe, objective.extra_models(recipe.objective), names).items()
+    }
     model_in_training = trained(recipe, model, tokenizer, device, precision, names)
     if objective.prepare and examples is not None:  # checks against the data, values its loss reads per example
-        data = training_data(recipe, rows if rows is not None else read_split(recipe, "train"), examples, tokenizer, names, device,
-                             model_in_training)
+        data = training_data(
+            recipe,
+            rows if rows is not None else read_split(recipe, "train"),
+            examples,
+            tokenizer,
+            names,
+            device,
+            model_in_training,
+        )
         fields = objective.prepare(recipe.objective, recipe_task(recipe), data, extra)
         if fields:
             examples = [e | f for e, f in zip(examples, fields, strict=True)]
@@ -69,15 +93,28 @@ def bind_objective(recipe: Recipe, model: nn.Module, tokenizer, device, precisio
     return BoundObjective(bound, examples, extra)
 
 
-def training_data(recipe: Recipe, rows: sources.Rows, examples: list[dict[str, Any]], tokenizer,
-                  names: list[str] | None, device, model_in_training: Trained | None = None) -> TrainingData:
+def training_data(
+    recipe: Recipe,
+    rows: sources.Rows,
+    examples: list[dict[str, Any]],
+    tokenizer,
+    names: list[str] | None,
+    device,
+    model_in_training: Trained | None = None,
+) -> TrainingData:
     """What an objective's `prepare` reads, with the builders it may need (bound to this recipe)."""
     return TrainingData(
-        rows=rows, examples=examples, tokenizer=tokenizer, label_names=names, device=device,
+        rows=rows,
+        examples=examples,
+        tokenizer=tokenizer,
+        label_names=names,
+        device=device,
         encode=lambda other_rows, other_tokenizer: encode_rows(recipe, other_rows, other_tokenizer, names).examples,
         load_model=lambda role, where: build_extra_models(recipe, {role: where}, names)[role],
         open_run=lambda path: other_run(path, recipe.model.trust_remote_code),
-        trust_remote_code=recipe.model.trust_remote_code, trained=model_in_training)
+        trust_remote_code=recipe.model.trust_remote_code,
+        trained=model_in_training,
+    )
 
 
 def other_run(run_dir: Path, trust_remote_code: bool = False) -> OtherRun:
@@ -85,17 +122,27 @@ def other_run(run_dir: Path, trust_remote_code: bool = False) -> OtherRun:
     recipe, record = stored_recipe(run_dir, trust_remote_code)
     m = recipe.model
     base = models.resolve_model(m.name, m.gguf_file, m.revision)
-    return OtherRun(recipe.task, record.label_names, run_tokenizer(run_dir, recipe, base),
-                    [rundir.recipe_file(run_dir), rundir.weights_file(run_dir)],
-                    [rundir.tokenizer_dir(run_dir), Path(base)])
+    return OtherRun(
+        recipe.task,
+        record.label_names,
+        run_tokenizer(run_dir, recipe, base),
+        [rundir.recipe_file(run_dir), rundir.weights_file(run_dir)],
+        [rundir.tokenizer_dir(run_dir), Path(base)],
+    )
 
 
 def base_model(recipe: Recipe, tokenizer, names: list[str] | None = None) -> nn.Module:
     """A fresh copy of the base model the recipe trains, without its method: frozen, in eval mode."""
     spec = recipe.model
-    model, _ = models.load_model(recipe_task(recipe), models.resolve_model(spec.name, spec.gguf_file, spec.revision),
-                                 spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
-                                 trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    model, _ = models.load_model(
+        recipe_task(recipe),
+        models.resolve_model(spec.name, spec.gguf_file, spec.revision),
+        spec.dtype,
+        label_names=names,
+        pad_token_id=tokenizer.pad_token_id,
+        trust_remote_code=spec.trust_remote_code,
+        revision=spec.revision,
+    )
     return model.eval().requires_grad_(False)
 
 
@@ -123,8 +170,9 @@ def eval_loader(recipe: Recipe, examples: list[dict[str, Any]], tokenizer):
     metric is a sum or a statistic over all rows, so the order changes no score."""
     t = recipe.train
     examples = sorted(examples, key=loader.example_length, reverse=True)
-    return loader.make_loader(examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed,
-                              shuffle=False)
+    return loader.make_loader(
+        examples, t.eval_batch_size or 2 * t.batch_size, tokenizer.pad_token_id, t.seed, shuffle=False
+    )
 
 
 def decoding(recipe: Recipe, tokenizer) -> Decoding | None:
@@ -137,8 +185,14 @@ def build_model(recipe: Recipe, source: str, tokenizer, names: list[str] | None)
     """The base model with the recipe's method attached and exactly the method's parameters trainable."""
     spec = recipe.model
     model, missing = models.load_model(
-        recipe_task(recipe), source, spec.dtype, label_names=names, pad_token_id=tokenizer.pad_token_id,
-        trust_remote_code=spec.trust_remote_code, revision=spec.revision, quantization=spec.quantization,
+        recipe_task(recipe),
+        source,
+        spec.dtype,
+        label_names=names,
+        pad_token_id=tokenizer.pad_token_id,
+        trust_remote_code=spec.trust_remote_code,
+        revision=spec.revision,
+        quantization=spec.quantization,
     )
     if spec.quantization:  # fp32 norms and head; input grads for checkpointed segments
         quantize.prepare_for_training(model, recipe.train.gradient_checkpointing)
@@ -156,8 +210,13 @@ def read_split(recipe: Recipe, split: str, given: list[Any] | None = None) -> so
     if d.validation_fraction and not given and split in ("train", "validation"):
         rows = sources.read_rows(d.train, "train", d.max_train_rows, conll_columns)
         group = (lambda row: task.holdout_group(row, d)) if task.holdout_group else holdout.row_key
-        return holdout.split(rows, d.validation_fraction, group, split == "validation",
-                             d.max_validation_rows if split == "validation" else None)
+        return holdout.split(
+            rows,
+            d.validation_fraction,
+            group,
+            split == "validation",
+            d.max_validation_rows if split == "validation" else None,
+        )
     return sources.read_rows(given or _split_sources(recipe, split), split, limit, conll_columns)
 
 
@@ -172,8 +231,10 @@ def _split_sources(recipe: Recipe, split: str) -> list[Any]:
     # never a file or Hub split named for another split: that would score the wrong rows under this name
     folders = [s for s in [*d.train, *(d.validation or [])] if isinstance(s, str) and Path(s).expanduser().is_dir()]
     if not folders:
-        raise RecipeError(f"--split {split}: the recipe has no {split} split (only data.train and data.validation, "
-                          f"no folder holding {split}.*); use one of those or score a file with --data")
+        raise RecipeError(
+            f"--split {split}: the recipe has no {split} split (only data.train and data.validation, "
+            f"no folder holding {split}.*); use one of those or score a file with --data"
+        )
     return folders
 
 
@@ -199,16 +260,20 @@ def _encoded_splits(recipe: Recipe, tokenizer) -> tuple[encoded_cache.Splits, st
         rows = read_split(recipe, "train")
         names = label_names(recipe, rows)
         held_out = d.validation or d.validation_fraction
-        return (names, encode_rows(recipe, rows, tokenizer, names),
-                encode_rows(recipe, read_split(recipe, "validation"), tokenizer, names) if held_out else None)
+        return (
+            names,
+            encode_rows(recipe, rows, tokenizer, names),
+            encode_rows(recipe, read_split(recipe, "validation"), tokenizer, names) if held_out else None,
+        )
 
     if not d.cache:
         return build(), "encoded (data.cache: false)"
     config = model_config(recipe).to_json_string() if task.encodes_with_config else None
     settings = {"task": recipe.task, "objective": recipe.objective.model_dump(mode="json"), "config": config}
     task_file = Path(inspect.getsourcefile(task.encode))
-    return encoded_cache.load_or_build(encoded_cache.identity(d, task_file, task.reads_conll, tokenizer, settings),
-                                       build)
+    return encoded_cache.load_or_build(
+        encoded_cache.identity(d, task_file, task.reads_conll, tokenizer, settings), build
+    )
 
 
 def model_config(recipe: Recipe):
@@ -220,7 +285,9 @@ def model_config(recipe: Recipe):
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"model.name: cannot load the config of {source}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        raise ModelError(
+            f"model.name: cannot load the config of {source}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+        ) from None
 
 
 def build_extra_models(recipe: Recipe, needs: dict[str, str], names: list[str] | None = None) -> dict[str, nn.Module]:
@@ -248,16 +315,24 @@ def _named_extra_model(recipe: Recipe, role: str, where: str, names: list[str] |
     if models.missing_folder(where):
         raise ModelError(f"objective.{role}: {where}: no such run directory or model folder")
     try:
-        model, missing = models.load_model(recipe_task(recipe), models.resolve_model(where), label_names=names,
-                                           trust_remote_code=recipe.model.trust_remote_code)
+        model, missing = models.load_model(
+            recipe_task(recipe),
+            models.resolve_model(where),
+            label_names=names,
+            trust_remote_code=recipe.model.trust_remote_code,
+        )
     except ModelError as e:
-        raise ModelError(f"objective.{role}: {where} is neither a finished ftune run directory (no "
-                         f"{rundir.RECORD}) nor a loadable model ({str(e).removeprefix('model.name: ')})") from None
+        raise ModelError(
+            f"objective.{role}: {where} is neither a finished ftune run directory (no "
+            f"{rundir.RECORD}) nor a loadable model ({str(e).removeprefix('model.name: ')})"
+        ) from None
     if missing:
         missing = sorted(missing)
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        raise ModelError(f"objective.{role}: {where} has no trained weights for {', '.join(missing[:4])}{more}; give "
-                         f"a finished ftune run directory or a model already fine-tuned for {recipe.task}")
+        raise ModelError(
+            f"objective.{role}: {where} has no trained weights for {', '.join(missing[:4])}{more}; give "
+            f"a finished ftune run directory or a model already fine-tuned for {recipe.task}"
+        )
     return model
 
 
@@ -270,13 +345,17 @@ def stored_recipe(run_dir: str | Path, trust_remote_code: bool = False) -> tuple
     recipe = load_recipe(rundir.recipe_file(run_dir), stored=True)
     spec = recipe.model
     if spec.trust_remote_code and not trust_remote_code:
-        raise RunDirError(f"{run_dir}: trained with model.trust_remote_code: true, so loading it runs code from "
-                          f"{spec.name}; a run never allows that by itself: pass --trust-remote-code if you trust it")
+        raise RunDirError(
+            f"{run_dir}: trained with model.trust_remote_code: true, so loading it runs code from "
+            f"{spec.name}; a run never allows that by itself: pass --trust-remote-code if you trust it"
+        )
     recorded = record.model_source
     for where in (spec.name, recorded):
         if where and _lies_in(Path(where).expanduser(), run_dir):
-            raise RunDirError(f"{run_dir}: its base model {where} lies inside the run directory; a run's base model "
-                              "is read from outside it (a run is data, not code)")
+            raise RunDirError(
+                f"{run_dir}: its base model {where} lies inside the run directory; a run's base model "
+                "is read from outside it (a run is data, not code)"
+            )
     if recorded and Path(recorded).expanduser().is_dir():  # the folder it was trained from (a GGUF already converted)
         spec = spec.model_copy(update={"name": recorded, "gguf_file": None})
     spec = spec.model_copy(update={"trust_remote_code": spec.trust_remote_code and trust_remote_code})
@@ -297,8 +376,10 @@ def warn_changed_bases(run_dirs: list[Path], trust_remote_code: bool, note: Call
         source = models.resolve_model(spec.name, spec.gguf_file, spec.revision)
         changes = fingerprint.model_changes(recorded, fingerprint.model_fingerprints(source, fingerprint.model_cache()))
         if changes:
-            note(f"warning: {run_dir}: its base model {source} is not the one it was trained on "
-                 f"({'; '.join(changes)}); what follows is of another model than the one trained")
+            note(
+                f"warning: {run_dir}: its base model {source} is not the one it was trained on "
+                f"({'; '.join(changes)}); what follows is of another model than the one trained"
+            )
 
 
 def _lies_in(path: Path, folder: Path) -> bool:

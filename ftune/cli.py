@@ -20,9 +20,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune la
 err = Console(stderr=True)
 
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: dotted.key=value.")]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a run whose model needs code from "
-                                               "its model folder (model.trust_remote_code) to run that code. A run "
-                                               "never allows it by itself.")]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Allow a run whose model needs code from "
+        "its model folder (model.trust_remote_code) to run that code. A run "
+        "never allows it by itself.",
+    ),
+]
 
 
 def command(fn=None, *, name: str | None = None):
@@ -53,9 +59,15 @@ def train(
     set_: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous run in output_dir.")] = False,
-    nproc: Annotated[int, typer.Option(min=1, help="Train on N processes on this machine (N GPUs, or N CPU "
-                                       "processes): runs `accelerate launch --multi_gpu --num_processes N -m ftune "
-                                       "train ...`.")] = 1,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Train on N processes on this machine (N GPUs, or N CPU "
+            "processes): runs `accelerate launch --multi_gpu --num_processes N -m ftune "
+            "train ...`.",
+        ),
+    ] = 1,
     allow_changed_data: Annotated[bool, typer.Option(help="Resume on changed data files (run.json notes it).")] = False,
 ) -> None:
     """Train a recipe; weights, metrics and a reproducible record go to its output_dir."""
@@ -74,16 +86,22 @@ def _warn_if_base_changed(run_dirs: list[Path], trust_remote_code: bool) -> None
     """One warning line per run whose base model's files differ from those it trained on (run.json's fingerprints)."""
     from ftune import assemble
 
-    assemble.warn_changed_bases(run_dirs, trust_remote_code,
-                                lambda text: err.print(text, soft_wrap=True, markup=False, highlight=False))
+    assemble.warn_changed_bases(
+        run_dirs, trust_remote_code, lambda text: err.print(text, soft_wrap=True, markup=False, highlight=False)
+    )
 
 
 @command
 def validate(
     recipe: Path,
     set_: Overrides = None,
-    measure: Annotated[bool, typer.Option(help="Also run a few real training steps at the recipe's batch and "
-                                          "length: measured peak memory and time per step beside the estimate.")] = False,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            help="Also run a few real training steps at the recipe's batch and "
+            "length: measured peak memory and time per step beside the estimate."
+        ),
+    ] = False,
 ) -> None:
     """Dry run: print the resolved recipe, the trainable / total parameters and (on stderr) the memory a training
     step needs, estimated without training."""
@@ -101,7 +119,9 @@ def validate(
     model = assemble.build_model(r, source, tokenizer, names)
     trainable, total = count_parameters(model)
     print(dump_recipe(r), end="")
-    print(f"# model source: {source}\n# trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    print(
+        f"# model source: {source}\n# trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+    )
     for line in validate_lines(r, model, assemble.model_config):  # a recipe that drops blocks: blocks, speed-up
         print(f"# {line}")
     try:
@@ -121,11 +141,17 @@ def methods(markdown: Annotated[bool, typer.Option(help="Print a Markdown table.
     if markdown:
         print("| method | what trains | recommended lr | paper |\n|---|---|---|---|")
     for m in METHODS.values():
-        fields = ", ".join(f"{k}=" + ("<required>" if v.is_required() else _shown(v.get_default(call_default_factory=True)))
-                           for k, v in m.config_cls.model_fields.items() if k != "name")
+        fields = ", ".join(
+            f"{k}=" + ("<required>" if v.is_required() else _shown(v.get_default(call_default_factory=True)))
+            for k, v in m.config_cls.model_fields.items()
+            if k != "name"
+        )
         lr = f"{m.about.recommended.lr:g}" if m.about.recommended else "-"
-        print(f"| `{m.name}` | {m.about.summary} | {lr} | {m.about.paper} |" if markdown
-              else f"{m.name:<14} {m.about.summary}  [{fields}]  recommended lr {lr}")
+        print(
+            f"| `{m.name}` | {m.about.summary} | {lr} | {m.about.paper} |"
+            if markdown
+            else f"{m.name:<14} {m.about.summary}  [{fields}]  recommended lr {lr}"
+        )
 
 
 def _shown(default) -> str:
@@ -138,18 +164,31 @@ def _shown(default) -> str:
 @command
 def compare(
     recipe: Path,
-    methods: Annotated[str | None, typer.Option("--methods", help="Methods to compare, comma-separated, e.g. "
-                                                   "lora,adapter,prefix_tuning.")] = None,
-    every: Annotated[bool, typer.Option("--all", help="Every registered method that applies to the recipe (the "
-                                        "others are listed with the reason).")] = False,
-    budget: Annotated[str, typer.Option(help="Training per method: steps, epochs or seconds, e.g. 200steps, 1epoch, "
-                                        "600s.")] = "200steps",
-    out: Annotated[Path | None, typer.Option(help="Folder for the runs (<out>/<method>), the table and the plot; "
-                                                "default runs/compare-<recipe name>.")] = None,
-    memory_limit: Annotated[str | None, typer.Option(help="Also recommend the best method within this peak "
-                                                        "memory, e.g. 2GB.")] = None,
-    evals: Annotated[int, typer.Option(min=1, help="Evaluations per run under a step budget (for the best-so-far "
-                                       "column).")] = 4,
+    methods: Annotated[
+        str | None,
+        typer.Option("--methods", help="Methods to compare, comma-separated, e.g. lora,adapter,prefix_tuning."),
+    ] = None,
+    every: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Every registered method that applies to the recipe (the others are listed with the reason)."
+        ),
+    ] = False,
+    budget: Annotated[
+        str, typer.Option(help="Training per method: steps, epochs or seconds, e.g. 200steps, 1epoch, 600s.")
+    ] = "200steps",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the runs (<out>/<method>), the table and the plot; default runs/compare-<recipe name>."
+        ),
+    ] = None,
+    memory_limit: Annotated[
+        str | None, typer.Option(help="Also recommend the best method within this peak memory, e.g. 2GB.")
+    ] = None,
+    evals: Annotated[
+        int, typer.Option(min=1, help="Evaluations per run under a step budget (for the best-so-far column).")
+    ] = 4,
     set_: Overrides = None,
 ) -> None:
     """Train several methods on one recipe's model, task and data, each with its recommended learning rate, on one
@@ -183,12 +222,21 @@ def schema() -> None:
 
 @command(name="eval")
 def evaluate_run(
-    run_dirs: Annotated[list[Path], typer.Argument(help="One or more runs; several of a mergeable method (LoRA, "
-                                                   "AdaLoRA, ...) are hot-swapped on one loaded base.")],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="One or more runs; several of a mergeable method (LoRA, "
+            "AdaLoRA, ...) are hot-swapped on one loaded base."
+        ),
+    ],
     split: Annotated[str, typer.Option(help="Split of the recipe's data to score.")] = "validation",
     data: Annotated[str | None, typer.Option(help="Score this file instead.")] = None,
-    weights: Annotated[str | None, typer.Option(help="Score ONE adapter, the weighted sum of several LoRA runs' "
-                                                   "updates, e.g. 0.7,0.3 (one weight per run).")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Score ONE adapter, the weighted sum of several LoRA runs' updates, e.g. 0.7,0.3 (one weight per run)."
+        ),
+    ] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Score trained runs on a split or a file: one run prints its metrics as JSON, several print one JSON line each."""
@@ -206,14 +254,12 @@ def evaluate_run(
     assemble.warn_changed_bases(run_dirs, trust_remote_code, note)  # a base changed since training: said first
     if factors is not None:
         recipe, model, tokenizer, names = hotswap.mix_runs(run_dirs, factors, trust_remote_code)
-        scored = score.score(recipe, model, tokenizer, names, split, data, note,
-                             score.trained_precision(run_dirs[0]))
+        scored = score.score(recipe, model, tokenizer, names, split, data, note, score.trained_precision(run_dirs[0]))
         print(json.dumps({"runs": [str(r) for r in run_dirs], "weights": factors, **scored}, indent=2))
     elif len(run_dirs) == 1:
         recipe, model, tokenizer = assemble.load_run(run_dirs[0], trust_remote_code)
         names = rundir.read_record(run_dirs[0]).label_names
-        scored = score.score(recipe, model, tokenizer, names, split, data, note,
-                             score.trained_precision(run_dirs[0]))
+        scored = score.score(recipe, model, tokenizer, names, split, data, note, score.trained_precision(run_dirs[0]))
         print(json.dumps(scored, indent=2))
     else:
         for scored in score.score_runs(run_dirs, split, data, note, trust_remote_code):
@@ -222,14 +268,29 @@ def evaluate_run(
 
 @command
 def predict(
-    runs: Annotated[list[Path], typer.Argument(help="One or more runs on the same base (several: soft-prompt runs, "
-                                               "or runs of a mergeable method, hot-swapped).")],
-    input: Annotated[Path, typer.Option("--input", help="JSONL rows: the recipe's text column(s), and `task` "
-                                        "(a run's folder name or index) when several runs are given.")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="One or more runs on the same base (several: soft-prompt runs, "
+            "or runs of a mergeable method, hot-swapped)."
+        ),
+    ],
+    input: Annotated[
+        Path,
+        typer.Option(
+            "--input",
+            help="JSONL rows: the recipe's text column(s), and `task` "
+            "(a run's folder name or index) when several runs are given.",
+        ),
+    ],
     output: Annotated[Path | None, typer.Option(help="Write predictions here (JSONL) instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per batch; a batch may mix tasks.")] = 32,
-    weights: Annotated[str | None, typer.Option(help="Answer every row with ONE adapter, the weighted sum of "
-                                                   "several LoRA runs' updates, e.g. 0.7,0.3.")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Answer every row with ONE adapter, the weighted sum of several LoRA runs' updates, e.g. 0.7,0.3."
+        ),
+    ] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Predict labels for JSONL rows with one base serving several tasks (soft prompts per row, or hot-swapped
@@ -269,8 +330,13 @@ def merge(run_dir: Path, out_dir: Path, trust_remote_code: TrustRemoteCode = Fal
 def import_peft(
     peft_dir: Path,
     out_dir: Path,
-    recipe: Annotated[Path, typer.Option("--recipe", help="Recipe giving model, task and data; its method section is "
-                                         "replaced by the adapter's LoRA config.")],
+    recipe: Annotated[
+        Path,
+        typer.Option(
+            "--recipe",
+            help="Recipe giving model, task and data; its method section is replaced by the adapter's LoRA config.",
+        ),
+    ],
 ) -> None:
     """Turn a LoRA adapter dir saved by peft into an ftune run dir (eval, predict, merge, export work on it)."""
     from ftune.serve.peft_import import import_peft as run_import
@@ -285,8 +351,12 @@ class ExportFormat(str, Enum):
 
 
 @command
-def export(run_dir: Path, out_dir: Path, format: Annotated[ExportFormat, typer.Option()] = ExportFormat.peft,
-           trust_remote_code: TrustRemoteCode = False) -> None:
+def export(
+    run_dir: Path,
+    out_dir: Path,
+    format: Annotated[ExportFormat, typer.Option()] = ExportFormat.peft,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
     """Export a run as a peft adapter dir (--format peft), a merged transformers model (--format hf), or the merged
     model as ONNX checked against PyTorch with onnxruntime (--format onnx)."""
     run_dir, out_dir = run_dir.expanduser(), out_dir.expanduser()  # a quoted ~ (or OUT=~/x) the shell left alone
@@ -298,8 +368,11 @@ def export(run_dir: Path, out_dir: Path, format: Annotated[ExportFormat, typer.O
         from ftune.serve.onnx_export import export_onnx
 
         written, report = export_onnx(run_dir, out_dir, trust_remote_code)
-        err.print(f"onnx export written to {written} ({report['exporter']} exporter; onnxruntime vs PyTorch logits: "
-                  f"max |difference| {report['check']['max_abs_diff']:.2g})", soft_wrap=True)
+        err.print(
+            f"onnx export written to {written} ({report['exporter']} exporter; onnxruntime vs PyTorch logits: "
+            f"max |difference| {report['check']['max_abs_diff']:.2g})",
+            soft_wrap=True,
+        )
         return
     from ftune.serve.export import export_peft, merge_run
 
@@ -311,16 +384,21 @@ def export(run_dir: Path, out_dir: Path, format: Annotated[ExportFormat, typer.O
 @command
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="One or more run dirs (finished or in progress).")],
-    out: Annotated[Path | None, typer.Option(help="PNG to write (a new file); default with one run: its own "
-                                            "loss.png.")] = None,
-    metric: Annotated[str | None, typer.Option(help="Validation metric of the right panel (default: the recipe's "
-                                               "train.best_metric, else the first besides loss).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG to write (a new file); default with one run: its own loss.png.")
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="Validation metric of the right panel (default: the recipe's "
+            "train.best_metric, else the first besides loss)."
+        ),
+    ] = None,
 ) -> None:
     """Plot training loss and a validation metric against step, several runs overlaid."""
     from ftune.run.plots import plot_runs
 
     err.print(f"plot written to {plot_runs([r.expanduser() for r in run_dirs], out and out.expanduser(), metric)}")
-
 
 
 class JudgeKind(str, Enum):
@@ -333,8 +411,13 @@ def label_pairs(
     policy: Annotated[str, typer.Argument(help="A finished causal-LM run (SFT or preference-tuned) that samples.")],
     prompts: Annotated[Path, typer.Argument(help="JSONL file with a prompt per row.")],
     out: Annotated[Path, typer.Option("--out", help="JSONL of {prompt, chosen, rejected, judge, policy} rows.")],
-    judge: Annotated[str, typer.Option(help="A reward-model run (--judge-kind reward) or a causal-LM run or "
-                                       "model asked which response is better (--judge-kind llm).")],
+    judge: Annotated[
+        str,
+        typer.Option(
+            help="A reward-model run (--judge-kind reward) or a causal-LM run or "
+            "model asked which response is better (--judge-kind llm)."
+        ),
+    ],
     judge_kind: Annotated[JudgeKind, typer.Option(help="How the judge decides.")] = JudgeKind.reward,
     seed: int = 0,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
@@ -356,8 +439,14 @@ def label_pairs(
         raise RunDirError(f"--out {out}: already exists; choose another file or pass --overwrite")
     rows = lp.read_prompts(prompts, prompt_column)
     model, tokenizer = lp.causal_lm_of(policy, "POLICY", trust_remote_code)
-    judged = lp.label(rows, model, tokenizer, lp.judge_of(judge_kind.value, judge, trust_remote_code),
-                      lp.Sampling(seed, temperature, top_p, max_new_tokens), policy)
+    judged = lp.label(
+        rows,
+        model,
+        tokenizer,
+        lp.judge_of(judge_kind.value, judge, trust_remote_code),
+        lp.Sampling(seed, temperature, top_p, max_new_tokens),
+        policy,
+    )
     lp.write_rows(out, judged.rows, overwrite)
     dropped = ", ".join(f"{n} {why}" for why, n in judged.dropped.items()) or "none"
     err.print(f"{len(judged.rows)} pairs of {len(rows)} prompts written to {out}; dropped: {dropped}")

@@ -19,11 +19,28 @@ def launch(nproc: int, recipe: Path, overrides: list[str], flags: dict[str, bool
     with socket.socket() as probe:  # a free port: two runs on one machine must not share a rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port),
-               "-m", "ftune", "train", str(recipe), *(a for o in overrides for a in ("--set", o)),
-               *(f"--{flag.replace('_', '-')}" for flag, on in flags.items() if on)]  # --resume, --overwrite, ...
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "ftune",
+        "train",
+        str(recipe),
+        *(a for o in overrides for a in ("--set", o)),
+        *(f"--{flag.replace('_', '-')}" for flag, on in flags.items() if on),
+    ]  # --resume, --overwrite, ...
     launcher = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
     for line in without_launcher_noise(launcher.stderr):
         sys.stderr.write(line)

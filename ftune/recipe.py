@@ -29,8 +29,8 @@ from ftune.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, AnyObjectiveConfig
 from ftune.recipe_errors import explain, shown
 from ftune.recipe_yaml import kind_of, one_line
 from ftune.step.optim import OPTIMIZERS
-from ftune.trackers import TRACKERS, known_trackers
 from ftune.tasks import TASKS
+from ftune.trackers import TRACKERS, known_trackers
 
 TaskName = Literal[tuple(TASKS)]  # the task registry's names (ftune/tasks/)
 TrackerName = Literal[tuple(TRACKERS)]  # accelerate's trackers (ftune/trackers.py)
@@ -53,7 +53,8 @@ class ModelSpec(_Section):
     """Run modelling code shipped with a Hub model. Off unless you trust its author."""
     quantization: Quantization | None = None
     """Load the base linears 4- or 8-bit quantised through bitsandbytes (QLoRA); only methods that train weights
-    outside them may use it (e.g. lora, adapters, head). Unquantised weights are kept in fp32. See ftune/models/quantize.py."""
+    outside them may use it (e.g. lora, adapters, head). Unquantised weights are kept in fp32.
+    See ftune/models/quantize.py."""
 
 
 class HubSource(_Section):
@@ -108,7 +109,8 @@ class DataSpec(_Section):
     response_column: str = "output"
     """SFT: column with the response; only its tokens carry loss."""
     template: Literal["auto", "chat", "alpaca"] = "auto"
-    """SFT and preference prompt format: the tokenizer's chat template (`auto` uses it when there is one), or Alpaca's."""
+    """SFT and preference prompt format: the tokenizer's chat template (`auto` uses it when there is one), or
+    Alpaca's."""
     prompt_column: str = "prompt"
     """Preference: column with the prompt (the user turn)."""
     chosen_column: str = "chosen"
@@ -148,21 +150,35 @@ class DataSpec(_Section):
         """A name listed twice would give the head an output no row can have (and shift the ids after it)."""
         for i, label in enumerate(labels or []):
             if label in labels[:i]:
-                raise ValueError(f"{label!r} is listed twice (entries {labels.index(label) + 1} and {i + 1}); "
-                                 "name each class (tag) once, in id order")
+                raise ValueError(
+                    f"{label!r} is listed twice (entries {labels.index(label) + 1} and {i + 1}); "
+                    "name each class (tag) once, in id order"
+                )
         return labels
 
-    @field_validator("text_pair_column", "label_column", "tags_column", "input_column", "response_column",
-                     "chosen_column", "rejected_column", "target_column")
+    @field_validator(
+        "text_pair_column",
+        "label_column",
+        "tags_column",
+        "input_column",
+        "response_column",
+        "chosen_column",
+        "rejected_column",
+        "target_column",
+    )
     @classmethod
     def _one_role_per_column(cls, name: str | None, info: ValidationInfo) -> str | None:
         """Within one task's columns, each role reads its own column: a pair whose chosen and rejected text are one
         column has nothing to prefer (DPO's loss stays at log 2), an SFT response that is its instruction is copied."""
-        roles = (("text_column", "text_pair_column", "label_column"), ("tokens_column", "tags_column"),
-                 ("instruction_column", "input_column", "response_column"),
-                 ("prompt_column", "chosen_column", "rejected_column"), ("source_column", "target_column"))
+        roles = (
+            ("text_column", "text_pair_column", "label_column"),
+            ("tokens_column", "tags_column"),
+            ("instruction_column", "input_column", "response_column"),
+            ("prompt_column", "chosen_column", "rejected_column"),
+            ("source_column", "target_column"),
+        )
         group = next(g for g in roles if info.field_name in g)
-        for earlier in group[:group.index(info.field_name)]:
+        for earlier in group[: group.index(info.field_name)]:
             if name is not None and info.data.get(earlier) == name:
                 raise ValueError(f"names column {name!r}, as data.{earlier} does; each role reads its own column")
         return name
@@ -175,7 +191,8 @@ class TrainSpec(_Section):
     """Optimizer steps to run (overrides epochs)."""
     max_seconds: float | None = Field(None, gt=0)
     """Stop once training has run this long (seconds, evaluations included; a resumed run counts its earlier time),
-    then evaluate and save as at the end. The schedule still spans max_steps or epochs (`ftune compare --budget 600s`)."""
+    then evaluate and save as at the end. The schedule still spans max_steps or epochs
+    (`ftune compare --budget 600s`)."""
     lr: float = Field(2e-4, gt=0)
     """Peak learning rate (AdamW)."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -234,7 +251,8 @@ class TrainSpec(_Section):
     best_metric). The resolved recipe (recipe.yaml, `ftune validate`) shows the value used."""
     report_to: Annotated[list[TrackerName], BeforeValidator(known_trackers)] = []
     """Experiment trackers that also get metrics.jsonl's values (accelerate's): tensorboard (event files under
-    <output_dir>/tracking/), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; each needs its package."""
+    <output_dir>/tracking/), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; each needs its
+    package."""
 
     @model_validator(mode="before")
     @classmethod
@@ -258,7 +276,8 @@ def best_mode_for(metric: str | None) -> Literal["max", "min"]:
 
 
 class GenerationSpec(_Section):
-    """How a generating task (seq2seq) produces text, in validation (ROUGE) and `ftune predict`: greedy or beam search."""
+    """How a generating task (seq2seq) produces text, in validation (ROUGE) and `ftune predict`: greedy or beam
+    search."""
 
     max_new_tokens: int = Field(64, gt=0)
     """Tokens generated per row at most."""
@@ -301,8 +320,10 @@ class Recipe(_Section):
         if not value.strip():
             raise ValueError("is empty; name a new directory for the run, e.g. runs/my-run")
         if len(value) > 4096:  # Linux's PATH_MAX; resolving a path far longer costs seconds before the OS refuses it
-            raise ValueError(f"is {len(value):,} characters long, longer than any usable path; name a new directory "
-                             "for the run, e.g. runs/my-run")
+            raise ValueError(
+                f"is {len(value):,} characters long, longer than any usable path; name a new directory "
+                "for the run, e.g. runs/my-run"
+            )
         try:
             path = Path(value).expanduser().resolve()
             cwd, home = Path.cwd().resolve(), Path.home().resolve()
@@ -313,8 +334,9 @@ class Recipe(_Section):
                 raise ValueError(f"{shown(value)} is {what}; name a new directory for the run, e.g. runs/my-run")
         # a stored recipe (eval, merge, export of a finished run) only names where the run was written
         if path == cwd and not (info.context or {}).get("stored"):
-            raise ValueError(f"{shown(value)} is the current directory; name a new directory for the run, e.g. "
-                             "runs/my-run")
+            raise ValueError(
+                f"{shown(value)} is the current directory; name a new directory for the run, e.g. runs/my-run"
+            )
         # every consumer writes where the checks looked: `~/runs/x` is $HOME/runs/x, never a folder named `~` here
         return str(Path(value).expanduser()) if value.startswith("~") else value
 
@@ -324,8 +346,10 @@ class Recipe(_Section):
             raise ValueError("train.best_metric needs data.validation (or data.validation_fraction) to score against")
         if self.data.packing and not TASKS[self.task].packs:
             packing = ", ".join(name for name, task in TASKS.items() if task.packs)
-            raise ValueError(f"data.packing: task {self.task} cannot put several examples in one row (only "
-                             f"{packing}); set data.packing: false")
+            raise ValueError(
+                f"data.packing: task {self.task} cannot put several examples in one row (only "
+                f"{packing}); set data.packing: false"
+            )
         if self.data.validation and self.data.validation_fraction:
             raise ValueError("data.validation_fraction: holds out training rows instead of data.validation; set one")
         method = method_of(self.method)
@@ -333,12 +357,16 @@ class Recipe(_Section):
         if objective.check:  # a combination the objective cannot train: no pairs, a reference it cannot make
             objective.check(self.objective, TASKS[self.task], method)
         if self.train.gradient_checkpointing and not method.runs_with.gradient_checkpointing:
-            raise ValueError(f"train.gradient_checkpointing: {method.name} keeps per-layer key/value prefixes in "
-                             "the attention cache, which recomputation in backward would extend twice; set it to false")
+            raise ValueError(
+                f"train.gradient_checkpointing: {method.name} keeps per-layer key/value prefixes in "
+                "the attention cache, which recomputation in backward would extend twice; set it to false"
+            )
         if self.model.quantization and not method.runs_with.quantized_base:
             fit = ", ".join(n for n, m in METHODS.items() if m.runs_with.quantized_base)
-            raise ValueError(f"model.quantization: {method.name} trains weights inside the quantised base linears, "
-                             f"which cannot be updated; use a method that trains outside them ({fit}) or drop it")
+            raise ValueError(
+                f"model.quantization: {method.name} trains weights inside the quantised base linears, "
+                f"which cannot be updated; use a method that trains outside them ({fit}) or drop it"
+            )
         return self
 
 
@@ -354,8 +382,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, stored: bool = F
     if doc is None:
         raise RecipeError(f"{path}: is empty; a recipe is a YAML mapping (model:, task:, data:, method:, ...)")
     if not isinstance(doc, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping (model:, task:, data:, method:, ...), "
-                          f"not a {kind_of(doc)}")
+        raise RecipeError(
+            f"{path}: a recipe is a YAML mapping (model:, task:, data:, method:, ...), not a {kind_of(doc)}"
+        )
     for item in overrides:
         _set_dotted(doc, item)
     return validate_recipe(doc, source=str(path), stored=stored)
@@ -364,8 +393,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, stored: bool = F
 def validate_recipe(doc: dict[str, Any], source: str = "recipe", *, stored: bool = False) -> Recipe:
     """Validate a parsed recipe document; any problem is a one-line RecipeError naming the field."""
     if not isinstance(doc, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping (model:, task:, data:, method:, ...), "
-                          f"not a {kind_of(doc)}")
+        raise RecipeError(
+            f"{source}: a recipe is a YAML mapping (model:, task:, data:, method:, ...), not a {kind_of(doc)}"
+        )
     try:
         return Recipe.model_validate(doc, context={"stored": stored})
     except ValidationError as e:

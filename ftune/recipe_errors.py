@@ -99,7 +99,13 @@ def _short(text: str, limit: int = 80) -> str:
 
 def _is_member_tag(part: Any) -> bool:
     text = str(part)
-    return text in METHODS or text in OBJECTIVES or text in {"str", "int", "float", "bool"} or text[:1].isupper() or "[" in text
+    return (
+        text in METHODS
+        or text in OBJECTIVES
+        or text in {"str", "int", "float", "bool"}
+        or text[:1].isupper()
+        or "[" in text
+    )
 
 
 def _known_keys(parent: list[Any], doc: dict[str, Any], root: type[BaseModel]) -> list[str]:
@@ -113,8 +119,11 @@ def _known_keys(parent: list[Any], doc: dict[str, Any], root: type[BaseModel]) -
             if field is None:
                 return []
             candidates = _models_in(field.annotation)
-        node = node.get(part) if isinstance(node, dict) else (
-            node[part] if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node) else None)
+        node = (
+            node.get(part)
+            if isinstance(node, dict)
+            else (node[part] if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node) else None)
+        )
     model = _chosen(candidates, node)
     return list(model.model_fields) if model else []
 

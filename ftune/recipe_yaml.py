@@ -59,8 +59,10 @@ def read_text(path: Path) -> str:
     except OSError as e:
         raise RecipeError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     if len(raw) > MAX_BYTES:
-        raise RecipeError(f"{path}: larger than {MAX_BYTES // 2**20} MiB, the most a recipe may be (recipes are a "
-                          "few KiB); is this the right file?")
+        raise RecipeError(
+            f"{path}: larger than {MAX_BYTES // 2**20} MiB, the most a recipe may be (recipes are a "
+            "few KiB); is this the right file?"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -132,8 +134,10 @@ class _Loader(yaml.SafeLoader):
 
     def _alias(self, event: yaml.AliasEvent) -> Node:
         if event.anchor in self.anchors and event.anchor not in self._extent:
-            raise _Refused(event.start_mark.line, f"alias *{event.anchor[:40]} is used inside its own anchor; "
-                           "a value cannot contain itself")
+            raise _Refused(
+                event.start_mark.line,
+                f"alias *{event.anchor[:40]} is used inside its own anchor; a value cannot contain itself",
+            )
         values, levels = self._extent.get(event.anchor, (1, 1))  # an undefined alias: the composer says so
         self._grow(values, self._depth + levels, event)
         return super().compose_node(None, None)
@@ -142,24 +146,31 @@ class _Loader(yaml.SafeLoader):
         self._expanded += values
         self._reach = max(self._reach, reach)
         if self._expanded > MAX_NODES:
-            raise _Refused(event.start_mark.line, f"more than {MAX_NODES:,} values, each alias counted as a copy "
-                           "of its anchor's (a recipe has a few hundred; aliases that multiply are refused)")
+            raise _Refused(
+                event.start_mark.line,
+                f"more than {MAX_NODES:,} values, each alias counted as a copy "
+                "of its anchor's (a recipe has a few hundred; aliases that multiply are refused)",
+            )
         if reach > MAX_DEPTH:
-            raise _Refused(event.start_mark.line, f"nested deeper than {MAX_DEPTH} levels (aliases expanded); a "
-                           "recipe is a few levels deep")
+            raise _Refused(
+                event.start_mark.line,
+                f"nested deeper than {MAX_DEPTH} levels (aliases expanded); a recipe is a few levels deep",
+            )
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict:
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
             line = key_node.start_mark.line
             if key_node.tag == _MERGE:
-                raise _Refused(line, "merge keys (<<) are not supported; write the keys out (an alias *name can "
-                               "still stand for a whole value)")
+                raise _Refused(
+                    line,
+                    "merge keys (<<) are not supported; write the keys out (an alias *name can "
+                    "still stand for a whole value)",
+                )
             key = self.construct_object(key_node, deep=True)
             try:
                 if key in first_line:
-                    raise _Refused(line, f"duplicate key {_short(key)} (first at line {first_line[key] + 1}); "
-                                   "keep one")
+                    raise _Refused(line, f"duplicate key {_short(key)} (first at line {first_line[key] + 1}); keep one")
                 first_line[key] = line
             except TypeError:  # a list or mapping as a key: SafeConstructor refuses it below
                 pass

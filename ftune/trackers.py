@@ -20,8 +20,17 @@ TRACKING_DIR = rundir.TRACKING
 """Under the run dir: where trackers that write local files write them."""
 
 # accelerate's tracker names (LoggerType, less "all") -> the pip package that provides each
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml", "aim": "aim",
-            "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet-ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
 
 
 def known_trackers(value: Any) -> Any:
@@ -45,8 +54,10 @@ def accelerator_options(report_to: list[str], out: Path) -> dict[str, Any]:
     available = {str(t) for t in get_available_trackers()}
     for name in report_to:
         if name not in available:
-            raise RecipeError(f"train.report_to: {name} needs the {TRACKERS[name]} package, which is not installed; "
-                              f"pip install {TRACKERS[name]} (or remove {name} from train.report_to)")
+            raise RecipeError(
+                f"train.report_to: {name} needs the {TRACKERS[name]} package, which is not installed; "
+                f"pip install {TRACKERS[name]} (or remove {name} from train.report_to)"
+            )
     return {"log_with": list(report_to), "project_dir": str(out / TRACKING_DIR)}
 
 

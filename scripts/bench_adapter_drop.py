@@ -6,7 +6,8 @@
 A 12-layer BERT-base-shaped classifier (hidden 768, 12 heads, FFN 3072) with random weights, ftune's
 `adapter_drop` method (Pfeiffer placement, bottleneck 48 = 768 / 16; `--placement houlsby` for two per block),
 timed in eval mode for k = 0, 3, 6 and against the same model without adapters. Median over `--rounds` interleaved
-rounds of `--iters` timed forwards each, after warm-up; CUDA timings synchronise before reading the clock. bf16 autocast on CUDA, fp32 on CPU.
+rounds of `--iters` timed forwards each, after warm-up; CUDA timings synchronise before reading the clock. bf16
+autocast on CUDA, fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def main() -> None:
             samples[name] += time_forward(model, batch, args.iters, args.device)
     rows = {name: statistics.median(times) * 1000 for name, times in samples.items()}
     base = rows["k=0"]
-    print(f"AdapterDrop inference, BERT-base shape, {args.placement}, batch {args.batch} x seq {args.seq}, {args.device}")
+    print(
+        f"AdapterDrop inference, BERT-base shape, {args.placement}, batch {args.batch} x seq {args.seq}, {args.device}"
+    )
     print(f"{'setting':<12} {'ms/forward':>10} {'speed-up vs k=0':>16}")
     for name, ms in rows.items():
         print(f"{name:<12} {ms:>10.2f} {base / ms:>15.3f}x")

@@ -16,8 +16,13 @@ from pathlib import Path
 def run_side(script: Path, args: list[str], env: dict[str, str] | None = None) -> dict:
     """Run `script --side ...` in a child; its JSON line plus wall_s, cpu_s and rss_mib (peak resident memory)."""
     start, load = time.perf_counter(), os.getloadavg()[0]
-    child = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, **(env or {})}, text=True)
+    child = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        text=True,
+    )
     out, err = child.communicate()  # reads both pipes to the end: the child never blocks on a full pipe
     wall = time.perf_counter() - start
     # peak RSS and CPU time come from the child itself (self_usage): RUSAGE_CHILDREN would mix every child reaped
@@ -49,5 +54,7 @@ def machine() -> str:
 
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f} at the end")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f} at the end"
+    )

@@ -75,23 +75,49 @@ def build_llama(args: argparse.Namespace, folder: Path) -> None:
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<pad>")
-    shape = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-             "intermediate_size": 8192, "vocab_size": 128256}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    shape = {
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+    }
     if args.tiny:
-        shape |= {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "intermediate_size": 128, "vocab_size": 2048}
+        shape |= {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 128,
+            "vocab_size": 2048,
+        }
     torch.manual_seed(0)
-    config = LlamaConfig(**shape, max_position_embeddings=max(args.seq, 2048) + 8, tie_word_embeddings=True,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3, rope_theta=500000.0)
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=max(args.seq, 2048) + 8,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        rope_theta=500000.0,
+    )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
     rng = random.Random(0)
     half = args.seq // 2
     for split, n in (("train", args.batch * (args.steps + 1)), ("validation", 4)):
-        rows = [{"instruction": " ".join(rng.choices(words, k=half - 2)), "input": "",
-                 "output": " ".join(rng.choices(words, k=args.seq - half - 1))} for _ in range(n)]
+        rows = [
+            {
+                "instruction": " ".join(rng.choices(words, k=half - 2)),
+                "input": "",
+                "output": " ".join(rng.choices(words, k=args.seq - half - 1)),
+            }
+            for _ in range(n)
+        ]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -99,13 +125,19 @@ def llama_recipe(args: argparse.Namespace, folder: Path, quantized: bool) -> dic
     model = {"name": str(folder / "model")}
     if quantized:
         model["quantization"] = {"bits": 4}
-    return {"model": model, "task": "causal_lm",
-            "data": {"train": str(folder / "train.jsonl"), "validation": str(folder / "validation.jsonl"),
-                     "template": "alpaca", "max_length": args.seq},
-            "method": {"name": "lora", "r": 16, "alpha": 32, "targets": "all-linear"},
-            "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 1e-4, "log_every": 1,
-                      "eval_batch_size": 1},
-            "output_dir": str(folder / "runs" / ("qlora" if quantized else "lora"))}
+    return {
+        "model": model,
+        "task": "causal_lm",
+        "data": {
+            "train": str(folder / "train.jsonl"),
+            "validation": str(folder / "validation.jsonl"),
+            "template": "alpaca",
+            "max_length": args.seq,
+        },
+        "method": {"name": "lora", "r": 16, "alpha": 32, "targets": "all-linear"},
+        "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 1e-4, "log_every": 1, "eval_batch_size": 1},
+        "output_dir": str(folder / "runs" / ("qlora" if quantized else "lora")),
+    }
 
 
 def ftune_llama(args: argparse.Namespace, folder: Path, side: str) -> dict:
@@ -119,10 +151,14 @@ def ftune_llama(args: argparse.Namespace, folder: Path, side: str) -> dict:
     doc["train"]["compile"] = False if side.endswith("eager") else "auto"
     result = train(validate_recipe(doc), overwrite=True, console=Console(file=io.StringIO()))
     log = [json.loads(line) for line in (Path(doc["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    per_step = [e["tokens_per_s"] for e in log if "tokens_per_s" in e][args.warmup:]  # log_every 1: one per step
+    per_step = [e["tokens_per_s"] for e in log if "tokens_per_s" in e][args.warmup :]  # log_every 1: one per step
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return {"tokens_per_s": statistics.median(per_step), "train_s": result["train_seconds"],
-            "peak_mib": peak_memory_mib(device), "val_loss": result["validation"]["loss"]}
+    return {
+        "tokens_per_s": statistics.median(per_step),
+        "train_s": result["train_seconds"],
+        "peak_mib": peak_memory_mib(device),
+        "val_loss": result["validation"]["loss"],
+    }
 
 
 def peft_llama(args: argparse.Namespace, folder: Path, side: str) -> dict:
@@ -143,9 +179,16 @@ def peft_llama(args: argparse.Namespace, folder: Path, side: str) -> dict:
     if side.endswith("qlora"):
         from transformers import BitsAndBytesConfig
 
-        options = {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16), "dtype": torch.float32, "device_map": {"": device.index or 0}}
+        options = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+            "dtype": torch.float32,
+            "device_map": {"": device.index or 0},
+        }
     model = AutoModelForCausalLM.from_pretrained(str(folder / "model"), **options)
     if side.endswith("qlora"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -158,7 +201,7 @@ def peft_llama(args: argparse.Namespace, folder: Path, side: str) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     timed, tokens, start = 0.0, 0, 0.0
     for step in range(args.steps):
-        batch = pad(examples[step * args.batch:(step + 1) * args.batch])
+        batch = pad(examples[step * args.batch : (step + 1) * args.batch])
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if step == args.warmup:
             torch.cuda.synchronize() if device.type == "cuda" else None
@@ -174,8 +217,7 @@ def peft_llama(args: argparse.Namespace, folder: Path, side: str) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     timed = time.perf_counter() - start
-    return {"tokens_per_s": tokens / timed, "train_s": timed, "peak_mib": peak_memory_mib(device),
-            "val_loss": None}
+    return {"tokens_per_s": tokens / timed, "train_s": timed, "peak_mib": peak_memory_mib(device), "val_loss": None}
 
 
 def ftune_sst2(args: argparse.Namespace) -> dict:
@@ -186,14 +228,25 @@ def ftune_sst2(args: argparse.Namespace) -> dict:
     from ftune.run.train import train
 
     with tempfile.TemporaryDirectory() as out:
-        recipe = load_recipe("recipes/lora_sst2.yaml", [
-            f"model.name={args.model}", f"data.train={args.data}/train.tsv",
-            f"data.validation={args.data}/validation.tsv", "train.eval_every=null", f"output_dir={out}/run"])
+        recipe = load_recipe(
+            "recipes/lora_sst2.yaml",
+            [
+                f"model.name={args.model}",
+                f"data.train={args.data}/train.tsv",
+                f"data.validation={args.data}/validation.tsv",
+                "train.eval_every=null",
+                f"output_dir={out}/run",
+            ],
+        )
         result = train(recipe, console=Console(file=io.StringIO()))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = len((Path(args.data) / "train.tsv").read_text().splitlines()) - 1  # one epoch: every row once
-    return {"examples_per_s": rows / result["train_seconds"], "train_s": result["train_seconds"],
-            "peak_mib": peak_memory_mib(device), "accuracy": result["validation"]["accuracy"]}
+    return {
+        "examples_per_s": rows / result["train_seconds"],
+        "train_s": result["train_seconds"],
+        "peak_mib": peak_memory_mib(device),
+        "accuracy": result["validation"]["accuracy"],
+    }
 
 
 def peft_sst2(args: argparse.Namespace) -> dict:
@@ -219,14 +272,16 @@ def peft_sst2(args: argparse.Namespace) -> dict:
     train_ids, train_labels = split("train")
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
     targets = sorted(target_linears(model, "all-linear"))
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
-                                             modules_to_save=["classifier"])).to(device)
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, modules_to_save=["classifier"])
+    ).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda" or None)
     total = len(train_ids) // 32 + bool(len(train_ids) % 32)
     warmup = round(0.06 * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+        optimizer, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
 
     def padded(ids: list[list[int]]) -> dict:
         width = max(map(len, ids))
@@ -241,7 +296,7 @@ def peft_sst2(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     start = time.perf_counter()
     for first in range(0, len(order), 32):
-        rows = order[first:first + 32]
+        rows = order[first : first + 32]
         labels = torch.tensor([train_labels[i] for i in rows], device=device)
         with autocast:
             loss = model(**padded([train_ids[i] for i in rows]), labels=labels).loss
@@ -258,10 +313,14 @@ def peft_sst2(args: argparse.Namespace) -> dict:
     correct = 0
     with torch.no_grad(), autocast:
         for first in range(0, len(val_ids), 64):
-            logits = model(**padded(val_ids[first:first + 64])).logits
-            correct += int((logits.argmax(-1).cpu() == torch.tensor(val_labels[first:first + 64])).sum())
-    return {"examples_per_s": len(train_ids) / seconds, "train_s": seconds, "peak_mib": peak_memory_mib(device),
-            "accuracy": correct / len(val_ids)}
+            logits = model(**padded(val_ids[first : first + 64])).logits
+            correct += int((logits.argmax(-1).cpu() == torch.tensor(val_labels[first : first + 64])).sum())
+    return {
+        "examples_per_s": len(train_ids) / seconds,
+        "train_s": seconds,
+        "peak_mib": peak_memory_mib(device),
+        "accuracy": correct / len(val_ids),
+    }
 
 
 def run_side(args: argparse.Namespace, side: str, folder: str, conn) -> None:
@@ -292,16 +351,19 @@ def main() -> None:
             child.join()
     rate = "examples_per_s" if args.case == "sst2" else "tokens_per_s"
     metric = "accuracy" if args.case == "sst2" else "val_loss"
-    print(f"\n{args.case}: {'seq ' + str(args.seq) + ', ' if args.case == 'llama' else ''}"
-          f"{len(sides)} sides, one process each\n")
+    print(
+        f"\n{args.case}: {'seq ' + str(args.seq) + ', ' if args.case == 'llama' else ''}"
+        f"{len(sides)} sides, one process each\n"
+    )
     print(f"| side | {rate} | train s | peak MiB | {metric} |\n|---|---|---|---|---|")
     for row in rows:
         value = "" if row[metric] is None else f"{row[metric]:.4f}"
         print(f"| {row['side']} | {row[rate]:.1f} | {row['train_s']:.1f} | {row['peak_mib']:.0f} | {value} |")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"bench_loop_{args.case}.json").write_text(json.dumps({"args": vars(args), "rows": rows},
-                                                                              indent=1))
+        (Path(args.out) / f"bench_loop_{args.case}.json").write_text(
+            json.dumps({"args": vars(args), "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -57,14 +57,28 @@ def build_model(args):
 
     torch.manual_seed(args.seed)
     if args.arch == "bert":  # sentence-transformers/all-MiniLM-L6-v2's shape
-        cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                         intermediate_size=1536, num_labels=2, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)
+        cfg = BertConfig(
+            vocab_size=30522,
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+            num_labels=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         model = BertForSequenceClassification(cfg)
     else:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                          num_key_value_heads=4, intermediate_size=1408, tie_word_embeddings=False,
-                          max_position_embeddings=max(args.seq, 256))
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=512,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            intermediate_size=1408,
+            tie_word_embeddings=False,
+            max_position_embeddings=max(args.seq, 256),
+        )
         model = LlamaForCausalLM(cfg)
     return model.to(device=args.device, dtype=getattr(torch, args.dtype))
 
@@ -97,8 +111,14 @@ def adapt(model, side: str, arch: str):
         return attach(model, cfg, head_parameters(model, task, [])), len(names)
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=names, bias="none",
-                     modules_to_save=["classifier"] if arch == "bert" else None)
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=names,
+        bias="none",
+        modules_to_save=["classifier"] if arch == "bert" else None,
+    )
     return get_peft_model(model, cfg), len(names)
 
 
@@ -125,8 +145,11 @@ class Side:
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
-        self.info = {"wrapped": wrapped, "trainable": sum(p.numel() for p in params),
-                     "threads": torch.get_num_threads()}
+        self.info = {
+            "wrapped": wrapped,
+            "trainable": sum(p.numel() for p in params),
+            "threads": torch.get_num_threads(),
+        }
 
     def step(self, i: int) -> dict:
         sync = self.torch.cuda.synchronize if self.cuda else lambda *a: None
@@ -163,7 +186,7 @@ def main() -> None:
     n = args.warmup + args.steps
     if args.side:  # one side, in this process
         s = Side(args, args.side)
-        ms = [s.step(i)["ms"] for i in range(n)][args.warmup:]
+        ms = [s.step(i)["ms"] for i in range(n)][args.warmup :]
         return print(json.dumps({**s.info, "median_ms": statistics.median(ms), "peak_mb": s.peak_mb()}))
     import peft
     import torch
@@ -191,35 +214,56 @@ def main() -> None:
     loss_diff = abs(f0["loss0"] - p0["loss0"])
     stats = {}
     for side in sides:
-        ms = [r["ms"] for r in steps[side][args.warmup:]]
-        stats[side] = {**info[side], "median_ms": statistics.median(ms), "min_ms": min(ms),
-                       "loss0": steps[side][0]["loss0"], "step_ms": ms}
+        ms = [r["ms"] for r in steps[side][args.warmup :]]
+        stats[side] = {
+            **info[side],
+            "median_ms": statistics.median(ms),
+            "min_ms": min(ms),
+            "loss0": steps[side][0]["loss0"],
+            "step_ms": ms,
+        }
     assert stats["ftune"]["wrapped"] == stats["peft"]["wrapped"]
     pairs = zip(stats["ftune"]["step_ms"], stats["peft"]["step_ms"], strict=True)
     paired = statistics.median(a / b for a, b in pairs)
     ratio = stats["ftune"]["median_ms"] / stats["peft"]["median_ms"]
     mem_ratio = stats["ftune"]["peak_mb"] / max(stats["peft"]["peak_mb"], 1e-9)
     cuda = args.device.startswith("cuda")
-    device = torch.cuda.get_device_name(args.device) if cuda else \
-        f"{platform.processor() or platform.machine()} cpu, {info['ftune']['threads']} threads"
+    device = (
+        torch.cuda.get_device_name(args.device)
+        if cuda
+        else f"{platform.processor() or platform.machine()} cpu, {info['ftune']['threads']} threads"
+    )
     mem = "peak CUDA alloc MiB" if cuda else "peak RSS delta MiB"
-    print(f"\n{args.arch} r=8 alpha=16 all-linear ({info['ftune']['wrapped']} linears) | batch {args.batch} "
-          f"x seq {args.seq} | {args.dtype} | {args.warmup} warmup + {args.steps} timed steps, interleaved "
-          f"| {device}")
-    print(f"{'side':6s} {'median ms/step':>15s} {'min ms/step':>12s} {mem:>20s} {'trainable':>10s} "
-          f"{'loss@0':>9s}")
+    print(
+        f"\n{args.arch} r=8 alpha=16 all-linear ({info['ftune']['wrapped']} linears) | batch {args.batch} "
+        f"x seq {args.seq} | {args.dtype} | {args.warmup} warmup + {args.steps} timed steps, interleaved "
+        f"| {device}"
+    )
+    print(f"{'side':6s} {'median ms/step':>15s} {'min ms/step':>12s} {mem:>20s} {'trainable':>10s} {'loss@0':>9s}")
     for side, s in stats.items():
-        print(f"{side:6s} {s['median_ms']:15.1f} {s['min_ms']:12.1f} {s['peak_mb']:20.1f} "
-              f"{s['trainable']:10d} {s['loss0']:9.5f}")
-    print(f"ftune/peft: time {ratio:.3f} (median of paired steps {paired:.3f}), memory {mem_ratio:.3f} | "
-          f"step 0: |d loss| {loss_diff:.2e}, max |d logits| {logit_diff:.2e} "
-          f"over {tuple(f0['logits0'].shape)}")
+        print(
+            f"{side:6s} {s['median_ms']:15.1f} {s['min_ms']:12.1f} {s['peak_mb']:20.1f} "
+            f"{s['trainable']:10d} {s['loss0']:9.5f}"
+        )
+    print(
+        f"ftune/peft: time {ratio:.3f} (median of paired steps {paired:.3f}), memory {mem_ratio:.3f} | "
+        f"step 0: |d loss| {loss_diff:.2e}, max |d logits| {logit_diff:.2e} "
+        f"over {tuple(f0['logits0'].shape)}"
+    )
     if args.out:
-        result = {"args": vars(args), "device": device, "torch": torch.__version__,
-                  "transformers": transformers.__version__, "peft": peft.__version__, "sides": stats,
-                  "ratio_time_ftune_over_peft": ratio, "ratio_time_paired_median": paired,
-                  "ratio_mem_ftune_over_peft": mem_ratio, "step0_loss_abs_diff": loss_diff,
-                  "step0_logits_max_abs_diff": logit_diff}
+        result = {
+            "args": vars(args),
+            "device": device,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "sides": stats,
+            "ratio_time_ftune_over_peft": ratio,
+            "ratio_time_paired_median": paired,
+            "ratio_mem_ftune_over_peft": mem_ratio,
+            "step0_loss_abs_diff": loss_diff,
+            "step0_logits_max_abs_diff": logit_diff,
+        }
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
         print(f"wrote {args.out}")

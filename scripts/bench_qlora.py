@@ -81,10 +81,17 @@ def build_model(args, folder: str) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                         intermediate_size=args.intermediate, max_position_embeddings=max(args.seq, 256),
-                         tie_word_embeddings=False, dtype="bfloat16")
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=max(args.seq, 256),
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
@@ -108,13 +115,19 @@ def load_side(args, side: str, folder: str):
         from ftune.models import quantize
         from ftune.step.optim import make_optimizer
 
-        q = quantize.Quantization(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16") if qlora else None
+        q = (
+            quantize.Quantization(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
+            if qlora
+            else None
+        )
         model, missing = models.load_model("causal_lm", folder, "bfloat16", quantization=q)
         if not qlora:
             model.to(args.device)
         if qlora:
             quantize.prepare_for_training(model, args.grad_ckpt)
-        model = attach(model, Config(r=args.r, alpha=2 * args.r, dropout=0.0), models.head_parameters(model, "causal_lm", missing))
+        model = attach(
+            model, Config(r=args.r, alpha=2 * args.r, dropout=0.0), models.head_parameters(model, "causal_lm", missing)
+        )
         if args.grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
@@ -125,26 +138,38 @@ def load_side(args, side: str, folder: str):
     kwargs = {"dtype": torch.bfloat16}
     if qlora:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         kwargs["device_map"] = {"": args.device}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if not qlora:
         model.to(args.device)
     ckpt = {"use_reentrant": False}
     if qlora:
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.grad_ckpt,
-                                                     gradient_checkpointing_kwargs=ckpt)
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.grad_ckpt, gradient_checkpointing_kwargs=ckpt
+        )
     elif args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-    if qlora and args.device == "cpu":  # bitsandbytes' CPU inference repack would break training (see ftune/models/quantize.py)
+    if (
+        qlora and args.device == "cpu"
+    ):  # bitsandbytes' CPU inference repack would break training (see ftune/models/quantize.py)
         import bitsandbytes as bnb
 
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
-    config = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules=target_names(model),
-                             bias="none", task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=args.r,
+        lora_alpha=2 * args.r,
+        lora_dropout=0.0,
+        target_modules=target_names(model),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = peft.get_peft_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adamw":
@@ -152,8 +177,12 @@ def load_side(args, side: str, folder: str):
     else:
         import bitsandbytes as bnb
 
-        names = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit",
-                 "paged_adamw": "PagedAdamW"}
+        names = {
+            "adamw_8bit": "AdamW8bit",
+            "paged_adamw_8bit": "PagedAdamW8bit",
+            "paged_adamw_32bit": "PagedAdamW32bit",
+            "paged_adamw": "PagedAdamW",
+        }
         optimizer = getattr(bnb.optim, names[args.optimizer])(params, lr=1e-4, weight_decay=0.0)
     return model, optimizer
 
@@ -174,17 +203,20 @@ class Side:
             importlib.import_module(name)  # the same imports on every side, before the memory baseline
         self.torch, self.args, self.cuda = torch, args, args.device.startswith("cuda")
         g = torch.Generator().manual_seed(args.seed + 1)
-        self.batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-                        for _ in range(args.warmup + args.steps)]
+        self.batches = [
+            torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.warmup + args.steps)
+        ]
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(args.device)
         self.rss0 = rss_mb()
         self.model, self.optimizer = load_side(args, side, folder)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.info = {"trainable": sum(p.numel() for p in params),
-                     "loaded_mb": torch.cuda.memory_allocated(args.device) / 2**20 if self.cuda else rss_mb() - self.rss0,
-                     "optimizer": type(self.optimizer).__name__}
+        self.info = {
+            "trainable": sum(p.numel() for p in params),
+            "loaded_mb": torch.cuda.memory_allocated(args.device) / 2**20 if self.cuda else rss_mb() - self.rss0,
+            "optimizer": type(self.optimizer).__name__,
+        }
 
     def step(self, i: int) -> dict:
         torch = self.torch
@@ -238,11 +270,17 @@ def run_pair(args, sides, folder) -> dict:
             p.join()
     results = {}
     for side in sides:
-        ms = [r["ms"] for r in steps[side][args.warmup:]]
+        ms = [r["ms"] for r in steps[side][args.warmup :]]
         median = statistics.median(ms)
-        results[side] = {**info[side], "median_ms": median, "min_ms": min(ms),
-                         "tokens_per_s": args.batch * args.seq / (median / 1000), "loss0": steps[side][0]["loss"],
-                         "losses": [r["loss"] for r in steps[side]], "step_ms": ms}
+        results[side] = {
+            **info[side],
+            "median_ms": median,
+            "min_ms": min(ms),
+            "tokens_per_s": args.batch * args.seq / (median / 1000),
+            "loss0": steps[side][0]["loss"],
+            "losses": [r["loss"] for r in steps[side]],
+            "step_ms": ms,
+        }
     return results
 
 
@@ -264,33 +302,50 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     device = torch.cuda.get_device_name(args.device) if cuda else f"{platform.processor() or platform.machine()} cpu"
     mem = "peak alloc GiB" if cuda else "peak RSS+ GiB"
-    print(f"\nLlama {n_params / 1e9:.2f}B (hidden {args.hidden}, {args.layers} blocks) | r={args.r} all-linear | batch "
-          f"{args.batch} x seq {args.seq} | bf16{' autocast' if cuda else ''} | optimizer {args.optimizer} | "
-          f"grad ckpt {args.grad_ckpt} | {args.warmup} warmup + {args.steps} timed steps | {device}")
-    print(f"{'side':12s} {'tokens/s':>10s} {'median ms':>10s} {mem:>15s} {'loaded GiB':>11s} {'trainable':>11s} "
-          f"{'loss@0':>8s}")
+    print(
+        f"\nLlama {n_params / 1e9:.2f}B (hidden {args.hidden}, {args.layers} blocks) | r={args.r} all-linear | batch "
+        f"{args.batch} x seq {args.seq} | bf16{' autocast' if cuda else ''} | optimizer {args.optimizer} | "
+        f"grad ckpt {args.grad_ckpt} | {args.warmup} warmup + {args.steps} timed steps | {device}"
+    )
+    print(
+        f"{'side':12s} {'tokens/s':>10s} {'median ms':>10s} {mem:>15s} {'loaded GiB':>11s} {'trainable':>11s} "
+        f"{'loss@0':>8s}"
+    )
     for side in SIDES:
         if side in stats:
             s = stats[side]
-            print(f"{side:12s} {s['tokens_per_s']:10.0f} {s['median_ms']:10.1f} {s['peak_mb'] / 1024:15.2f} "
-                  f"{s['loaded_mb'] / 1024:11.2f} {s['trainable']:11d} {s['loss0']:8.4f}")
+            print(
+                f"{side:12s} {s['tokens_per_s']:10.0f} {s['median_ms']:10.1f} {s['peak_mb'] / 1024:15.2f} "
+                f"{s['loaded_mb'] / 1024:11.2f} {s['trainable']:11d} {s['loss0']:8.4f}"
+            )
     for ours, theirs in PAIRS:
         if ours in stats and theirs in stats:
             o, t = stats[ours], stats[theirs]
-            print(f"{ours}/{theirs}: tokens/s {o['tokens_per_s'] / t['tokens_per_s']:.3f}, peak memory "
-                  f"{o['peak_mb'] / t['peak_mb']:.3f}, |d loss@0| {abs(o['loss0'] - t['loss0']):.2e}")
+            print(
+                f"{ours}/{theirs}: tokens/s {o['tokens_per_s'] / t['tokens_per_s']:.3f}, peak memory "
+                f"{o['peak_mb'] / t['peak_mb']:.3f}, |d loss@0| {abs(o['loss0'] - t['loss0']):.2e}"
+            )
     if "ftune-qlora" in stats and "ftune-lora" in stats:
         q, lo = stats["ftune-qlora"], stats["ftune-lora"]
-        print(f"ftune qlora/lora: tokens/s {q['tokens_per_s'] / lo['tokens_per_s']:.3f}, peak memory "
-              f"{q['peak_mb'] / lo['peak_mb']:.3f}")
+        print(
+            f"ftune qlora/lora: tokens/s {q['tokens_per_s'] / lo['tokens_per_s']:.3f}, peak memory "
+            f"{q['peak_mb'] / lo['peak_mb']:.3f}"
+        )
     out = args.out or (os.path.join(os.environ["OUT"], "bench_qlora.json") if os.environ.get("OUT") else None)
     if out:
         import bitsandbytes
         import peft
 
-        result = {"args": vars(args), "device": device, "params": n_params, "torch": torch.__version__,
-                  "transformers": transformers.__version__, "peft": peft.__version__,
-                  "bitsandbytes": bitsandbytes.__version__, "sides": stats}
+        result = {
+            "args": vars(args),
+            "device": device,
+            "params": n_params,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__,
+            "sides": stats,
+        }
         with open(out, "w") as fh:
             json.dump(result, fh, indent=1)
         print(f"wrote {out}")

@@ -47,6 +47,7 @@ EVAL_BATCH = 4
 # are left out on both sides alike
 PINNED = ["data.max_length=512", "data.allow_truncation=true"]
 
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=6)
@@ -83,20 +84,36 @@ def peer_side(args: argparse.Namespace) -> dict:
     def encoded(split: str, limit: int | None = None) -> list[dict]:
         rows = datasets.load_dataset("json", data_files=f"../shared/data/instructions/{split}.jsonl", split="train")
         rows = Rows(rows.to_list()[:limit], split)
-        examples, _, _ = encode_sft(rows, tokenizer, d.instruction_column, d.input_column, d.response_column,
-                                    d.template, d.max_length)
+        examples, _, _ = encode_sft(
+            rows, tokenizer, d.instruction_column, d.input_column, d.response_column, d.template, d.max_length
+        )
         return examples
 
     train_set, val_set = datasets.Dataset.from_list(encoded("train")), encoded("validation", args.eval_rows)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    )
     with tempfile.TemporaryDirectory() as out:
         settings = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=2e-4,
-            max_steps=args.steps, warmup_steps=round(0.03 * args.steps), lr_scheduler_type="cosine",
-            weight_decay=0.0, max_grad_norm=1.0, seed=0, logging_steps=1, save_strategy="no", eval_strategy="no",
-            report_to=[], use_cpu=True, disable_tqdm=True, include_num_input_tokens_seen="non_padding")
+            output_dir=out,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+            learning_rate=2e-4,
+            max_steps=args.steps,
+            warmup_steps=round(0.03 * args.steps),
+            lr_scheduler_type="cosine",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            seed=0,
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            include_num_input_tokens_seen="non_padding",
+        )
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
         trainer = Trainer(model=model, args=settings, train_dataset=train_set, data_collator=collator)
         train_s = trainer.train().metrics["train_runtime"]
@@ -114,11 +131,12 @@ def _response_loss(model, examples: list[dict], collator) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for first in range(0, len(examples), EVAL_BATCH):
-            batch = collator(examples[first:first + EVAL_BATCH])
+            batch = collator(examples[first : first + EVAL_BATCH])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                     reduction="sum").item()
+            total += F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+            ).item()
             count += int((labels != -100).sum())
     return total / count
 
@@ -130,10 +148,19 @@ def ftune_side(args: argparse.Namespace) -> dict:
     from ftune.run.train import train
 
     start = time.perf_counter()
-    overrides = [f"train.max_steps={args.steps}", "train.eval_every=null", "train.best_metric=null",
-                 f"data.max_validation_rows={args.eval_rows}", f"train.eval_batch_size={EVAL_BATCH}", *PINNED]
-    overrides += {"ftune-packed": ["data.packing=true"], "ftune-ungrouped": ["train.group_by_length=false"],
-                  "ftune-ungrouped-logits": ["train.group_by_length=false"]}.get(args.side, [])
+    overrides = [
+        f"train.max_steps={args.steps}",
+        "train.eval_every=null",
+        "train.best_metric=null",
+        f"data.max_validation_rows={args.eval_rows}",
+        f"train.eval_batch_size={EVAL_BATCH}",
+        *PINNED,
+    ]
+    overrides += {
+        "ftune-packed": ["data.packing=true"],
+        "ftune-ungrouped": ["train.group_by_length=false"],
+        "ftune-ungrouped-logits": ["train.group_by_length=false"],
+    }.get(args.side, [])
     if args.side == "ftune-ungrouped-logits":  # the loss from full logits, as before the hidden-state route
         from dataclasses import replace
 
@@ -143,8 +170,12 @@ def ftune_side(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as out:
         recipe = load_recipe(RECIPE, [*overrides, f"output_dir={out}/run"])
         result = train(recipe, console=Console(file=io.StringIO()))
-    return {"work_s": time.perf_counter() - start, "train_s": result["train_seconds"],
-            "tokens": result["train_tokens"], "val_loss": result["validation"]["loss"]}
+    return {
+        "work_s": time.perf_counter() - start,
+        "train_s": result["train_seconds"],
+        "tokens": result["train_tokens"],
+        "val_loss": result["validation"]["loss"],
+    }
 
 
 def main() -> None:
@@ -169,13 +200,23 @@ def main() -> None:
         row["work_tokens_per_s"] = row["tokens"] / row["work_s"]
         row["perplexity"] = math.exp(row["val_loss"])
         row["ratio"] = row["tokens_per_s"] / peer["tokens_per_s"] if peer else None
-    columns = [("side", "side", ""), ("train tokens/s", "tokens_per_s", ".1f"), ("tokens", "tokens", ",d"),
-               ("train s", "train_s", ".1f"), ("work s", "work_s", ".1f"),
-               ("tokens/work s", "work_tokens_per_s", ".1f"), ("CPU s", "cpu_s", ".0f"),
-               ("peak RSS MiB", "rss_mib", ".0f"), ("val loss", "val_loss", ".4f"), ("x peer", "ratio", ".2f"),
-               ("load at start", "load_at_start", ".1f")]
-    print(f"\nSFT LoRA r16 on SmolLM2-135M-Instruct, {args.steps} steps x 8 x 2 rows, max_length 512, validation "
-          f"loss on {args.eval_rows} rows | {machine()}\n")
+    columns = [
+        ("side", "side", ""),
+        ("train tokens/s", "tokens_per_s", ".1f"),
+        ("tokens", "tokens", ",d"),
+        ("train s", "train_s", ".1f"),
+        ("work s", "work_s", ".1f"),
+        ("tokens/work s", "work_tokens_per_s", ".1f"),
+        ("CPU s", "cpu_s", ".0f"),
+        ("peak RSS MiB", "rss_mib", ".0f"),
+        ("val loss", "val_loss", ".4f"),
+        ("x peer", "ratio", ".2f"),
+        ("load at start", "load_at_start", ".1f"),
+    ]
+    print(
+        f"\nSFT LoRA r16 on SmolLM2-135M-Instruct, {args.steps} steps x 8 x 2 rows, max_length 512, validation "
+        f"loss on {args.eval_rows} rows | {machine()}\n"
+    )
     print(markdown(rows, columns))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -67,22 +67,46 @@ def peer_side(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     source = resolve_model(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    raw = datasets.load_dataset("csv", data_files={s: str(DATA / f"{s}.tsv") for s in ("train", "validation")},
-                                delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
-    encoded = raw.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=args.max_length), batched=True,
-                      load_from_cache_file=False, remove_columns=["sentence"])
+    raw = datasets.load_dataset(
+        "csv",
+        data_files={s: str(DATA / f"{s}.tsv") for s in ("train", "validation")},
+        delimiter="\t",
+        quoting=csv.QUOTE_NONE,
+        keep_default_na=False,
+    )
+    encoded = raw.map(
+        lambda b: tokenizer(b["sentence"], truncation=True, max_length=args.max_length),
+        batched=True,
+        load_from_cache_file=False,
+        remove_columns=["sentence"],
+    )
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
     targets = sorted(target_linears(model, "all-linear"))
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
-                                             modules_to_save=["classifier"]))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, modules_to_save=["classifier"])
+    )
     with tempfile.TemporaryDirectory() as out:
         settings = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=args.batch, per_device_eval_batch_size=2 * args.batch,
-            learning_rate=1e-3, max_steps=args.steps, warmup_steps=round(0.06 * args.steps),
-            lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0, seed=0, logging_steps=50,
-            save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
-        trainer = Trainer(model=model, args=settings, train_dataset=encoded["train"],
-                          data_collator=DataCollatorWithPadding(tokenizer))
+            output_dir=out,
+            per_device_train_batch_size=args.batch,
+            per_device_eval_batch_size=2 * args.batch,
+            learning_rate=1e-3,
+            max_steps=args.steps,
+            warmup_steps=round(0.06 * args.steps),
+            lr_scheduler_type="linear",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            seed=0,
+            logging_steps=50,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model, args=settings, train_dataset=encoded["train"], data_collator=DataCollatorWithPadding(tokenizer)
+        )
         train_s = trainer.train().metrics["train_runtime"]
         predicted = trainer.predict(encoded["validation"])
     accuracy = float((predicted.predictions.argmax(-1) == predicted.label_ids).mean())
@@ -96,15 +120,21 @@ def ftune_side(args: argparse.Namespace) -> dict:
     from ftune.run.train import train
 
     start = time.perf_counter()
-    overrides = [f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
-                 f"data.max_length={args.max_length}"]
+    overrides = [
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch}",
+        f"data.max_length={args.max_length}",
+    ]
     if args.side == "ftune-ungrouped":
         overrides.append("train.group_by_length=false")
     with tempfile.TemporaryDirectory() as out:
         recipe = load_recipe("recipes/lora_sst2.yaml", [*overrides, f"output_dir={out}/run"])
         result = train(recipe, console=Console(file=io.StringIO()))
-    return {"work_s": time.perf_counter() - start, "train_s": result["train_seconds"],
-            "accuracy": result["validation"]["accuracy"]}
+    return {
+        "work_s": time.perf_counter() - start,
+        "train_s": result["train_seconds"],
+        "accuracy": result["validation"]["accuracy"],
+    }
 
 
 def main() -> None:
@@ -126,21 +156,36 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as cache:  # empty for "ftune", filled by it for the cached sides
             for side in order:
                 print(f"round {round_ + 1}: {side} ...", file=sys.stderr, flush=True)
-                rows.append({"side": side, "round": round_ + 1,
-                             **run_side(Path(__file__), ["--side", side, "--cache", cache, *common])})
+                rows.append(
+                    {
+                        "side": side,
+                        "round": round_ + 1,
+                        **run_side(Path(__file__), ["--side", side, "--cache", cache, *common]),
+                    }
+                )
     examples = args.steps * args.batch
     peer = {r["round"]: r["work_s"] for r in rows if r["side"] == "peer"}
     for row in rows:
         row["examples_per_s"] = examples / row["work_s"]
         row["train_examples_per_s"] = examples / row["train_s"]
         row["ratio"] = peer[row["round"]] / row["work_s"] if row["round"] in peer else None
-    columns = [("side", "side", ""), ("round", "round", "d"), ("examples/s", "examples_per_s", ".1f"),
-               ("work s", "work_s", ".1f"), ("train s", "train_s", ".1f"),
-               ("train examples/s", "train_examples_per_s", ".1f"), ("CPU s", "cpu_s", ".0f"),
-               ("peak RSS MiB", "rss_mib", ".0f"), ("accuracy", "accuracy", ".4f"), ("x peer", "ratio", ".2f"),
-               ("load at start", "load_at_start", ".1f")]
-    print(f"\nSST-2 LoRA r8 all-linear, all-MiniLM-L6-v2, {args.steps} steps x batch {args.batch} "
-          f"({examples:,} examples), max_length {args.max_length} | {machine()}\n")
+    columns = [
+        ("side", "side", ""),
+        ("round", "round", "d"),
+        ("examples/s", "examples_per_s", ".1f"),
+        ("work s", "work_s", ".1f"),
+        ("train s", "train_s", ".1f"),
+        ("train examples/s", "train_examples_per_s", ".1f"),
+        ("CPU s", "cpu_s", ".0f"),
+        ("peak RSS MiB", "rss_mib", ".0f"),
+        ("accuracy", "accuracy", ".4f"),
+        ("x peer", "ratio", ".2f"),
+        ("load at start", "load_at_start", ".1f"),
+    ]
+    print(
+        f"\nSST-2 LoRA r8 all-linear, all-MiniLM-L6-v2, {args.steps} steps x batch {args.batch} "
+        f"({examples:,} examples), max_length {args.max_length} | {machine()}\n"
+    )
     print(markdown(rows, columns))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

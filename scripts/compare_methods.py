@@ -27,9 +27,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for the runs and table")
     parser.add_argument("--set", action="append", default=[], help="extra dotted.key=value for every run")
     args = parser.parse_args()
-    recipes = {path.stem: load_recipe(path, [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
-                                             f"output_dir={args.out / path.stem}", *args.set])
-               for path in args.recipes}
+    recipes = {
+        path.stem: load_recipe(
+            path,
+            [
+                f"train.max_steps={args.steps}",
+                f"train.eval_every={args.steps}",
+                f"output_dir={args.out / path.stem}",
+                *args.set,
+            ],
+        )
+        for path in args.recipes
+    }
     states = {name: state_of(Path(r.output_dir), dump_recipe(r)) for name, r in recipes.items()}
     failed = {}
     for name, recipe in recipes.items():

@@ -32,15 +32,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", type=Path, help="default: every recipe in recipes/")
-    parser.add_argument("--max-peak-gib", type=float, default=3.0,
-                        help="halve the batch until the estimated peak fits (the machine is shared)")
+    parser.add_argument(
+        "--max-peak-gib",
+        type=float,
+        default=3.0,
+        help="halve the batch until the estimated peak fits (the machine is shared)",
+    )
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the measured ones")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="override a field of every recipe, e.g. train.gradient_checkpointing=true")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="override a field of every recipe, e.g. train.gradient_checkpointing=true",
+    )
     args = parser.parse_args()
     recipes = args.recipes or sorted((ROOT / "recipes").glob("*.yaml"))
-    print("| recipe | batch × tokens | estimated step | measured step | estimate / measured | estimated peak with "
-          "weights | resident rise | s / step | note |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| recipe | batch × tokens | estimated step | measured step | estimate / measured | estimated peak with "
+        "weights | resident rise | s / step | note |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for path in recipes:
         print(row(path, args.overrides, args.max_peak_gib, args.steps), flush=True)
         gc.collect()
@@ -74,8 +85,10 @@ def row(path: Path, overrides: list[str], max_peak_gib: float, steps: int) -> st
     if note:
         note += f"measured at batch {batch} (the recipe's: {load_recipe(path, overrides).train.batch_size})"
     resident = mib(m.resident_rise) if m.resident_rise is not None else "n/a"
-    return (f"| {name} | {shape} | {mib(e.step.peak)} | {mib(m.peak)} | {e.step.peak / m.peak:.4f} | {mib(e.peak)} | "
-            f"{resident} | {m.seconds_per_step:.2f} | {note} |")
+    return (
+        f"| {name} | {shape} | {mib(e.step.peak)} | {mib(m.peak)} | {e.step.peak / m.peak:.4f} | {mib(e.peak)} | "
+        f"{resident} | {m.seconds_per_step:.2f} | {note} |"
+    )
 
 
 def cannot_run_here(recipe) -> str | None:

@@ -34,7 +34,9 @@ from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="QLoRA merge quality: quantised+adapter vs merged (dequantised / original).")
+    p = argparse.ArgumentParser(
+        description="QLoRA merge quality: quantised+adapter vs merged (dequantised / original)."
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a finished ftune run whose recipe sets model.quantization")
     source.add_argument("--recipe", help="train this recipe first (with --set overrides), then score the run")
@@ -54,8 +56,9 @@ def score(model, recipe, examples, tokenizer) -> dict:
     started = time.perf_counter()
     names = getattr(model.config, "id2label", None)
     names = [names[i] for i in range(len(names))] if names and TASKS[recipe.task].has_classes else None
-    metrics = evaluate(model.eval(), loader, TASKS[recipe.task], names, device,
-                       decoding=assemble.decoding(recipe, tokenizer))
+    metrics = evaluate(
+        model.eval(), loader, TASKS[recipe.task], names, device, decoding=assemble.decoding(recipe, tokenizer)
+    )
     return {**metrics, "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -64,11 +67,10 @@ def main() -> None:
     import torch
     import transformers
 
-    from ftune import assemble, models
+    from ftune import assemble, models, rundir
     from ftune.methods import METHODS
     from ftune.methods.base import unwrap_merged
     from ftune.recipe import load_recipe
-    from ftune import rundir
     from ftune.run.train import train
     from ftune.serve import export
 
@@ -92,8 +94,11 @@ def main() -> None:
     del quantized
     with tempfile.TemporaryDirectory() as tmp:
         merged_dir = export.merge_run(run, Path(tmp) / "merged")
-        auto = transformers.AutoModelForCausalLM if recipe.task == "causal_lm" else \
-            transformers.AutoModelForSequenceClassification
+        auto = (
+            transformers.AutoModelForCausalLM
+            if recipe.task == "causal_lm"
+            else transformers.AutoModelForSequenceClassification
+        )
         merged = auto.from_pretrained(merged_dir).to(device)
         rows["merged into dequantised base"] = score(merged, recipe, examples, tokenizer)
         del merged
@@ -109,29 +114,49 @@ def main() -> None:
     quantization = recipe.model.quantization
     references = (("quantised base, no adapter", quantization), ("full-precision base, no adapter", None))
     for label, q in references if recipe.task == "causal_lm" else ():
-        base, _ = models.load_model(recipe.task, source, recipe.model.dtype, label_names=names,
-                                    pad_token_id=tokenizer.pad_token_id, quantization=q)
+        base, _ = models.load_model(
+            recipe.task,
+            source,
+            recipe.model.dtype,
+            label_names=names,
+            pad_token_id=tokenizer.pad_token_id,
+            quantization=q,
+        )
         rows[label] = score(base.to(device) if q is None else base, recipe, examples, tokenizer)
         del base
 
     metric = "accuracy" if recipe.task != "causal_lm" else "perplexity"
     q = quantization
-    width = f"{q.bits}-bit" + (f" {q.quant_type}, double_quant {q.double_quant}, compute {q.compute_dtype}" if q.bits == 4
-                               else f", int8_threshold {q.int8_threshold}")
-    print(f"\n{run} | {recipe.model.name} | {recipe.task} | {width} | {recipe.method.name} "
-          f"r={recipe.method.r} | {len(examples)} validation rows | {device}")
+    width = f"{q.bits}-bit" + (
+        f" {q.quant_type}, double_quant {q.double_quant}, compute {q.compute_dtype}"
+        if q.bits == 4
+        else f", int8_threshold {q.int8_threshold}"
+    )
+    print(
+        f"\n{run} | {recipe.model.name} | {recipe.task} | {width} | {recipe.method.name} "
+        f"r={recipe.method.r} | {len(examples)} validation rows | {device}"
+    )
     ref = rows["quantised base + adapter"]
     print(f"{'model':34s} {'loss':>9s} {metric:>11s} {'d loss vs (a)':>14s} {'d ' + metric + ' vs (a)':>18s}")
     for label, m in rows.items():
-        print(f"{label:34s} {m['loss']:9.5f} {m[metric]:11.4f} {m['loss'] - ref['loss']:+14.2e} "
-              f"{m[metric] - ref[metric]:+18.2e}")
+        print(
+            f"{label:34s} {m['loss']:9.5f} {m[metric]:11.4f} {m['loss'] - ref['loss']:+14.2e} "
+            f"{m[metric] - ref[metric]:+18.2e}"
+        )
     b, c = rows["merged into dequantised base"], rows["merged into full-precision base"]
     print(f"(b) - (c): loss {b['loss'] - c['loss']:+.2e}, {metric} {b[metric] - c[metric]:+.2e}")
     out = args.out or (os.path.join(os.environ["OUT"], "merge_quality.json") if os.environ.get("OUT") else None)
     if out:
-        result = {"run": str(run), "model": recipe.model.name, "task": recipe.task,
-                  "quantization": q.model_dump(), "method": recipe.method.model_dump(), "rows": rows,
-                  "torch": torch.__version__, "transformers": transformers.__version__}
+        result = {
+            "run": str(run),
+            "model": recipe.model.name,
+            "task": recipe.task,
+            "quantization": q.model_dump(),
+            "method": recipe.method.model_dump(),
+            "rows": rows,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
 

@@ -25,8 +25,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 def batches(folder: str, rows: list[dict], batch: int, max_length: int) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return [tokenizer([r["sentence"] for r in rows[i:i + batch]], truncation=True, max_length=max_length,
-                      padding=True, return_tensors="pt") for i in range(0, len(rows), batch)]
+    return [
+        tokenizer(
+            [r["sentence"] for r in rows[i : i + batch]],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        for i in range(0, len(rows), batch)
+    ]
 
 
 @torch.no_grad()
@@ -60,12 +68,28 @@ def main() -> None:
         for k in folders:
             seconds[k].append(one_pass(models[k], encoded[k])[0])
     median = {k: statistics.median(v) for k, v in seconds.items()}
-    print(json.dumps({
-        "rows": len(rows), "batch": args.batch, "max_length": args.max_length, "threads": torch.get_num_threads(),
-        **{k: {"folder": folders[k], "blocks": models[k].config.num_hidden_layers, "accuracy": round(accuracy[k], 4),
-               "median_s": round(median[k], 3), "rounds_s": [round(s, 3) for s in seconds[k]]} for k in folders},
-        "speed_up_b_over_a": round(median["b"] / median["a"], 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "rows": len(rows),
+                "batch": args.batch,
+                "max_length": args.max_length,
+                "threads": torch.get_num_threads(),
+                **{
+                    k: {
+                        "folder": folders[k],
+                        "blocks": models[k].config.num_hidden_layers,
+                        "accuracy": round(accuracy[k], 4),
+                        "median_s": round(median[k], 3),
+                        "rounds_s": [round(s, 3) for s in seconds[k]],
+                    }
+                    for k in folders
+                },
+                "speed_up_b_over_a": round(median["b"] / median["a"], 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tiny_data import (
     CONLL_TAGS,
     FILLER,
@@ -126,5 +127,6 @@ def peft_side(call):
         import peft
         import transformers
 
-        pytest.skip(f"peft {peft.__version__} fails on transformers {transformers.__version__}: "
-                    f"{str(e).splitlines()[0]}")
+        pytest.skip(
+            f"peft {peft.__version__} fails on transformers {transformers.__version__}: {str(e).splitlines()[0]}"
+        )

@@ -24,8 +24,14 @@ from ftune import rundir
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS, EVAL_EVERY = 8, 2
 STARTED = "parameters train"  # stderr, printed once the run dir is prepared (and swept, when resuming)
-PHASES = ["before first checkpoint", "start-up of a resumed run", "training", "evaluation", "checkpoint write",
-          "after final checkpoint"]
+PHASES = [
+    "before first checkpoint",
+    "start-up of a resumed run",
+    "training",
+    "evaluation",
+    "checkpoint write",
+    "after final checkpoint",
+]
 TIMEOUT = 120.0
 
 
@@ -56,8 +62,13 @@ def _env() -> dict:
 
 def _launch(recipe: Path, flags: list[str], stderr: Path) -> subprocess.Popen:
     with open(stderr, "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "ftune", "train", str(recipe), *flags], cwd=REPO, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=err)
+        return subprocess.Popen(
+            [sys.executable, "-m", "ftune", "train", str(recipe), *flags],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
 
 
 def _wait(proc: subprocess.Popen, condition, interval: float) -> bool:
@@ -139,8 +150,9 @@ def _flags(case: Case) -> list[str]:
         assert proc.wait(timeout=TIMEOUT) == 1, log.read_text()
         lines = log.read_text().strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in lines[0], lines
-        assert lines[0].startswith("error: --resume:") and ("no complete checkpoint" in lines[0]
-                                                             or "no run to resume" in lines[0]), lines[0]
+        assert lines[0].startswith("error: --resume:") and (
+            "no complete checkpoint" in lines[0] or "no run to resume" in lines[0]
+        ), lines[0]
         case.refused_resume += 1
     return ["--overwrite"]
 
@@ -223,8 +235,15 @@ def _kill_once(case: Case, kind: str, attempt: int) -> dict | None:
         except json.JSONDecodeError:
             torn += 1
     in_save = STARTED in stderr and bool(_tmp_dirs(out))
-    return {"kind": kind, "flags": flags, "reached": bool(reached), "phase": _phase(case, stderr),
-            "in_save": in_save, "torn_log_lines": torn, **detail}
+    return {
+        "kind": kind,
+        "flags": flags,
+        "reached": bool(reached),
+        "phase": _phase(case, stderr),
+        "in_save": in_save,
+        "torn_log_lines": torn,
+        **detail,
+    }
 
 
 def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
@@ -232,4 +251,4 @@ def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
     HashMap, so the order of those keys (not the tensors) differs from one process to the next."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]

@@ -108,12 +108,15 @@ def _rows(env: Env) -> Path:
 
 
 def _command(env: Env, run: Path, command: str) -> list:
-    return {"eval": ["eval", run], "predict": ["predict", run, "--input", _rows(env)],
-            "merge": ["merge", run, env.tmp / "merged"],
-            "export": ["export", run, env.tmp / "exported", "--format", "hf"],
-            "plot": ["plot", run, "--out", env.tmp / "plot.png"],
-            "resume": ["train", run / "recipe.yaml", "--resume"],
-            "overwrite": ["train", run / "recipe.yaml", "--overwrite"]}[command]
+    return {
+        "eval": ["eval", run],
+        "predict": ["predict", run, "--input", _rows(env)],
+        "merge": ["merge", run, env.tmp / "merged"],
+        "export": ["export", run, env.tmp / "exported", "--format", "hf"],
+        "plot": ["plot", run, "--out", env.tmp / "plot.png"],
+        "resume": ["train", run / "recipe.yaml", "--resume"],
+        "overwrite": ["train", run / "recipe.yaml", "--overwrite"],
+    }[command]
 
 
 def _file_link(env: Env, name: str) -> Path:

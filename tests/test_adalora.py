@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import recipe_doc, write_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, write_recipe
 from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.errors import MethodError, RecipeError
@@ -40,10 +40,19 @@ def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
 def _twins(base: torch.nn.Module, cfg: adalora.Config, total_step: int):
     """ftune's AdaLoRA and peft's AdaLoraModel on copies of `base`, holding the same P, Λ, Q (Λ random, not 0)."""
     ours = adalora.apply(copy.deepcopy(base), cfg)
-    peft_cfg = peft.AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, lora_alpha=cfg.alpha, tinit=cfg.tinit,
-                                  tfinal=cfg.tfinal, deltaT=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2,
-                                  orth_reg_weight=cfg.orth_reg_weight, total_step=total_step,
-                                  target_modules=list(svd_layers(ours)))
+    peft_cfg = peft.AdaLoraConfig(
+        init_r=cfg.init_r,
+        target_r=cfg.target_r,
+        lora_alpha=cfg.alpha,
+        tinit=cfg.tinit,
+        tfinal=cfg.tfinal,
+        deltaT=cfg.deltaT,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        orth_reg_weight=cfg.orth_reg_weight,
+        total_step=total_step,
+        target_modules=list(svd_layers(ours)),
+    )
     theirs = peft.get_peft_model(copy.deepcopy(base), peft_cfg).base_model  # AdaLoraModel: adds the regulariser
     torch.manual_seed(1)
     with torch.no_grad():
@@ -192,8 +201,18 @@ def test_orthogonality_falls_and_the_regulariser_is_why(hooked_run, tiny_bert, c
 @pytest.mark.parametrize("tinit,tfinal", [(1, 1), (1, 3)], ids=["falling-budget", "final-phase"])
 def test_resume_restores_ranks_and_importance(tinit, tfinal, tiny_bert, cls_data, tmp_path, monkeypatch):
     method = {**RUN, "tinit": tinit, "tfinal": tfinal, "dropout": 0.1}
-    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", method, max_steps=6, save_every=2,
-                     keep_checkpoints=3, grad_accum=2, lr=2e-2)
+    doc = recipe_doc(
+        "cls",
+        tiny_bert,
+        cls_data,
+        tmp_path / "run",
+        method,
+        max_steps=6,
+        save_every=2,
+        keep_checkpoints=3,
+        grad_accum=2,
+        lr=2e-2,
+    )
     recipe, run = validate_recipe(doc), tmp_path / "run"
 
     def finish(resume: bool) -> tuple[dict, dict, dict]:
@@ -235,15 +254,18 @@ def test_peft_export_loads_in_peft(hooked_run, tiny_bert, tmp_path):
         assert (loaded(**_inputs()).logits - model(**_inputs()).logits).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("override,message", [
-    ({"target_r": 6}, "method: target_r (6) must be below init_r (4)"),
-    ({"target_r": 4}, "method: target_r (4) must be below init_r (4)"),
-    ({"beta1": 1.0}, "method.beta1: "),
-    ({"deltaT": 0}, "method.deltaT: "),
-    ({"orth_reg_weight": -0.1}, "method.orth_reg_weight: "),
-    ({"tinit": -1}, "method.tinit: "),
-    ({"r": 8}, "method.r: unknown key"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"target_r": 6}, "method: target_r (6) must be below init_r (4)"),
+        ({"target_r": 4}, "method: target_r (4) must be below init_r (4)"),
+        ({"beta1": 1.0}, "method.beta1: "),
+        ({"deltaT": 0}, "method.deltaT: "),
+        ({"orth_reg_weight": -0.1}, "method.orth_reg_weight: "),
+        ({"tinit": -1}, "method.tinit: "),
+        ({"r": 8}, "method.r: unknown key"),
+    ],
+)
 def test_bad_config_is_one_line(override, message, tiny_bert, cls_data, tmp_path):
     doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", {**RUN, **override})
     with pytest.raises(RecipeError) as error:
@@ -252,10 +274,13 @@ def test_bad_config_is_one_line(override, message, tiny_bert, cls_data, tmp_path
 
 
 @pytest.mark.parametrize("tinit,tfinal", [(6, 4), (10, 0), (0, 10)])
-def test_schedule_longer_than_the_run_is_refused_before_anything_is_written(tinit, tfinal, tiny_bert, cls_data,
-                                                                              tmp_path):
+def test_schedule_longer_than_the_run_is_refused_before_anything_is_written(
+    tinit, tfinal, tiny_bert, cls_data, tmp_path
+):
     doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", {**RUN, "tinit": tinit, "tfinal": tfinal})
-    with pytest.raises(MethodError, match=rf"tinit \+ method.tfinal \({tinit} \+ {tfinal}\) must be below the run's 4 "):
+    with pytest.raises(
+        MethodError, match=rf"tinit \+ method.tfinal \({tinit} \+ {tfinal}\) must be below the run's 4 "
+    ):
         train(validate_recipe(doc))
     assert not (tmp_path / "run").exists()
     result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", doc))])

@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-from conftest import recipe_doc, s2s_recipe_doc, write_recipe
 from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, s2s_recipe_doc, write_recipe
 from ftune import models
 from ftune.assemble import load_run
 from ftune.cli import app
@@ -88,8 +88,15 @@ def test_one_adapter_reproduces_its_stage1_model(arch, tiny_bert, tiny_llama, ad
 
 def test_full_run_writes_a_report_and_rebuilds(tiny_bert, cls_data, adapter_runs, tmp_path):
     runs = [str(r) for r in adapter_runs["bert"]]
-    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "fusion", {"name": "adapter_fusion", "adapters": runs},
-                     eval_every=2, lr=5e-3)
+    doc = recipe_doc(
+        "cls",
+        tiny_bert,
+        cls_data,
+        tmp_path / "fusion",
+        {"name": "adapter_fusion", "adapters": runs},
+        eval_every=2,
+        lr=5e-3,
+    )
     metrics = train(validate_recipe(doc), console=_quiet())
     report = json.loads((tmp_path / "fusion" / "method_report.json").read_text())
     assert report == metrics["method_report"]
@@ -107,9 +114,19 @@ def test_full_run_writes_a_report_and_rebuilds(tiny_bert, cls_data, adapter_runs
 def _two_fusions(weight: float) -> torch.nn.Module:
     """Two fusion layers of width 6 over two adapters each, as `loss_term` finds them in a model."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(*(Fusion(torch.nn.Linear(6, 6), [Bottleneck(6, 3, "relu", 0.0, 1.0, False)
-                                                                 for _ in range(2)], 6, 1.0, ["a", "b"], weight)
-                                 for _ in range(2)))
+    return torch.nn.Sequential(
+        *(
+            Fusion(
+                torch.nn.Linear(6, 6),
+                [Bottleneck(6, 3, "relu", 0.0, 1.0, False) for _ in range(2)],
+                6,
+                1.0,
+                ["a", "b"],
+                weight,
+            )
+            for _ in range(2)
+        )
+    )
 
 
 def test_value_identity_term_is_zero_at_identity_and_the_papers_sum_elsewhere():
@@ -191,6 +208,7 @@ def test_bad_stage1_runs_are_refused_in_one_line(case, tiny_bert, cls_data, adap
 
 
 # Encoder-decoder models: a fusion after every feed-forward block of both stacks, over stage-1 seq2seq adapter runs.
+
 
 def _s2s_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)

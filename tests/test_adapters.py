@@ -11,13 +11,25 @@ from ftune.methods import adapter, adapter_drop, attach
 from ftune.models import head_parameters
 from ftune.models.arch import LAYOUTS
 
-SMALL = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64,
-         "vocab_size": 64, "max_position_embeddings": 64, "pad_token_id": 0, "num_labels": 2}
+SMALL = {
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 64,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "num_labels": 2,
+}
 FAMILIES = ["bert", "roberta", "xlm-roberta", "mpnet", "llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gpt2"]
 
 
 def tiny(model_type: str) -> torch.nn.Module:
-    extra = {"num_key_value_heads": 2, "head_dim": 8} if model_type not in ("bert", "roberta", "xlm-roberta", "mpnet", "gpt2") else {}
+    extra = (
+        {"num_key_value_heads": 2, "head_dim": 8}
+        if model_type not in ("bert", "roberta", "xlm-roberta", "mpnet", "gpt2")
+        else {}
+    )
     if model_type == "gpt2":
         extra = {"n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 64}
     torch.manual_seed(0)
@@ -47,6 +59,7 @@ def test_every_family_in_the_table_is_tested():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_placement_starts_at_the_base_model_and_then_changes_it(family, placement):
     model = tiny(family)
+
     def last_hidden():
         with torch.no_grad():
             return model(**_inputs(), output_hidden_states=True).hidden_states[-1]
@@ -82,8 +95,16 @@ def test_layers_option_and_bad_index():
 
 
 def test_unsupported_architecture_names_it_and_the_supported_ones():
-    config = AutoConfig.for_model("opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                                  vocab_size=64, word_embed_proj_dim=32, max_position_embeddings=64)
+    config = AutoConfig.for_model(
+        "opt",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        vocab_size=64,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
     with pytest.raises(MethodError, match="'opt' is not supported.*bert.*llama"):
         adapter.apply(AutoModelForSequenceClassification.from_config(config), adapter.Config())
 

@@ -15,11 +15,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import bad_input_helpers
 import pytest
 import torch
-from bad_input_helpers import CPU_ONLY, Env, _garbage, _text, _tsv, runner
 
+import bad_input_helpers
+from bad_input_helpers import CPU_ONLY, Env, _garbage, _text, _tsv, runner
 from conftest import recipe_doc
 from ftune.cli import app
 from refusals import check_refusal
@@ -88,8 +88,9 @@ def _prefix_without_cache(env: Env) -> list:
     folder = env.tmp / "distilbert"
     torch.manual_seed(0)
     vocab = (env.bert / "vocab.txt").read_text().split()
-    DistilBertForMaskedLM(DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=1, n_heads=4, hidden_dim=64)
-                          ).save_pretrained(folder)
+    DistilBertForMaskedLM(
+        DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=1, n_heads=4, hidden_dim=64)
+    ).save_pretrained(folder)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (env.bert / name).is_file():
             shutil.copy(env.bert / name, folder / name)
@@ -102,81 +103,112 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     "model-path-missing": (lambda e: e.train(model={"name": "/no/such/model"}), 1, ["model.name", "/no/such/model"]),
     "model-without-weights": (_weightless_model, 1, ["model.name", "no-weights"]),
     "data-file-missing": (
-        lambda e: e.train(data={"train": str(e.tmp / "absent.tsv")}), 1, ["data.train", "absent.tsv"],
+        lambda e: e.train(data={"train": str(e.tmp / "absent.tsv")}),
+        1,
+        ["data.train", "absent.tsv"],
     ),
     "label-column-missing": (
-        lambda e: e.train(data={"label_column": "labelz"}), 1, ["train.tsv", "'labelz'", "data.label_column"],
+        lambda e: e.train(data={"label_column": "labelz"}),
+        1,
+        ["train.tsv", "'labelz'", "data.label_column"],
     ),
     "label-outside-classes": (_bad_label, 1, ["validation.tsv row 3", "7"]),
     "empty-dataset": (
         lambda e: e.train(data={"train": str(_tsv(e.tmp / "train.tsv", ["sentence\tlabel"]))}),
-        1, ["train.tsv", "no rows"],
+        1,
+        ["train.tsv", "no rows"],
     ),
     "empty-jsonl": (
-        lambda e: e.train(data={"train": str(_tsv(e.tmp / "train.jsonl", [""]))}), 1, ["train.jsonl", "no rows"],
+        lambda e: e.train(data={"train": str(_tsv(e.tmp / "train.jsonl", [""]))}),
+        1,
+        ["train.jsonl", "no rows"],
     ),
     "malformed-jsonl": (
         lambda e: e.train(data={"train": str(_tsv(e.tmp / "train.jsonl", ['{"sentence": ']))}),
-        1, ["train.jsonl", "cannot be read", "JSON parse error"],
+        1,
+        ["train.jsonl", "cannot be read", "JSON parse error"],
     ),
     # data files
     "parquet-garbage": (
-        lambda e: e.train(data={"train": _garbage(e, "train.parquet")}), 1,
+        lambda e: e.train(data={"train": _garbage(e, "train.parquet")}),
+        1,
         ["train.parquet", "cannot be read as parquet"],
     ),
     "csv-ragged-rows": (
-        lambda e: e.train(data={"train": str(_text(e.tmp / "train.csv",
-                                                   "sentence,label\ngood film,1\nbad film,0,x\n"))}),
-        1, ["train.csv", "cannot be read as csv", "line 3"],
+        lambda e: e.train(
+            data={"train": str(_text(e.tmp / "train.csv", "sentence,label\ngood film,1\nbad film,0,x\n"))}
+        ),
+        1,
+        ["train.csv", "cannot be read as csv", "line 3"],
     ),
     "csv-short-row": (
         lambda e: e.train(data={"train": str(_text(e.tmp / "train.csv", "sentence,label\ngood film,1\nbad film\n"))}),
-        1, ["train.csv row 2", "'label'", "empty"],
+        1,
+        ["train.csv row 2", "'label'", "empty"],
     ),
     "unsupported-extension": (
         lambda e: e.train(data={"train": str(_text(e.tmp / "train.txt", "good film\t1\n"))}),
-        1, ["train.txt", "unsupported file type", ".jsonl"],
+        1,
+        ["train.txt", "unsupported file type", ".jsonl"],
     ),
     "label-cell-empty": (_empty_label_cell, 1, ["train.tsv row 2", "'label'", "empty"]),
     "label-outside-data-labels": (
-        lambda e: e.train(data={"labels": ["neg"]}), 1, ["train.tsv row 2", "label 1", "data.labels"],
+        lambda e: e.train(data={"labels": ["neg"]}),
+        1,
+        ["train.tsv row 2", "label 1", "data.labels"],
     ),
     "text-column-missing-in-validation": (
-        _validation_without_text_column, 1, ["validation.tsv", "'sentence'", "data.text_column"],
+        _validation_without_text_column,
+        1,
+        ["validation.tsv", "'sentence'", "data.text_column"],
     ),
     # models
     "model-corrupt-config": (_model_with_corrupt_config, 1, ["model.name", "corrupt-config", "config"]),
     "gguf-file-missing": (
-        lambda e: e.train(model={"gguf_file": str(e.tmp / "absent.gguf")}), 1, ["model.gguf_file", "absent.gguf"],
+        lambda e: e.train(model={"gguf_file": str(e.tmp / "absent.gguf")}),
+        1,
+        ["model.gguf_file", "absent.gguf"],
     ),
     "gguf-path-missing": (
-        lambda e: e.train(model={"name": str(e.tmp / "absent.gguf")}), 1, ["model.name", "absent.gguf"],
+        lambda e: e.train(model={"name": str(e.tmp / "absent.gguf")}),
+        1,
+        ["model.name", "absent.gguf"],
     ),
     # token classification
     "conll-line-without-tag": (
-        lambda e: _token_train(e, "train.txt", "good NN B-PER\nfilm NN O\n\nbad\n"), 1,
+        lambda e: _token_train(e, "train.txt", "good NN B-PER\nfilm NN O\n\nbad\n"),
+        1,
         ["train.txt line 4", "one column"],
     ),
     "token-tags-length-mismatch": (
-        lambda e: _token_train(e, "train.jsonl", '{"tokens": ["good"], "ner_tags": ["O"]}\n'
-                                                 '{"tokens": ["good", "film"], "ner_tags": ["O"]}\n'),
-        1, ["train.jsonl row 2", "2 tokens but 1 tags"],
+        lambda e: _token_train(
+            e,
+            "train.jsonl",
+            '{"tokens": ["good"], "ner_tags": ["O"]}\n{"tokens": ["good", "film"], "ner_tags": ["O"]}\n',
+        ),
+        1,
+        ["train.jsonl row 2", "2 tokens but 1 tags"],
     ),
     "token-integer-tags-without-labels": (
-        lambda e: _token_train(e, "train.jsonl", '{"tokens": ["good"], "ner_tags": [1]}\n'), 1,
+        lambda e: _token_train(e, "train.jsonl", '{"tokens": ["good"], "ner_tags": [1]}\n'),
+        1,
         ["train.jsonl row 1", "integer ids", "data.labels"],
     ),
     # seq2seq
     "seq2seq-without-target-column": (
-        lambda e: _s2s_train(e, [{"document": "the movie was good"}]), 1,
+        lambda e: _s2s_train(e, [{"document": "the movie was good"}]),
+        1,
         ["train.jsonl", "no column 'summary'", "data.target_column"],
     ),
     "seq2seq-on-an-encoder": (
-        lambda e: _s2s_train(e, [{"document": "good", "summary": "good"}], e.bert), 1,
+        lambda e: _s2s_train(e, [{"document": "good", "summary": "good"}], e.bert),
+        1,
         ["model.name", "decoder_start_token_id", "not an encoder-decoder model"],
     ),
     "prefix-tuning-without-attention-cache": (
-        _prefix_without_cache, 1, ["DistilBertForSequenceClassification", "takes no attention cache"],
+        _prefix_without_cache,
+        1,
+        ["DistilBertForSequenceClassification", "takes no attention cache"],
     ),
 }
 
@@ -210,14 +242,25 @@ def test_classification_counts_truncated_rows(tiny_bert):
     # [CLS] + words + [SEP]: 5, exactly 8 (fits, not cut), 22 and 9 tokens (cut)
     texts = ["good film was", "good film was a plot and", " ".join(["good"] * 20), "good film was a plot and very"]
     examples, truncated = encode_classification(
-        _cls_rows_of(texts), tokenizer, "sentence", None, "label", ["0", "1"], 8,
+        _cls_rows_of(texts),
+        tokenizer,
+        "sentence",
+        None,
+        "label",
+        ["0", "1"],
+        8,
     )
     assert [len(e["input_ids"]) for e in examples] == [5, 8, 8, 8]
     assert truncated == 2
     # sentence pairs: the pair's length counts as well
     examples, truncated = encode_classification(
-        _cls_rows_of(["good", "good film"], ["bad", " ".join(["bad"] * 10)]), tokenizer, "sentence", "pair", "label",
-        ["0", "1"], 8,
+        _cls_rows_of(["good", "good film"], ["bad", " ".join(["bad"] * 10)]),
+        tokenizer,
+        "sentence",
+        "pair",
+        "label",
+        ["0", "1"],
+        8,
     )
     assert truncated == 1 and [len(e["input_ids"]) for e in examples] == [5, 8]
 
@@ -233,11 +276,14 @@ def test_sft_counts_truncated_and_dropped_rows(tiny_llama):
     row = {"instruction": "repeat the word", "input": "good", "output": "yes"}
     (probe,), _, _ = encode_sft(Rows([row], "x"), tokenizer, "instruction", "input", "output", "alpaca", 1000)
     prompt = probe["labels"].count(IGNORE_INDEX)
-    rows = [row,  # response + EOS: exactly fills prompt + 2
-            row | {"output": "yes yes yes"},  # cut, kept
-            row | {"instruction": "repeat the word please say the answer"}]  # the prompt alone is too long: dropped
-    examples, dropped, truncated = encode_sft(Rows(rows, "x"), tokenizer, "instruction", "input", "output", "alpaca",
-                                              prompt + 2)
+    rows = [
+        row,  # response + EOS: exactly fills prompt + 2
+        row | {"output": "yes yes yes"},  # cut, kept
+        row | {"instruction": "repeat the word please say the answer"},
+    ]  # the prompt alone is too long: dropped
+    examples, dropped, truncated = encode_sft(
+        Rows(rows, "x"), tokenizer, "instruction", "input", "output", "alpaca", prompt + 2
+    )
     assert (len(examples), dropped, truncated) == (2, 1, 1)
     assert all(len(e["input_ids"]) == prompt + 2 for e in examples)
 

@@ -14,12 +14,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import bad_input_helpers
 import pytest
 import torch
 import yaml
-from bad_input_helpers import CPU_ONLY, Env, _garbage, _text, runner
 
+import bad_input_helpers
+from bad_input_helpers import CPU_ONLY, Env, _garbage, _text, runner
 from conftest import write_recipe
 from ftune.cli import app
 from refusals import check_refusal
@@ -84,8 +84,11 @@ def _other_methods_weights(env: Env, command: str) -> list:
     """An adapter run's recipe beside a full run's weights: the weights do not fit the model the recipe builds."""
     copy = _run_copy(env, env.run)
     shutil.copy(env.adapter / "recipe.yaml", copy / "recipe.yaml")
-    return {"eval": ["eval", copy], "merge": ["merge", copy, env.tmp / "merged"],
-            "export": ["export", copy, env.tmp / "exported", "--format", "hf"]}[command]
+    return {
+        "eval": ["eval", copy],
+        "merge": ["merge", copy, env.tmp / "merged"],
+        "export": ["export", copy, env.tmp / "exported", "--format", "hf"],
+    }[command]
 
 
 def _eval_without_validation(env: Env) -> list:
@@ -111,19 +114,26 @@ def _corrupt_run_record(env: Env) -> list:
 
 # id: (arguments built from Env, exit code, substrings the one stderr line must hold)
 CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
-    "output-dir-holds-a-run": (lambda e: e.train(e.doc() | {"output_dir": str(e.run)}), 1,
-                               ["output_dir", "--overwrite"]),
+    "output-dir-holds-a-run": (
+        lambda e: e.train(e.doc() | {"output_dir": str(e.run)}),
+        1,
+        ["output_dir", "--overwrite"],
+    ),
     "output-dir-not-a-run": (_not_a_run, 1, ["output_dir", "not an ftune run"]),
     "output-dir-is-a-file": (
-        lambda e: e.train(None, "--set", f"output_dir={_text(e.tmp / 'taken', 'a file')}"), 1,
+        lambda e: e.train(None, "--set", f"output_dir={_text(e.tmp / 'taken', 'a file')}"),
+        1,
         ["output_dir", "taken", "is a file"],
     ),
     "output-dir-under-a-file": (
-        lambda e: e.train(e.doc() | {"output_dir": str(_text(e.tmp / "taken", "a file") / "run")}), 1,
+        lambda e: e.train(e.doc() | {"output_dir": str(_text(e.tmp / "taken", "a file") / "run")}),
+        1,
         ["output_dir", "is a file"],
     ),
     "predict-input-not-utf8": (
-        lambda e: ["predict", e.run, "--input", _garbage(e, "rows.jsonl")], 1, ["rows.jsonl", "not UTF-8"],
+        lambda e: ["predict", e.run, "--input", _garbage(e, "rows.jsonl")],
+        1,
+        ["rows.jsonl", "not UTF-8"],
     ),
     "resume-without-run": (lambda e: e.train(None, "--resume"), 1, ["--resume", "no run"]),
     "resume-without-checkpoint": (_resume_without_checkpoint, 1, ["--resume", "no complete checkpoint"]),
@@ -132,39 +142,57 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     "merge-into-non-empty": (_merge_into_non_empty, 1, ["merged", "not empty"]),
     "eval-not-a-run": (_plain_dir, 1, ["plain-dir", "not an ftune run"]),
     "eval-data-missing": (
-        lambda e: ["eval", e.run, "--data", e.tmp / "absent.jsonl"], 1, ["absent.jsonl", "--data"],
+        lambda e: ["eval", e.run, "--data", e.tmp / "absent.jsonl"],
+        1,
+        ["absent.jsonl", "--data"],
     ),
     # run dirs for eval, merge, export
     "eval-truncated-weights": (_truncated_weights, 1, ["method.safetensors", "cannot be read"]),
     "eval-pickled-weights": (_pickled_weights, 1, ["method.safetensors", "not a safetensors file"]),
     "eval-weights-of-another-method": (
-        lambda e: _other_methods_weights(e, "eval"), 1, ["method.safetensors", "does not fit"],
+        lambda e: _other_methods_weights(e, "eval"),
+        1,
+        ["method.safetensors", "does not fit"],
     ),
     "merge-weights-of-another-method": (
-        lambda e: _other_methods_weights(e, "merge"), 1, ["method.safetensors", "does not fit"],
+        lambda e: _other_methods_weights(e, "merge"),
+        1,
+        ["method.safetensors", "does not fit"],
     ),
     "export-weights-of-another-method": (
-        lambda e: _other_methods_weights(e, "export"), 1, ["method.safetensors", "does not fit"],
+        lambda e: _other_methods_weights(e, "export"),
+        1,
+        ["method.safetensors", "does not fit"],
     ),
     "merge-adapter-run": (lambda e: ["merge", e.adapter, e.tmp / "merged"], 1, ["adapter", "cannot be folded"]),
     "export-peft-of-adapter": (
-        lambda e: ["export", e.adapter, e.tmp / "peft", "--format", "peft"], 1, ["peft", "adapter", "--format hf"],
+        lambda e: ["export", e.adapter, e.tmp / "peft", "--format", "peft"],
+        1,
+        ["peft", "adapter", "--format hf"],
     ),
     "export-into-a-run": (lambda e: ["export", e.run, e.adapter, "--format", "hf"], 1, ["not empty", "new directory"]),
     "eval-run-record-missing": (lambda e: _run_without(e, "run.json"), 1, ["run.json", "not an ftune run"]),
     "eval-run-record-corrupt": (_corrupt_run_record, 1, ["run.json", "cannot be read"]),
     "eval-tokenizer-missing": (lambda e: _run_without(e, "tokenizer"), 1, ["copy/tokenizer", "missing"]),
     "merge-into-a-file": (
-        lambda e: ["merge", e.run, _text(e.tmp / "merged.txt", "mine\n")], 1, ["merged.txt", "not a directory"],
+        lambda e: ["merge", e.run, _text(e.tmp / "merged.txt", "mine\n")],
+        1,
+        ["merged.txt", "not a directory"],
     ),
     "export-under-a-file": (
         lambda e: ["export", e.run, _text(e.tmp / "file", "mine\n") / "out", "--format", "hf"],
-        1, ["file/out", "cannot be created"],
+        1,
+        ["file/out", "cannot be created"],
     ),
-    "eval-split-unknown": (lambda e: ["eval", e.run, "--split", "test"], 2,
-                           ["--split test", "no test split", "--data"]),
+    "eval-split-unknown": (
+        lambda e: ["eval", e.run, "--split", "test"],
+        2,
+        ["--split test", "no test split", "--data"],
+    ),
     "eval-split-without-validation": (
-        _eval_without_validation, 2, ["--split validation", "data.validation", "--data"],
+        _eval_without_validation,
+        2,
+        ["--split validation", "data.validation", "--data"],
     ),
 }
 

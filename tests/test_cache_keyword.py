@@ -59,11 +59,17 @@ class TaskModel(_Body):
         return self.body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-@pytest.mark.parametrize(("model", "keyword"), [
-    (TakesCache(), "cache"), (TakesPastKeyValues(), "past_key_values"), (TakesNeither(), None),
-    (TaskModel(TakesCache()), "cache"), (TaskModel(TakesPastKeyValues()), "past_key_values"),
-    (TaskModel(TakesNeither()), None),
-])
+@pytest.mark.parametrize(
+    ("model", "keyword"),
+    [
+        (TakesCache(), "cache"),
+        (TakesPastKeyValues(), "past_key_values"),
+        (TakesNeither(), None),
+        (TaskModel(TakesCache()), "cache"),
+        (TaskModel(TakesPastKeyValues()), "past_key_values"),
+        (TaskModel(TakesNeither()), None),
+    ],
+)
 def test_the_keyword_is_read_from_the_signatures(model, keyword):
     assert cache_keyword(model) == keyword
 
@@ -73,7 +79,7 @@ def test_prefixes_arrive_under_that_keyword(cls):
     body = cls()
     wrapped = PrefixedModel(TaskModel(body), Prompt(torch.randn(3, 2 * 1 * 2 * 4)))
     wrapped(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 5, dtype=torch.long))
-    (name, cache), = body.seen.items()
+    ((name, cache),) = body.seen.items()
     assert name == cache_keyword(body)
     keys = cache.layers[0].keys
     assert keys.shape == (2, 2, 3, 4)  # (batch, kv heads, prefix length, head dim)

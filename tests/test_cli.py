@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import recipe_doc, write_recipe
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, write_recipe
 from ftune.cli import app
 from ftune.methods import METHODS
 

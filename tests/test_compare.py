@@ -12,9 +12,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import recipe_doc, write_recipe
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, write_recipe
 from ftune.cli import app
 from ftune.compare import plan as planning
 from ftune.compare.run import compare
@@ -27,8 +27,9 @@ BUDGET = "6steps"  # evaluations (and checkpoints) every ceil(6 / 4) = 2 steps
 
 @pytest.fixture(scope="module")
 def recipe(tiny_bert, cls_data, tmp_path_factory) -> Path:
-    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path_factory.mktemp("unused") / "run", best_metric="accuracy",
-                     log_every=1)
+    doc = recipe_doc(
+        "cls", tiny_bert, cls_data, tmp_path_factory.mktemp("unused") / "run", best_metric="accuracy", log_every=1
+    )
     return write_recipe(tmp_path_factory.mktemp("recipe") / "tiny.yaml", doc)
 
 
@@ -60,12 +61,24 @@ def test_table_agrees_with_each_run(compared):
         assert row["final_accuracy"] == final["validation"]["accuracy"] and row["best_accuracy"] == max(scores)
         measured = json.loads((run / "compare.json").read_text())
         assert row["peak_memory_bytes"] == measured["peak_memory_bytes"] > 0
-        assert row["forward_relative"] == pytest.approx(measured["forward"]["method_ms"] / measured["forward"]["base_ms"])
+        assert row["forward_relative"] == pytest.approx(
+            measured["forward"]["method_ms"] / measured["forward"]["base_ms"]
+        )
         assert row["forward_merged"] is True  # both methods fold into the base weights
         assert row["tokens_per_s"] > 0 and row["wall_seconds"] > 0
     markdown = (out / "comparison.md").read_text()
-    for column in ("method", "trainable params", "% of model", "saved", "peak memory", "train tokens/s", "wall s",
-                   "best accuracy", "final accuracy", "forward vs base"):
+    for column in (
+        "method",
+        "trainable params",
+        "% of model",
+        "saved",
+        "peak memory",
+        "train tokens/s",
+        "wall s",
+        "best accuracy",
+        "final accuracy",
+        "forward vs base",
+    ):
         assert f"| {column} |" in markdown or f"| {column}" in markdown
     for row in result.rows:
         assert f"| {row['method']} | {row['lr']:g} | {row['trainable_params']:,} |" in markdown
@@ -130,8 +143,9 @@ def test_interrupted_comparison_reuses_and_resumes(recipe, tmp_path, capsys, mon
     assert f"lora (lr {lr['lora']:g}, 6 steps): timing a forward" in err
     assert f"bitfit (lr {lr['bitfit']:g}, 6 steps): resuming from its last checkpoint" in err
     assert "resuming from" in err and "(step 4)" in err and err.count("parameters train") == 1  # bitfit only
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "lora").iterdir() if p.is_file() and p.name != "compare.json"} \
-        == {k: v for k, v in lora_files.items() if k != "compare.json"}
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (out / "lora").iterdir() if p.is_file() and p.name != "compare.json"
+    } == {k: v for k, v in lora_files.items() if k != "compare.json"}
     resumes = json.loads((out / "bitfit" / "run.json").read_text())["resumes"]
     assert [r["from"] for r in resumes] == ["checkpoints/step-00000004"]
     assert [e["step"] for e in _log(out / "bitfit") if "loss" in e] == [1, 2, 3, 4, 5, 6]
@@ -142,18 +156,21 @@ def test_interrupted_comparison_reuses_and_resumes(recipe, tmp_path, capsys, mon
     assert again.rows == result.rows
 
 
-@pytest.mark.parametrize(("methods", "every", "budget", "message"), [
-    ("lorra", False, BUDGET, "--methods: unknown method 'lorra'; did you mean 'lora'?"),
-    ("lora,lora", False, BUDGET, "--methods: lora is listed twice"),
-    ("l2sp", False, BUDGET, "--methods: l2sp trains nothing itself"),
-    ("adapter_fusion", False, BUDGET, "--methods: adapter_fusion needs method.adapters from you"),
-    (None, False, BUDGET, "give --methods (e.g. --methods lora,adapter) or --all"),
-    ("lora", True, BUDGET, "give --methods (e.g. --methods lora,adapter) or --all, not both"),
-    ("lora", False, "0steps", "--budget '0steps': must be above zero"),
-    ("lora", False, "fast", "--budget 'fast': expected a number and a unit"),
-    ("lora", False, "200 parsecs", "--budget '200 parsecs': expected a number and a unit"),
-    ("lora", False, "1.5steps", "--budget '1.5steps': optimizer steps are a whole number"),
-])
+@pytest.mark.parametrize(
+    ("methods", "every", "budget", "message"),
+    [
+        ("lorra", False, BUDGET, "--methods: unknown method 'lorra'; did you mean 'lora'?"),
+        ("lora,lora", False, BUDGET, "--methods: lora is listed twice"),
+        ("l2sp", False, BUDGET, "--methods: l2sp trains nothing itself"),
+        ("adapter_fusion", False, BUDGET, "--methods: adapter_fusion needs method.adapters from you"),
+        (None, False, BUDGET, "give --methods (e.g. --methods lora,adapter) or --all"),
+        ("lora", True, BUDGET, "give --methods (e.g. --methods lora,adapter) or --all, not both"),
+        ("lora", False, "0steps", "--budget '0steps': must be above zero"),
+        ("lora", False, "fast", "--budget 'fast': expected a number and a unit"),
+        ("lora", False, "200 parsecs", "--budget '200 parsecs': expected a number and a unit"),
+        ("lora", False, "1.5steps", "--budget '1.5steps': optimizer steps are a whole number"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(recipe, tmp_path, methods, every, budget, message):
     with pytest.raises(RecipeError) as caught:
         compare(recipe, methods, every, budget, tmp_path / "out", [])
@@ -163,8 +180,11 @@ def test_bad_input_is_one_line_and_writes_nothing(recipe, tmp_path, methods, eve
 
 def test_method_refused_for_the_recipe(recipe, tmp_path):
     """A recipe that recomputes activations refuses prefix methods: named, one line; with --all, left out."""
-    with pytest.raises(RecipeError, match=r"^--methods: prefix_tuning does not apply to this recipe: .*"
-                                          r"train\.gradient_checkpointing"):
+    with pytest.raises(
+        RecipeError,
+        match=r"^--methods: prefix_tuning does not apply to this recipe: .*"
+        r"train\.gradient_checkpointing",
+    ):
         compare(recipe, "lora,prefix_tuning", False, BUDGET, tmp_path / "out", ["train.gradient_checkpointing=true"])
     assert not (tmp_path / "out").exists()
     base = load_recipe(recipe, ["train.gradient_checkpointing=true"])

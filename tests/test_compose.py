@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import recipe_doc
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
+from conftest import recipe_doc
 from ftune import models
 from ftune.assemble import load_run
 from ftune.cli import app
@@ -60,8 +60,9 @@ def _trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("arch,task", [("bert", "sequence_classification"), ("llama", "sequence_classification"),
-                                       ("llama", "causal_lm")])
+@pytest.mark.parametrize(
+    "arch,task", [("bert", "sequence_classification"), ("llama", "sequence_classification"), ("llama", "causal_lm")]
+)
 def test_mam_with_its_adapter_scaled_to_zero_is_prefix_tuning(arch, task, tiny_bert, tiny_llama):
     folder = tiny_bert if arch == "bert" else tiny_llama
     mam, _ = _build(folder, MAM, task)
@@ -84,7 +85,11 @@ def test_mam_defaults_and_partial_parts():
     assert (default.prefix.n_tokens, default.prefix.reparameterize) == (30, False)  # direct: see mam_adapter.py
     assert (default.adapter.placement, default.adapter.bottleneck, default.adapter.scaling) == ("parallel", 512, 4.0)
     partial = _config({"name": "mam_adapter", "adapter": {"bottleneck": 16, "scaling": 2}})
-    assert (partial.adapter.placement, partial.adapter.parallel_at, partial.adapter.bottleneck) == ("parallel", "ffn", 16)
+    assert (partial.adapter.placement, partial.adapter.parallel_at, partial.adapter.bottleneck) == (
+        "parallel",
+        "ffn",
+        16,
+    )
     with pytest.raises(RecipeError, match=r"method\.adapter: MAM's adapter is parallel"):
         _config({"name": "mam_adapter", "adapter": {"placement": "pfeiffer"}})
 
@@ -117,16 +122,20 @@ def test_a_part_that_turns_the_head_off_freezes_it(tiny_bert):
     assert not any(p.requires_grad for p in model.classifier.parameters() if p.dim() == 2)  # the bias is bitfit's
 
 
-@pytest.mark.parametrize("parts,needle", [
-    ([{"name": "lora"}, {"name": "adalora"}], "method: lora and adalora both rebuild the linear layers"),
-    ([{"name": "full"}, {"name": "bitfit"}], "method: full already trains every weight"),
-    ([{"name": "lora"}, {"name": "lora", "r": 4}], "method: lora is listed twice"),
-    ([{"name": "prompt_tuning"}, PREFIX], "both rebuild the whole model"),
-    ([{"name": "adapter"}, {"name": "adapter_drop"}], "both rebuild the sub-block outputs"),
-    ([MAM, {"name": "adapter"}], "mam_adapter and adapter both rebuild"),
-    ([{"name": "lora", "rr": 2}, {"name": "bitfit"}], "method[0].rr: unknown key (did you mean 'r'?)"),
-    ([{"name": "lora"}, {"name": "bitfitt"}], "method[1].name: unknown method 'bitfitt' (did you mean 'bitfit'?)"),
-], ids=["linears", "full", "twice", "wrappers", "adapters", "hybrid", "part-key", "part-name"])
+@pytest.mark.parametrize(
+    "parts,needle",
+    [
+        ([{"name": "lora"}, {"name": "adalora"}], "method: lora and adalora both rebuild the linear layers"),
+        ([{"name": "full"}, {"name": "bitfit"}], "method: full already trains every weight"),
+        ([{"name": "lora"}, {"name": "lora", "r": 4}], "method: lora is listed twice"),
+        ([{"name": "prompt_tuning"}, PREFIX], "both rebuild the whole model"),
+        ([{"name": "adapter"}, {"name": "adapter_drop"}], "both rebuild the sub-block outputs"),
+        ([MAM, {"name": "adapter"}], "mam_adapter and adapter both rebuild"),
+        ([{"name": "lora", "rr": 2}, {"name": "bitfit"}], "method[0].rr: unknown key (did you mean 'r'?)"),
+        ([{"name": "lora"}, {"name": "bitfitt"}], "method[1].name: unknown method 'bitfitt' (did you mean 'bitfit'?)"),
+    ],
+    ids=["linears", "full", "twice", "wrappers", "adapters", "hybrid", "part-key", "part-name"],
+)
 def test_conflicting_or_bad_parts_are_one_clear_line(parts, needle):
     with pytest.raises(RecipeError) as caught:
         _config(parts)
@@ -134,7 +143,14 @@ def test_conflicting_or_bad_parts_are_one_clear_line(parts, needle):
 
 
 def test_gradient_checkpointing_is_refused_when_a_part_refuses_it():
-    doc = recipe_doc("cls", Path("unused"), Path("unused"), Path("runs/unused"), [{"name": "lora"}, PREFIX], gradient_checkpointing=True)
+    doc = recipe_doc(
+        "cls",
+        Path("unused"),
+        Path("unused"),
+        Path("runs/unused"),
+        [{"name": "lora"}, PREFIX],
+        gradient_checkpointing=True,
+    )
     doc["data"]["train"] = "train.tsv"
     with pytest.raises(RecipeError, match="train.gradient_checkpointing: lora\\+prefix_tuning keeps"):
         validate_recipe(doc)

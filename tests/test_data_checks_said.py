@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import data_check_helpers
 import pytest
-from data_check_helpers import _identical, _long_prompts, _read_jsonl, _relabel
 
+import data_check_helpers
 from conftest import recipe_doc, write_recipe
+from data_check_helpers import _identical, _long_prompts, _read_jsonl, _relabel
 from ftune.cli import app
 from ftune.errors import DataError
 from refusals import runner
@@ -83,6 +83,8 @@ def test_eval_says_which_rows_it_could_not_score(sft_run, tmp_path):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = runner.invoke(app, ["eval", str(sft_run), "--data", str(path)])
     assert result.exit_code == 0, result.output
-    assert "note: 1 of 4 rows could not be scored: data.max_length=128 leaves them no token to score (dropped); " \
-           "the metrics cover the other 3" in result.stderr
+    assert (
+        "note: 1 of 4 rows could not be scored: data.max_length=128 leaves them no token to score (dropped); "
+        "the metrics cover the other 3" in result.stderr
+    )
     assert "note: 1 of 4 rows were cut to data.max_length=128 tokens" in result.stderr

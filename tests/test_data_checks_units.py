@@ -19,10 +19,17 @@ def _rows(cells: list) -> object:
     return Rows([{"text": cell} for cell in cells], "rows.jsonl")
 
 
-@pytest.mark.parametrize(("cell", "said"), [
-    (["a", "b"], "a list of 2 items"), ([{"role": "user", "content": "hi"}], "a list of 1 chat message"),
-    ({"a": 1}, "a mapping"), (3, "a number (3)"), (2.5, "a number (2.5)"), (False, "a boolean (False)"),
-])
+@pytest.mark.parametrize(
+    ("cell", "said"),
+    [
+        (["a", "b"], "a list of 2 items"),
+        ([{"role": "user", "content": "hi"}], "a list of 1 chat message"),
+        ({"a": 1}, "a mapping"),
+        (3, "a number (3)"),
+        (2.5, "a number (2.5)"),
+        (False, "a boolean (False)"),
+    ],
+)
 def test_text_column_names_what_a_cell_holds(cell, said):
     from ftune.data.sources import text_column
 
@@ -72,8 +79,10 @@ def test_length_shares():
 
     task, spec = TASKS["causal_lm"], _spec(max_length=64)
     part = Encoded([{}] * 95, "t.jsonl", dropped=5, truncated=19)  # 100 rows: 5% dropped, 19% cut: both at the share
-    assert checks.check_lengths(part, spec, task) == ("19 of 100 rows cut to data.max_length=64; 5 of 100 rows "
-                                                      "dropped (data.max_length=64 leaves them no token to learn from)")
+    assert checks.check_lengths(part, spec, task) == (
+        "19 of 100 rows cut to data.max_length=64; 5 of 100 rows "
+        "dropped (data.max_length=64 leaves them no token to learn from)"
+    )
     with pytest.raises(DataError, match=r"leaves 6 of 100 rows \(6.0%, above 5%\)"):
         checks.check_lengths(Encoded([{}] * 94, "t.jsonl", dropped=6), spec, task)
     with pytest.raises(DataError, match=r"cuts 21 of 100 rows \(21.0%, above 20%\)"):
@@ -97,18 +106,26 @@ def test_identical_pairs_are_read_from_the_tokens():
     assert check(Encoded([pair] * 3, "p.jsonl"), Encoded([pair], "v.jsonl"), None, None) == []
 
 
-@pytest.mark.parametrize(("data", "said"), [
-    ({"labels": ["a", "b", "a"]}, "data.labels: 'a' is listed twice"),
-    ({"chosen_column": "answer", "rejected_column": "answer"}, "data.rejected_column: names column 'answer'"),
-    ({"tags_column": "tokens"}, "data.tags_column: names column 'tokens', as data.tokens_column"),
-    ({"input_column": "instruction"}, "data.input_column: names column 'instruction', as data.instruction_column"),
-    ({"label_column": "text"}, "data.label_column: names column 'text', as data.text_column"),
-])
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        ({"labels": ["a", "b", "a"]}, "data.labels: 'a' is listed twice"),
+        ({"chosen_column": "answer", "rejected_column": "answer"}, "data.rejected_column: names column 'answer'"),
+        ({"tags_column": "tokens"}, "data.tags_column: names column 'tokens', as data.tokens_column"),
+        ({"input_column": "instruction"}, "data.input_column: names column 'instruction', as data.instruction_column"),
+        ({"label_column": "text"}, "data.label_column: names column 'text', as data.text_column"),
+    ],
+)
 def test_recipe_refuses_a_column_for_two_roles_and_a_repeated_label(data, said):
     from ftune.recipe import validate_recipe
 
-    doc = {"model": {"name": "m"}, "task": "causal_lm", "data": {"train": "t.jsonl", **data},
-           "method": {"name": "lora"}, "output_dir": "out"}
+    doc = {
+        "model": {"name": "m"},
+        "task": "causal_lm",
+        "data": {"train": "t.jsonl", **data},
+        "method": {"name": "lora"},
+        "output_dir": "out",
+    }
     with pytest.raises(RecipeError, match=said):
         validate_recipe(doc)
     validate_recipe(doc | {"data": {"train": "t.jsonl", "input_column": None}})  # the defaults are all distinct

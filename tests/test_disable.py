@@ -13,14 +13,18 @@ import copy
 
 import pytest
 import torch
-from test_methods import CASES, REFUSED
 
 from ftune import models
 from ftune.errors import MethodError
 from ftune.methods import METHODS, attach, method_of
+from test_methods import CASES, REFUSED
 
-COMBOS = {"bert-cls": ("bert", "sequence_classification"), "llama-lm": ("llama", "causal_lm"),
-          "t5-s2s": ("t5", "seq2seq"), "bart-s2s": ("bart", "seq2seq")}
+COMBOS = {
+    "bert-cls": ("bert", "sequence_classification"),
+    "llama-lm": ("llama", "causal_lm"),
+    "t5-s2s": ("t5", "seq2seq"),
+    "bart-s2s": ("bart", "seq2seq"),
+}
 ON_SEQ2SEQ = {"unipelt", "adapter_fusion"}
 """The cases that run on the seq2seq combos (the other methods' switching off is the same code in both stacks)."""
 # more configs than the battery's one per method: the placements and options that switch off differently
@@ -29,15 +33,21 @@ EXTRA = {
     "adapter-pfeiffer": ("adapter", {"placement": "pfeiffer", "bottleneck": 8, "dropout": 0.1}),
     "adapter-parallel-both": ("adapter", {"placement": "parallel", "parallel_at": "both", "bottleneck": 8}),
     "p_tuning-around": ("p_tuning", {"n_tokens": 4, "tokens_before": 2}),
-    "adalora+prompt": ("compose", {"methods": [{"name": "adalora", "init_r": 4, "target_r": 2},
-                                               {"name": "prompt_tuning", "n_tokens": 4}]}),
+    "adalora+prompt": (
+        "compose",
+        {"methods": [{"name": "adalora", "init_r": 4, "target_r": 2}, {"name": "prompt_tuning", "n_tokens": 4}]},
+    ),
     "lora+bitfit": ("compose", {"methods": [{"name": "lora", "r": 4}, {"name": "bitfit"}]}),
 }
 SETUPS = {name: (name, case) for name, case in CASES.items()} | EXTRA
 # virtual tokens after the input suit sequence classification only; Llama has no biases for BitFit
 NOT_HERE = {("p_tuning-around", "llama-lm"), ("lora+bitfit", "llama-lm")}
-PAIRS = [(case, combo) for case, (name, _) in SETUPS.items() for combo, (arch, task) in COMBOS.items()
-         if (name, arch) not in REFUSED and (case, combo) not in NOT_HERE and (task != "seq2seq" or case in ON_SEQ2SEQ)]
+PAIRS = [
+    (case, combo)
+    for case, (name, _) in SETUPS.items()
+    for combo, (arch, task) in COMBOS.items()
+    if (name, arch) not in REFUSED and (case, combo) not in NOT_HERE and (task != "seq2seq" or case in ON_SEQ2SEQ)
+]
 HEAD_IS_NEW = {("head", "bert-cls")}
 """`head` trains only the new classifier here (nothing to switch off), but the output layer of a causal LM."""
 

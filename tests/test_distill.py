@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import recipe_doc, write_recipe
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, write_recipe
 from ftune import assemble
 from ftune.cli import app
 from ftune.data.loader import collate
@@ -28,6 +28,7 @@ UNPAIRED = [name for name, task in TASKS.items() if not task.paired]  # preferen
 
 # --- the losses, by hand -----------------------------------------------------------------------------------------
 
+
 def _softmax(xs: list[float], t: float = 1.0) -> list[float]:
     top = max(xs)
     e = [math.exp((x - top) / t) for x in xs]
@@ -38,8 +39,9 @@ def _kl(p: list[float], q: list[float]) -> float:
     return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
 
 
-def _by_hand(s: list[float], t: list[float], y: int, temperature: float, alpha: float, divergence: str,
-             beta: float = 0.5) -> float:
+def _by_hand(
+    s: list[float], t: list[float], y: int, temperature: float, alpha: float, divergence: str, beta: float = 0.5
+) -> float:
     """α·T²·D + (1 − α)·CE of one position, from the definitions."""
     ps, pt = _softmax(s, temperature), _softmax(t, temperature)
     if divergence == "forward_kl":
@@ -49,7 +51,7 @@ def _by_hand(s: list[float], t: list[float], y: int, temperature: float, alpha: 
     else:
         m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
         d = beta * _kl(pt, m) + (1 - beta) * _kl(ps, m)
-    return alpha * temperature ** 2 * d + (1 - alpha) * -math.log(_softmax(s)[y])
+    return alpha * temperature**2 * d + (1 - alpha) * -math.log(_softmax(s)[y])
 
 
 class Fixed(torch.nn.Module):
@@ -72,7 +74,9 @@ def _cfg(**kw) -> distill.Config:
     return distill.Config(name="distill", teacher="unused", **kw)
 
 
-def _row_loss(cfg: distill.Config, student=STUDENT, teacher=TEACHER, labels=ROW_LABELS) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_loss(
+    cfg: distill.Config, student=STUDENT, teacher=TEACHER, labels=ROW_LABELS
+) -> tuple[torch.Tensor, torch.Tensor]:
     task = TASKS["sequence_classification"]
     bound = distill.bind(cfg, task, {"teacher": Fixed(torch.tensor(teacher), trains=False)})
     batch = {"input_ids": torch.zeros(len(labels), 2, dtype=torch.long), "labels": torch.tensor(labels)}
@@ -84,8 +88,9 @@ def _row_loss(cfg: distill.Config, student=STUDENT, teacher=TEACHER, labels=ROW_
 def test_classification_loss_by_hand(divergence, temperature, alpha):
     extra = {"beta": 0.3} if divergence == "jsd" else {}
     total, count = _row_loss(_cfg(temperature=temperature, alpha=alpha, divergence=divergence, **extra))
-    expected = sum(_by_hand(s, t, y, temperature, alpha, divergence, 0.3)
-                   for s, t, y in zip(STUDENT, TEACHER, ROW_LABELS))
+    expected = sum(
+        _by_hand(s, t, y, temperature, alpha, divergence, 0.3) for s, t, y in zip(STUDENT, TEACHER, ROW_LABELS)
+    )
     assert count == 3
     assert total.item() == pytest.approx(expected, rel=1e-5)
 
@@ -105,16 +110,15 @@ def test_the_t_squared_factor():
     for temperature in (1.0, 2.0, 4.0):
         kl = sum(_kl(_softmax(t, temperature), _softmax(s, temperature)) for s, t in zip(STUDENT, TEACHER))
         total = _row_loss(_cfg(temperature=temperature, alpha=1.0))[0].item()
-        assert total == pytest.approx(temperature ** 2 * kl, rel=1e-5)
-        assert total / kl == pytest.approx(temperature ** 2, rel=1e-5)
+        assert total == pytest.approx(temperature**2 * kl, rel=1e-5)
+        assert total / kl == pytest.approx(temperature**2, rel=1e-5)
 
 
 def _token_case(seed: int = 0, length: int = 6, vocab: int = 7):
     """Fixed per-token logits (2, length, vocab) and SFT-like labels: prompt and padding carry IGNORE_INDEX."""
     g = torch.Generator().manual_seed(seed)
     s, t = torch.randn(2, length, vocab, generator=g), torch.randn(2, length, vocab, generator=g)
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 1, 4, IGNORE_INDEX],
-                           [IGNORE_INDEX, 2, 5, 6, 0, 1]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 1, 4, IGNORE_INDEX], [IGNORE_INDEX, 2, 5, 6, 0, 1]])
     return s, t, labels
 
 
@@ -143,8 +147,12 @@ def test_causal_lm_loss_by_hand_masked_and_shifted(divergence):
 def test_token_positions_unshifted_for_other_token_tasks():
     s, t, labels = _token_case(1)
     total, count = _token_loss(_cfg(), "token_classification", s, t, labels)
-    expected = sum(_by_hand(s[b, i].tolist(), t[b, i].tolist(), int(labels[b, i]), 2.0, 0.5, "forward_kl")
-                   for b in range(2) for i in range(labels.shape[1]) if labels[b, i] != IGNORE_INDEX)
+    expected = sum(
+        _by_hand(s[b, i].tolist(), t[b, i].tolist(), int(labels[b, i]), 2.0, 0.5, "forward_kl")
+        for b in range(2)
+        for i in range(labels.shape[1])
+        if labels[b, i] != IGNORE_INDEX
+    )
     assert int(count) == 8
     assert total.item() == pytest.approx(expected, rel=1e-5)
 
@@ -169,8 +177,9 @@ def test_chunked_equals_unchunked(divergence):
     results = []
     for chunk in (1, 3, 10_000):
         student = Fixed(s)
-        bound = distill.bind(_cfg(divergence=divergence, chunk_size=chunk), TASKS["causal_lm"],
-                             {"teacher": Fixed(t, trains=False)})
+        bound = distill.bind(
+            _cfg(divergence=divergence, chunk_size=chunk), TASKS["causal_lm"], {"teacher": Fixed(t, trains=False)}
+        )
         total, _ = bound.loss(student, {"input_ids": torch.zeros_like(labels), "labels": labels})
         total.backward()
         results.append((total.detach(), student.logits.grad.clone()))
@@ -183,19 +192,25 @@ def test_a_padded_teacher_vocabulary_is_cut_to_the_student_width():
     """Same tokenizer, a teacher output layer padded with extra rows (as model families pad V): they are ignored."""
     s, t, labels = _token_case(5)
     wide = torch.cat([t, torch.full((2, t.shape[1], 3), -4.0)], dim=-1)
-    assert _token_loss(_cfg(), "causal_lm", s, wide, labels)[0].item() == _token_loss(_cfg(), "causal_lm", s, t, labels)[0].item()
+    assert (
+        _token_loss(_cfg(), "causal_lm", s, wide, labels)[0].item()
+        == _token_loss(_cfg(), "causal_lm", s, t, labels)[0].item()
+    )
 
 
 # --- on tiny models: the hard term is the task's loss; the student as its own teacher ----------------------------
+
 
 @pytest.fixture()
 def task_batches(tiny_bert, tiny_llama, tiny_t5, cls_data, sft_data, conll_data, s2s_data, tmp_path):
     from conftest import s2s_recipe_doc, token_recipe_doc
 
-    docs = {"sequence_classification": recipe_doc("cls", tiny_bert, cls_data, tmp_path / "a"),
-            "causal_lm": recipe_doc("sft", tiny_llama, sft_data, tmp_path / "b"),
-            "token_classification": token_recipe_doc(tiny_bert, conll_data, tmp_path / "c"),
-            "seq2seq": s2s_recipe_doc(tiny_t5, s2s_data, tmp_path / "d")}
+    docs = {
+        "sequence_classification": recipe_doc("cls", tiny_bert, cls_data, tmp_path / "a"),
+        "causal_lm": recipe_doc("sft", tiny_llama, sft_data, tmp_path / "b"),
+        "token_classification": token_recipe_doc(tiny_bert, conll_data, tmp_path / "c"),
+        "seq2seq": s2s_recipe_doc(tiny_t5, s2s_data, tmp_path / "d"),
+    }
     built = {}
     for name, doc in docs.items():
         recipe = validate_recipe(doc | {"method": {"name": "full"}})
@@ -224,12 +239,15 @@ def test_alpha_zero_is_the_task_loss(name, task_batches):
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_the_student_as_its_own_teacher_gives_zero(name, divergence, task_batches):
     model, batch = task_batches[name]
-    total, count = distill.bind(_cfg(alpha=1.0, divergence=divergence), TASKS[name], {"teacher": model}).loss(model, batch)
+    total, count = distill.bind(_cfg(alpha=1.0, divergence=divergence), TASKS[name], {"teacher": model}).loss(
+        model, batch
+    )
     assert int(count) > 0
     assert abs(total.item()) <= 1e-6 * int(count)
 
 
 # --- ftune train end to end ----------------------------------------------------------------------------------------
+
 
 def _train(doc: dict, path: Path):
     return runner.invoke(app, ["train", str(write_recipe(path, doc))])
@@ -284,8 +302,11 @@ def test_train_causal_lm_with_a_teacher_run(tiny_llama, sft_data, sft_teacher, t
     objective = {"teacher": str(sft_teacher), "temperature": 1.0, "divergence": divergence, "chunk_size": 16}
     result = _train(_student("sft", tiny_llama, sft_data, tmp_path / "student", objective), tmp_path / "recipe.yaml")
     assert result.exit_code == 0, result.output
-    losses = [e["loss"] for e in map(yaml.safe_load, (tmp_path / "student" / "metrics.jsonl").read_text().splitlines())
-              if "loss" in e]
+    losses = [
+        e["loss"]
+        for e in map(yaml.safe_load, (tmp_path / "student" / "metrics.jsonl").read_text().splitlines())
+        if "loss" in e
+    ]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
 
 

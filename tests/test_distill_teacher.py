@@ -1,6 +1,6 @@
-"""Distillation's teacher (ftune/objectives/teacher.py): the per-row logits cache (filled once, reused without building the
-teacher, invalidated when the teacher or the data change), a classification teacher with its own tokenizer, and the
-bad inputs (one line, nothing written)."""
+"""Distillation's teacher (ftune/objectives/teacher.py): the per-row logits cache (filled once, reused without building
+the teacher, invalidated when the teacher or the data change), a classification teacher with its own tokenizer, and
+the bad inputs (one line, nothing written)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, recipe_doc, write_recipe
 from safetensors.torch import load_file, save_file
 from test_distill import _student, _train, runner, teacher_run
 
+from conftest import WORDS, recipe_doc, write_recipe
 from ftune import assemble
 from ftune.cli import app
 from ftune.data.loader import collate
 from ftune.objectives import distill
-from ftune.recipe import validate_recipe
 from ftune.objectives import teacher as teachers
+from ftune.recipe import validate_recipe
 from ftune.tasks import TASKS
 
 
@@ -35,6 +35,7 @@ def sft_teacher(tiny_llama, sft_data, tmp_path_factory) -> Path:
 
 # --- the per-row cache ---------------------------------------------------------------------------------------------
 
+
 def _count_teacher_rows(monkeypatch) -> dict:
     """Wrap the builder: every teacher it builds counts the rows it reads."""
     seen = {"built": 0, "rows": 0}
@@ -44,8 +45,10 @@ def _count_teacher_rows(monkeypatch) -> dict:
         models = build(recipe, needs, names)
         for model in models.values():
             seen["built"] += 1
-            model.register_forward_hook(lambda m, args, kwargs, out: seen.__setitem__("rows", seen["rows"] + len(kwargs["input_ids"])),
-                                        with_kwargs=True)
+            model.register_forward_hook(
+                lambda m, args, kwargs, out: seen.__setitem__("rows", seen["rows"] + len(kwargs["input_ids"])),
+                with_kwargs=True,
+            )
         return models
 
     monkeypatch.setattr(assemble, "build_extra_models", counting)
@@ -95,16 +98,19 @@ def test_teacher_cache_is_filled_once_and_reused(tiny_bert, cls_data, cls_teache
     monkeypatch.undo()
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path / "cache"))
     seen = _count_teacher_rows(monkeypatch)
-    online = _train(_student("cls", tiny_bert, cls_data, tmp_path / "online", {"teacher": str(cls_teacher)}, **steps),
-                    tmp_path / "r3.yaml")
+    online = _train(
+        _student("cls", tiny_bert, cls_data, tmp_path / "online", {"teacher": str(cls_teacher)}, **steps),
+        tmp_path / "r3.yaml",
+    )
     assert online.exit_code == 0, online.output
     assert seen == {"built": 1, "rows": 96}
     online_w = _weights(tmp_path / "online")
     assert all(torch.allclose(first_w[k], online_w[k], atol=1e-5) for k in first_w)
 
 
-def test_teacher_cache_is_invalidated_by_other_data_or_another_teacher(tiny_bert, cls_data, cls_teacher, tmp_path,
-                                                                      monkeypatch):
+def test_teacher_cache_is_invalidated_by_other_data_or_another_teacher(
+    tiny_bert, cls_data, cls_teacher, tmp_path, monkeypatch
+):
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path / "cache"))
     teacher = tmp_path / "teacher"
     shutil.copytree(cls_teacher, teacher)
@@ -127,6 +133,7 @@ def test_teacher_cache_is_invalidated_by_other_data_or_another_teacher(tiny_bert
 
 # --- a classification teacher with its own tokenizer ---------------------------------------------------------------
 
+
 def _bert_with_other_vocabulary(folder: Path) -> Path:
     """A tiny BERT whose word ids are in another order than conftest's: the same text, other token ids."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
@@ -136,8 +143,14 @@ def _bert_with_other_vocabulary(folder: Path) -> Path:
     random.Random(7).shuffle(words)
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     torch.manual_seed(1)
-    config = BertConfig(vocab_size=5 + len(words), hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=5 + len(words),
+        hidden_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertForMaskedLM(config).save_pretrained(folder)
     BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
     return folder
@@ -173,26 +186,42 @@ def test_a_teacher_with_its_own_tokenizer(tiny_bert, cls_data, tmp_path):
 
 # --- bad inputs: one line, nothing written --------------------------------------------------------------------------
 
+
 def _llama_with_other_vocabulary(folder: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True)
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *reversed(WORDS), ":", "#", "\n", ",", ".", "-"])}
+    vocab = {
+        w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *reversed(WORDS), ":", "#", "\n", ",", ".", "-"])
+    }
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    ).save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
 
 def _files(root: Path) -> dict[str, int]:
     """Every path under `root` and its modification time; the encoded-data cache (data.cache) aside."""
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
-            if not p.relative_to(root).as_posix().startswith("cache/encoded")}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if not p.relative_to(root).as_posix().startswith("cache/encoded")
+    }
 
 
 BAD = {
@@ -205,7 +234,12 @@ BAD = {
     "missing-path": ("cls", {"teacher": "./runs/no-such-teacher"}, 1, ["objective.teacher", "no such run directory"]),
     "junk-folder": ("cls", {"teacher": "JUNK"}, 1, ["objective.teacher", "neither a finished ftune run directory"]),
     "untrained-head": ("cls", {"teacher": "BERT"}, 1, ["objective.teacher", "no trained weights for", "classifier"]),
-    "untrained-head-cached": ("cls", {"teacher": "BERT", "cache": True}, 1, ["objective.teacher", "no trained weights"]),
+    "untrained-head-cached": (
+        "cls",
+        {"teacher": "BERT", "cache": True},
+        1,
+        ["objective.teacher", "no trained weights"],
+    ),
     "other-task": ("cls", {"teacher": "SFT_TEACHER"}, 2, ["objective.teacher", "was trained for causal_lm"]),
     "other-vocabulary": ("sft", {"teacher": "OTHER_LLAMA"}, 2, ["objective.teacher", "another vocabulary"]),
     "cache-per-token": ("sft", {"teacher": "SFT_TEACHER", "cache": True}, 2, ["objective.cache", "per token"]),
@@ -223,9 +257,15 @@ def test_bad_input(case, tiny_bert, tiny_llama, cls_data, sft_data, cls_teacher,
         _llama_with_other_vocabulary(tmp_path / "OTHER_LLAMA")
     places = {"BERT": tiny_bert, "SFT_TEACHER": sft_teacher, "CLS_TEACHER": cls_teacher}
     objective = {"teacher": str(cls_teacher if kind == "cls" else sft_teacher)} | {
-        k: str(places.get(v, v)) if k == "teacher" else v for k, v in objective.items()}
-    doc = _student(kind, tiny_bert if kind == "cls" else tiny_llama, cls_data if kind == "cls" else sft_data,
-                   tmp_path / "out", objective)
+        k: str(places.get(v, v)) if k == "teacher" else v for k, v in objective.items()
+    }
+    doc = _student(
+        kind,
+        tiny_bert if kind == "cls" else tiny_llama,
+        cls_data if kind == "cls" else sft_data,
+        tmp_path / "out",
+        objective,
+    )
     recipe = write_recipe(tmp_path / "recipe.yaml", doc)
     before = _files(tmp_path) | _files(cls_teacher) | _files(sft_teacher)
 

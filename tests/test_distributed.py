@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import recipe_doc, write_recipe
 from safetensors.torch import load_file
+
+from conftest import recipe_doc, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -47,8 +48,9 @@ def _ftune(*args, env: dict | None = None, wait: bool = True, **popen):
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     environment |= env or {}
     if not wait:
-        return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, **popen)
+        return subprocess.Popen(
+            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **popen
+        )
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -79,7 +81,9 @@ def test_two_processes_of_batch_4_equal_one_of_batch_8(method, still_bert, cls_d
     if method == "lora":  # the run directory is what one process writes, and its evaluations agree
         listing = {p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*")}
         assert listing == {p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*")}
-        logs = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("one", "two")]
+        logs = [
+            [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("one", "two")
+        ]
         assert [sorted(e) for e in logs[0]] == [sorted(e) for e in logs[1]]
         for a, b in zip(*logs):
             if "validation" in a:
@@ -93,8 +97,9 @@ def test_two_processes_of_batch_4_equal_one_of_batch_8(method, still_bert, cls_d
 
 def test_global_batch_scope(still_bert, cls_data, tmp_path):
     """batch_scope: global splits batch_size over the processes: batch 8 global on 2 is 4 per process."""
-    recipe = _recipe(tmp_path, "run", still_bert, cls_data, METHODS["lora"], batch_size=8, batch_scope="global",
-                     max_steps=1)
+    recipe = _recipe(
+        tmp_path, "run", still_bert, cls_data, METHODS["lora"], batch_size=8, batch_scope="global", max_steps=1
+    )
     result = _ftune("train", recipe, "--nproc", 2)
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -130,7 +135,8 @@ def test_a_nan_on_one_process_stops_both(tiny_bert, cls_data, tmp_path):
         "            return output\n"
         "        model.register_forward_hook(hook)\n"
         "        return model\n"
-        "    assemble.build_model = build\n")
+        "    assemble.build_model = build\n"
+    )
     recipe = _recipe(tmp_path, "run", tiny_bert, cls_data, METHODS["lora"], batch_size=4, save_every=1)
     result = _ftune("train", recipe, "--nproc", 2, env={"PYTHONPATH": f"{shim}{os.pathsep}{REPO}"})
     assert result.returncode != 0
@@ -147,8 +153,9 @@ def test_killed_two_process_run_resumes_bitwise(still_bert, cls_data, tmp_path):
     """SIGKILL to both processes after the step-3 checkpoint; `--resume` on two processes ends bitwise equal to an
     uninterrupted two-process run (weights and logged losses)."""
     method = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1}  # dropout: each process's random stream must resume
-    reference = _recipe(tmp_path, "reference", still_bert, cls_data, method, batch_size=4, save_every=1,
-                        keep_checkpoints=10)
+    reference = _recipe(
+        tmp_path, "reference", still_bert, cls_data, method, batch_size=4, save_every=1, keep_checkpoints=10
+    )
     assert _ftune("train", reference, "--nproc", 2).returncode == 0
     killed = _recipe(tmp_path, "killed", still_bert, cls_data, method, batch_size=4, save_every=1, keep_checkpoints=10)
     process = _ftune("train", killed, "--nproc", 2, wait=False)
@@ -163,8 +170,13 @@ def test_killed_two_process_run_resumes_bitwise(still_bert, cls_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     a, b = _weights(tmp_path / "reference"), _weights(tmp_path / "killed")
     assert all((a[k] == b[k]).all() for k in a)
-    logs = [[{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
-             for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("reference", "killed")]
+    logs = [
+        [
+            {k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
+            for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+        ]
+        for r in ("reference", "killed")
+    ]
     assert logs[0] == logs[1]
     record = yaml.safe_load((tmp_path / "killed" / "run.json").read_text())
     assert record["resumes"] and record["world_size"] == 2
@@ -208,8 +220,9 @@ def test_fsdp_equals_one_process_and_resumes(method, still_bert, cls_data, tmp_p
     one = _ftune("train", _recipe(tmp_path, "one", still_bert, cls_data, METHODS[method], batch_size=8))
     assert one.returncode == 0, one.stderr
     settings = {"batch_size": 4, "distributed": "fsdp", "save_every": 1, "keep_checkpoints": 10}
-    sharded = _ftune("train", _recipe(tmp_path, "fsdp", still_bert, cls_data, METHODS[method], **settings), "--nproc",
-                     2, env=env)
+    sharded = _ftune(
+        "train", _recipe(tmp_path, "fsdp", still_bert, cls_data, METHODS[method], **settings), "--nproc", 2, env=env
+    )
     assert sharded.returncode == 0, sharded.stderr
     assert json.loads((tmp_path / "fsdp" / "run.json").read_text())["distributed"] == "fsdp"
     assert _max_difference(_weights(tmp_path / "one"), _weights(tmp_path / "fsdp")) <= 1e-5

@@ -7,14 +7,13 @@ import copy
 
 import pytest
 import torch
-from conftest import recipe_doc
 
-from ftune import models
+from conftest import recipe_doc
+from ftune import models, rundir
 from ftune.assemble import load_run
 from ftune.methods import METHODS, attach, lora
 from ftune.methods.base import count_parameters, unwrap_merged
 from ftune.recipe import validate_recipe
-from ftune import rundir
 from ftune.run import checkpoint
 from ftune.run.train import train
 from ftune.serve import export
@@ -50,8 +49,12 @@ def _twins(arch, folders, dropout=0.0, rslora=False):
     base = _base(arch, folders)
     cfg = lora.Config(r=4, alpha=12, dropout=dropout, rslora=rslora, dora=True, targets=TARGETS[arch])
     ours = lora.apply(copy.deepcopy(base), cfg)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=4, lora_alpha=12, lora_dropout=dropout, use_rslora=rslora, use_dora=True, target_modules=TARGETS[arch]))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            r=4, lora_alpha=12, lora_dropout=dropout, use_rslora=rslora, use_dora=True, target_modules=TARGETS[arch]
+        ),
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for name, module in ours.named_modules():
@@ -141,8 +144,9 @@ def test_battery_trains_only_the_factors_magnitudes_and_head(arch, folders):
     layers = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
     trainable, total = count_parameters(model)
     assert 0 < trainable < total
-    assert trainable == sum(p.numel() for p in head) + sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() + m.lora_magnitude_vector.weight.numel()
-                            for m in layers)
+    assert trainable == sum(p.numel() for p in head) + sum(
+        m.lora_A.weight.numel() + m.lora_B.weight.numel() + m.lora_magnitude_vector.weight.numel() for m in layers
+    )
     with torch.no_grad():  # B away from zero, so that A's gradient is not vanishingly small in a 2-layer model
         for m in layers:
             m.lora_B.weight.normal_(std=0.1)
@@ -214,7 +218,8 @@ def _run_logits(run):
 
 @pytest.mark.parametrize("kind", ["cls", "sft"])
 def test_peft_export_round_trip(kind, dora_runs, folders, tmp_path):
-    """`ftune export --format peft` of a DoRA run: use_dora and the magnitudes under peft's key; peft's outputs equal."""
+    """`ftune export --format peft` of a DoRA run: use_dora and the magnitudes under peft's key; peft's outputs
+    equal."""
     import json
 
     from safetensors.torch import load_file

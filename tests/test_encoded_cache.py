@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import recipe_doc
 from rich.console import Console
 from safetensors.torch import load_file
 
+from conftest import recipe_doc
 from ftune import assemble
 from ftune.data import encoded_cache
 from ftune.data.sources import local_file
@@ -112,9 +112,15 @@ def test_a_hub_dataset_first_has_no_file_identity(data):
 
 
 def test_nested_float_and_bool_fields_round_trip():
-    train_set = Encoded([{"input_ids": [[1, 2, 3], [4]], "labels": [[-100, 2, 3], [4]], "weight": 0.25, "keep": True},
-                         {"input_ids": [[5], [6, 7]], "labels": [[5], [-100, 7]], "weight": 1, "keep": False}],
-                        "train.jsonl", dropped=2, truncated=1)
+    train_set = Encoded(
+        [
+            {"input_ids": [[1, 2, 3], [4]], "labels": [[-100, 2, 3], [4]], "weight": 0.25, "keep": True},
+            {"input_ids": [[5], [6, 7]], "labels": [[5], [-100, 7]], "weight": 1, "keep": False},
+        ],
+        "train.jsonl",
+        dropped=2,
+        truncated=1,
+    )
     built = (["a", "b"], train_set, None)
     assert "cached at" in encoded_cache.load_or_build({"case": "round trip"}, lambda: built)[1]
     (names, again, validation), note = encoded_cache.load_or_build({"case": "round trip"}, _refuse)

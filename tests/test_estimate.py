@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import pref_recipe_doc, recipe_doc, write_recipe
 from typer.testing import CliRunner
 
+from conftest import pref_recipe_doc, recipe_doc, write_recipe
 from ftune import assemble
 from ftune.cli import app
 from ftune.estimate.report import estimate_recipe
@@ -49,8 +49,15 @@ def estimated(tiny_bert, tiny_llama, cls_data, sft_data, pref_data, tmp_path_fac
     def run(name: str):
         kind, method, checkpointing = CASES[name]
         if kind == "pref":
-            doc = pref_recipe_doc(tiny_llama, pref_data, root / name, {"name": "dpo"}, method, batch_size=1,
-                                  gradient_checkpointing=checkpointing)
+            doc = pref_recipe_doc(
+                tiny_llama,
+                pref_data,
+                root / name,
+                {"name": "dpo"},
+                method,
+                batch_size=1,
+                gradient_checkpointing=checkpointing,
+            )
             doc["data"]["max_length"] = 16
         else:
             model, data = (tiny_bert, cls_data) if kind == "cls" else (tiny_llama, sft_data)
@@ -86,8 +93,11 @@ def test_simulation_runs_the_hooks_on_its_copy_and_keeps_the_generator(tiny_bert
     from ftune.methods.adapter import adapters_by_block
 
     plain = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "plain", {"name": "adapter"})
-    recipe = validate_recipe(recipe_doc("cls", tiny_bert, cls_data, tmp_path / "drop",
-                                        {"name": "adapter_drop", "drop_first": 1, "robust": True}))
+    recipe = validate_recipe(
+        recipe_doc(
+            "cls", tiny_bert, cls_data, tmp_path / "drop", {"name": "adapter_drop", "drop_first": 1, "robust": True}
+        )
+    )
     source, tokenizer = assemble.source_and_tokenizer(recipe)
     rows = assemble.read_split(recipe, "train")
     names = assemble.label_names(recipe, rows)
@@ -108,8 +118,9 @@ def test_simulation_runs_the_hooks_on_its_copy_and_keeps_the_generator(tiny_bert
 def test_parts_add_up_and_weights_are_the_model_bytes(estimated, case):
     _, model, e = estimated(case)
     assert e.peak == e.weight_bytes + sum(e.step.at_peak.values())
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in [*model.parameters(), *model.buffers()]}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]
+    }
     assert e.weight_bytes == sum(storages.values())
     assert e.step.at_peak["gradients"] <= e.gradient_bytes
     assert e.step.saved_for_backward > 0 and e.step.flops > 0
@@ -150,8 +161,10 @@ def test_nf4_base_weights_at_their_packed_size(wide_llama, sft_data, tmp_path):
     _, model, e = _estimate(validate_recipe(doc), measure_steps=1)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers
-    expected = sum(n // 2 + n // 64 + 4 * math.ceil(n / 64 / 256) + 4 + 4 * 16 + 4 * 256
-                   for n in (m.in_features * m.out_features for m in layers))
+    expected = sum(
+        n // 2 + n // 64 + 4 * math.ceil(n / 64 / 256) + 4 + 4 * 16 + 4 * 256
+        for n in (m.in_features * m.out_features for m in layers)
+    )
     assert e.weights["nf4 4-bit"] == expected
     assert 1 - TOLERANCE <= e.step.peak / e.measured.peak <= 1 + TOLERANCE, (e.step, e.measured)
 

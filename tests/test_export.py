@@ -8,8 +8,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import recipe_doc
 
+from conftest import recipe_doc
 from ftune.assemble import load_run
 from ftune.errors import MethodError
 from ftune.methods import lora
@@ -27,12 +27,20 @@ def _train(kind, model, data, out, method):
 
 @pytest.fixture(scope="module")
 def lora_cls_run(tiny_bert, cls_data, tmp_path_factory):
-    return _train("cls", tiny_bert, cls_data, tmp_path_factory.mktemp("runs") / "lora", {"name": "lora", "r": 4, "alpha": 8})
+    return _train(
+        "cls", tiny_bert, cls_data, tmp_path_factory.mktemp("runs") / "lora", {"name": "lora", "r": 4, "alpha": 8}
+    )
 
 
 @pytest.fixture(scope="module")
 def lora_lm_run(tiny_llama, sft_data, tmp_path_factory):
-    return _train("sft", tiny_llama, sft_data, tmp_path_factory.mktemp("runs") / "lora_lm", {"name": "lora", "r": 4, "rslora": True})
+    return _train(
+        "sft",
+        tiny_llama,
+        sft_data,
+        tmp_path_factory.mktemp("runs") / "lora_lm",
+        {"name": "lora", "r": 4, "rslora": True},
+    )
 
 
 def _inputs():
@@ -94,7 +102,9 @@ def test_lora_forward_equals_peft(rslora, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    ours = lora.apply(copy.deepcopy(base), lora.Config(r=4, alpha=12, rslora=rslora, targets=["q_proj", "v_proj", "down_proj"]))
+    ours = lora.apply(
+        copy.deepcopy(base), lora.Config(r=4, alpha=12, rslora=rslora, targets=["q_proj", "v_proj", "down_proj"])
+    )
     theirs = peft.get_peft_model(
         copy.deepcopy(base),
         peft.LoraConfig(r=4, lora_alpha=12, use_rslora=rslora, target_modules=["q_proj", "v_proj", "down_proj"]),

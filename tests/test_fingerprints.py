@@ -13,25 +13,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import recipe_doc, write_recipe
-from refusals import check_refusal
-from refusals import snapshot as _snapshot
 from safetensors.torch import load_file, save_file
 from test_distributed import _ftune
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, write_recipe
 from ftune import assemble
-from ftune.data import fingerprint
 from ftune.cli import app
+from ftune.data import fingerprint
 from ftune.data.sources import read_rows
 from ftune.recipe import DataSpec, HubSource, validate_recipe
 from ftune.rundir import read_record
+from refusals import check_refusal
+from refusals import snapshot as _snapshot
 
 runner = CliRunner()
 TRAIN, VALIDATION = Path("data/train.tsv"), Path("data/validation.tsv")
 
 
 # --- a started run, copied per test ------------------------------------------------------------------------------
+
 
 def _recipe(root: Path, model: Path, data: Path) -> None:
     """root/recipe.yaml: a 2-step run in `root/run` that checkpoints every step, on a private copy of `data` in
@@ -82,11 +83,13 @@ def _flip_keeping_mtime(path: Path) -> None:
 
 # --- catalogue: one line, the exit code, nothing on disk changed ------------------------------------------------
 
+
 def _resume_after(*edits: tuple[Callable[[Path], None], Path]) -> Callable[[Path], list]:
     def build(root: Path) -> list:
         for edit, path in edits:
             edit(root / path)
         return ["train", "recipe.yaml", "--resume"]
+
     return build
 
 
@@ -96,19 +99,36 @@ def _new_run_allowing_changed_data(root: Path) -> list:
 
 
 CASES: dict[str, tuple[Callable[[Path], list], int, list[str]]] = {
-    "resume-labels-flipped": (_resume_after((_flip_labels, TRAIN)), 1,
-                              ["--resume", "data.train", "data/train.tsv", "same size", "other content",
-                               "--allow-changed-data", "new run"]),
-    "resume-rows-added": (_resume_after((_add_rows, TRAIN)), 1,
-                          ["--resume", "data.train", "data/train.tsv", "bytes then", "now", "--allow-changed-data"]),
-    "resume-edit-keeping-size-and-mtime": (_resume_after((_flip_keeping_mtime, TRAIN)), 1,
-                                           ["data.train", "data/train.tsv", "other content", "--allow-changed-data"]),
-    "resume-validation-changed": (_resume_after((_add_rows, VALIDATION)), 1,
-                                  ["data.validation", "data/validation.tsv", "--allow-changed-data"]),
-    "resume-both-splits-changed": (_resume_after((_flip_labels, TRAIN), (_add_rows, VALIDATION)), 1,
-                                   ["data.train", "data.validation", "--allow-changed-data"]),
-    "allow-changed-data-without-resume": (_new_run_allowing_changed_data, 2,
-                                          ["--allow-changed-data", "only with --resume"]),
+    "resume-labels-flipped": (
+        _resume_after((_flip_labels, TRAIN)),
+        1,
+        ["--resume", "data.train", "data/train.tsv", "same size", "other content", "--allow-changed-data", "new run"],
+    ),
+    "resume-rows-added": (
+        _resume_after((_add_rows, TRAIN)),
+        1,
+        ["--resume", "data.train", "data/train.tsv", "bytes then", "now", "--allow-changed-data"],
+    ),
+    "resume-edit-keeping-size-and-mtime": (
+        _resume_after((_flip_keeping_mtime, TRAIN)),
+        1,
+        ["data.train", "data/train.tsv", "other content", "--allow-changed-data"],
+    ),
+    "resume-validation-changed": (
+        _resume_after((_add_rows, VALIDATION)),
+        1,
+        ["data.validation", "data/validation.tsv", "--allow-changed-data"],
+    ),
+    "resume-both-splits-changed": (
+        _resume_after((_flip_labels, TRAIN), (_add_rows, VALIDATION)),
+        1,
+        ["data.train", "data.validation", "--allow-changed-data"],
+    ),
+    "allow-changed-data-without-resume": (
+        _new_run_allowing_changed_data,
+        2,
+        ["--allow-changed-data", "only with --resume"],
+    ),
 }
 
 
@@ -120,10 +140,13 @@ def test_bad_input(case, here):
 
 # --- what run.json records, and resuming ------------------------------------------------------------------------
 
+
 def test_the_record_holds_the_fingerprints_of_data_and_model(here, tiny_bert):
     prints = read_record("run").fingerprints
-    assert prints["data"] == {"train": {"path": str(TRAIN), **fingerprint.file_fingerprint(TRAIN)},
-                              "validation": {"path": str(VALIDATION), **fingerprint.file_fingerprint(VALIDATION)}}
+    assert prints["data"] == {
+        "train": {"path": str(TRAIN), **fingerprint.file_fingerprint(TRAIN)},
+        "validation": {"path": str(VALIDATION), **fingerprint.file_fingerprint(VALIDATION)},
+    }
     assert prints["data"]["train"]["sha256"] == hashlib.sha256(TRAIN.read_bytes()).hexdigest()
     assert set(prints["model"]) == {"config.json", "model.safetensors"}
     assert prints["model"] == fingerprint.model_fingerprints(tiny_bert)
@@ -145,8 +168,12 @@ def test_allow_changed_data_goes_on_and_is_recorded(here):
     record = read_record("run")
     assert (Path("run/checkpoints/step-00000002/state.json")).is_file()  # it trained on
     changed = record.resumes[-1]["changed_data"]
-    assert changed == {"train": {"was": {"path": str(TRAIN), **was},
-                                 "now": {"path": str(TRAIN), **fingerprint.file_fingerprint(TRAIN)}}}
+    assert changed == {
+        "train": {
+            "was": {"path": str(TRAIN), **was},
+            "now": {"path": str(TRAIN), **fingerprint.file_fingerprint(TRAIN)},
+        }
+    }
     assert record.fingerprints["data"]["train"]["sha256"] == was["sha256"]  # how the run started stays as it was
 
     # the accepted data is what the next --resume expects; a further change is refused again
@@ -195,6 +222,7 @@ def test_every_process_refuses_changed_data(here):
 
 # --- the base model ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture()
 def own_base(tiny_bert, cls_data, tmp_path) -> tuple[Path, Path]:
     """(a private copy of the tiny BERT, a finished run trained on it)."""
@@ -235,8 +263,11 @@ def test_predict_merge_and_export_warn_too(command, own_base, tmp_path):
     base, run = own_base
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"sentence": "a good film"}\n')
-    args = {"predict": ["predict", run, "--input", rows], "merge": ["merge", run, tmp_path / "merged"],
-            "export": ["export", run, tmp_path / "exported", "--format", "hf"]}[command]
+    args = {
+        "predict": ["predict", run, "--input", rows],
+        "merge": ["merge", run, tmp_path / "merged"],
+        "export": ["export", run, tmp_path / "exported", "--format", "hf"],
+    }[command]
     _change_one_weight(base)
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
@@ -288,18 +319,22 @@ def test_model_changes_name_each_file():
     assert fingerprint.model_changes({"m.bin": a}, {"m.bin": a}) == []
     assert fingerprint.model_changes({"m.bin": a}, {"m.bin": b}) == ["m.bin: same size, other content"]
     assert fingerprint.model_changes({"m.bin": a}, {"m.bin": {"size": 5, "sha256": "aa"}}) == [
-        "m.bin: 4 bytes then, 5 now"]
+        "m.bin: 4 bytes then, 5 now"
+    ]
     assert fingerprint.model_changes({"m.bin": a}, {"x.bin": a}) == ["m.bin missing", "x.bin added"]
     assert fingerprint.model_changes({}, {"m.bin": a}) == fingerprint.model_changes({"m.bin": a}, {}) == []
 
 
 # --- data fingerprints and the encoded-data cache ---------------------------------------------------------------
 
+
 def test_a_file_is_hashed_in_chunks_by_content(tmp_path):
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(fingerprint.CHUNK * 2 + 17))
-    assert fingerprint.file_fingerprint(path) == {"size": path.stat().st_size,
-                                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert fingerprint.file_fingerprint(path) == {
+        "size": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
 
 
 def test_a_hub_dataset_is_recorded_without_a_hash(cls_data, tmp_path):
@@ -314,8 +349,10 @@ def test_a_moved_file_with_the_same_bytes_is_no_change():
     was = {"path": "a/train.tsv", "size": 3, "sha256": "aa"}
     assert fingerprint.data_changes({"train": was}, {"train": was | {"path": "b/train.tsv"}}) == {}
     moved = fingerprint.data_changes({"train": was}, {"train": {"path": "b/train.tsv", "size": 4, "sha256": "bb"}})
-    assert moved == {"train": "data.train: b/train.tsv changed since the run started (it started on a/train.tsv): "
-                              "3 bytes then, 4 now"}
+    assert moved == {
+        "train": "data.train: b/train.tsv changed since the run started (it started on a/train.tsv): "
+        "3 bytes then, 4 now"
+    }
 
 
 def test_the_encoded_cache_misses_after_an_edit_keeping_size_and_mtime(tiny_bert, cls_data, tmp_path):

@@ -27,22 +27,32 @@ FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthChe
 VALID: dict[str, Any] = {
     "model": {"name": "models/tiny-bert"},
     "task": "sequence_classification",
-    "data": {"train": "data/train.tsv", "validation": ["data/validation.tsv", {"hub": "glue", "config": "sst2",
-                                                                               "split": "validation"}],
-             "text_column": "sentence", "max_length": 32},
+    "data": {
+        "train": "data/train.tsv",
+        "validation": ["data/validation.tsv", {"hub": "glue", "config": "sst2", "split": "validation"}],
+        "text_column": "sentence",
+        "max_length": 32,
+    },
     "method": {"name": "lora", "r": 4, "alpha": 8},
     "train": {"max_steps": 4, "batch_size": 8, "lr": "3e-4", "seed": 0},
     "output_dir": "runs/fuzz",
 }
 
-KNOWN_KEYS = sorted({k for model in (Recipe, ModelSpec, DataSpec, TrainSpec, HubSource) for k in model.model_fields}
-                    | {k for m in METHODS.values() for k in m.config_cls.model_fields})
+KNOWN_KEYS = sorted(
+    {k for model in (Recipe, ModelSpec, DataSpec, TrainSpec, HubSource) for k in model.model_fields}
+    | {k for m in METHODS.values() for k in m.config_cls.model_fields}
+)
 METHOD_NAMES = [*METHODS, "lorra", "LoRA", "", "full ", "adapter-drop"]
 
 KEYS = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=10), st.integers(-3, 3), st.none(), st.booleans())
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(-(2**70), 2**70), st.floats(),
-    st.text(max_size=16), st.sampled_from(METHOD_NAMES),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=16),
+    st.sampled_from(METHOD_NAMES),
     st.sampled_from(["3e-4", "1e400", "-1", "0", "nan", ".inf", "", " ", "/", ".", "~", "a\nb", "\x00", "..", "[x]"]),
 )
 VALUES = st.recursive(
@@ -115,12 +125,29 @@ def test_validate_recipe_accepts_or_explains(doc):
 
 # `--set` overrides: dotted keys (real and not), values YAML may or may not parse
 OVERRIDES = st.lists(
-    st.builds(lambda key, sep, value: key + sep + value,
-              st.one_of(st.sampled_from(["train.lr", "method.r", "data.train", "model", "trian.lr", "train.lr.x",
-                                         "output_dir", "", ".", "a..b", "method.name"]), st.text(max_size=8)),
-              st.sampled_from(["=", "", "=="]),
-              st.one_of(st.sampled_from(["3e-4", "[1", "{a: 1}", "!!int x", "null", "", "lora", "- a"]),
-                        st.text(max_size=8))),
+    st.builds(
+        lambda key, sep, value: key + sep + value,
+        st.one_of(
+            st.sampled_from(
+                [
+                    "train.lr",
+                    "method.r",
+                    "data.train",
+                    "model",
+                    "trian.lr",
+                    "train.lr.x",
+                    "output_dir",
+                    "",
+                    ".",
+                    "a..b",
+                    "method.name",
+                ]
+            ),
+            st.text(max_size=8),
+        ),
+        st.sampled_from(["=", "", "=="]),
+        st.one_of(st.sampled_from(["3e-4", "[1", "{a: 1}", "!!int x", "null", "", "lora", "- a"]), st.text(max_size=8)),
+    ),
     max_size=3,
 )
 
@@ -142,9 +169,36 @@ def test_load_recipe_of_a_dumped_document(folder, doc, overrides):
 YAMLISH = st.lists(
     st.one_of(
         st.sampled_from(yaml.safe_dump(VALID, sort_keys=False).splitlines()),
-        st.sampled_from(["\t", "  ", "- ", ": ", "[", "]", "{", "}", "&a ", "*a", "!!float ", "!!int ", "!!binary ",
-                         "!!timestamp ", "!!python/object:os.system ", "? ", "---", "...", "%YAML 1.1", "'", '"', "#",
-                         "2020-13-45", "0x1g", "|", ">"]),
+        st.sampled_from(
+            [
+                "\t",
+                "  ",
+                "- ",
+                ": ",
+                "[",
+                "]",
+                "{",
+                "}",
+                "&a ",
+                "*a",
+                "!!float ",
+                "!!int ",
+                "!!binary ",
+                "!!timestamp ",
+                "!!python/object:os.system ",
+                "? ",
+                "---",
+                "...",
+                "%YAML 1.1",
+                "'",
+                '"',
+                "#",
+                "2020-13-45",
+                "0x1g",
+                "|",
+                ">",
+            ]
+        ),
         st.text(alphabet=string.printable, max_size=12),
     ),
     max_size=12,
@@ -162,16 +216,19 @@ def test_load_recipe_of_any_text(folder, text, raw):
     _check(lambda: load_recipe(path))
 
 
-@pytest.mark.parametrize("text", [
-    "&a [*a]",  # a list that contains itself
-    "model: &m {name: *m}\ntask: causal_lm\n",  # a mapping that contains itself
-    "[" * 3000 + "]" * 3000,  # nesting deeper than the parser's recursion
-    "train: {lr: !!float fast}\n",
-    "train: {seed: !!int x}\n",
-    "output_dir: 2020-13-45\n",
-    "output_dir: !!timestamp x\n",
-    "model: {name: !!binary '###'}\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "&a [*a]",  # a list that contains itself
+        "model: &m {name: *m}\ntask: causal_lm\n",  # a mapping that contains itself
+        "[" * 3000 + "]" * 3000,  # nesting deeper than the parser's recursion
+        "train: {lr: !!float fast}\n",
+        "train: {seed: !!int x}\n",
+        "output_dir: 2020-13-45\n",
+        "output_dir: !!timestamp x\n",
+        "model: {name: !!binary '###'}\n",
+    ],
+)
 def test_load_recipe_known_sharp_edges(folder, text):
     path = folder / "edge.yaml"
     path.write_text(text)

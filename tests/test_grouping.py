@@ -47,11 +47,13 @@ def test_a_step_sees_the_same_rows_however_it_is_split(batch, accum, world):
     """Steps of 8 rows: one process with batch 8, accumulation of 4 × 2, two processes of 4, ...: the same rows."""
     size, lengths = 203, _lengths(203, seed=1)
     reference = list(EpochBatches(size, 8, seed=5, lengths=lengths))
-    shards = [list(EpochBatches(size, batch, seed=5, rank=r, world=world, lengths=lengths, step_batches=accum))
-              for r in range(world)]
+    shards = [
+        list(EpochBatches(size, batch, seed=5, rank=r, world=world, lengths=lengths, step_batches=accum))
+        for r in range(world)
+    ]
     full_steps = size // 8
     for step in range(full_steps):
-        rows = [i for shard in shards for b in shard[step * accum:(step + 1) * accum] for i in b]
+        rows = [i for shard in shards for b in shard[step * accum : (step + 1) * accum] for i in b]
         assert sorted(rows) == sorted(reference[step])
 
 
@@ -77,7 +79,6 @@ def test_evaluation_batches_run_longest_first_and_score_every_row_once(tiny_bert
     from types import SimpleNamespace
 
     from conftest import recipe_doc
-
     from ftune.assemble import eval_loader
     from ftune.recipe import Recipe
 
@@ -90,4 +91,5 @@ def test_evaluation_batches_run_longest_first_and_score_every_row_once(tiny_bert
     assert [lengths[i] for i in rows] == sorted(lengths, reverse=True)
     # sorted rows pad no wider than their own longest: far less padding than the data order
     assert sum(b["input_ids"].numel() for b in batches) < sum(
-        len(chunk) * max(chunk) for chunk in (lengths[i:i + 4] for i in range(0, 30, 4)))
+        len(chunk) * max(chunk) for chunk in (lengths[i : i + 4] for i in range(0, 30, 4))
+    )

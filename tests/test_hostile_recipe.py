@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import recipe_doc, write_recipe
-from refusals import runner
-from refusals import snapshot as _snapshot
 
+from conftest import recipe_doc, write_recipe
 from ftune import recipe_yaml
 from ftune.cli import app
 from ftune.errors import RecipeError
 from ftune.recipe import load_recipe, validate_recipe
 from ftune.recipe_errors import shown
+from refusals import runner
+from refusals import snapshot as _snapshot
 
 
 def _laughs(levels: int = 9, width: int = 9) -> str:
@@ -70,19 +70,25 @@ REFUSED = {
     "alias-undefined": ("train: {lr: *nope}\n", ["line 1", "undefined alias"]),
     "merge-key": ("base: &b {lr: 1}\ntrain:\n  <<: *b\n  seed: 2\n", ["line 3", "merge keys (<<)"]),
     "merge-list": ("a: &a {x: 1}\nb: &b {y: 1}\nc: {<<: [*a, *b]}\n", ["line 3", "merge keys"]),
-    "duplicate-section": ("train: {lr: 1}\nmodel: {name: m}\ntrain: {seed: 2}\n",
-                          ["line 3", "duplicate key 'train'", "first at line 1"]),
+    "duplicate-section": (
+        "train: {lr: 1}\nmodel: {name: m}\ntrain: {seed: 2}\n",
+        ["line 3", "duplicate key 'train'", "first at line 1"],
+    ),
     "duplicate-nested": ("train:\n  lr: 1\n  seed: 0\n  lr: 2\n", ["line 4", "duplicate key 'lr'", "first at line 2"]),
     "duplicate-flow": ("method: {name: lora, r: 4, r: 8}\n", ["line 1", "duplicate key 'r'"]),
-    "duplicate-in-list": ("data:\n  train:\n    - {hub: x, split: a}\n    - hub: y\n      split: b\n      hub: z\n",
-                          ["line 6", "duplicate key 'hub'", "first at line 4"]),
+    "duplicate-in-list": (
+        "data:\n  train:\n    - {hub: x, split: a}\n    - hub: y\n      split: b\n      hub: z\n",
+        ["line 6", "duplicate key 'hub'", "first at line 4"],
+    ),
     "duplicate-equal-values": ("1: a\ntrue: b\n", ["line 2", "duplicate key True", "first at line 1"]),
     "duplicate-quoted": ("lr: 1\n'lr': 2\n", ["line 2", "duplicate key 'lr'"]),
     "deep-flow": ("train: {lr: " + "[" * 5000 + "]" * 5000 + "}\n", ["line 1"]),
     "deep-flow-100": ("x: " + "[" * 100 + "]" * 100 + "\n", ["line 1", "deeper than 64 levels"]),
     "deep-block": (_deep_block(100), ["deeper than 64 levels"]),
-    "deep-through-aliases": ("a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 30 + "*a" + "]" * 30 + "\n",
-                             ["line 2", "deeper than 64 levels"]),
+    "deep-through-aliases": (
+        "a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 30 + "*a" + "]" * 30 + "\n",
+        ["line 2", "deeper than 64 levels"],
+    ),
     "huge-flow-mapping": ("train: " + _flow_mapping(60_000) + "\n", ["line 1", "more than 20,000 values"]),
     "nul-character": ("train:\n  lr: 1\x00\n", ["line 2", "not valid YAML"]),
     "python-tag": ("x: !!python/object/apply:os.system [echo]\n", ["line 1", "not valid YAML"]),
@@ -121,12 +127,23 @@ def test_the_size_limit(tmp_path):
 
 
 def test_set_values_go_through_the_reader(tmp_path):
-    path = write_recipe(tmp_path / "r.yaml", {"model": {"name": "m"}, "task": "sequence_classification",
-                                              "data": {"train": "t.tsv"}, "method": {"name": "lora"},
-                                              "output_dir": str(tmp_path / "out")})
-    for value, needle in [(_laughs_flow(), "more than 20,000 values"), ("{name: lora, name: full}", "duplicate key"),
-                          ("&a [*a]", "inside its own anchor"), ("[" * 200 + "]" * 200, "deeper than 64"),
-                          ("{<<: {r: 4}}", "merge keys")]:
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "model": {"name": "m"},
+            "task": "sequence_classification",
+            "data": {"train": "t.tsv"},
+            "method": {"name": "lora"},
+            "output_dir": str(tmp_path / "out"),
+        },
+    )
+    for value, needle in [
+        (_laughs_flow(), "more than 20,000 values"),
+        ("{name: lora, name: full}", "duplicate key"),
+        ("&a [*a]", "inside its own anchor"),
+        ("[" * 200 + "]" * 200, "deeper than 64"),
+        ("{<<: {r: 4}}", "merge keys"),
+    ]:
         with pytest.raises(RecipeError) as refused:
             load_recipe(path, [f"method={value}"])
         message = str(refused.value)
@@ -134,20 +151,27 @@ def test_set_values_go_through_the_reader(tmp_path):
 
 
 def test_wrong_types_are_explained_in_short(tmp_path):
-    base = {"model": {"name": "m"}, "task": "sequence_classification", "data": {"train": "t.tsv"},
-            "method": {"name": "lora"}, "output_dir": "runs/x"}
+    base = {
+        "model": {"name": "m"},
+        "task": "sequence_classification",
+        "data": {"train": "t.tsv"},
+        "method": {"name": "lora"},
+        "output_dir": "runs/x",
+    }
     nested: list = []
     deepest = nested
     for _ in range(5000):  # deeper than Python's recursion: only the shown part is walked
         deepest.append([])
         deepest = deepest[0]
-    for section, value, needle in [("train", {"lr": list(range(10_000))}, "[0, 1, 2, 3, 4, 5, ...]"),
-                                   ("train", {"lr": "x" * 500_000}, "train.lr"),
-                                   ("train", {"lr": nested}, "[[[[...]]]]"),
-                                   ("train", {"k" * 500_000: 1}, "unknown key"),
-                                   ("method", {"name": "y" * 500_000}, "unknown method"),
-                                   ("method", {"name": list(range(10_000))}, "unknown method '[0, 1, 2"),
-                                   ("output_dir", "/" + "../" * 200_000, "longer than any usable path")]:
+    for section, value, needle in [
+        ("train", {"lr": list(range(10_000))}, "[0, 1, 2, 3, 4, 5, ...]"),
+        ("train", {"lr": "x" * 500_000}, "train.lr"),
+        ("train", {"lr": nested}, "[[[[...]]]]"),
+        ("train", {"k" * 500_000: 1}, "unknown key"),
+        ("method", {"name": "y" * 500_000}, "unknown method"),
+        ("method", {"name": list(range(10_000))}, "unknown method '[0, 1, 2"),
+        ("output_dir", "/" + "../" * 200_000, "longer than any usable path"),
+    ]:
         with pytest.raises(RecipeError) as refused:
             validate_recipe(base | {section: value})
         assert needle in str(refused.value) and len(str(refused.value)) < 300, str(refused.value)[:500]
@@ -208,8 +232,14 @@ def test_hostile_recipes_cost_little_time_and_memory(tiny_bert, cls_data, tmp_pa
     valid = yaml.safe_dump(recipe_doc("cls", tiny_bert, cls_data, tmp_path / "out"), sort_keys=False)
     paths = _hostile_files(tmp_path, valid)
     before = _snapshot(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _MEASURE, *map(str, paths)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     for result in report["results"]:
@@ -222,6 +252,7 @@ def test_hostile_recipes_cost_little_time_and_memory(tiny_bert, cls_data, tmp_pa
 
 
 # --- the catalogue: through the CLI ---------------------------------------------------------------------------------
+
 
 @dataclass
 class Env:
@@ -239,10 +270,14 @@ class Env:
     def needles(self, needles: list[str]) -> list[str]:
         """`needles` with {home} and the valid recipe's 1-based lines filled in: {train} (the section), {lr},
         {lr_next} (the line after it), {next} (the first line after the recipe)."""
-        line = {k: next(i for i, s in enumerate(self.valid.splitlines(), 1) if s.startswith(start))
-                for k, start in (("train", "train:"), ("lr", "  lr:"))}
-        return [n.format(home=self.home, lr_next=line["lr"] + 1, next=len(self.valid.splitlines()) + 1, **line)
-                for n in needles]
+        line = {
+            k: next(i for i, s in enumerate(self.valid.splitlines(), 1) if s.startswith(start))
+            for k, start in (("train", "train:"), ("lr", "  lr:"))
+        }
+        return [
+            n.format(home=self.home, lr_next=line["lr"] + 1, next=len(self.valid.splitlines()) + 1, **line)
+            for n in needles
+        ]
 
 
 def _set(env: Env, key: str, value: str) -> list:
@@ -269,52 +304,102 @@ HOSTILE: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
     "alias-laughs-mappings": (lambda e: e.train(e.valid + _laughs_mappings()), 2, ["recipe.yaml", "20,000 values"]),
     "alias-laughs-by-set": (lambda e: _set(e, "train.lr", _laughs_flow()), 2, ["--set train.lr", "20,000 values"]),
     "alias-in-own-anchor": (lambda e: e.train(e.valid + "extra: &x {a: *x}\n"), 2, ["recipe.yaml line", "*x"]),
-    "alias-merge-key": (lambda e: e.train(e.valid + "base: &b {seed: 1}\nmore:\n  <<: *b\n"), 2,
-                        ["recipe.yaml line", "merge keys (<<)"]),
-    "alias-undefined": (lambda e: e.train(e.valid.replace("lr: 0.01", "lr: *rate")), 2,
-                        ["recipe.yaml line", "undefined alias"]),
+    "alias-merge-key": (
+        lambda e: e.train(e.valid + "base: &b {seed: 1}\nmore:\n  <<: *b\n"),
+        2,
+        ["recipe.yaml line", "merge keys (<<)"],
+    ),
+    "alias-undefined": (
+        lambda e: e.train(e.valid.replace("lr: 0.01", "lr: *rate")),
+        2,
+        ["recipe.yaml line", "undefined alias"],
+    ),
     # duplicate keys
-    "duplicate-train-section": (lambda e: e.train(e.valid + "train:\n  lr: 0.5\n"), 2,
-                                ["line {next}:", "'train'", "first at line {train})"]),
-    "duplicate-lr": (lambda e: e.train(e.valid.replace("  lr: 0.01\n", "  lr: 0.01\n  lr: 0.5\n")), 2,
-                     ["line {lr_next}:", "duplicate key 'lr'", "first at line {lr})"]),
-    "duplicate-model-name": (lambda e: e.train(e.valid.replace("model:\n", "model:\n  name: other\n")), 2,
-                             ["recipe.yaml line", "duplicate key 'name'"]),
+    "duplicate-train-section": (
+        lambda e: e.train(e.valid + "train:\n  lr: 0.5\n"),
+        2,
+        ["line {next}:", "'train'", "first at line {train})"],
+    ),
+    "duplicate-lr": (
+        lambda e: e.train(e.valid.replace("  lr: 0.01\n", "  lr: 0.01\n  lr: 0.5\n")),
+        2,
+        ["line {lr_next}:", "duplicate key 'lr'", "first at line {lr})"],
+    ),
+    "duplicate-model-name": (
+        lambda e: e.train(e.valid.replace("model:\n", "model:\n  name: other\n")),
+        2,
+        ["recipe.yaml line", "duplicate key 'name'"],
+    ),
     "duplicate-by-set": (lambda e: _set(e, "method", "{name: lora, r: 4, r: 8}"), 2, ["--set method", "'r'"]),
     # nesting
-    "nesting-flow": (lambda e: e.train(e.valid.replace("lr: 0.01", "lr: " + "[" * 5000 + "]" * 5000)), 2,
-                     ["recipe.yaml line {lr}:"]),
-    "nesting-block": (lambda e: e.train(e.valid + "x:\n" + textwrap.indent(_deep_block(80), "  ")), 2,
-                      ["recipe.yaml line", "deeper than 64"]),
-    "nesting-through-aliases": (lambda e: e.train(e.valid + "a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 30 + "*a"
-                                                  + "]" * 30 + "\n"), 2, ["recipe.yaml line", "deeper than 64"]),
+    "nesting-flow": (
+        lambda e: e.train(e.valid.replace("lr: 0.01", "lr: " + "[" * 5000 + "]" * 5000)),
+        2,
+        ["recipe.yaml line {lr}:"],
+    ),
+    "nesting-block": (
+        lambda e: e.train(e.valid + "x:\n" + textwrap.indent(_deep_block(80), "  ")),
+        2,
+        ["recipe.yaml line", "deeper than 64"],
+    ),
+    "nesting-through-aliases": (
+        lambda e: e.train(e.valid + "a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 30 + "*a" + "]" * 30 + "\n"),
+        2,
+        ["recipe.yaml line", "deeper than 64"],
+    ),
     "nesting-by-set": (lambda e: _set(e, "train.lr", "[" * 100 + "]" * 100), 2, ["--set train.lr", "deeper than 64"]),
     # size
-    "size-over-the-limit": (lambda e: e.train(e.valid + "#" * (1 << 20) + "\n"), 2,
-                            ["recipe.yaml", "larger than 1 MiB"]),
-    "size-huge-flow-mapping": (lambda e: e.train(e.valid + "extra: " + _flow_mapping(60_000) + "\n"), 2,
-                               ["recipe.yaml line", "more than 20,000 values"]),
-    "size-10k-list-wrong-type": (lambda e: e.train(e.valid.replace("lr: 0.01", f"lr: {list(range(10_000))}")), 2,
-                                 ["train.lr", "[0, 1, 2, 3, 4, 5, ...]"]),
-    "size-long-string-wrong-type": (lambda e: e.train(e.valid.replace("lr: 0.01", "lr: " + "x" * 500_000)), 2,
-                                    ["train.lr", "xxx...xxx"]),
+    "size-over-the-limit": (
+        lambda e: e.train(e.valid + "#" * (1 << 20) + "\n"),
+        2,
+        ["recipe.yaml", "larger than 1 MiB"],
+    ),
+    "size-huge-flow-mapping": (
+        lambda e: e.train(e.valid + "extra: " + _flow_mapping(60_000) + "\n"),
+        2,
+        ["recipe.yaml line", "more than 20,000 values"],
+    ),
+    "size-10k-list-wrong-type": (
+        lambda e: e.train(e.valid.replace("lr: 0.01", f"lr: {list(range(10_000))}")),
+        2,
+        ["train.lr", "[0, 1, 2, 3, 4, 5, ...]"],
+    ),
+    "size-long-string-wrong-type": (
+        lambda e: e.train(e.valid.replace("lr: 0.01", "lr: " + "x" * 500_000)),
+        2,
+        ["train.lr", "xxx...xxx"],
+    ),
     "size-long-output-dir": (lambda e: _set(e, "output_dir", "runs/" + "a/" * 5000), 2, ["output_dir", "10,005"]),
     # ~ paths
     "tilde-output-dir-is-home": (lambda e: _set(e, "output_dir", "'~'"), 2, ["output_dir", "your home directory"]),
     "tilde-output-dir-is-home-slash": (lambda e: _set(e, "output_dir", "~/."), 2, ["your home directory"]),
     "tilde-recipe-missing": (lambda e: ["train", "~/nope.yaml"], 2, ["{home}/nope.yaml", "no such recipe"]),
-    "tilde-output-dir-not-a-run": (lambda e: e.train(e.valid.replace(str(e.tmp / "out"), _dir_in_home(e, "taken"))), 1,
-                                   ["output_dir", "{home}/taken", "not an ftune run"]),
-    "tilde-data-missing": (lambda e: e.train(e.valid.replace(f"{e.tmp}/cls", "~/absent")), 1,
-                           ["data.train", "absent"]),
-    "tilde-eval-data-missing": (lambda e: ["eval", "~/run", "--data", "~/absent.jsonl"], 1,
-                                ["--data", "{home}/absent.jsonl"]),
-    "tilde-predict-input-missing": (lambda e: ["predict", "~/run", "--input", "~/rows.jsonl"], 1,
-                                    ["--input", "{home}/rows.jsonl"]),
-    "tilde-merge-into-non-empty": (lambda e: ["merge", "~/run", _dir_in_home(e, "merged")], 1,
-                                   ["{home}/merged", "not empty"]),
-    "tilde-export-onto-a-file": (lambda e: ["export", "~/run", "~/" + _in_home(e, "out.txt").name], 1,
-                                 ["{home}/out.txt", "not a directory"]),
+    "tilde-output-dir-not-a-run": (
+        lambda e: e.train(e.valid.replace(str(e.tmp / "out"), _dir_in_home(e, "taken"))),
+        1,
+        ["output_dir", "{home}/taken", "not an ftune run"],
+    ),
+    "tilde-data-missing": (lambda e: e.train(e.valid.replace(f"{e.tmp}/cls", "~/absent")), 1, ["data.train", "absent"]),
+    "tilde-eval-data-missing": (
+        lambda e: ["eval", "~/run", "--data", "~/absent.jsonl"],
+        1,
+        ["--data", "{home}/absent.jsonl"],
+    ),
+    "tilde-predict-input-missing": (
+        lambda e: ["predict", "~/run", "--input", "~/rows.jsonl"],
+        1,
+        ["--input", "{home}/rows.jsonl"],
+    ),
+    "tilde-merge-into-non-empty": (
+        lambda e: ["merge", "~/run", _dir_in_home(e, "merged")],
+        1,
+        ["{home}/merged", "not empty"],
+    ),
+    "tilde-export-onto-a-file": (
+        lambda e: ["export", "~/run", "~/" + _in_home(e, "out.txt").name],
+        1,
+        ["{home}/out.txt", "not a directory"],
+    ),
 }
 
 
@@ -350,10 +435,15 @@ def test_hostile_input(case, tiny_bert, cls_data, tmp_path, monkeypatch):
 
 # --- `~` is the home directory --------------------------------------------------------------------------------------
 
+
 def test_output_dir_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    doc = {"model": {"name": "m"}, "task": "sequence_classification", "data": {"train": "t.tsv"},
-           "method": {"name": "lora"}}
+    doc = {
+        "model": {"name": "m"},
+        "task": "sequence_classification",
+        "data": {"train": "t.tsv"},
+        "method": {"name": "lora"},
+    }
     assert validate_recipe(doc | {"output_dir": "~/runs/x"}).output_dir == str(tmp_path / "runs" / "x")
     assert validate_recipe(doc | {"output_dir": "runs//x/"}).output_dir == "runs//x/"  # otherwise as written
     with pytest.raises(RecipeError, match=r"^recipe: output_dir: is not a usable path \(RuntimeError\)$"):
@@ -370,18 +460,30 @@ def test_tilde_is_home_everywhere(tiny_bert, cls_data, tmp_path, monkeypatch):
     shutil.copytree(cls_data, home / "data")
     doc = recipe_doc("cls", Path("~/models/bert"), Path("~/data"), Path("~/runs/teacher"), max_steps=1)
     write_recipe(home / "teacher.yaml", doc)
-    write_recipe(home / "student.yaml", doc | {"objective": {"name": "distill", "teacher": "~/runs/teacher"},
-                                               "output_dir": "~/runs/student"})
+    write_recipe(
+        home / "student.yaml",
+        doc | {"objective": {"name": "distill", "teacher": "~/runs/teacher"}, "output_dir": "~/runs/student"},
+    )
     (home / "rows.jsonl").write_text('{"sentence": "a good movie"}\n')
-    for args in (["train", "~/teacher.yaml"], ["train", "~/student.yaml"],
-                 ["eval", "~/runs/teacher", "--data", "~/data/validation.tsv"],
-                 ["predict", "~/runs/teacher", "--input", "~/rows.jsonl", "--output", "~/predictions.jsonl"],
-                 ["merge", "~/runs/teacher", "~/merged"], ["export", "~/runs/teacher", "~/peft", "--format", "peft"],
-                 ["plot", "~/runs/teacher", "--out", "~/loss.png"]):
+    for args in (
+        ["train", "~/teacher.yaml"],
+        ["train", "~/student.yaml"],
+        ["eval", "~/runs/teacher", "--data", "~/data/validation.tsv"],
+        ["predict", "~/runs/teacher", "--input", "~/rows.jsonl", "--output", "~/predictions.jsonl"],
+        ["merge", "~/runs/teacher", "~/merged"],
+        ["export", "~/runs/teacher", "~/peft", "--format", "peft"],
+        ["plot", "~/runs/teacher", "--out", "~/loss.png"],
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args, result.output[-3000:])
-    for written in ("runs/teacher/recipe.yaml", "runs/student/recipe.yaml", "predictions.jsonl", "merged/config.json",
-                    "peft/adapter_config.json", "loss.png"):
+    for written in (
+        "runs/teacher/recipe.yaml",
+        "runs/student/recipe.yaml",
+        "predictions.jsonl",
+        "merged/config.json",
+        "peft/adapter_config.json",
+        "loss.png",
+    ):
         assert (home / written).is_file(), written
     assert not [p for p in tmp_path.rglob("~*")], "a folder named ~"
     stored = yaml.safe_load((home / "runs" / "teacher" / "recipe.yaml").read_text())

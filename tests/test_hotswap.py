@@ -15,10 +15,10 @@ import random
 
 import pytest
 import torch
-from conftest import FILLER, recipe_doc
 from rich.console import Console
 from typer.testing import CliRunner
 
+from conftest import FILLER, recipe_doc
 from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.errors import MethodError, RecipeError, RunDirError
@@ -42,8 +42,9 @@ def three_class_data(tmp_path_factory):
     """A second task with another label set (3 classes, by sentence length)."""
     folder, rng = tmp_path_factory.mktemp("three"), random.Random(3)
     for split, n in (("train", 36), ("validation", 9)):
-        rows = ["sentence\tlabel"] + [f"{' '.join(rng.sample(FILLER, 2 + i % 3))}\t{['short', 'medium', 'long'][i % 3]}"
-                                      for i in range(n)]
+        rows = ["sentence\tlabel"] + [
+            f"{' '.join(rng.sample(FILLER, 2 + i % 3))}\t{['short', 'medium', 'long'][i % 3]}" for i in range(n)
+        ]
         (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     return folder
 
@@ -62,8 +63,9 @@ def runs(tiny_llama, cls_data, three_class_data, tmp_path_factory):
             _train(recipe_doc("cls", tiny_llama, cls_data, root / f"{family}-sentiment", method, lr=3e-2)),
             _train(recipe_doc("cls", tiny_llama, three_class_data, root / f"{family}-length", method, lr=3e-2, seed=1)),
         ]
-    out["lora"].append(_train(recipe_doc("cls", tiny_llama, cls_data, root / "lora-sentiment-2", FAMILIES["lora"],
-                                         lr=5e-2, seed=2)))
+    out["lora"].append(
+        _train(recipe_doc("cls", tiny_llama, cls_data, root / "lora-sentiment-2", FAMILIES["lora"], lr=5e-2, seed=2))
+    )
     return {k: [type(root)(p) for p in v] for k, v in out.items()}
 
 
@@ -72,10 +74,13 @@ def lm_runs(tiny_llama, sft_data, tmp_path_factory):
     """Two causal-LM LoRA runs with different ranks and scalings (plain and rsLoRA) on the same layers."""
     root = tmp_path_factory.mktemp("swap-lm")
     targets = ["q_proj", "v_proj", "up_proj"]
-    return [type(root)(_train(recipe_doc("sft", tiny_llama, sft_data, root / name, method, lr=3e-2, seed=seed)))
-            for name, method, seed in (
-                ("lm-a", {"name": "lora", "r": 4, "alpha": 8, "targets": targets}, 0),
-                ("lm-b", {"name": "lora", "r": 2, "alpha": 6, "rslora": True, "targets": targets}, 1))]
+    return [
+        type(root)(_train(recipe_doc("sft", tiny_llama, sft_data, root / name, method, lr=3e-2, seed=seed)))
+        for name, method, seed in (
+            ("lm-a", {"name": "lora", "r": 4, "alpha": 8, "targets": targets}, 0),
+            ("lm-b", {"name": "lora", "r": 2, "alpha": 6, "rslora": True, "targets": targets}, 1),
+        )
+    ]
 
 
 @functools.cache

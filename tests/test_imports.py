@@ -20,7 +20,9 @@ def test_the_package_has_modules():
 
 
 def _import_alone(module: str) -> str | None:
-    result = subprocess.run([sys.executable, "-c", f"import {module}"], check=False, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], check=False, capture_output=True, text=True, timeout=300
+    )
     return None if result.returncode == 0 else f"{module}: {(result.stderr.strip().splitlines() or ['?'])[-1]}"
 
 
@@ -31,10 +33,12 @@ def test_every_module_imports_alone():
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys; from typer.testing import CliRunner; from ftune.cli import app; "
-            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
-            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate', 'peft', 'matplotlib', 'onnx', "
-            "'onnxruntime', 'tensorboard') if m in sys.modules))")
+    code = (
+        "import sys; from typer.testing import CliRunner; from ftune.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate', 'peft', 'matplotlib', 'onnx', "
+        "'onnxruntime', 'tensorboard') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -55,8 +55,10 @@ def test_leaving_early_stops_the_thread():
 
 
 def test_tokens_are_counted_without_padding():
-    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
-              "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    padded = {
+        "input_ids": torch.zeros(2, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+    }
     assert token_count(padded) == 8
     assert token_count({"input_ids": torch.zeros(1, 9, dtype=torch.long)}) == 9  # a packed row has no padding
 
@@ -81,7 +83,6 @@ def test_compile_on_cpu_only_when_asked():
 
 def test_frozen_parameters_get_no_gradient_under_lora(tiny_bert, cls_data, tmp_path):
     from conftest import recipe_doc
-
     from ftune import assemble
     from ftune.data.loader import collate
     from ftune.recipe import validate_recipe

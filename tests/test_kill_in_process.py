@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_harness import _assert_checkpoints_load, _complete, _log_lines
 from torch import nn
 
 from conftest import recipe_doc
 from ftune import rundir
 from ftune.run import checkpoint
+from kill_harness import _assert_checkpoints_load, _complete, _log_lines
 
 
 def _toy():

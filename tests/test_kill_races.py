@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kill_harness import TIMEOUT, _assert_checkpoints_load, _complete, _launch, _safetensors_parts, _wait
 
 from conftest import recipe_doc, write_recipe
 from ftune import rundir
 from ftune.run import checkpoint
+from kill_harness import TIMEOUT, _assert_checkpoints_load, _complete, _launch, _safetensors_parts, _wait
 
 
 def _launch_doc(tmp: Path, name: str, doc: dict) -> Path:
@@ -97,7 +97,8 @@ def test_two_runs_racing_for_one_output_dir(tmp_path, tiny_bert, cls_data):
     assert _safetensors_parts(out / rundir.WEIGHTS) == _safetensors_parts(tmp_path / "reference" / rundir.WEIGHTS)
     for folder in _complete(out):
         assert _safetensors_parts(folder / rundir.WEIGHTS) == _safetensors_parts(
-            tmp_path / "reference" / "checkpoints" / folder.name / rundir.WEIGHTS)
+            tmp_path / "reference" / "checkpoints" / folder.name / rundir.WEIGHTS
+        )
     assert rundir.holder(out) is None
 
 
@@ -127,8 +128,9 @@ def test_a_full_disk_during_a_checkpoint(tmp_path, tiny_bert, cls_data, monkeypa
 
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)], check=False,
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)], check=False, capture_output=True, text=True
+    )
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
@@ -147,8 +149,9 @@ def test_a_full_disk_during_a_checkpoint(tmp_path, tiny_bert, cls_data, monkeypa
         monkeypatch.undo()
 
         assert result.exit_code == 1, result.output
-        assert "Traceback" not in result.output and not (result.exception and not isinstance(result.exception,
-                                                                                            SystemExit))
+        assert "Traceback" not in result.output and not (
+            result.exception and not isinstance(result.exception, SystemExit)
+        )
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
         assert "step-00000002" in errors[0] and "No space left on device" in errors[0], errors[0]

@@ -29,6 +29,8 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from conftest import recipe_doc, write_recipe
+from ftune import rundir
 from kill_harness import (
     EVAL_EVERY,
     MAX_STEPS,
@@ -47,22 +49,26 @@ from kill_harness import (
     _wait,
 )
 
-from conftest import recipe_doc, write_recipe
-from ftune import rundir
-
 SEED = 1729
 CASES = {  # kind of data, method, train settings
     "lora-cls": ("cls", {"name": "lora", "r": 4, "dropout": 0.1}, {"save_every": 1, "keep_checkpoints": 2}),
     "full-sft": ("sft", {"name": "full"}, {"save_every": 2, "keep_checkpoints": 1}),
-    "adapter-drop-cls": ("cls", {"name": "adapter_drop", "placement": "houlsby", "bottleneck": 4, "drop_first": 1,
-                                 "robust": True},
-                         {"save_every": 1, "keep_checkpoints": 3, "grad_accum": 2, "best_metric": "loss",
-                          "best_mode": "min"}),
+    "adapter-drop-cls": (
+        "cls",
+        {"name": "adapter_drop", "placement": "houlsby", "bottleneck": 4, "drop_first": 1, "robust": True},
+        {"save_every": 1, "keep_checkpoints": 3, "grad_accum": 2, "best_metric": "loss", "best_mode": "min"},
+    ),
     # whole-model wrappers: prefixes through a folded MLP (best weights saved folded mid-run), and input prompts
-    "prefix-cls": ("cls", {"name": "prefix_tuning", "n_tokens": 4, "mlp_hidden": 16, "dropout": 0.1},
-                   {"save_every": 1, "keep_checkpoints": 2, "best_metric": "accuracy"}),
-    "p-tuning-sft": ("sft", {"name": "p_tuning", "n_tokens": 4, "encoder": "lstm", "encoder_hidden": 8,
-                             "lstm_dropout": 0.1}, {"save_every": 2, "keep_checkpoints": 1}),
+    "prefix-cls": (
+        "cls",
+        {"name": "prefix_tuning", "n_tokens": 4, "mlp_hidden": 16, "dropout": 0.1},
+        {"save_every": 1, "keep_checkpoints": 2, "best_metric": "accuracy"},
+    ),
+    "p-tuning-sft": (
+        "sft",
+        {"name": "p_tuning", "n_tokens": 4, "encoder": "lstm", "encoder_hidden": 8, "lstm_dropout": 0.1},
+        {"save_every": 2, "keep_checkpoints": 1},
+    ),
 }
 MIDDLE_KILLS = ["save", "step", "step", "clock"]  # shuffled per case, after "start" and "save", before "final"
 
@@ -84,7 +90,8 @@ def _compare(case: Case) -> None:
     header, data = _safetensors_parts(out / rundir.WEIGHTS)
     expected_header, expected_data = _safetensors_parts(reference / rundir.WEIGHTS)
     assert header == expected_header and data == expected_data, (
-        f"{case.name}: method.safetensors differs from the uninterrupted run")
+        f"{case.name}: method.safetensors differs from the uninterrupted run"
+    )
     final = json.loads((out / "metrics.json").read_text())
     assert final["validation"] == json.loads((reference / "metrics.json").read_text())["validation"], case.name
 
@@ -117,7 +124,7 @@ def _run_case(case: Case) -> dict:
 
     _compare(case)
     # rotation kept the newest keep_checkpoints complete checkpoints; nothing half-written is left
-    expected = [f"step-{s:08d}" for s in case.save_steps[-case.keep:]]
+    expected = [f"step-{s:08d}" for s in case.save_steps[-case.keep :]]
     assert [p.name for p in _complete(case.out)] == expected, case.name
     assert sorted(p.name for p in (case.out / "checkpoints").iterdir()) == expected, case.name
     record = json.loads((case.out / "run.json").read_text())
@@ -146,27 +153,42 @@ def _summarise(case: Case) -> dict:
     }
 
 
-def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, tmp_path_factory, tiny_bert, tiny_llama, cls_data,
-                                                        sft_data):
+def test_killed_runs_resume_to_the_uninterrupted_result(
+    tmp_path, tmp_path_factory, tiny_bert, tiny_llama, cls_data, sft_data
+):
     cases = []
     for name, (kind, method, settings) in CASES.items():
         model, data = (tiny_bert, cls_data) if kind == "cls" else (tiny_llama, sft_data)
-        doc = recipe_doc(kind, model, data, tmp_path / name, method, max_steps=MAX_STEPS, eval_every=EVAL_EVERY,
-                         **settings)
+        doc = recipe_doc(
+            kind, model, data, tmp_path / name, method, max_steps=MAX_STEPS, eval_every=EVAL_EVERY, **settings
+        )
         reference = tmp_path / f"{name}-reference"
         every = settings["save_every"]
         save_steps = sorted({s for s in range(1, MAX_STEPS + 1) if s % every == 0} | {MAX_STEPS})
-        cases.append(Case(name, write_recipe(tmp_path / f"{name}.yaml", doc), tmp_path / name, save_steps,
-                          settings["keep_checkpoints"], random.Random(f"{SEED}-{name}"),
-                          write_recipe(tmp_path / f"{name}-reference.yaml", doc | {"output_dir": str(reference)}),
-                          reference))
+        cases.append(
+            Case(
+                name,
+                write_recipe(tmp_path / f"{name}.yaml", doc),
+                tmp_path / name,
+                save_steps,
+                settings["keep_checkpoints"],
+                random.Random(f"{SEED}-{name}"),
+                write_recipe(tmp_path / f"{name}-reference.yaml", doc | {"output_dir": str(reference)}),
+                reference,
+            )
+        )
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         rows = list(pool.map(_run_case, cases))
 
-    summary = {"seed": SEED, "cases": rows,
-               "total": {key: sum(r[key] for r in rows) for key in
-                         ("kills", "resumed_runs", "save_kills_tried", "kills_inside_a_save", "torn_log_lines")}}
+    summary = {
+        "seed": SEED,
+        "cases": rows,
+        "total": {
+            key: sum(r[key] for r in rows)
+            for key in ("kills", "resumed_runs", "save_kills_tried", "kills_inside_a_save", "torn_log_lines")
+        },
+    }
     summary["total"]["phases"] = {p: sum(r["phases"][p] for r in rows) for p in PHASES}
     (tmp_path_factory.getbasetemp() / "kill_resume_summary.json").write_text(json.dumps(summary, indent=2))
     print(_table(rows, summary["total"]))
@@ -180,12 +202,21 @@ def _table(rows: list[dict], total: dict) -> str:
     head = f"{'case':<18}{'kills':>6}{'resumed':>8}{'equal':>6}  " + " ".join(f"{s:>12}" for s in short)
     head += f"{'save-kills':>11}{'in-save':>8}{'intact':>7}"
     lines = ["", "kill/resume summary (phase of each kill; save-kills: tried / landed inside a write / intact)", head]
-    for r in [*rows, {"case": "total", "resumed_equal": all(r["resumed_equal"] for r in rows),
-                      "checkpoints_intact_after_kill_inside_save": total["kills_inside_a_save"], **total}]:
-        lines.append(f"{r['case']:<18}{r['kills']:>6}{r['resumed_runs']:>8}{'yes' if r['resumed_equal'] else 'NO':>6}  "
-                     + " ".join(f"{r['phases'][p]:>12}" for p in PHASES)
-                     + f"{r['save_kills_tried']:>11}{r['kills_inside_a_save']:>8}"
-                     f"{r['checkpoints_intact_after_kill_inside_save']:>7}")
+    for r in [
+        *rows,
+        {
+            "case": "total",
+            "resumed_equal": all(r["resumed_equal"] for r in rows),
+            "checkpoints_intact_after_kill_inside_save": total["kills_inside_a_save"],
+            **total,
+        },
+    ]:
+        lines.append(
+            f"{r['case']:<18}{r['kills']:>6}{r['resumed_runs']:>8}{'yes' if r['resumed_equal'] else 'NO':>6}  "
+            + " ".join(f"{r['phases'][p]:>12}" for p in PHASES)
+            + f"{r['save_kills_tried']:>11}{r['kills_inside_a_save']:>8}"
+            f"{r['checkpoints_intact_after_kill_inside_save']:>7}"
+        )
     return "\n".join(lines)
 
 

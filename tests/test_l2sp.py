@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import recipe_doc
 from rich.console import Console
 from safetensors.torch import load_file
 
+from conftest import recipe_doc
 from ftune import models
 from ftune.errors import RecipeError
 from ftune.methods import attach, method_of
@@ -51,8 +51,9 @@ def test_penalty_is_the_formula_and_zero_at_start(tiny_bert):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    direct = (ALPHA / 2 * sum((p - start[n]).square().sum() for n, p in pretrained.items())
-              + BETA / 2 * sum(p.square().sum() for p in head.values()))
+    direct = ALPHA / 2 * sum((p - start[n]).square().sum() for n, p in pretrained.items()) + BETA / 2 * sum(
+        p.square().sum() for p in head.values()
+    )
     torch.testing.assert_close(method.hooks.loss_term(model), direct)
 
 
@@ -71,8 +72,10 @@ def test_gradients_pull_toward_the_start_and_decay_the_head(tiny_bert):
 
 
 def test_with_sparse_the_penalty_is_on_the_values(tiny_bert):
-    model, method = _build(tiny_bert, [{"name": "sparse", "selection": "random", "density": 0.05},
-                                       {"name": "l2sp", "alpha": ALPHA, "beta": 0.0}])
+    model, method = _build(
+        tiny_bert,
+        [{"name": "sparse", "selection": "random", "density": 0.05}, {"name": "l2sp", "alpha": ALPHA, "beta": 0.0}],
+    )
     values = model.bert.sparse_delta.values
     assert method.hooks.loss_term(model) == 0
     with torch.no_grad():
@@ -87,17 +90,25 @@ def test_weight_decay_is_off_for_its_parameters(tiny_bert, cls_data, tmp_path):
     groups = run.optimizer.param_groups
     trained = {id(p) for p in run.raw_model.parameters() if p.requires_grad}
     assert {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]} == trained
-    plain = validate_recipe(recipe_doc("cls", tiny_bert, cls_data, tmp_path / "plain", {"name": "layers", "top_k": 1},
-                                       weight_decay=0.1))
+    plain = validate_recipe(
+        recipe_doc("cls", tiny_bert, cls_data, tmp_path / "plain", {"name": "layers", "top_k": 1}, weight_decay=0.1)
+    )
     groups = prepare(plain, resume=False, overwrite=False, console=Console(file=io.StringIO())).optimizer.param_groups
     assert [g["weight_decay"] for g in groups] == [0.1]
 
 
-@pytest.mark.parametrize("parts,needle", [
-    ([{"name": "l2sp"}], "method: l2sp trains nothing itself"),
-    ([{"name": "lora"}, {"name": "l2sp"}], "method: l2sp pulls trained pretrained weights toward their start, but lora"),
-    ([{"name": "full"}, {"name": "bitfit"}, {"name": "l2sp"}], "full already trains every weight"),
-], ids=["alone", "lora", "full-and-more"])
+@pytest.mark.parametrize(
+    "parts,needle",
+    [
+        ([{"name": "l2sp"}], "method: l2sp trains nothing itself"),
+        (
+            [{"name": "lora"}, {"name": "l2sp"}],
+            "method: l2sp pulls trained pretrained weights toward their start, but lora",
+        ),
+        ([{"name": "full"}, {"name": "bitfit"}, {"name": "l2sp"}], "full already trains every weight"),
+    ],
+    ids=["alone", "lora", "full-and-more"],
+)
 def test_refused_at_validation_in_one_line(parts, needle, tiny_bert):
     with pytest.raises(RecipeError) as caught:
         validate_recipe(recipe_doc("cls", tiny_bert, tiny_bert, tiny_bert / "unused", parts))
@@ -107,8 +118,17 @@ def test_refused_at_validation_in_one_line(parts, needle, tiny_bert):
 def test_resume_equals_uninterrupted(tmp_path, tiny_bert, cls_data):
     """w0 travels in the checkpoint: a resumed run pulls toward the pretrained weights, not the resumed ones."""
     parts = [{"name": "full"}, {"name": "l2sp", "alpha": 1.0, "beta": 0.1}]
-    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", parts, max_steps=6, save_every=2,
-                     keep_checkpoints=3, weight_decay=0.1)
+    doc = recipe_doc(
+        "cls",
+        tiny_bert,
+        cls_data,
+        tmp_path / "run",
+        parts,
+        max_steps=6,
+        save_every=2,
+        keep_checkpoints=3,
+        weight_decay=0.1,
+    )
     recipe, run = validate_recipe(doc), tmp_path / "run"
     train(recipe)
     expected = load_file(run / "method.safetensors")

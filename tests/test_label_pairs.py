@@ -13,6 +13,7 @@ from ftune.serve.label_pairs import Sampling, label, read_prompts, write_rows
 def _known_answerer(prefer: str, bias: str | None = None, garbage: bool = False):
     """A judge whose choice is known in advance: it answers the letter of the response containing `prefer`
     (or always `bias`, a judge that only looks at positions; or text naming neither letter)."""
+
     def answer(text: str) -> str:
         if garbage:
             return "I cannot decide."
@@ -20,6 +21,7 @@ def _known_answerer(prefer: str, bias: str | None = None, garbage: bool = False)
             return bias
         a = text.split("Response A:\n", 1)[1].split("\n\nResponse B:", 1)[0]
         return "A" if prefer in a else "B"
+
     return answer
 
 
@@ -61,8 +63,14 @@ def test_label_rows_follow_the_judge(tiny_llama):
     for row in first.rows:
         assert len(row["chosen"]) > len(row["rejected"])  # the judge's known preference
         assert row["judge"]["scores"][0] != row["judge"]["scores"][1]
-        assert row["policy"] == {"run": "policy-run", "seed": 3, "index": row["policy"]["index"],
-                                 "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6}
+        assert row["policy"] == {
+            "run": "policy-run",
+            "seed": 3,
+            "index": row["policy"]["index"],
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_new_tokens": 6,
+        }
     assert first.rows, "the tiny policy sampled only identical pairs"
 
 
@@ -99,23 +107,26 @@ def test_round_trip_reward_judge_then_dpo(tiny_llama, sft_data, pref_data, tmp_p
     """RLAIF end to end: an SFT policy samples, a reward-model run judges, DPO trains on the written pairs."""
     import io
 
-    from conftest import pref_recipe_doc, recipe_doc
     from rich.console import Console
 
-    from ftune.serve.label_pairs import reward_scorer as scorer_of_run
+    from conftest import pref_recipe_doc, recipe_doc
     from ftune.recipe import validate_recipe
     from ftune.run.train import train
+    from ftune.serve.label_pairs import reward_scorer as scorer_of_run
 
     quiet = Console(file=io.StringIO())
     policy, judge = tmp_path / "policy", tmp_path / "rm"
     train(validate_recipe(recipe_doc("sft", tiny_llama, sft_data, policy)), console=quiet)
     train(validate_recipe(pref_recipe_doc(tiny_llama, pref_data, judge, {"name": "reward"})), console=quiet)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"repeat the word {w}"}) + "\n"
-                               for w in ("good", "bad", "great", "awful", "nice", "poor")))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"repeat the word {w}"}) + "\n"
+            for w in ("good", "bad", "great", "awful", "nice", "poor")
+        )
+    )
     out = tmp_path / "pairs.jsonl"
-    result = _ftune("label-pairs", policy, prompts, "--out", out, "--judge", judge, "--seed", 1,
-                    "--max-new-tokens", 6)
+    result = _ftune("label-pairs", policy, prompts, "--out", out, "--judge", judge, "--seed", 1, "--max-new-tokens", 6)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and "pairs of 6 prompts written" in result.output
@@ -136,9 +147,9 @@ def test_round_trip_reward_judge_then_dpo(tiny_llama, sft_data, pref_data, tmp_p
 def test_a_classifier_run_cannot_sample(tiny_bert, cls_data, tmp_path):
     import io
 
-    from conftest import recipe_doc
     from rich.console import Console
 
+    from conftest import recipe_doc
     from ftune.recipe import validate_recipe
     from ftune.run.train import train
 
@@ -157,8 +168,19 @@ def test_llm_judge_answers_without_a_letter_are_dropped_and_counted(tiny_llama, 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"repeat the word {w}"}) + "\n" for w in ("good", "bad")))
     out = tmp_path / "pairs.jsonl"
-    result = _ftune("label-pairs", tiny_llama, prompts, "--out", out, "--judge", tiny_llama, "--judge-kind", "llm",
-                    "--max-new-tokens", 5)
+    result = _ftune(
+        "label-pairs",
+        tiny_llama,
+        prompts,
+        "--out",
+        out,
+        "--judge",
+        tiny_llama,
+        "--judge-kind",
+        "llm",
+        "--max-new-tokens",
+        5,
+    )
     assert result.exit_code == 0, result.output
     assert out.read_text() == ""
     dropped = result.output.split("dropped: ", 1)[1]

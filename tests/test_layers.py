@@ -46,8 +46,9 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("ftune"):
             # `from ftune import rundir` imports the module ftune.rundir
-            found += [(node.lineno, f"{node.module}.{a.name}" if node.module == "ftune" else node.module)
-                      for a in node.names]
+            found += [
+                (node.lineno, f"{node.module}.{a.name}" if node.module == "ftune" else node.module) for a in node.names
+            ]
         elif isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.startswith("ftune")]
     return found
@@ -72,8 +73,11 @@ def upward_in(path: Path, module: str, layers: list[list[str]]) -> list[str]:
 
 def upward_imports() -> list[str]:
     layers = _layers()
-    return [f"{path.relative_to(ROOT)}: {line}" for path in sorted((ROOT / "ftune").rglob("*.py"))
-            for line in upward_in(path, _module_name(path), layers)]
+    return [
+        f"{path.relative_to(ROOT)}: {line}"
+        for path in sorted((ROOT / "ftune").rglob("*.py"))
+        for line in upward_in(path, _module_name(path), layers)
+    ]
 
 
 def test_no_module_imports_a_layer_above_its_own():
@@ -85,18 +89,17 @@ def test_the_check_sees_function_local_imports(tmp_path):
     an import of a sibling in the same layer."""
     probe = tmp_path / "errors.py"
     probe.write_text("def f():\n    from ftune.cli import app\n    return app\n")
-    assert upward_in(probe, "ftune.errors", _layers()) == [
-        "errors.py:2 imports ftune.cli, a layer above ftune.errors"]
+    assert upward_in(probe, "ftune.errors", _layers()) == ["errors.py:2 imports ftune.cli, a layer above ftune.errors"]
     probe.write_text("import ftune.errors\nfrom ftune import rundir\n")
     assert upward_in(probe, "ftune.launch", _layers()) == [
-        "errors.py:2 imports ftune.rundir, a sibling of ftune.launch in its layer (siblings never import each other)"]
+        "errors.py:2 imports ftune.rundir, a sibling of ftune.launch in its layer (siblings never import each other)"
+    ]
 
 
 def test_the_loop_and_the_estimate_share_the_step(tiny_bert, cls_data, tmp_path, monkeypatch):
     """The estimate's step (ftune/estimate/step.py: train_step) and the loop (ftune/run/train.py) both go through
     ftune.step's micro_step, gradient_norm and update: patched, each counts the calls of both."""
     from conftest import recipe_doc
-
     from ftune import assemble, step
     from ftune.estimate import step as estimate_step
     from ftune.recipe import validate_recipe
@@ -115,8 +118,9 @@ def test_the_loop_and_the_estimate_share_the_step(tiny_bert, cls_data, tmp_path,
 
     for name in ("micro_step", "gradient_norm", "update"):
         monkeypatch.setattr(step, name, counted(name))
-    recipe = validate_recipe(recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", {"name": "lora"},
-                                        max_steps=2, grad_accum=2))
+    recipe = validate_recipe(
+        recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", {"name": "lora"}, max_steps=2, grad_accum=2)
+    )
     source, tokenizer = assemble.source_and_tokenizer(recipe)
     rows = assemble.read_split(recipe, "train")
     names = assemble.label_names(recipe, rows)

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, _sentence, recipe_doc
 from rich.console import Console
-from test_methods import IN_COMPANY
 
+from conftest import WORDS, _sentence, recipe_doc
 from ftune.methods import METHODS
 from ftune.methods.base import Trains
 from ftune.recipe import validate_recipe
 from ftune.run.train import train
+from test_methods import IN_COMPANY
 
 STEPS, WIDTH = 40, 128
 LEARNED = 2 / 3 * math.log(2)  # the loss on the training rows after training must be at most this
@@ -50,8 +50,15 @@ def pretrained_bert(tmp_path_factory) -> Path:
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=2 * WIDTH, max_position_embeddings=64, num_labels=2)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * WIDTH,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     model = BertForSequenceClassification(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = random.Random(7)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import recipe_doc
 from torch import nn
 
+from conftest import recipe_doc
 from ftune import assemble
 from ftune.data.loader import collate
-from ftune.recipe import validate_recipe
 from ftune.kernels import linear_ce
+from ftune.recipe import validate_recipe
 from ftune.tasks import TASKS
 
 
@@ -57,8 +57,9 @@ def _tiny_lm(tiny_llama, sft_data, tmp_path, method: dict):
 
 
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "alpha": 8}])
-def test_the_causal_lm_loss_from_hidden_states_equals_the_loss_from_logits(method, tiny_llama, sft_data, tmp_path,
-                                                                          monkeypatch):
+def test_the_causal_lm_loss_from_hidden_states_equals_the_loss_from_logits(
+    method, tiny_llama, sft_data, tmp_path, monkeypatch
+):
     monkeypatch.setattr(linear_ce, "CHUNK_ELEMENTS", 5 * 64)  # several chunks even on the tiny vocabulary
     model, examples, tokenizer = _tiny_lm(tiny_llama, sft_data, tmp_path, method)
     assert linear_ce.exact_through_hidden(model)

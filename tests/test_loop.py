@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, recipe_doc, token_recipe_doc
 from rich.console import Console
 from typer.testing import CliRunner
 
+from conftest import WORDS, recipe_doc, token_recipe_doc
 from ftune import assemble
 from ftune.cli import app
 from ftune.data.loader import EpochBatches, example_length
 from ftune.recipe import validate_recipe
-from ftune.step import optim
 from ftune.run.train import train
+from ftune.step import optim
 
 
 def _no_dropout(monkeypatch) -> None:
@@ -64,8 +64,10 @@ def _uneven_sft(folder: Path) -> Path:
     folder.mkdir()
     rng = random.Random(5)
     for split, n in (("train", 16), ("validation", 4)):
-        rows = [{"instruction": "say words", "input": "", "output": " ".join(rng.choices(WORDS, k=rng.randint(1, 8)))}
-                for _ in range(n)]
+        rows = [
+            {"instruction": "say words", "input": "", "output": " ".join(rng.choices(WORDS, k=rng.randint(1, 8)))}
+            for _ in range(n)
+        ]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -96,7 +98,7 @@ def test_accumulation_equals_one_large_batch(kind, monkeypatch, tmp_path, tiny_l
     encoded = assemble.encode_rows(recipe, rows, tokenizer, assemble.label_names(recipe, rows))
     lengths = [example_length(e) for e in encoded.examples]  # the run groups by length (train.group_by_length)
     order = EpochBatches(len(encoded.examples), 2, seed=0, lengths=lengths, step_batches=4).order(0)[:8]
-    counts = [sum(y != -100 for i in order[m:m + 2] for y in encoded.examples[i]["labels"]) for m in range(0, 8, 2)]
+    counts = [sum(y != -100 for i in order[m : m + 2] for y in encoded.examples[i]["labels"]) for m in range(0, 8, 2)]
     assert len(set(counts)) > 1, counts
 
 
@@ -141,8 +143,9 @@ def test_the_record_names_ftunes_own_revision(tmp_path, tiny_bert, cls_data, mon
     import subprocess
 
     repo = Path(__file__).resolve().parents[1]
-    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=False).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     if not head:
         pytest.skip("ftune's code is not a git checkout here")
     monkeypatch.chdir(tmp_path)  # not inside any repository

@@ -27,9 +27,11 @@ def _fields(record: type, prefix: str = "") -> Iterator[tuple[str, bool]]:
 
 def _uncovered() -> list[str]:
     """The fields without a rule: neither their own nor one for a sub-record that holds them."""
+
     def covered(path: str) -> bool:
         parts = path.split(".")
         return any(".".join(parts[:i]) in combine.RULES for i in range(1, len(parts) + 1))
+
     return [path for path, holds_record in _fields(Method) if not holds_record and not covered(path)]
 
 
@@ -72,6 +74,7 @@ def test_trains_and_claims_have_no_default():
 
 def test_a_new_linear_replacer_cannot_join_lora(monkeypatch):
     """A VeRA-like method that states its claim is refused beside LoRA, with the part both rebuild."""
+
     class Config(MethodConfig):
         name: Literal["vera"] = "vera"
 

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftune import models
+from ftune import models, rundir
 from ftune.errors import MethodError
 from ftune.methods import METHODS, attach, method_of
 from ftune.methods.base import count_parameters, unwrap_merged
-from ftune import rundir
 from ftune.run import checkpoint
 
 # One config per registered method; test_every_method_has_a_case keeps this in step with the registry.
@@ -80,7 +79,11 @@ def test_every_method_has_a_case():
 
 
 def test_registry_matches_files():
-    files = {p.stem for p in (Path(__file__).parents[1] / "ftune" / "methods").glob("*.py")} - {"__init__", "base", "combine"}
+    files = {p.stem for p in (Path(__file__).parents[1] / "ftune" / "methods").glob("*.py")} - {
+        "__init__",
+        "base",
+        "combine",
+    }
     assert files == set(METHODS)
     for name, method in METHODS.items():
         assert method.config_cls.model_fields["name"].default == name
@@ -173,8 +176,11 @@ def test_causal_lm_step(name, folders):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("cfg", [{"name": "lora", "r": 4}, {"name": "adapter", "placement": "parallel", "parallel_at": "both"}],
-                         ids=["lora", "parallel-adapter"])
+@pytest.mark.parametrize(
+    "cfg",
+    [{"name": "lora", "r": 4}, {"name": "adapter", "placement": "parallel", "parallel_at": "both"}],
+    ids=["lora", "parallel-adapter"],
+)
 def test_gradient_checkpointing_gives_the_same_gradients(cfg, folders):
     """Recomputation in backward must reproduce the forward, including a parallel adapter's handed-over input."""
     method = METHODS[cfg["name"]]

@@ -16,11 +16,11 @@ import re
 
 import pytest
 import torch
-from conftest import recipe_doc, write_recipe
 from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, write_recipe
 from ftune import assemble, rundir
 from ftune.cli import app
 from ftune.errors import RecipeError, TrainingError
@@ -42,7 +42,8 @@ def _poisoned(tensor: torch.Tensor, what: str) -> torch.Tensor:
 
 def _poison(monkeypatch, at_call: int, what: str) -> dict:
     """From now on, built models turn their `at_call`-th training forward pass bad: NaN logits, so a NaN loss
-    (`what="loss"`), or finite logits whose gradient is infinite (`what="grad"`). Returns a counter of training forward passes."""
+    (`what="loss"`), or finite logits whose gradient is infinite (`what="grad"`). Returns a counter of training
+    forward passes."""
     real = assemble.build_model
     seen = {"calls": 0}
 
@@ -54,7 +55,7 @@ def _poison(monkeypatch, at_call: int, what: str) -> dict:
                 return output  # evaluation is never poisoned
             seen["calls"] += 1
             if seen["calls"] == at_call:
-                # a causal LM's loss may come from the last hidden state instead of the logits (ftune/kernels/linear_ce.py)
+                # a causal LM's loss may come from the last hidden state, not the logits (ftune/kernels/linear_ce.py)
                 if output.hidden_states is not None:
                     output.hidden_states = (*output.hidden_states[:-1], _poisoned(output.hidden_states[-1], what))
                 output.logits = _poisoned(output.logits, what)
@@ -126,8 +127,19 @@ STOPS = {  # what goes bad, train.max_grad_norm
 def test_stop_names_the_step_and_keeps_the_last_checkpoint(case, monkeypatch, tmp_path, tiny_bert, cls_data):
     what, max_grad_norm = STOPS[case]
     run = tmp_path / "run"
-    doc = recipe_doc("cls", tiny_bert, cls_data, run, max_steps=5, save_every=1, keep_checkpoints=5, eval_every=1,
-                     best_metric="loss", best_mode="min", max_grad_norm=max_grad_norm)
+    doc = recipe_doc(
+        "cls",
+        tiny_bert,
+        cls_data,
+        run,
+        max_steps=5,
+        save_every=1,
+        keep_checkpoints=5,
+        eval_every=1,
+        best_metric="loss",
+        best_mode="min",
+        max_grad_norm=max_grad_norm,
+    )
     _poison(monkeypatch, at_call=3, what=what)  # grad_accum 1: the third forward pass is optimizer step 3
     saved = _record_saves(monkeypatch)
 
@@ -149,8 +161,17 @@ def test_stop_names_the_step_and_keeps_the_last_checkpoint(case, monkeypatch, tm
 def test_resume_after_a_stop_equals_an_uninterrupted_run(monkeypatch, tmp_path, tiny_llama, sft_data):
     """The checkpoint a stop leaves is a real resume point: with the fault gone, resuming ends bitwise equal to a run
     that never met it."""
-    doc = recipe_doc("sft", tiny_llama, sft_data, tmp_path / "run", {"name": "full"}, max_steps=5, save_every=2,
-                     eval_every=2, grad_accum=2)
+    doc = recipe_doc(
+        "sft",
+        tiny_llama,
+        sft_data,
+        tmp_path / "run",
+        {"name": "full"},
+        max_steps=5,
+        save_every=2,
+        eval_every=2,
+        grad_accum=2,
+    )
     clean = doc | {"output_dir": str(tmp_path / "clean")}
     train(validate_recipe(clean), console=_quiet())
 
@@ -173,8 +194,18 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(monkeypatch, tmp_path, 
 @pytest.mark.parametrize("what", ["loss", "grad"])
 def test_skip_drops_the_step_and_counts_it(what, monkeypatch, tmp_path, tiny_bert, cls_data):
     run = tmp_path / "run"
-    doc = recipe_doc("cls", tiny_bert, cls_data, run, max_steps=4, grad_accum=2, save_every=2, eval_every=2,
-                     on_nonfinite="skip", max_grad_norm=None if what == "grad" else 1.0)
+    doc = recipe_doc(
+        "cls",
+        tiny_bert,
+        cls_data,
+        run,
+        max_steps=4,
+        grad_accum=2,
+        save_every=2,
+        eval_every=2,
+        on_nonfinite="skip",
+        max_grad_norm=None if what == "grad" else 1.0,
+    )
     seen = _poison(monkeypatch, at_call=3, what=what)  # grad_accum 2: the first micro-batch of optimizer step 2
 
     result = train(validate_recipe(doc), console=_quiet())
@@ -200,8 +231,9 @@ def test_skip_drops_the_step_and_counts_it(what, monkeypatch, tmp_path, tiny_ber
 def test_overflowing_lr_stops_with_one_line_and_exit_code_1(tmp_path, tiny_bert, cls_data):
     """The real thing, through the CLI: lr 1e30 makes the LoRA update overflow fp32 after one step."""
     run = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_doc("cls", tiny_bert, cls_data, run, max_steps=4,
-                                                          save_every=1, lr=1e30))
+    recipe = write_recipe(
+        tmp_path / "r.yaml", recipe_doc("cls", tiny_bert, cls_data, run, max_steps=4, save_every=1, lr=1e30)
+    )
     result = CliRunner().invoke(app, ["train", str(recipe)])
 
     assert result.exit_code == 1, result.output
@@ -220,8 +252,9 @@ def test_overflowing_lr_stops_with_one_line_and_exit_code_1(tmp_path, tiny_bert,
 
 def test_skip_gives_up_when_every_step_is_bad(tmp_path, tiny_bert, cls_data):
     """skip is for a passing spike: weights that overflow make every later step bad, and the run stops anyway."""
-    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", max_steps=4, save_every=1, lr=1e30,
-                     on_nonfinite="skip")
+    doc = recipe_doc(
+        "cls", tiny_bert, cls_data, tmp_path / "run", max_steps=4, save_every=1, lr=1e30, on_nonfinite="skip"
+    )
     with pytest.raises(TrainingError, match=r"^step 2 of 4: 25 steps in a row skipped, the last for a non-finite") as e:
         train(validate_recipe(doc), console=_quiet())
     assert "on_nonfinite: skip" not in str(e.value)  # no advice to do what it already does

@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
-from conftest import recipe_doc, token_recipe_doc
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, token_recipe_doc
 from ftune import rundir
 from ftune.assemble import load_run
 from ftune.cli import app
@@ -59,7 +59,7 @@ def _check_export(run, tmp_path, logits_axes):
         assert (got - expected).abs().max() <= 1e-4
     report = json.loads((out / onnx_export.REPORT).read_text())
     assert report["inputs"] == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
-    assert report["outputs"]["logits"][:len(logits_axes)] == logits_axes
+    assert report["outputs"]["logits"][: len(logits_axes)] == logits_axes
     assert report["label_names"] == rundir.read_record(run).label_names
     assert report["check"]["max_abs_diff"] <= 1e-4 and report["check"]["tolerance"] == 1e-4
     return out, report
@@ -98,8 +98,9 @@ def test_llama_causal_lm_with_lora_merged(tiny_llama, sft_data, tmp_path):
 
 
 def test_a_method_that_cannot_merge_is_refused_in_one_line(tiny_bert, cls_data, tmp_path):
-    run = _trained(recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", {"name": "prompt_tuning", "n_tokens": 4},
-                              max_steps=1))
+    run = _trained(
+        recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", {"name": "prompt_tuning", "n_tokens": 4}, max_steps=1)
+    )
     out = tmp_path / "onnx"
     before = sorted(p.name for p in tmp_path.iterdir())
     result = CliRunner().invoke(app, ["export", str(run), str(out), "--format", "onnx"])
@@ -119,9 +120,11 @@ def test_a_graph_that_disagrees_is_not_kept(cls_run, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "max_difference", lambda path, module, vocabulary: 0.5)
     result = CliRunner().invoke(app, ["export", str(cls_run), str(tmp_path / "onnx"), "--format", "onnx"])
     assert result.exit_code == 1
-    expected = ("error: export --format onnx: no exporter gives a graph that matches BertForSequenceClassification "
-                "(dynamo: logits differ from PyTorch's by 0.5 > 0.0001; torchscript: logits differ from PyTorch's by "
-                "0.5 > 0.0001); nothing written")
+    expected = (
+        "error: export --format onnx: no exporter gives a graph that matches BertForSequenceClassification "
+        "(dynamo: logits differ from PyTorch's by 0.5 > 0.0001; torchscript: logits differ from PyTorch's by "
+        "0.5 > 0.0001); nothing written"
+    )
     assert result.output.strip().splitlines() == [expected]
     assert list(tmp_path.iterdir()) == []
 

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, recipe_doc, write_recipe
 from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
+from conftest import WORDS, recipe_doc, write_recipe
 from ftune import assemble
 from ftune.cli import app
 from ftune.data.loader import collate
 from ftune.data.packing import check_examples, collate_packed, require_isolation
 from ftune.errors import RecipeError
-from ftune.recipe import validate_recipe
 from ftune.kernels.linear_ce import output_layer
+from ftune.recipe import validate_recipe
 from ftune.run.train import train
 from ftune.rundir import latest_checkpoint
 from ftune.tasks import IGNORE_INDEX, TASKS
@@ -36,8 +36,14 @@ def uneven_sft(tmp_path) -> Path:
     folder.mkdir()
     rng = random.Random(7)
     for split, n in (("train", 24), ("validation", 4)):
-        rows = [{"instruction": "say words", "input": " ".join(rng.choices(WORDS, k=rng.randint(0, 6))),
-                 "output": " ".join(rng.choices(WORDS, k=rng.randint(1, 8)))} for _ in range(n)]
+        rows = [
+            {
+                "instruction": "say words",
+                "input": " ".join(rng.choices(WORDS, k=rng.randint(0, 6))),
+                "output": " ".join(rng.choices(WORDS, k=rng.randint(1, 8))),
+            }
+            for _ in range(n)
+        ]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -50,8 +56,9 @@ def _model_and_examples(tiny_llama: Path, data: Path, tmp_path: Path):
 
 
 def test_a_packed_row_is_the_sequences_end_to_end():
-    batch = collate_packed([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
-                            {"input_ids": [8, 9], "labels": [8, 9]}])
+    batch = collate_packed(
+        [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     # the first label of each sequence goes: the previous sequence's last token must not learn to predict it
@@ -111,8 +118,19 @@ def test_examples_with_more_than_tokens_are_refused():
 
 def test_packing_resumes_exactly_and_trains_the_unpacked_loss(tiny_llama, uneven_sft, tmp_path):
     run = tmp_path / "packed"
-    doc = recipe_doc("sft", tiny_llama, uneven_sft, run, {"name": "full"}, max_steps=6, save_every=2,
-                     keep_checkpoints=3, grad_accum=2, batch_size=4, eval_every=2)
+    doc = recipe_doc(
+        "sft",
+        tiny_llama,
+        uneven_sft,
+        run,
+        {"name": "full"},
+        max_steps=6,
+        save_every=2,
+        keep_checkpoints=3,
+        grad_accum=2,
+        batch_size=4,
+        eval_every=2,
+    )
     doc["data"]["packing"] = True
     quiet = Console(file=io.StringIO())
     train(validate_recipe(doc), console=quiet)
@@ -127,8 +145,17 @@ def test_packing_resumes_exactly_and_trains_the_unpacked_loss(tiny_llama, uneven
     assert strip(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) == strip(log)
 
     # the same batches unpacked (grouping off: packing keeps the sampler's plain order) log the same losses
-    plain = recipe_doc("sft", tiny_llama, uneven_sft, tmp_path / "plain", {"name": "full"}, max_steps=6,
-                       grad_accum=2, batch_size=4, group_by_length=False)
+    plain = recipe_doc(
+        "sft",
+        tiny_llama,
+        uneven_sft,
+        tmp_path / "plain",
+        {"name": "full"},
+        max_steps=6,
+        grad_accum=2,
+        batch_size=4,
+        group_by_length=False,
+    )
     train(validate_recipe(plain), console=quiet)
     plain_log = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
     losses = lambda entries: [e["loss"] for e in entries if "loss" in e]

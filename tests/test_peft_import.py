@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import recipe_doc, write_recipe
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, write_recipe
 from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.methods import lora
@@ -44,14 +44,23 @@ def _peft_adapter(kind, folder, out, seed=0, **options):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    if kind == "cls":  # the MaskedLM checkpoint has no pooler: it is new, so it travels as modules_to_save like the head
+    if (
+        kind == "cls"
+    ):  # the MaskedLM checkpoint has no pooler: it is new, so it travels as modules_to_save like the head
         base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
-        config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"],
-                                 modules_to_save=["pooler"], **options)
+        config = peft.LoraConfig(
+            task_type="SEQ_CLS",
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            modules_to_save=["pooler"],
+            **options,
+        )
     else:
         base = AutoModelForCausalLM.from_pretrained(folder)
-        config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, use_rslora=True,
-                                 target_modules="all-linear", **options)
+        config = peft.LoraConfig(
+            task_type="CAUSAL_LM", r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear", **options
+        )
     model = peft.get_peft_model(base, config)
     _randomise(model, seed)
     model.save_pretrained(out)
@@ -91,7 +100,9 @@ def test_imported_run_equals_peft(kind, options, tiny_bert, tiny_llama, cls_reci
     stored, ours, _ = load_run(run)
     delta = (_logits(ours) - _logits(theirs)).abs().max()
     assert delta <= 1e-5
-    assert (_logits(ours) - _logits(theirs.get_base_model().__class__.from_pretrained(folder).eval())).abs().max() > 1e-3
+    assert (
+        _logits(ours) - _logits(theirs.get_base_model().__class__.from_pretrained(folder).eval())
+    ).abs().max() > 1e-3
     method = stored.method
     assert (method.name, method.r, method.dropout) == ("lora", 4, 0.0)
     saved_targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
@@ -110,8 +121,9 @@ def test_eval_merge_and_export_work_on_an_imported_run(tiny_bert, cls_recipe, tm
     from transformers import AutoModelForSequenceClassification
 
     theirs = _peft_adapter("cls", tiny_bert, tmp_path / "adapter", seed=3)
-    result = CliRunner().invoke(app, ["import-peft", str(tmp_path / "adapter"), str(tmp_path / "run"),
-                                      "--recipe", str(cls_recipe)])
+    result = CliRunner().invoke(
+        app, ["import-peft", str(tmp_path / "adapter"), str(tmp_path / "run"), "--recipe", str(cls_recipe)]
+    )
     assert result.exit_code == 0, result.output
     scored = CliRunner().invoke(app, ["eval", str(tmp_path / "run")])
     assert scored.exit_code == 0, scored.output
@@ -120,7 +132,8 @@ def test_eval_merge_and_export_work_on_an_imported_run(tiny_bert, cls_recipe, tm
     assert (_logits(merged.eval()) - _logits(theirs)).abs().max() <= 1e-4
     back = peft.PeftModel.from_pretrained(
         AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2),
-        export.export_peft(tmp_path / "run", tmp_path / "again")).eval()
+        export.export_peft(tmp_path / "run", tmp_path / "again"),
+    ).eval()
     assert (_logits(back) - _logits(theirs)).abs().max() <= 1e-5
 
 
@@ -195,8 +208,10 @@ def test_head_missing_from_the_adapter(tiny_bert, cls_recipe, tmp_path):
     """Without the new pooler in modules_to_save, peft itself would draw it at random: refused, named."""
     from transformers import AutoModelForSequenceClassification
 
-    model = peft.get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2),
-                                peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query"]))
+    model = peft.get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2),
+        peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query"]),
+    )
     model.save_pretrained(tmp_path / "adapter")
     _refused(tmp_path / "adapter", cls_recipe, tmp_path, "bert.pooler.dense")
 
@@ -204,8 +219,9 @@ def test_head_missing_from_the_adapter(tiny_bert, cls_recipe, tmp_path):
 def test_out_dir_in_use(saved_adapter, cls_recipe, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("mine")
-    result = CliRunner().invoke(app, ["import-peft", str(saved_adapter), str(tmp_path / "run"), "--recipe",
-                                      str(cls_recipe)])
+    result = CliRunner().invoke(
+        app, ["import-peft", str(saved_adapter), str(tmp_path / "run"), "--recipe", str(cls_recipe)]
+    )
     assert result.exit_code != 0 and "not an empty directory" in result.output
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["keep.txt"]
     assert yaml.safe_load(cls_recipe.read_text())["method"] == {"name": "adapter"}  # the recipe file is untouched

@@ -30,9 +30,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import recipe_doc
 from rich.console import Console
 
+from conftest import recipe_doc
 from ftune.errors import MethodError
 from ftune.methods import METHODS
 from ftune.recipe import validate_recipe
@@ -84,8 +84,19 @@ def regenerated():
 
 
 def _trace(arch: str, model: Path, data: Path, out: Path, section) -> list[float]:
-    doc = recipe_doc(ARCHES[arch], model, data, out, section, max_steps=STEPS, batch_size=BATCH, lr=LR, seed=SEED,
-                     log_every=1, precision="fp32")
+    doc = recipe_doc(
+        ARCHES[arch],
+        model,
+        data,
+        out,
+        section,
+        max_steps=STEPS,
+        batch_size=BATCH,
+        lr=LR,
+        seed=SEED,
+        log_every=1,
+        precision="fp32",
+    )
     doc["data"]["validation"] = None  # no evaluation: the trace is the training loss
     train(validate_recipe(doc), console=Console(file=io.StringIO()))
     entries = [e for e in read_metrics_log(out) if "loss" in e]
@@ -99,8 +110,10 @@ def _mismatch(key: str, expected: list[float], got: list[float]) -> str | None:
         return f"{key}: {len(got)} steps, {len(expected)} pinned; {how}"
     for step, (e, g) in enumerate(zip(expected, got, strict=True), start=1):
         if not (math.isfinite(g) and abs(g - e) <= max(RTOL * abs(e), ATOL)):
-            return (f"{key}: step {step} loss {g!r}, pinned {e!r} (relative difference {abs(g - e) / abs(e):.2e} > "
-                    f"{RTOL:g}); got {got}, pinned {expected}; {how}")
+            return (
+                f"{key}: step {step} loss {g!r}, pinned {e!r} (relative difference {abs(g - e) / abs(e):.2e} > "
+                f"{RTOL:g}); got {got}, pinned {expected}; {how}"
+            )
     return None
 
 

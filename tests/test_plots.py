@@ -9,10 +9,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import recipe_doc
 from rich.console import Console
 from typer.testing import CliRunner
 
+from conftest import recipe_doc
 from ftune.cli import app
 from ftune.recipe import validate_recipe
 from ftune.run import plots
@@ -103,19 +103,29 @@ def test_plot_command_of_one_run_redraws_its_own_png(two_runs):
     assert png_size(own.read_bytes()) == EXPECTED_SIZE
 
 
-@pytest.mark.parametrize("case, message, code", [
-    ("not_a_run", "not an ftune run dir (no run.json)", 1),
-    ("several_without_out", "--out: name the PNG file to write when plotting several runs", 2),
-    ("out_exists", "exists; choose a new file", 1),
-    ("unknown_metric", "--metric: 'bleu' is not a validation metric of these runs; use one of loss, accuracy, macro_f1, mcc, examples", 2),
-])
+@pytest.mark.parametrize(
+    "case, message, code",
+    [
+        ("not_a_run", "not an ftune run dir (no run.json)", 1),
+        ("several_without_out", "--out: name the PNG file to write when plotting several runs", 2),
+        ("out_exists", "exists; choose a new file", 1),
+        (
+            "unknown_metric",
+            "--metric: 'bleu' is not a validation metric of these runs; use one of loss, accuracy, macro_f1, mcc, "
+            + "examples",
+            2,
+        ),
+    ],
+)
 def test_plot_command_bad_input_is_one_line(case, message, code, two_runs, tmp_path):
     taken = tmp_path / "taken.png"
     taken.write_bytes(b"keep me")
-    args = {"not_a_run": [str(tmp_path), "--out", str(tmp_path / "x.png")],
-            "several_without_out": [*map(str, two_runs)],
-            "out_exists": [*map(str, two_runs), "--out", str(taken)],
-            "unknown_metric": [*map(str, two_runs), "--out", str(tmp_path / "x.png"), "--metric", "bleu"]}[case]
+    args = {
+        "not_a_run": [str(tmp_path), "--out", str(tmp_path / "x.png")],
+        "several_without_out": [*map(str, two_runs)],
+        "out_exists": [*map(str, two_runs), "--out", str(taken)],
+        "unknown_metric": [*map(str, two_runs), "--out", str(tmp_path / "x.png"), "--metric", "bleu"],
+    }[case]
     before = {p: p.read_bytes() for p in [taken, *(r / plots.PLOT for r in two_runs)]}
     result = CliRunner().invoke(app, ["plot", *args])
     assert result.exit_code == code

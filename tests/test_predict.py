@@ -10,10 +10,10 @@ import random
 
 import pytest
 import torch
-from conftest import FILLER, recipe_doc
 from rich.console import Console
 from typer.testing import CliRunner
 
+from conftest import FILLER, recipe_doc
 from ftune.assemble import load_run
 from ftune.cli import app
 from ftune.errors import RunDirError
@@ -27,8 +27,9 @@ def three_class_data(tmp_path_factory):
     """A second task with another label set (3 classes, by sentence length)."""
     folder, rng = tmp_path_factory.mktemp("three"), random.Random(3)
     for split, n in (("train", 36), ("validation", 9)):
-        rows = ["sentence\tlabel"] + [f"{' '.join(rng.sample(FILLER, 2 + i % 3))}\t{['short', 'medium', 'long'][i % 3]}"
-                                      for i in range(n)]
+        rows = ["sentence\tlabel"] + [
+            f"{' '.join(rng.sample(FILLER, 2 + i % 3))}\t{['short', 'medium', 'long'][i % 3]}" for i in range(n)
+        ]
         (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     return folder
 
@@ -43,16 +44,19 @@ def runs(tiny_bert, cls_data, three_class_data, tmp_path_factory):
         "length-v2": (three_class_data, {"name": "p_tuning_v2", "n_tokens": 5}),
     }
     for name, (data, method) in plans.items():
-        train(validate_recipe(recipe_doc("cls", tiny_bert, data, root / name, method, lr=3e-2)),
-              console=Console(file=io.StringIO()))
+        train(
+            validate_recipe(recipe_doc("cls", tiny_bert, data, root / name, method, lr=3e-2)),
+            console=Console(file=io.StringIO()),
+        )
         out[name] = root / name
     return out
 
 
 def _rows():
     rng = random.Random(7)
-    return [{"task": ("sentiment", "length")[i % 2], "sentence": " ".join(rng.sample(FILLER, 1 + i % 5))}
-            for i in range(10)]
+    return [
+        {"task": ("sentiment", "length")[i % 2], "sentence": " ".join(rng.sample(FILLER, 1 + i % 5))} for i in range(10)
+    ]
 
 
 @functools.cache
@@ -67,7 +71,9 @@ def _alone(run, sentence):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
 
 
-@pytest.mark.parametrize("pair", [("sentiment", "length"), ("sentiment-prefix", "length-v2")], ids=["prompts", "prefixes"])
+@pytest.mark.parametrize(
+    "pair", [("sentiment", "length"), ("sentiment-prefix", "length-v2")], ids=["prompts", "prefixes"]
+)
 def test_mixed_batch_equals_each_task_alone(pair, runs):
     multi, tasks, tokenizer = load_tasks([runs[pair[0]], runs[pair[1]]])
     rows = [r | {"task": pair[("sentiment", "length").index(r["task"])]} for r in _rows()]
@@ -83,13 +89,24 @@ def test_mixed_batch_equals_each_task_alone(pair, runs):
 def test_cli_predict(runs, tmp_path):
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    result = CliRunner().invoke(app, ["predict", str(runs["sentiment"]), str(runs["length"]), "--input", str(source),
-                                      "--output", str(tmp_path / "out.jsonl")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(runs["sentiment"]),
+            str(runs["length"]),
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / "out.jsonl"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["task"] for line in lines] == [r["task"] for r in _rows()]
-    again = CliRunner().invoke(app, ["predict", str(runs["sentiment"]), "--input", str(source), "--output",
-                                     str(tmp_path / "out.jsonl")])
+    again = CliRunner().invoke(
+        app, ["predict", str(runs["sentiment"]), "--input", str(source), "--output", str(tmp_path / "out.jsonl")]
+    )
     assert again.exit_code != 0 and "exists" in again.output  # never overwrites
 
 

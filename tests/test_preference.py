@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pref_recipe_doc, write_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import pref_recipe_doc, write_recipe
 from ftune import assemble
 from ftune.cli import app
 from ftune.data.loader import collate
@@ -36,6 +36,7 @@ def _sigmoid_nll(x: float) -> float:
 
 # ---- formulas ------------------------------------------------------------------------------------------------------
 
+
 def test_dpo_published_vector():
     """torchtune's DPO test vector (tests/torchtune/rlhf/loss/test_dpo_loss.py): βΔ = [0, 1, 2]."""
     policy = torch.tensor([-0.5, -10.0, -1.0, -0.1, -30.0, -21.0])  # chosen, then rejected
@@ -55,8 +56,11 @@ def test_variants_against_direct_computation(loss):
     s, r, n = sums.tolist(), ref.tolist(), counts.tolist()
     if loss == "sigmoid-cdpo":
         cfg, eps, beta = dpo.Config(label_smoothing=0.2, beta=0.5), 0.2, 0.5
-        want = [(1 - eps) * _sigmoid_nll(beta * ((s[i] - r[i]) - (s[i + 3] - r[i + 3])))
-                + eps * _sigmoid_nll(-beta * ((s[i] - r[i]) - (s[i + 3] - r[i + 3]))) for i in range(3)]
+        want = [
+            (1 - eps) * _sigmoid_nll(beta * ((s[i] - r[i]) - (s[i + 3] - r[i + 3])))
+            + eps * _sigmoid_nll(-beta * ((s[i] - r[i]) - (s[i + 3] - r[i + 3])))
+            for i in range(3)
+        ]
     elif loss == "ipo":
         cfg, beta = dpo.Config(loss="ipo", beta=0.3), 0.3
         want = [((s[i] - r[i]) / n[i] - (s[i + 3] - r[i + 3]) / n[i + 3] - 1 / (2 * beta)) ** 2 for i in range(3)]
@@ -90,11 +94,14 @@ def test_reward_loss_by_hand():
 
 # ---- the task ------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture()
 def recipe_of(tiny_llama, pref_data, tmp_path):
     def make(objective=None, method=None, **train_options):
-        return validate_recipe(pref_recipe_doc(tiny_llama, pref_data, tmp_path / "run", objective, method,
-                                               **train_options))
+        return validate_recipe(
+            pref_recipe_doc(tiny_llama, pref_data, tmp_path / "run", objective, method, **train_options)
+        )
+
     return make
 
 
@@ -121,7 +128,7 @@ def test_completion_only_masking(recipe_of):
         assert ids[:start] == example["input_ids"][1 - member][:start]  # the same prompt
     batch = collate(tokenizer.pad_token_id)(examples[:3])
     assert batch["input_ids"].shape[0] == 6
-    assert batch["input_ids"][3, :len(examples[0]["input_ids"][1])].tolist() == examples[0]["input_ids"][1]
+    assert batch["input_ids"][3, : len(examples[0]["input_ids"][1])].tolist() == examples[0]["input_ids"][1]
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     sums, counts = completion_logps(logits, batch["labels"])
@@ -141,7 +148,9 @@ def test_policy_equal_to_reference_gives_log2(recipe_of, method):
     tokenizer, _, examples, model = _built(recipe)
     bound = assemble.bind_objective(recipe, model, tokenizer, torch.device("cpu")).bound
     loader = assemble.eval_loader(recipe, examples, tokenizer)
-    metrics = evaluate(model, loader, assemble.recipe_task(recipe), None, torch.device("cpu"), objective=bound.evaluation)
+    metrics = evaluate(
+        model, loader, assemble.recipe_task(recipe), None, torch.device("cpu"), objective=bound.evaluation
+    )
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert metrics[key] == pytest.approx(0.0, abs=1e-6), key
@@ -170,8 +179,9 @@ def test_reward_scores_are_the_heads_values(recipe_of):
     model.eval()
     batch = collate(tokenizer.pad_token_id)(examples[:1])
     with torch.no_grad():
-        chosen, rejected = reward.pair_rewards(model(input_ids=batch["input_ids"],
-                                                     attention_mask=batch["attention_mask"]).logits)
+        chosen, rejected = reward.pair_rewards(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        )
     row = rows.rows[0]
     scores = reward.score_completions(model, tokenizer, recipe.data, row["prompt"], [row["chosen"], row["rejected"]])
     assert scores == pytest.approx([float(chosen[0]), float(rejected[0])], rel=1e-5)
@@ -233,10 +243,12 @@ def test_precomputed_reference_resumes_exactly(recipe_of, tmp_path):
 
     def without_timing(text):
         return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in text.splitlines()]
+
     assert without_timing((run / "metrics.jsonl").read_text()) == without_timing(log)
 
 
 # ---- bad input: one line, nothing written --------------------------------------------------------------------------
+
 
 def _missing_rejected(doc, tmp):
     rows = [json.loads(line) for line in Path(doc["data"]["train"]).read_text().splitlines()]
@@ -251,14 +263,25 @@ BAD = {
     "row-missing-rejected": (_missing_rejected, 1, ["pairs.jsonl row 5", "'rejected'"]),
     "disabled-reference-of-full": (
         lambda d, t: d | {"method": {"name": "full"}, "objective": {"name": "dpo", "reference": "disabled"}},
-        2, ["objective.reference", "full", "reference: copy"]),
+        2,
+        ["objective.reference", "full", "reference: copy"],
+    ),
     "beta-zero": (lambda d, t: d | {"objective": {"name": "dpo", "beta": 0}}, 2, ["objective.beta", "greater than 0"]),
-    "reward-without-pairs": (lambda d, t: d | {"task": "causal_lm", "objective": {"name": "reward"}}, 2,
-                             ["objective.name", "reward", "causal_lm", "preference pairs"]),
-    "orpo-with-reference": (lambda d, t: d | {"objective": {"name": "dpo", "loss": "orpo", "reference": "copy"}},
-                            2, ["objective", "orpo uses no reference"]),
-    "smoothing-of-ipo": (lambda d, t: d | {"objective": {"name": "dpo", "loss": "ipo", "label_smoothing": 0.1}},
-                         2, ["objective", "label_smoothing", "ipo"]),
+    "reward-without-pairs": (
+        lambda d, t: d | {"task": "causal_lm", "objective": {"name": "reward"}},
+        2,
+        ["objective.name", "reward", "causal_lm", "preference pairs"],
+    ),
+    "orpo-with-reference": (
+        lambda d, t: d | {"objective": {"name": "dpo", "loss": "orpo", "reference": "copy"}},
+        2,
+        ["objective", "orpo uses no reference"],
+    ),
+    "smoothing-of-ipo": (
+        lambda d, t: d | {"objective": {"name": "dpo", "loss": "ipo", "label_smoothing": 0.1}},
+        2,
+        ["objective", "label_smoothing", "ipo"],
+    ),
 }
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import WORDS, recipe_doc, s2s_recipe_doc, write_recipe
-from refusals import check_refusal
 from typer.testing import CliRunner
 
+from conftest import WORDS, recipe_doc, s2s_recipe_doc, write_recipe
 from ftune.cli import app
 from ftune.recipe import TrainSpec, dump_recipe, validate_recipe
 from ftune.run import preflight
+from refusals import check_refusal
 
 runner = CliRunner()
 LORA = {"name": "lora", "r": 4, "alpha": 8}
@@ -33,8 +33,9 @@ def build_gpt2(folder: Path) -> Path:
     vocab = {w: i for i, w in enumerate(["<|endoftext|>", *WORDS, ":", "#", "\n", ",", ".", "-"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(folder)
@@ -85,6 +86,7 @@ def _no_space(monkeypatch, free: int = 1000) -> None:
 
 # --- the catalogue: (recipe doc from the fixtures and the case's folder, monkeypatching), exit code, needles --------
 
+
 def _cls(f, method=None, **data):
     doc = recipe_doc("cls", f["bert"], f["cls"], f["tmp"] / "out", method)
     doc["data"] |= data
@@ -122,55 +124,103 @@ POSITIONS = ["data.max_length", "64 positions", "learned position embeddings"]
 CASES = {
     "positions-bert-65": (lambda f, mp: _cls(f, max_length=65), 2, [*POSITIONS, "65 tokens", "at most 64"]),
     "positions-bert-1000": (lambda f, mp: _cls(f, max_length=1000), 2, [*POSITIONS, "1000 tokens", "embeddings)"]),
-    "positions-prompt-tuning": (lambda f, mp: _cls(f, {"name": "prompt_tuning", "n_tokens": 40}), 2,
-                                [*POSITIONS, "32 tokens + 40 virtual tokens of method prompt_tuning", "at most 24"]),
-    "positions-prefix-tuning": (lambda f, mp: _cls(f, {"name": "prefix_tuning", "n_tokens": 33}), 2,
-                                [*POSITIONS, "32 tokens + 33 virtual tokens of method prefix_tuning", "at most 31"]),
+    "positions-prompt-tuning": (
+        lambda f, mp: _cls(f, {"name": "prompt_tuning", "n_tokens": 40}),
+        2,
+        [*POSITIONS, "32 tokens + 40 virtual tokens of method prompt_tuning", "at most 24"],
+    ),
+    "positions-prefix-tuning": (
+        lambda f, mp: _cls(f, {"name": "prefix_tuning", "n_tokens": 33}),
+        2,
+        [*POSITIONS, "32 tokens + 33 virtual tokens of method prefix_tuning", "at most 31"],
+    ),
     "positions-gpt2-wpe": (lambda f, mp: _gpt2(f, 100), 2, [*POSITIONS, "100 tokens", "(transformer.wpe)"]),
     "positions-bart-encoder": (lambda f, mp: _s2s(f, max_length=80), 2, [*POSITIONS, "(encoder.embed_positions)"]),
-    "positions-bart-decoder": (lambda f, mp: _s2s(f, max_target_length=70), 2,
-                               ["data.max_target_length", "70 tokens", "64 positions", "decoder.embed_positions"]),
+    "positions-bart-decoder": (
+        lambda f, mp: _s2s(f, max_target_length=70),
+        2,
+        ["data.max_target_length", "70 tokens", "64 positions", "decoder.embed_positions"],
+    ),
     "positions-bart-decoder-prefix": (
-        lambda f, mp: _s2s(f, {"name": "prefix_tuning", "n_tokens": 8}, max_target_length=60), 2,
-        ["data.max_target_length", "60 tokens + 8 virtual tokens", "(decoder.embed_positions)", "at most 56"]),
+        lambda f, mp: _s2s(f, {"name": "prefix_tuning", "n_tokens": 8}, max_target_length=60),
+        2,
+        ["data.max_target_length", "60 tokens + 8 virtual tokens", "(decoder.embed_positions)", "at most 56"],
+    ),
     "vocabulary-short-embedding": (  # the classification data's words have ids up to 26
-        lambda f, mp: _cls(f) | {"model": {"name": str(_short_embedding(f["bert"], f["tmp"] / "m", 12))}}, 1,
-        ["model.name", f"tokenizer has {len(WORDS) + 5} ids", f"has {len(WORDS) - 7} rows", "ids up to 26",
-         "use the tokenizer saved with this model"]),
+        lambda f, mp: _cls(f) | {"model": {"name": str(_short_embedding(f["bert"], f["tmp"] / "m", 12))}},
+        1,
+        [
+            "model.name",
+            f"tokenizer has {len(WORDS) + 5} ids",
+            f"has {len(WORDS) - 7} rows",
+            "ids up to 26",
+            "use the tokenizer saved with this model",
+        ],
+    ),
     "vocabulary-one-id-past": (
-        lambda f, mp: _cls(f) | {"model": {"name": str(_short_embedding(f["bert"], f["tmp"] / "m", 8))}}, 1,
-        ["model.name", f"has {len(WORDS) - 3} rows", "ids up to 26"]),
+        lambda f, mp: _cls(f) | {"model": {"name": str(_short_embedding(f["bert"], f["tmp"] / "m", 8))}},
+        1,
+        ["model.name", f"has {len(WORDS) - 3} rows", "ids up to 26"],
+    ),
     "vocabulary-pad-id": (
-        lambda f, mp: _sft(f, _added_tokens(f["llama"], f["tmp"] / "m", pad=True)), 1,
-        ["model.name", "the tokenizer's pad id", "past the model's input embedding", "rows; the tokenizer has"]),
-    "memory-lora": (lambda f, mp: _low_memory(f, mp, LORA), 2,
-                    ["train.batch_size", "one training step needs", "only 256.0 KiB of RAM is available",
-                     "data.max_length", "or set train.gradient_checkpointing: true"]),
-    "memory-full": (lambda f, mp: _low_memory(f, mp, {"name": "full"}), 2,
-                    ["train.batch_size", "at 8 rows × 32 tokens", "10% to spare", "RAM is available",
-                     "train.grad_accum"]),
-    "memory-prefix-tuning": (lambda f, mp: _low_memory(f, mp, {"name": "prefix_tuning", "n_tokens": 4}), 2,
-                             ["train.batch_size", "RAM is available", "or data.max_length"]),
-    "disk-lora": (lambda f, mp: (_no_space(mp), _cls(f))[1], 1,
-                  ["output_dir", "1000 B free", "needs about", "MiB", "choose another output_dir"]),
-    "disk-full": (lambda f, mp: (_no_space(mp, 2**20), _cls(f, {"name": "full"}))[1], 1,
-                  ["output_dir", "1.0 MiB free", "optimizer state"]),
+        lambda f, mp: _sft(f, _added_tokens(f["llama"], f["tmp"] / "m", pad=True)),
+        1,
+        ["model.name", "the tokenizer's pad id", "past the model's input embedding", "rows; the tokenizer has"],
+    ),
+    "memory-lora": (
+        lambda f, mp: _low_memory(f, mp, LORA),
+        2,
+        [
+            "train.batch_size",
+            "one training step needs",
+            "only 256.0 KiB of RAM is available",
+            "data.max_length",
+            "or set train.gradient_checkpointing: true",
+        ],
+    ),
+    "memory-full": (
+        lambda f, mp: _low_memory(f, mp, {"name": "full"}),
+        2,
+        ["train.batch_size", "at 8 rows × 32 tokens", "10% to spare", "RAM is available", "train.grad_accum"],
+    ),
+    "memory-prefix-tuning": (
+        lambda f, mp: _low_memory(f, mp, {"name": "prefix_tuning", "n_tokens": 4}),
+        2,
+        ["train.batch_size", "RAM is available", "or data.max_length"],
+    ),
+    "disk-lora": (
+        lambda f, mp: (_no_space(mp), _cls(f))[1],
+        1,
+        ["output_dir", "1000 B free", "needs about", "MiB", "choose another output_dir"],
+    ),
+    "disk-full": (
+        lambda f, mp: (_no_space(mp, 2**20), _cls(f, {"name": "full"}))[1],
+        1,
+        ["output_dir", "1.0 MiB free", "optimizer state"],
+    ),
     "disk-read-only": (_read_only_dir, 1, ["output_dir", "read-only", "is not writable", "run cannot be made"]),
 }
 CPU_ONLY = {"memory-lora", "memory-full", "memory-prefix-tuning"}  # on CUDA a step that does not fit is a warning
 
 
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_refused_before_anything_is_written(case, tiny_bert, tiny_llama, tiny_gpt2, tiny_bart, cls_data, sft_data,
-                                            s2s_data, tmp_path, monkeypatch):
+def test_refused_before_anything_is_written(
+    case, tiny_bert, tiny_llama, tiny_gpt2, tiny_bart, cls_data, sft_data, s2s_data, tmp_path, monkeypatch
+):
     if case in CPU_ONLY and torch.cuda.is_available():
         pytest.skip("refused only on CPU")
     monkeypatch.chdir(tmp_path)
     build, code, needles = CASES[case]
-    fixtures = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "bart": tiny_bart, "cls": cls_data,
-                "sft": sft_data, "s2s": s2s_data, "tmp": tmp_path}
+    fixtures = {
+        "bert": tiny_bert,
+        "llama": tiny_llama,
+        "gpt2": tiny_gpt2,
+        "bart": tiny_bart,
+        "cls": cls_data,
+        "sft": sft_data,
+        "s2s": s2s_data,
+        "tmp": tmp_path,
+    }
     recipe = write_recipe(tmp_path / "recipe.yaml", build(fixtures, monkeypatch))
     check_refusal(["train", recipe], code, needles, tmp_path, tiny_bert, tiny_llama, cls_data)
     assert not (tmp_path / "out").exists()
@@ -197,20 +247,23 @@ def test_rotary_model_past_its_context_is_a_warning(tiny_llama, sft_data, tmp_pa
     doc["data"]["max_length"] = 300
     result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "recipe.yaml", doc))])
     assert result.exit_code == 0, result.output
-    assert ("warning: data.max_length: 300 tokens run past the 256 positions the model was trained at"
-            in " ".join(result.stderr.split()))
+    assert "warning: data.max_length: 300 tokens run past the 256 positions the model was trained at" in " ".join(
+        result.stderr.split()
+    )
 
 
 def test_lengths_at_the_limit_train(tiny_bert, cls_data, tmp_path):
     """max_length + virtual tokens exactly the 64 positions is allowed."""
-    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "out", {"name": "prompt_tuning", "n_tokens": 32},
-                     max_steps=1)
+    doc = recipe_doc(
+        "cls", tiny_bert, cls_data, tmp_path / "out", {"name": "prompt_tuning", "n_tokens": 32}, max_steps=1
+    )
     result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "recipe.yaml", doc))])
     assert result.exit_code == 0, result.output
     assert "warning" not in result.stderr
 
 
 # --- units -------------------------------------------------------------------------------------------------------
+
 
 def _built(doc: dict):
     from ftune import assemble
@@ -228,8 +281,17 @@ def test_position_limits_and_offsets(tiny_bert, tiny_llama, tiny_bart, tiny_t5, 
     assert preflight.position_limits(AutoModel.from_pretrained(tiny_bert)) == {"embeddings.position_embeddings": 64}
     bart = AutoModel.from_pretrained(tiny_bart)  # BartLearnedPositionalEmbedding: 64 + an offset of 2 rows
     assert preflight.position_limits(bart) == {"encoder.embed_positions": 64, "decoder.embed_positions": 64}
-    roberta = RobertaModel(RobertaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                         intermediate_size=64, max_position_embeddings=66, pad_token_id=1))
+    roberta = RobertaModel(
+        RobertaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=66,
+            pad_token_id=1,
+        )
+    )
     assert preflight.position_limits(roberta) == {"embeddings.position_embeddings": 64}  # from padding_idx + 1
     assert preflight.position_limits(AutoModel.from_pretrained(tiny_llama)) == {}  # rotary
     assert preflight.position_limits(AutoModel.from_pretrained(tiny_t5)) == {}  # relative buckets
@@ -322,9 +384,20 @@ def test_overwrite_counts_the_old_run_as_free(tiny_bert, cls_data, tmp_path, mon
 
 # --- train.best_mode ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("metric", "mode"), [("loss", "min"), ("perplexity", "min"), ("eval_loss", "min"),
-                                              ("rmse", "min"), ("accuracy", "max"), ("f1", "max"),
-                                              ("rewards/accuracies", "max"), (None, "max")])
+
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [
+        ("loss", "min"),
+        ("perplexity", "min"),
+        ("eval_loss", "min"),
+        ("rmse", "min"),
+        ("accuracy", "max"),
+        ("f1", "max"),
+        ("rewards/accuracies", "max"),
+        (None, "max"),
+    ],
+)
 def test_best_mode_is_inferred(metric, mode):
     assert TrainSpec(best_metric=metric).best_mode == mode
     assert TrainSpec(best_metric=metric, best_mode=None).best_mode == mode

@@ -14,10 +14,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import recipe_doc
 from rich.console import Console
 from safetensors.torch import load_file
 
+from conftest import recipe_doc
 from ftune import assemble, models, rundir
 from ftune.errors import MethodError, RecipeError
 from ftune.layers.lora import LoRALinear
@@ -25,9 +25,9 @@ from ftune.methods import METHODS, attach, compose, lora, method_of
 from ftune.methods.base import Trains, count_parameters
 from ftune.models import quantize
 from ftune.recipe import validate_recipe
-from ftune.step.optim import make_optimizer
 from ftune.run.train import train
 from ftune.serve import export
+from ftune.step.optim import make_optimizer
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -68,8 +68,11 @@ def qlora_runs(tiny_bert, tiny_llama, cls_data, sft_data, tmp_path_factory):
 def test_nf4_training_loss_falls(qlora_runs):
     """12 steps on the learnable SFT data, evaluated every 4 (each evaluation is an eval-mode forward without grad)."""
     run = qlora_runs["sft"]
-    losses = [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e
-              and "validation" not in e]
+    losses = [
+        e["loss"]
+        for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "loss" in e and "validation" not in e
+    ]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
     _, model, _ = assemble.load_run(run)
@@ -88,8 +91,9 @@ def _moved_after_evaluation(wide_llama, sft_data, out) -> dict[str, bool]:
     LoRA on q_proj and v_proj only: their gradient reaches them only through o_proj's quantised base path.
     """
     method = {"name": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}
-    _train(_recipe("sft", wide_llama, sft_data, out, method, max_steps=4, eval_every=2, save_every=2,
-                   keep_checkpoints=2))
+    _train(
+        _recipe("sft", wide_llama, sft_data, out, method, max_steps=4, eval_every=2, save_every=2, keep_checkpoints=2)
+    )
     before, after = _checkpoint_weights(out, 2), _checkpoint_weights(out, 4)
     assert before.keys() == after.keys() and len(before) == 2 * 2 * 2  # A and B of 2 linears in 2 blocks
     return {name: not torch.equal(before[name], after[name]) for name in before}
@@ -186,9 +190,18 @@ def _refused() -> list[str]:
     that only joins a list (l2sp), which is refused alone before any other check."""
     from test_methods import CASES
 
-    return [name for name, m in METHODS.items() if m.trains is not Trains.NOTHING
-            if not (m.runs_with.quantized_base or (isinstance(CASES[name], dict) and method_of(
-                m.config_cls(name=name, **CASES[name])).runs_with.quantized_base))]
+    return [
+        name
+        for name, m in METHODS.items()
+        if m.trains is not Trains.NOTHING
+        if not (
+            m.runs_with.quantized_base
+            or (
+                isinstance(CASES[name], dict)
+                and method_of(m.config_cls(name=name, **CASES[name])).runs_with.quantized_base
+            )
+        )
+    ]
 
 
 REFUSED = _refused()
@@ -207,13 +220,16 @@ def test_quantization_refused_for_methods_that_train_base_weights(name, tiny_lla
     assert "\n" not in message and "model.quantization" in message and name in message
 
 
-@pytest.mark.parametrize("quantization,expected", [
-    ({"bits": 8, "quant_type": "fp4"}, "quant_type applies to 4-bit"),
-    ({"bits": 8, "double_quant": False}, "double_quant applies to 4-bit"),
-    ({"bits": 4, "int8_threshold": 3.0}, "int8_threshold applies to 8-bit"),
-    ({"bits": 3}, "model.quantization.bits"),
-    ({"bits": 4, "block_size": 128}, "model.quantization.block_size: unknown key"),
-])
+@pytest.mark.parametrize(
+    "quantization,expected",
+    [
+        ({"bits": 8, "quant_type": "fp4"}, "quant_type applies to 4-bit"),
+        ({"bits": 8, "double_quant": False}, "double_quant applies to 4-bit"),
+        ({"bits": 4, "int8_threshold": 3.0}, "int8_threshold applies to 8-bit"),
+        ({"bits": 3}, "model.quantization.bits"),
+        ({"bits": 4, "block_size": 128}, "model.quantization.block_size: unknown key"),
+    ],
+)
 def test_quantization_fields_are_validated(quantization, expected, tiny_llama, sft_data, tmp_path):
     doc = recipe_doc("sft", tiny_llama, sft_data, tmp_path / "run")
     doc["model"]["quantization"] = quantization
@@ -221,8 +237,15 @@ def test_quantization_fields_are_validated(quantization, expected, tiny_llama, s
         validate_recipe(doc)
 
 
-@pytest.mark.parametrize("name,state_dtype", [("adamw_8bit", torch.uint8), ("paged_adamw_8bit", torch.uint8),
-                                              ("paged_adamw_32bit", torch.float32), ("paged_adamw", torch.float32)])
+@pytest.mark.parametrize(
+    "name,state_dtype",
+    [
+        ("adamw_8bit", torch.uint8),
+        ("paged_adamw_8bit", torch.uint8),
+        ("paged_adamw_32bit", torch.float32),
+        ("paged_adamw", torch.float32),
+    ],
+)
 def test_bitsandbytes_optimizers(name, state_dtype):
     weight = torch.nn.Parameter(torch.randn(128, 64))  # >= 4096 elements: bitsandbytes keeps smaller ones in 32 bits
     optimizer = make_optimizer(name, [weight], lr=1e-2, weight_decay=0.0)
@@ -247,8 +270,14 @@ def test_paged_8bit_optimizer_through_the_recipe(tiny_llama, sft_data, tmp_path)
     assert result["step"] == 3 and torch.isfinite(torch.tensor(result["validation"]["loss"]))
 
 
-@pytest.mark.parametrize("which,auto", [("cls", "AutoModelForSequenceClassification"), ("sft", "AutoModelForCausalLM"),
-                                        ("sft-dora", "AutoModelForCausalLM")])
+@pytest.mark.parametrize(
+    "which,auto",
+    [
+        ("cls", "AutoModelForSequenceClassification"),
+        ("sft", "AutoModelForCausalLM"),
+        ("sft-dora", "AutoModelForCausalLM"),
+    ],
+)
 def test_merged_qlora_model_loads_with_transformers(which, auto, qlora_runs, tmp_path):
     """`ftune merge` dequantises, folds, and writes a plain model. Tolerance 1e-4, as for unquantised merges: with
     compute dtype fp32 the 4-bit forward multiplies by exactly the dequantised weight the merged model stores, so
@@ -283,7 +312,9 @@ def test_forward_equals_peft_over_the_same_quantised_weights(dora, wide_llama):
         return models.load_model("causal_lm", str(wide_llama), quantization=quantize.Quantization(**NF4))[0]
 
     ours = lora.apply(quantized(), lora.Config(r=4, alpha=12, dora=dora, targets=targets))
-    theirs = peft.get_peft_model(quantized(), peft.LoraConfig(r=4, lora_alpha=12, use_dora=dora, target_modules=targets))
+    theirs = peft.get_peft_model(
+        quantized(), peft.LoraConfig(r=4, lora_alpha=12, use_dora=dora, target_modules=targets)
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for name, module in ours.named_modules():
@@ -294,8 +325,12 @@ def test_forward_equals_peft_over_the_same_quantised_weights(dora, wide_llama):
                 target.lora_A["default"].weight.copy_(module.lora_A.weight)
                 target.lora_B["default"].weight.copy_(module.lora_B.weight)
                 if dora:
-                    torch.testing.assert_close(module.lora_magnitude_vector.weight,
-                                               target.lora_magnitude_vector["default"].weight, rtol=0, atol=1e-6)
+                    torch.testing.assert_close(
+                        module.lora_magnitude_vector.weight,
+                        target.lora_magnitude_vector["default"].weight,
+                        rtol=0,
+                        atol=1e-6,
+                    )
                     module.lora_magnitude_vector.weight.mul_(1.1)
                     target.lora_magnitude_vector["default"].weight.copy_(module.lora_magnitude_vector.weight)
         ours.eval(), theirs.eval()
@@ -306,7 +341,9 @@ def test_head_and_missing_layers_stay_unquantised_and_train(tiny_bert):
     """BERT classification over a masked-LM checkpoint: the new classifier and the missing pooler must train, so
     they are plain nn.Linear; the encoder's linears are 4-bit; parameter counts use the logical shapes."""
     quantization = quantize.Quantization(**NF4)
-    model, missing = models.load_model("sequence_classification", str(tiny_bert), num_labels=2, quantization=quantization)
+    model, missing = models.load_model(
+        "sequence_classification", str(tiny_bert), num_labels=2, quantization=quantization
+    )
     plain, _ = models.load_model("sequence_classification", str(tiny_bert), num_labels=2)
     assert type(model.classifier) is torch.nn.Linear and type(model.bert.pooler.dense) is torch.nn.Linear
     assert isinstance(model.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear4bit)
@@ -354,13 +391,23 @@ def test_every_quantizable_method_trains_over_a_4bit_base(name, tiny_llama):
 
 
 def test_cli_train_with_set_quantization(tiny_llama, sft_data, tmp_path):
-    from conftest import write_recipe
     from typer.testing import CliRunner
 
+    from conftest import write_recipe
     from ftune.cli import app
+
     path = write_recipe(tmp_path / "r.yaml", recipe_doc("sft", tiny_llama, sft_data, tmp_path / "run", max_steps=2))
-    result = CliRunner().invoke(app, ["train", str(path), "--set", "model.quantization={bits: 4, compute_dtype: float32}",
-                                      "--set", "train.optimizer=adamw_8bit"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(path),
+            "--set",
+            "model.quantization={bits: 4, compute_dtype: float32}",
+            "--set",
+            "train.optimizer=adamw_8bit",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     unquantized = validate_recipe(recipe_doc("sft", tiny_llama, sft_data, tmp_path / "other"))
@@ -373,8 +420,18 @@ def test_resume_equals_uninterrupted(tiny_llama, sft_data, tmp_path):
     """A QLoRA DoRA run with 8-bit AdamW, stopped after a checkpoint and resumed, ends bitwise equal (the base is
     re-quantised on load: bitsandbytes' quantisation is deterministic)."""
     method = {"name": "lora", "r": 4, "alpha": 8, "dora": True, "dropout": 0.1}
-    recipe = _recipe("sft", tiny_llama, sft_data, tmp_path / "run", method, max_steps=6, save_every=2,
-                     keep_checkpoints=3, eval_every=2, optimizer="adamw_8bit")
+    recipe = _recipe(
+        "sft",
+        tiny_llama,
+        sft_data,
+        tmp_path / "run",
+        method,
+        max_steps=6,
+        save_every=2,
+        keep_checkpoints=3,
+        eval_every=2,
+        optimizer="adamw_8bit",
+    )
     run = tmp_path / "run"
     _train(recipe)
     expected = load_file(str(run / rundir.WEIGHTS))

@@ -21,7 +21,9 @@ def test_recipe_validates(path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_starts_with_its_command(path):
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
-    assert any(f"ftune train recipes/{path.name}" in line for line in header[:4]), "first comment lines must show the command"
+    assert any(f"ftune train recipes/{path.name}" in line for line in header[:4]), (
+        "first comment lines must show the command"
+    )
 
 
 def _names(cfg) -> set[str]:

@@ -6,9 +6,9 @@ import json
 import shutil
 
 import pytest
-from conftest import recipe_doc
 from safetensors.torch import load_file
 
+from conftest import recipe_doc
 from ftune.recipe import validate_recipe
 from ftune.run.train import train
 from ftune.rundir import latest_checkpoint
@@ -17,13 +17,23 @@ CASES = {
     "lora-cls": ("cls", {"name": "lora", "r": 4, "dropout": 0.1}),  # dropout: the RNG state must resume too
     "full-sft": ("sft", {"name": "full"}),
     # robust AdapterDrop draws k from the global RNG every batch: the draws must replay after a resume
-    "adapter-drop-cls": ("cls", {"name": "adapter_drop", "placement": "houlsby", "bottleneck": 4, "drop_first": 1,
-                                 "robust": True}),
+    "adapter-drop-cls": (
+        "cls",
+        {"name": "adapter_drop", "placement": "houlsby", "bottleneck": 4, "drop_first": 1, "robust": True},
+    ),
     # composites: AdaLoRA's rank state travels under its part's name; MAM saves its prefix folded mid-run
-    "adalora+bitfit-cls": ("cls", [{"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1},
-                                   {"name": "bitfit"}]),
-    "mam-cls": ("cls", {"name": "mam_adapter", "prefix": {"n_tokens": 3, "mlp_hidden": 8, "dropout": 0.1},
-                        "adapter": {"bottleneck": 4, "dropout": 0.1}}),
+    "adalora+bitfit-cls": (
+        "cls",
+        [{"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1}, {"name": "bitfit"}],
+    ),
+    "mam-cls": (
+        "cls",
+        {
+            "name": "mam_adapter",
+            "prefix": {"n_tokens": 3, "mlp_hidden": 8, "dropout": 0.1},
+            "adapter": {"bottleneck": 4, "dropout": 0.1},
+        },
+    ),
 }
 
 
@@ -39,8 +49,20 @@ def test_resume_equals_uninterrupted(case, tmp_path, tiny_bert, tiny_llama, cls_
     kind, method = CASES[case]
     model, data = (tiny_bert, cls_data) if kind == "cls" else (tiny_llama, sft_data)
     # 6 steps over 48 / 32 rows at batch 8 with grad_accum 2 crosses an epoch boundary
-    doc = recipe_doc(kind, model, data, tmp_path / "run", method, max_steps=6, save_every=2, keep_checkpoints=3,
-                     grad_accum=2, eval_every=2, best_metric="loss", best_mode="min")
+    doc = recipe_doc(
+        kind,
+        model,
+        data,
+        tmp_path / "run",
+        method,
+        max_steps=6,
+        save_every=2,
+        keep_checkpoints=3,
+        grad_accum=2,
+        eval_every=2,
+        best_metric="loss",
+        best_mode="min",
+    )
     recipe = validate_recipe(doc)
     run = tmp_path / "run"
 

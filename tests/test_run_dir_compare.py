@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from run_dir_helpers import _fifo, _link
 from typer.testing import CliRunner
 
 from conftest import recipe_doc, write_recipe
 from ftune.cli import app
 from refusals import invoke, snapshot
+from run_dir_helpers import _fifo, _link
 
 runner = CliRunner()
 
@@ -26,8 +26,9 @@ def comparison(tiny_bert, cls_data, tmp_path_factory) -> tuple[Path, Path]:
     """(recipe, --out folder) of a finished one-method comparison."""
     root = tmp_path_factory.mktemp("safety-compare")
     recipe = write_recipe(root / "recipe.yaml", recipe_doc("cls", tiny_bert, cls_data, root / "unused", max_steps=2))
-    result = runner.invoke(app, ["compare", str(recipe), "--methods", "lora", "--budget", "2steps", "--out",
-                                 str(root / "cmp")])
+    result = runner.invoke(
+        app, ["compare", str(recipe), "--methods", "lora", "--budget", "2steps", "--out", str(root / "cmp")]
+    )
     assert result.exit_code == 0, result.output
     return recipe, root / "cmp"
 
@@ -36,14 +37,23 @@ COMPARE_TAMPERS: dict[str, tuple[Callable[[Path, Path], object] | None, int, lis
     "untouched": (None, 0, []),
     "metrics-fifo": (lambda run, out: _fifo(run / "metrics.json"), 1, ["metrics.json", "not a regular file"]),
     "metrics-dev-zero": (lambda run, out: _link(run / "metrics.json", "/dev/zero"), 1, ["metrics.json", "/dev/zero"]),
-    "metrics-link-out": (lambda run, out: _link(run / "metrics.json", out / "metrics.json"), 1,
-                         ["metrics.json", "links out"]),
-    "metrics-not-ftune": (lambda run, out: (run / "metrics.json").write_text('{"step": 1}'), 1,
-                          ["metrics.json", "not what ftune writes"]),
+    "metrics-link-out": (
+        lambda run, out: _link(run / "metrics.json", out / "metrics.json"),
+        1,
+        ["metrics.json", "links out"],
+    ),
+    "metrics-not-ftune": (
+        lambda run, out: (run / "metrics.json").write_text('{"step": 1}'),
+        1,
+        ["metrics.json", "not what ftune writes"],
+    ),
     "log-fifo": (lambda run, out: _fifo(run / "metrics.jsonl"), 1, ["metrics.jsonl", "a named pipe"]),
     "log-dev-zero": (lambda run, out: _link(run / "metrics.jsonl", "/dev/zero"), 1, ["metrics.jsonl", "links out"]),
-    "measurements-link-out": (lambda run, out: _link(run / "compare.json", out / "compare.json"), 1,
-                              ["compare.json", "links out"]),
+    "measurements-link-out": (
+        lambda run, out: _link(run / "compare.json", out / "compare.json"),
+        1,
+        ["compare.json", "links out"],
+    ),
 }
 
 

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import run_dir_helpers
 import yaml
-from run_dir_helpers import MARKER, Case, Env, _copy, _link, _outside, _record
 
+import run_dir_helpers
 from refusals import check_refusal, invoke, snapshot
+from run_dir_helpers import MARKER, Case, Env, _copy, _link, _outside, _record
 
 env, finished_run = run_dir_helpers.env, run_dir_helpers.finished_run  # the fixtures, where pytest finds them
 
@@ -59,6 +59,7 @@ def _user_subfolder(name: str) -> Callable[[Path], object]:
     def make(run: Path) -> None:
         (run / name).mkdir()
         (run / name / "keep.txt").write_text("mine\n")
+
     return make
 
 
@@ -100,40 +101,91 @@ def _with_notes(run: Path) -> Path:
 
 CASES: dict[str, Case] = {
     # a user's project folder (their own recipe.yaml, data, notes) as output_dir: never a run, whatever the flags
-    "project-folder": ("data-loss", lambda e: _project_as_output_dir(e), 1,
-                       ["project", "not an ftune run", "run.json", "choose another output_dir"]),
-    "project-folder-overwrite": ("data-loss", lambda e: _project_as_output_dir(e, "--overwrite"), 1,
-                                 ["project", "not an ftune run", "run.json"]),
-    "project-folder-resume": ("data-loss", lambda e: _project_as_output_dir(e, "--resume"), 1,
-                              ["--resume", "project", "no run to resume"]),
+    "project-folder": (
+        "data-loss",
+        lambda e: _project_as_output_dir(e),
+        1,
+        ["project", "not an ftune run", "run.json", "choose another output_dir"],
+    ),
+    "project-folder-overwrite": (
+        "data-loss",
+        lambda e: _project_as_output_dir(e, "--overwrite"),
+        1,
+        ["project", "not an ftune run", "run.json"],
+    ),
+    "project-folder-resume": (
+        "data-loss",
+        lambda e: _project_as_output_dir(e, "--resume"),
+        1,
+        ["--resume", "project", "no run to resume"],
+    ),
     "project-folder-with-ftune-names-overwrite": (
-        "data-loss", lambda e: _project_as_output_dir(e, "--overwrite", extra=("checkpoints", "tokenizer")), 1,
-        ["project", "not an ftune run", "run.json"]),
+        "data-loss",
+        lambda e: _project_as_output_dir(e, "--overwrite", extra=("checkpoints", "tokenizer")),
+        1,
+        ["project", "not an ftune run", "run.json"],
+    ),
     "project-folder-with-foreign-run-json-overwrite": (
-        "data-loss", lambda e: _foreign_record_folder(e, "--overwrite"), 1,
-        ["run.json", "not an ftune run record", "names no ftune version"]),
+        "data-loss",
+        lambda e: _foreign_record_folder(e, "--overwrite"),
+        1,
+        ["run.json", "not an ftune run record", "names no ftune version"],
+    ),
     "recipe-yaml-alone-overwrite": (
-        "data-loss", lambda e: e.train(_recipe_only(e), "--overwrite"), 1,
-        ["recipe-only", "not an ftune run", "recipe.yaml", "no run.json"]),
+        "data-loss",
+        lambda e: e.train(_recipe_only(e), "--overwrite"),
+        1,
+        ["recipe-only", "not an ftune run", "recipe.yaml", "no run.json"],
+    ),
     # a finished run with the user's own files beside it: --overwrite names the first and deletes nothing
-    "run-with-notes-overwrite": ("data-loss", lambda e: _run_with(e, _user_file("notes.txt"), "--overwrite"), 1,
-                                 ["notes.txt", "ftune did not write", "move it away"]),
-    "run-with-subfolder-overwrite": ("data-loss", lambda e: _run_with(e, _user_subfolder("data"), "--overwrite"), 1,
-                                     ["holds data,", "ftune did not write"]),
-    "run-with-hidden-file-overwrite": ("data-loss", lambda e: _run_with(e, _user_file(".env"), "--overwrite"), 1,
-                                       ["holds .env,", "ftune did not write"]),
+    "run-with-notes-overwrite": (
+        "data-loss",
+        lambda e: _run_with(e, _user_file("notes.txt"), "--overwrite"),
+        1,
+        ["notes.txt", "ftune did not write", "move it away"],
+    ),
+    "run-with-subfolder-overwrite": (
+        "data-loss",
+        lambda e: _run_with(e, _user_subfolder("data"), "--overwrite"),
+        1,
+        ["holds data,", "ftune did not write"],
+    ),
+    "run-with-hidden-file-overwrite": (
+        "data-loss",
+        lambda e: _run_with(e, _user_file(".env"), "--overwrite"),
+        1,
+        ["holds .env,", "ftune did not write"],
+    ),
     "run-with-file-in-tokenizer-name-overwrite": (
-        "data-loss", lambda e: _run_with(e, _user_file("tokenizer.model"), "--overwrite"), 1,
-        ["tokenizer.model", "ftune did not write"]),
-    "run-record-claims-a-user-file-overwrite": ("data-loss", lambda e: _run_with(e, _claimed, "--overwrite"), 1,
-                                                ["notes.txt", "ftune did not write"]),
-    "run-with-notes-without-overwrite": ("data-loss", lambda e: _run_with(e, _user_file("notes.txt")), 1,
-                                         ["holds another run", "--overwrite"]),
-    "old-format-run-without-overwrite": ("data-loss", lambda e: ["train", _old_format(e) / "recipe.yaml"], 1,
-                                         ["holds another run", "--overwrite"]),
+        "data-loss",
+        lambda e: _run_with(e, _user_file("tokenizer.model"), "--overwrite"),
+        1,
+        ["tokenizer.model", "ftune did not write"],
+    ),
+    "run-record-claims-a-user-file-overwrite": (
+        "data-loss",
+        lambda e: _run_with(e, _claimed, "--overwrite"),
+        1,
+        ["notes.txt", "ftune did not write"],
+    ),
+    "run-with-notes-without-overwrite": (
+        "data-loss",
+        lambda e: _run_with(e, _user_file("notes.txt")),
+        1,
+        ["holds another run", "--overwrite"],
+    ),
+    "old-format-run-without-overwrite": (
+        "data-loss",
+        lambda e: ["train", _old_format(e) / "recipe.yaml"],
+        1,
+        ["holds another run", "--overwrite"],
+    ),
     "old-format-run-with-notes-overwrite": (
-        "data-loss", lambda e: ["train", _with_notes(_old_format(e)) / "recipe.yaml", "--overwrite"], 1,
-        ["notes.txt", "ftune did not write"]),
+        "data-loss",
+        lambda e: ["train", _with_notes(_old_format(e)) / "recipe.yaml", "--overwrite"],
+        1,
+        ["notes.txt", "ftune did not write"],
+    ),
 }
 
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import run_dir_helpers
-from run_dir_helpers import MARKER, Case, Env
 
+import run_dir_helpers
 from refusals import check_refusal, invoke
+from run_dir_helpers import MARKER, Case, Env
 
 env, finished_run = run_dir_helpers.env, run_dir_helpers.finished_run  # the fixtures, where pytest finds them
 
@@ -27,8 +27,9 @@ env, finished_run = run_dir_helpers.env, run_dir_helpers.finished_run  # the fix
 def _mount(env: Env, folder: Path, *, read_only: bool = True, prepare: Callable[[Path], object] | None = None) -> Path:
     """A small tmpfs at `folder` (read-only, after `prepare` made what it needs in it); skipped without mount."""
     folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], check=False,
-                          capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], check=False, capture_output=True
+    )
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or done.returncode})")
     env.mounts.append(folder)
@@ -108,42 +109,99 @@ CASES: dict[str, Case] = {
     # places that cannot be written, or are not folders
     "read-only-parent": ("environment", lambda e: _read_only(e, "run"), 1, ["ro is not writable", "ro/run"]),
     "read-only-grandparent": ("environment", lambda e: _read_only(e, "a/b/run"), 1, ["ro is not writable", "a/b/run"]),
-    "read-only-empty-output-dir": ("environment", lambda e: _read_only(e, "run", existing=True), 1,
-                                   ["ro/run is not writable"]),
-    "read-only-parent-overwrite": ("environment", lambda e: _read_only(e, "run", flags=("--overwrite",)), 1,
-                                   ["not writable"]),
-    "read-only-parent-past-preflight": ("environment", lambda e: _read_only(e, "run", preflight=False), 1,
-                                        ["ro/run", "cannot be created", "Read-only file system"]),
+    "read-only-empty-output-dir": (
+        "environment",
+        lambda e: _read_only(e, "run", existing=True),
+        1,
+        ["ro/run is not writable"],
+    ),
+    "read-only-parent-overwrite": (
+        "environment",
+        lambda e: _read_only(e, "run", flags=("--overwrite",)),
+        1,
+        ["not writable"],
+    ),
+    "read-only-parent-past-preflight": (
+        "environment",
+        lambda e: _read_only(e, "run", preflight=False),
+        1,
+        ["ro/run", "cannot be created", "Read-only file system"],
+    ),
     "read-only-output-dir-past-preflight": (
-        "environment", lambda e: _read_only(e, "run", existing=True, preflight=False), 1,
-        [".ftune.lock", "cannot be opened", "Read-only file system"]),
+        "environment",
+        lambda e: _read_only(e, "run", existing=True, preflight=False),
+        1,
+        [".ftune.lock", "cannot be opened", "Read-only file system"],
+    ),
     "parent-chmod-555": ("environment", _chmod_parent, 1, ["locked-parent", "not writable"]),
-    "under-a-file-deep": ("environment", lambda e: e.train(_file(e) / "a" / "b" / "run"), 1,
-                          ["taken/a/b/run", "lies under", "taken, which is a file"]),
-    "under-a-file-overwrite": ("environment", lambda e: e.train(_file(e) / "run", "--overwrite"), 1,
-                               ["taken/run", "is a file"]),
+    "under-a-file-deep": (
+        "environment",
+        lambda e: e.train(_file(e) / "a" / "b" / "run"),
+        1,
+        ["taken/a/b/run", "lies under", "taken, which is a file"],
+    ),
+    "under-a-file-overwrite": (
+        "environment",
+        lambda e: e.train(_file(e) / "run", "--overwrite"),
+        1,
+        ["taken/run", "is a file"],
+    ),
     "a-file-resume": ("environment", lambda e: e.train(_file(e), "--resume"), 1, ["taken", "is a file"]),
     "link-to-a-file": ("environment", lambda e: e.train(_link_to_file(e)), 1, ["to-a-file", "is a file"]),
-    "dangling-link": ("environment", lambda e: e.train(_dangling(e)), 1,
-                      ["dangling", "symbolic link", "nowhere", "does not exist"]),
-    "dangling-link-overwrite": ("environment", lambda e: e.train(_dangling(e), "--overwrite"), 1,
-                                ["dangling", "does not exist"]),
-    "dangling-link-resume": ("environment", lambda e: e.train(_dangling(e), "--resume"), 1,
-                             ["dangling", "does not exist"]),
-    "dangling-link-chain": ("environment", lambda e: e.train(_dangling(e, chain=True)), 1,
-                            ["dangling", "symbolic link", "does not exist"]),
-    "tilde-names-a-file": ("environment", lambda e: _tilde(e, lambda h: (h / "out").write_text("mine\n")), 1,
-                           ["{tmp}/home/out", "is a file"]),
+    "dangling-link": (
+        "environment",
+        lambda e: e.train(_dangling(e)),
+        1,
+        ["dangling", "symbolic link", "nowhere", "does not exist"],
+    ),
+    "dangling-link-overwrite": (
+        "environment",
+        lambda e: e.train(_dangling(e), "--overwrite"),
+        1,
+        ["dangling", "does not exist"],
+    ),
+    "dangling-link-resume": (
+        "environment",
+        lambda e: e.train(_dangling(e), "--resume"),
+        1,
+        ["dangling", "does not exist"],
+    ),
+    "dangling-link-chain": (
+        "environment",
+        lambda e: e.train(_dangling(e, chain=True)),
+        1,
+        ["dangling", "symbolic link", "does not exist"],
+    ),
+    "tilde-names-a-file": (
+        "environment",
+        lambda e: _tilde(e, lambda h: (h / "out").write_text("mine\n")),
+        1,
+        ["{tmp}/home/out", "is a file"],
+    ),
     "tilde-names-a-project-overwrite": (
-        "environment", lambda e: _tilde(e, lambda h: _user_files(h / "out"), "train", "--overwrite"), 1,
-        ["{tmp}/home/out", "not an ftune run"]),
+        "environment",
+        lambda e: _tilde(e, lambda h: _user_files(h / "out"), "train", "--overwrite"),
+        1,
+        ["{tmp}/home/out", "not an ftune run"],
+    ),
     "tilde-names-a-dangling-link": (
-        "environment", lambda e: _tilde(e, lambda h: (h / "out").symlink_to(h / "gone")), 1,
-        ["{tmp}/home/out", "does not exist"]),
-    "tilde-eval-of-nothing": ("environment", lambda e: _tilde(e, lambda h: None, "eval"), 1,
-                              ["{tmp}/home/out", "no such run directory"]),
-    "tilde-eval-of-a-project": ("environment", lambda e: _tilde(e, _user_files_as_out, "eval"), 1,
-                                ["{tmp}/home/out", "not an ftune run directory"]),
+        "environment",
+        lambda e: _tilde(e, lambda h: (h / "out").symlink_to(h / "gone")),
+        1,
+        ["{tmp}/home/out", "does not exist"],
+    ),
+    "tilde-eval-of-nothing": (
+        "environment",
+        lambda e: _tilde(e, lambda h: None, "eval"),
+        1,
+        ["{tmp}/home/out", "no such run directory"],
+    ),
+    "tilde-eval-of-a-project": (
+        "environment",
+        lambda e: _tilde(e, _user_files_as_out, "eval"),
+        1,
+        ["{tmp}/home/out", "not an ftune run directory"],
+    ),
 }
 
 

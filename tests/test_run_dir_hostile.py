@@ -21,9 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import run_dir_helpers
 import torch
 import yaml
+
+import run_dir_helpers
+from conftest import write_recipe
+from refusals import check_refusal, invoke
 from run_dir_helpers import (
     MARKER,
     Case,
@@ -36,9 +39,6 @@ from run_dir_helpers import (
     _record,
     _special,
 )
-
-from conftest import write_recipe
-from refusals import check_refusal, invoke
 
 env, finished_run = run_dir_helpers.env, run_dir_helpers.finished_run  # the fixtures, where pytest finds them
 
@@ -54,12 +54,13 @@ def _evil_model(env: Env, folder: Path) -> Path:
     """The tiny BERT with an `auto_map` naming code in its folder; importing that code writes MARKER."""
     shutil.copytree(env.bert, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "evil.EvilConfig",
-                          "AutoModelForSequenceClassification": "evil.EvilModel"}
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForSequenceClassification": "evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "evil.py").write_text(f"open({str(env.tmp / MARKER)!r}, 'w').write('remote code ran')\n"
-                                    "from transformers import BertConfig as EvilConfig\n"
-                                    "from transformers import BertForSequenceClassification as EvilModel\n")
+    (folder / "evil.py").write_text(
+        f"open({str(env.tmp / MARKER)!r}, 'w').write('remote code ran')\n"
+        "from transformers import BertConfig as EvilConfig\n"
+        "from transformers import BertForSequenceClassification as EvilModel\n"
+    )
     return folder
 
 
@@ -69,8 +70,10 @@ def _evil_tokenizer(env: Env, run: Path) -> Path:
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config |= {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil_tok.EvilTokenizer", None]}}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "evil_tok.py").write_text(f"open({str(env.tmp / MARKER)!r}, 'w').write('run code ran')\n"
-                                        "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    (folder / "evil_tok.py").write_text(
+        f"open({str(env.tmp / MARKER)!r}, 'w').write('run code ran')\n"
+        "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
     return run
 
 
@@ -142,8 +145,10 @@ def _record_text(env: Env, text: str) -> Path:
 
 def _pickled_optimizer(env: Env) -> Path:
     copy = _copy(env)
-    torch.save({"optimizer": {}, "scheduler": {}, "rng": [], "payload": _Payload(env.tmp / MARKER)},
-               copy / "checkpoints" / "step-00000002" / "optimizer.pt")
+    torch.save(
+        {"optimizer": {}, "scheduler": {}, "rng": [], "payload": _Payload(env.tmp / MARKER)},
+        copy / "checkpoints" / "step-00000002" / "optimizer.pt",
+    )
     return copy
 
 
@@ -162,82 +167,152 @@ HOSTILE: dict[str, tuple[Callable[[Env], Path], tuple[str, ...], list[str]]] = {
     # remote code: a run never enables it; with the flag, never code inside the run
     "remote-code": (_remote_code, RUN_READERS, ["trust_remote_code: true", "--trust-remote-code"]),
     "remote-code-model-inside-run": (lambda e: _remote_code(e, inside=True), ("eval",), ["--trust-remote-code"]),
-    "tokenizer-code-in-run": (lambda e: _evil_tokenizer(e, _copy(e)), ("eval", "predict"),
-                              ["tokenizer", "custom code"]),
+    "tokenizer-code-in-run": (
+        lambda e: _evil_tokenizer(e, _copy(e)),
+        ("eval", "predict"),
+        ["tokenizer", "custom code"],
+    ),
     "record-model-inside-run": (_record_model_inside, RUN_READERS, ["copy/model", "lies inside the run directory"]),
-    "record-model-linked-into-run": (lambda e: _record_model_inside(e, via_link=True), ("eval", "merge"),
-                                     ["model-link", "lies inside the run directory"]),
+    "record-model-linked-into-run": (
+        lambda e: _record_model_inside(e, via_link=True),
+        ("eval", "merge"),
+        ["model-link", "lies inside the run directory"],
+    ),
     # links out of the run
     "weights-link-out": (_weights_link, RUN_READERS, ["method.safetensors", "links out of the run directory"]),
     "tokenizer-file-link-out": (_tokenizer_file_link, RUN_READERS, ["tokenizer.json", "links out"]),
     "tokenizer-folder-link-out": (_tokenizer_folder_link, ("eval", "merge"), ["copy/tokenizer", "links out"]),
     "recipe-link-out": (lambda e: _file_link(e, "recipe.yaml"), ("eval", "export"), ["recipe.yaml", "links out"]),
-    "record-link-out": (lambda e: _file_link(e, "run.json"), ("eval", "plot", "overwrite", "resume"),
-                        ["run.json", "links out"]),
+    "record-link-out": (
+        lambda e: _file_link(e, "run.json"),
+        ("eval", "plot", "overwrite", "resume"),
+        ["run.json", "links out"],
+    ),
     "log-link-out": (lambda e: _file_link(e, "metrics.jsonl"), ("plot",), ["metrics.jsonl", "links out"]),
     # safetensors headers that claim more than is believed
     "weights-header-2^40": (lambda e: _header(e, 2**40), RUN_READERS, ["method.safetensors", "header claims"]),
-    "weights-header-50mb": (lambda e: _header(e, 50 << 20, size=60 << 20), ("eval", "merge"),
-                            ["method.safetensors", "header claims 52,428,800 bytes"]),
+    "weights-header-50mb": (
+        lambda e: _header(e, 50 << 20, size=60 << 20),
+        ("eval", "merge"),
+        ["method.safetensors", "header claims 52,428,800 bytes"],
+    ),
     "weights-header-past-end": (lambda e: _header(e, 1 << 20), ("eval",), ["method.safetensors", "header claims"]),
     # run.json: huge, deep, not ftune's
-    "record-huge": (lambda e: _record_text(e, " " * (17 << 20) + "{}"), ("eval", "plot", "overwrite"),
-                    ["run.json", "more than the 16,777,216"]),
-    "record-deep": (lambda e: _record_text(e, "[" * 100_000 + "]" * 100_000), ("eval", "plot", "overwrite"),
-                    ["run.json", "cannot be read", "RecursionError"]),
-    "record-foreign": (lambda e: _record_text(e, json.dumps({"versions": {"other": "1"}, "seed": 0})),
-                       ("eval", "plot", "overwrite", "resume"), ["run.json", "not an ftune run record"]),
-    "record-a-list": (lambda e: _record_text(e, "[1, 2]"), ("eval", "overwrite"),
-                      ["run.json", "not an ftune run record"]),
+    "record-huge": (
+        lambda e: _record_text(e, " " * (17 << 20) + "{}"),
+        ("eval", "plot", "overwrite"),
+        ["run.json", "more than the 16,777,216"],
+    ),
+    "record-deep": (
+        lambda e: _record_text(e, "[" * 100_000 + "]" * 100_000),
+        ("eval", "plot", "overwrite"),
+        ["run.json", "cannot be read", "RecursionError"],
+    ),
+    "record-foreign": (
+        lambda e: _record_text(e, json.dumps({"versions": {"other": "1"}, "seed": 0})),
+        ("eval", "plot", "overwrite", "resume"),
+        ["run.json", "not an ftune run record"],
+    ),
+    "record-a-list": (
+        lambda e: _record_text(e, "[1, 2]"),
+        ("eval", "overwrite"),
+        ["run.json", "not an ftune run record"],
+    ),
     # files that would hang or flood a reader
-    "record-fifo": (lambda e: _special(e, "run.json", "fifo"), ("plot", "overwrite", "resume"),
-                    ["run.json", "a named pipe"]),
+    "record-fifo": (
+        lambda e: _special(e, "run.json", "fifo"),
+        ("plot", "overwrite", "resume"),
+        ["run.json", "a named pipe"],
+    ),
     "record-dev-zero": (lambda e: _special(e, "run.json", "zero"), ("plot", "overwrite"), ["run.json", "/dev/zero"]),
     "log-fifo": (lambda e: _special(e, "metrics.jsonl", "fifo"), ("plot",), ["metrics.jsonl", "a named pipe"]),
     "log-dev-zero": (lambda e: _special(e, "metrics.jsonl", "zero"), ("plot",), ["metrics.jsonl", "/dev/zero"]),
-    "log-sparse-300mb": (lambda e: _special(e, "metrics.jsonl", "sparse"), ("plot",),
-                         ["metrics.jsonl", "more than the 268,435,456"]),
-    "tokenizer-fifo": (lambda e: _special(e, "tokenizer/tokenizer.json", "fifo"), ("eval", "predict"),
-                       ["tokenizer.json", "a named pipe"]),
-    "weights-fifo": (lambda e: _special(e, "method.safetensors", "fifo"), ("eval",),
-                     ["method.safetensors", "not a finished ftune run"]),
+    "log-sparse-300mb": (
+        lambda e: _special(e, "metrics.jsonl", "sparse"),
+        ("plot",),
+        ["metrics.jsonl", "more than the 268,435,456"],
+    ),
+    "tokenizer-fifo": (
+        lambda e: _special(e, "tokenizer/tokenizer.json", "fifo"),
+        ("eval", "predict"),
+        ["tokenizer.json", "a named pipe"],
+    ),
+    "weights-fifo": (
+        lambda e: _special(e, "method.safetensors", "fifo"),
+        ("eval",),
+        ["method.safetensors", "not a finished ftune run"],
+    ),
     # --resume from a tampered checkpoint: refused before anything is written, nothing unpickled
     "checkpoint-pickle": (_pickled_optimizer, ("resume",), ["optimizer.pt", "weights_only", "never unpickled"]),
-    "checkpoint-optimizer-dev-zero": (lambda e: _checkpoint_tamper(e, lambda e, c: _link(c / "optimizer.pt",
-                                                                                          "/dev/zero")),
-                                      ("resume",), ["optimizer.pt", "symbolic link", "/dev/zero"]),
+    "checkpoint-optimizer-dev-zero": (
+        lambda e: _checkpoint_tamper(e, lambda e, c: _link(c / "optimizer.pt", "/dev/zero")),
+        ("resume",),
+        ["optimizer.pt", "symbolic link", "/dev/zero"],
+    ),
     "checkpoint-garbage-optimizer": (
         lambda e: _checkpoint_tamper(e, lambda e, c: (c / "optimizer.pt").write_bytes(os.urandom(4096))),
-        ("resume",), ["optimizer.pt", "not optimizer state ftune wrote"]),
-    "checkpoint-link-out": (lambda e: _checkpoint_tamper(e, lambda e, c: _link(c, _outside(e, c))), ("resume",),
-                            ["step-00000002", "symbolic link", "outside"]),
-    "checkpoints-folder-link-out": (lambda e: _file_link(e, "checkpoints"), ("resume",),
-                                    ["copy/checkpoints is a symbolic link"]),
+        ("resume",),
+        ["optimizer.pt", "not optimizer state ftune wrote"],
+    ),
+    "checkpoint-link-out": (
+        lambda e: _checkpoint_tamper(e, lambda e, c: _link(c, _outside(e, c))),
+        ("resume",),
+        ["step-00000002", "symbolic link", "outside"],
+    ),
+    "checkpoints-folder-link-out": (
+        lambda e: _file_link(e, "checkpoints"),
+        ("resume",),
+        ["copy/checkpoints is a symbolic link"],
+    ),
     "checkpoint-state-garbage": (
-        lambda e: _checkpoint_tamper(e, lambda e, c: (c / "state.json").write_text("{")), ("resume",),
-        ["state.json", "cannot be read"]),
-    "checkpoint-weights-header-2^40": (lambda e: _header(e, 2**40, where=f"{STEP}/method.safetensors"), ("resume",),
-                                       ["step-00000002/method.safetensors", "header claims"]),
+        lambda e: _checkpoint_tamper(e, lambda e, c: (c / "state.json").write_text("{")),
+        ("resume",),
+        ["state.json", "cannot be read"],
+    ),
+    "checkpoint-weights-header-2^40": (
+        lambda e: _header(e, 2**40, where=f"{STEP}/method.safetensors"),
+        ("resume",),
+        ["step-00000002/method.safetensors", "header claims"],
+    ),
     "checkpoint-weights-link-out": (
-        lambda e: _checkpoint_tamper(e, lambda e, c: _link(c / "method.safetensors",
-                                                           _outside(e, c / "method.safetensors"))),
-        ("resume",), ["method.safetensors", "symbolic link"]),
-    "resume-log-fifo": (lambda e: _special(e, "metrics.jsonl", "fifo"), ("resume",),
-                        ["--resume", "metrics.jsonl", "not a regular file"]),
-    "resume-log-link-out": (lambda e: _file_link(e, "metrics.jsonl"), ("resume",),
-                            ["--resume", "metrics.jsonl", "symbolic link"]),
+        lambda e: _checkpoint_tamper(
+            e, lambda e, c: _link(c / "method.safetensors", _outside(e, c / "method.safetensors"))
+        ),
+        ("resume",),
+        ["method.safetensors", "symbolic link"],
+    ),
+    "resume-log-fifo": (
+        lambda e: _special(e, "metrics.jsonl", "fifo"),
+        ("resume",),
+        ["--resume", "metrics.jsonl", "not a regular file"],
+    ),
+    "resume-log-link-out": (
+        lambda e: _file_link(e, "metrics.jsonl"),
+        ("resume",),
+        ["--resume", "metrics.jsonl", "symbolic link"],
+    ),
 }
 CASES: dict[str, Case] = {}
 for _name, (_tamper, _commands, _needles) in HOSTILE.items():
     for _command_name in _commands:
-        CASES[f"{_name}-{_command_name}"] = ("hostile", lambda e, t=_tamper, c=_command_name: _command(e, t(e), c), 1,
-                                             _needles)
+        CASES[f"{_name}-{_command_name}"] = (
+            "hostile",
+            lambda e, t=_tamper, c=_command_name: _command(e, t(e), c),
+            1,
+            _needles,
+        )
 CASES["remote-code-model-inside-run-trusted"] = (
-    "hostile", lambda e: [*_command(e, _remote_code(e, inside=True), "eval"), "--trust-remote-code"], 1,
-    ["copy/model", "lies inside the run directory"])
+    "hostile",
+    lambda e: [*_command(e, _remote_code(e, inside=True), "eval"), "--trust-remote-code"],
+    1,
+    ["copy/model", "lies inside the run directory"],
+)
 CASES["remote-code-model-inside-run-trusted-merge"] = (
-    "hostile", lambda e: [*_command(e, _remote_code(e, inside=True), "merge"), "--trust-remote-code"], 1,
-    ["copy/model", "lies inside the run directory"])
+    "hostile",
+    lambda e: [*_command(e, _remote_code(e, inside=True), "merge"), "--trust-remote-code"],
+    1,
+    ["copy/model", "lies inside the run directory"],
+)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -265,15 +340,23 @@ def test_the_payloads_would_run(env):
     ordinary torch.load unpickles the planted object. (A subprocess: its module cache is its own.)"""
     model = _evil_model(env, env.tmp / "evil-model")
     tokenizer = _evil_tokenizer(env, _copy(env, "tokenizer-copy")) / "tokenizer"
-    check = ("import sys, os\n"
-             "from transformers import AutoConfig, AutoTokenizer\n"
-             "AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
-             "assert os.path.exists(sys.argv[3]); os.remove(sys.argv[3])\n"
-             "AutoTokenizer.from_pretrained(sys.argv[2], trust_remote_code=True)\n"
-             "assert os.path.exists(sys.argv[3])\n")
+    check = (
+        "import sys, os\n"
+        "from transformers import AutoConfig, AutoTokenizer\n"
+        "AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "assert os.path.exists(sys.argv[3]); os.remove(sys.argv[3])\n"
+        "AutoTokenizer.from_pretrained(sys.argv[2], trust_remote_code=True)\n"
+        "assert os.path.exists(sys.argv[3])\n"
+    )
     environ = os.environ | {"HF_HOME": str(env.tmp / "hf"), "HF_MODULES_CACHE": str(env.tmp / "hf" / "modules")}
-    done = subprocess.run([sys.executable, "-c", check, str(model), str(tokenizer), str(env.tmp / MARKER)],
-                          check=False, env=environ, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", check, str(model), str(tokenizer), str(env.tmp / MARKER)],
+        check=False,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (env.tmp / MARKER).unlink()
 

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import run_dir_helpers
-from run_dir_helpers import MARKER, Case, Env, _command, _copy, _file_link, _special
 
+import run_dir_helpers
 from refusals import check_refusal, invoke
+from run_dir_helpers import MARKER, Case, Env, _command, _copy, _file_link, _special
 
 env, finished_run = run_dir_helpers.env, run_dir_helpers.finished_run  # the fixtures, where pytest finds them
 
@@ -42,8 +42,9 @@ time.sleep(600)
 def _hold(env: Env, folder: Path, content: str | None = None) -> int:
     """Start a process holding `folder`'s lock (its pid written into it, or `content`); returns its pid."""
     extra = [] if content is None else [content]
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder / ".ftune.lock"), *extra],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(folder / ".ftune.lock"), *extra], stdout=subprocess.PIPE, text=True
+    )
     env.procs.append(proc)
     assert proc.stdout.readline().strip() == "held"
     env.holder = proc.pid
@@ -54,8 +55,11 @@ def _locked_run(env: Env, command: str, content: str | None = None) -> list:
     copy = _copy(env)
     _hold(env, copy, content)
     if command in ("train", "resume", "overwrite"):
-        return ["train", copy / "recipe.yaml", *{"train": [], "resume": ["--resume"],
-                                                  "overwrite": ["--overwrite"]}[command]]
+        return [
+            "train",
+            copy / "recipe.yaml",
+            *{"train": [], "resume": ["--resume"], "overwrite": ["--overwrite"]}[command],
+        ]
     return _command(env, copy, command)
 
 
@@ -77,17 +81,37 @@ CASES: dict[str, Case] = {
     "locked-predict": ("lock", lambda e: _locked_run(e, "predict"), 1, ["still training", "pid {holder}"]),
     "locked-export": ("lock", lambda e: _locked_run(e, "export"), 1, ["still training", "pid {holder}"]),
     "locked-merge": ("lock", lambda e: _locked_run(e, "merge"), 1, ["still training", "pid {holder}"]),
-    "locked-eval-unknown-pid": ("lock", lambda e: _locked_run(e, "eval", "not a pid"), 1,
-                                ["still training", "another process"]),
-    "locked-overwrite-unknown-pid": ("lock", lambda e: _locked_run(e, "overwrite", ""), 1,
-                                     ["in use", "another process"]),
+    "locked-eval-unknown-pid": (
+        "lock",
+        lambda e: _locked_run(e, "eval", "not a pid"),
+        1,
+        ["still training", "another process"],
+    ),
+    "locked-overwrite-unknown-pid": (
+        "lock",
+        lambda e: _locked_run(e, "overwrite", ""),
+        1,
+        ["in use", "another process"],
+    ),
     # a lock file that is not one: never followed out of the run, never a pid written into a FIFO
-    "lock-file-link-out-overwrite": ("lock", lambda e: _command(e, _file_link(e, ".ftune.lock"), "overwrite"), 1,
-                                     [".ftune.lock", "cannot be opened", "symbolic links"]),
-    "lock-file-link-out-resume": ("lock", lambda e: _command(e, _file_link(e, ".ftune.lock"), "resume"), 1,
-                                  [".ftune.lock", "cannot be opened"]),
-    "lock-file-fifo-overwrite": ("lock", lambda e: _command(e, _special(e, ".ftune.lock", "fifo"), "overwrite"), 1,
-                                 [".ftune.lock", "not a regular file"]),
+    "lock-file-link-out-overwrite": (
+        "lock",
+        lambda e: _command(e, _file_link(e, ".ftune.lock"), "overwrite"),
+        1,
+        [".ftune.lock", "cannot be opened", "symbolic links"],
+    ),
+    "lock-file-link-out-resume": (
+        "lock",
+        lambda e: _command(e, _file_link(e, ".ftune.lock"), "resume"),
+        1,
+        [".ftune.lock", "cannot be opened"],
+    ),
+    "lock-file-fifo-overwrite": (
+        "lock",
+        lambda e: _command(e, _special(e, ".ftune.lock", "fifo"), "overwrite"),
+        1,
+        [".ftune.lock", "not a regular file"],
+    ),
 }
 
 
@@ -124,12 +148,14 @@ def test_the_holders_pid_is_named_even_when_written_just_after_the_lock(env):
     `ftune train` on one folder otherwise says "another process")."""
     from ftune import rundir
 
-    late = HOLD_LOCK.replace("os.ftruncate(fd, 0)\n", "os.ftruncate(fd, 0)\nprint('held', flush=True)\n"
-                                                      "time.sleep(0.1)\n", 1)
+    late = HOLD_LOCK.replace(
+        "os.ftruncate(fd, 0)\n", "os.ftruncate(fd, 0)\nprint('held', flush=True)\ntime.sleep(0.1)\n", 1
+    )
     folder = env.tmp / "run"
     folder.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", late, str(folder / ".ftune.lock")], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", late, str(folder / ".ftune.lock")], stdout=subprocess.PIPE, text=True
+    )
     env.procs.append(proc)
     assert proc.stdout.readline().strip() == "held"
     assert (folder / ".ftune.lock").read_text() == ""  # taken, its pid not written yet

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import recipe_doc, write_recipe
 from typer.testing import CliRunner
 
 import ftune
+from conftest import recipe_doc, write_recipe
 from ftune.cli import app
 from ftune.errors import RecipeError
 from ftune.recipe import ModelSpec, validate_recipe
@@ -31,11 +31,27 @@ PACKAGE = Path(ftune.__file__).parent
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 PICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
-SAFE_YAML = {"safe_load", "safe_load_all", "safe_dump", "safe_dump_all", "YAMLError", "MarkedYAMLError",
-             # what ftune/recipe_yaml.py builds its bounded reader from: the safe loaders (never Loader, FullLoader or
-             # UnsafeLoader, which construct Python objects), the parser's events and nodes
-             "SafeLoader", "CSafeLoader", "__with_libyaml__", "cyaml", "reader", "nodes", "Event", "AliasEvent",
-             "MappingNode", "Node", "org"}
+SAFE_YAML = {
+    "safe_load",
+    "safe_load_all",
+    "safe_dump",
+    "safe_dump_all",
+    "YAMLError",
+    "MarkedYAMLError",
+    # what ftune/recipe_yaml.py builds its bounded reader from: the safe loaders (never Loader, FullLoader or
+    # UnsafeLoader, which construct Python objects), the parser's events and nodes
+    "SafeLoader",
+    "CSafeLoader",
+    "__with_libyaml__",
+    "cyaml",
+    "reader",
+    "nodes",
+    "Event",
+    "AliasEvent",
+    "MappingNode",
+    "Node",
+    "org",
+}
 
 
 def _dotted(node: ast.AST) -> str:
@@ -97,30 +113,35 @@ def test_the_package_loads_torch_files_weights_only():
         assert not unsafe_loading(path.read_text()), path
 
 
-@pytest.mark.parametrize("snippet", [
-    "import pickle\npickle.loads(b'')",
-    "from pickle import loads",
-    "import joblib",
-    "import torch\ntorch.load('x.pt')",
-    "import torch\ntorch.load('x.pt', weights_only=False)",
-    "from torch import load",
-    "import yaml\nyaml.load('a: 1', Loader=yaml.Loader)",
-    "import yaml\nyaml.unsafe_load('a: 1')",
-    "import yaml\nyaml.full_load('a: 1')",
-    "import yaml\nyaml.dump({})",
-    "from yaml import load",
-    "import numpy\nnumpy.load('x.npy', allow_pickle=True)",
-    "f(x, trust_remote_code=True)",
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "import pickle\npickle.loads(b'')",
+        "from pickle import loads",
+        "import joblib",
+        "import torch\ntorch.load('x.pt')",
+        "import torch\ntorch.load('x.pt', weights_only=False)",
+        "from torch import load",
+        "import yaml\nyaml.load('a: 1', Loader=yaml.Loader)",
+        "import yaml\nyaml.unsafe_load('a: 1')",
+        "import yaml\nyaml.full_load('a: 1')",
+        "import yaml\nyaml.dump({})",
+        "from yaml import load",
+        "import numpy\nnumpy.load('x.npy', allow_pickle=True)",
+        "f(x, trust_remote_code=True)",
+    ],
+)
 def test_the_scan_sees_unsafe_loading(snippet):
     """The scan above is not vacuous: each of these is reported."""
     assert unsafe_loading(snippet)
 
 
 def test_the_scan_passes_safe_loading():
-    safe = ("import torch, yaml\nfrom safetensors.torch import load_file\n"
-            "torch.load('x.pt', weights_only=True)\nyaml.safe_load('a: 1')\nyaml.safe_dump({})\n"
-            "# a comment saying pickle is fine\nf(trust_remote_code=spec.trust_remote_code)\n")
+    safe = (
+        "import torch, yaml\nfrom safetensors.torch import load_file\n"
+        "torch.load('x.pt', weights_only=True)\nyaml.safe_load('a: 1')\nyaml.safe_dump({})\n"
+        "# a comment saying pickle is fine\nf(trust_remote_code=spec.trust_remote_code)\n"
+    )
     assert unsafe_loading(safe) == []
 
 
@@ -156,7 +177,9 @@ def test_trust_remote_code_comes_from_the_recipe(trust, from_pretrained_calls, t
     result = runner.invoke(app, ["validate", str(write_recipe(tmp_path / "recipe.yaml", doc))])
     assert result.exit_code == 0, result.output
     assert {auto for auto, _ in from_pretrained_calls} == {"AutoTokenizer", "AutoModelForSequenceClassification"}
-    assert all(kwargs.get("trust_remote_code") is bool(trust) for _, kwargs in from_pretrained_calls), from_pretrained_calls
+    assert all(kwargs.get("trust_remote_code") is bool(trust) for _, kwargs in from_pretrained_calls), (
+        from_pretrained_calls
+    )
 
 
 def test_eval_of_a_run_trusts_no_remote_code(from_pretrained_calls, lora_run):
@@ -237,7 +260,10 @@ def test_merge_and_export_never_write_into_the_run(command, lora_run):
 def test_merge_and_export_write_into_a_new_folder(lora_run, tmp_path):
     result = runner.invoke(app, ["export", str(lora_run), str(tmp_path / "new" / "peft"), "--format", "peft"])
     assert result.exit_code == 0, result.output
-    assert {p.name for p in (tmp_path / "new" / "peft").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in (tmp_path / "new" / "peft").iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
     assert [p.name for p in tmp_path.iterdir()] == ["new"]
 
 
@@ -284,12 +310,17 @@ def test_pickled_weights_are_refused_not_unpickled(lora_run, tmp_path):
     copy = shutil.copytree(lora_run, tmp_path / "run")
     marker = tmp_path / "unpickled"
     torch.save({"weights": torch.zeros(2), "payload": _Payload(marker)}, copy / "method.safetensors")
-    for command in (["eval", str(copy)], ["merge", str(copy), str(tmp_path / "merged")],
-                    ["export", str(copy), str(tmp_path / "peft")]):
+    for command in (
+        ["eval", str(copy)],
+        ["merge", str(copy), str(tmp_path / "merged")],
+        ["export", str(copy), str(tmp_path / "peft")],
+    ):
         result = runner.invoke(app, command)
         assert result.exit_code == 1, result.output
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "method.safetensors" in lines[0] and "not a safetensors file" in lines[0], result.stderr
+        assert len(lines) == 1 and "method.safetensors" in lines[0] and "not a safetensors file" in lines[0], (
+            result.stderr
+        )
         assert not marker.exists(), "the pickle was loaded"
     assert not (tmp_path / "merged").exists() and not (tmp_path / "peft").exists()
 

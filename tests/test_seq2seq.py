@@ -10,18 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import peft_side, s2s_recipe_doc, write_recipe
-from test_methods import CASES as BATTERY
 from typer.testing import CliRunner
 
-from ftune import models
+from conftest import peft_side, s2s_recipe_doc, write_recipe
+from ftune import models, rundir
 from ftune.cli import app
 from ftune.errors import MethodError
 from ftune.methods import METHODS, attach, method_of
 from ftune.methods.base import count_parameters, unwrap_merged
-from ftune import rundir
 from ftune.run import checkpoint
 from ftune.tasks import TASKS
+from test_methods import CASES as BATTERY
 
 TASK = "seq2seq"
 PREFIX = {"n_tokens": 3, "mlp_hidden": 16}
@@ -46,8 +45,11 @@ CASES = BATTERY | {
     "compose": {"methods": [{"name": "prefix_tuning", **PREFIX}, {"name": "lora", "r": 4}]},
     "mam_adapter": {"prefix": PREFIX, "adapter": {"bottleneck": 8}},
     "unipelt": {"lora": {"r": 2}, "adapter": {"bottleneck": 4}, "prefix": PREFIX},
-    "unipelt:decoder": {"lora": {"r": 2, "targets": "all-linear"}, "adapter": {"bottleneck": 4},
-                        "prefix": PREFIX | {"sites": "decoder"}},
+    "unipelt:decoder": {
+        "lora": {"r": 2, "targets": "all-linear"},
+        "adapter": {"bottleneck": 4},
+        "prefix": PREFIX | {"sites": "decoder"},
+    },
     # a function (arch, folders) -> config for a method that needs something built first: stage-1 adapter runs
     "adapter_fusion": lambda arch, folders: {"adapters": [str(run) for run in folders["adapter_runs"]()[arch]]},
     "sparse": {"selection": "random", "density": 0.05},
@@ -144,10 +146,12 @@ def test_weights_round_trip_and_generation_follows_the_logits(case, arch, folder
     batch = {k: v for k, v in _batch().items() if k != "labels"}
     torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
     with torch.no_grad():
-        out = fresh.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5,
-                             do_sample=False)
-        logits = fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=out[:, :-1]).logits
+        out = fresh.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5, do_sample=False
+        )
+        logits = fresh(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=out[:, :-1]
+        ).logits
     eos = fresh.config.eos_token_id
     for row, predicted in zip(out[:, 1:].tolist(), logits.argmax(-1).tolist()):
         # up to the first EOS; the last position may be BART's forced EOS at the length limit, not the argmax
@@ -191,6 +195,7 @@ def test_lora_query_value_covers_self_and_cross_attention(folders):
 
 # Prefix tuning: where the prefixes go.
 
+
 def _odd_decoder(arch: str, folder: Path) -> Path:
     """The tiny model with 3 decoder layers: peft gives decoder layer l the pair 2l mod L, a permutation only for odd
     L (see prefix_tuning.peft_decoder_order), so equality with peft is defined there."""
@@ -218,8 +223,9 @@ def test_decoder_prefixes_equal_peft(arch, folders):
     fields = peft_config(ours, cfg)
     reference = models.load_model(TASK, str(folder))[0]
     keys = ("num_virtual_tokens", "num_transformer_submodules", "num_layers", "token_dim", "num_attention_heads")
-    peft_model = peft_side(lambda: get_peft_model(reference, PrefixTuningConfig(
-        task_type="SEQ_2_SEQ_LM", **{k: fields[k] for k in keys})))
+    peft_model = peft_side(
+        lambda: get_peft_model(reference, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", **{k: fields[k] for k in keys}))
+    )
     assert isinstance(peft_model, PeftModel)
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(peft_weights(ours)[0]["prompt_embeddings"])
@@ -240,8 +246,11 @@ def test_input_prompt_export_equals_peft(name, arch, folders, tmp_path):
     method, cfg = METHODS[name], METHODS[name].config_cls(n_tokens=3)
     ours = attach(models.load_model(TASK, str(folders[arch]))[0], cfg, []).eval()
     _nudge(ours)
-    config = method.saving.peft.config(ours, cfg) | {"task_type": "SEQ_2_SEQ_LM", "inference_mode": True,
-                                              "base_model_name_or_path": str(folders[arch])}
+    config = method.saving.peft.config(ours, cfg) | {
+        "task_type": "SEQ_2_SEQ_LM",
+        "inference_mode": True,
+        "base_model_name_or_path": str(folders[arch]),
+    }
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     tensors, _ = method.saving.peft.weights(ours)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "adapter_model.safetensors"))
@@ -278,8 +287,9 @@ def test_li_liang_prefixes_reach_the_encoder_and_peft_placement_does_not(arch, f
     assert (prefixed.logits - base.logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("case", ["prefix_tuning", "prefix_tuning:decoder", "prompt_tuning", "p_tuning", "unipelt",
-                                  "adapter_fusion"])
+@pytest.mark.parametrize(
+    "case", ["prefix_tuning", "prefix_tuning:decoder", "prompt_tuning", "p_tuning", "unipelt", "adapter_fusion"]
+)
 @pytest.mark.parametrize("arch", ARCHES)
 def test_a_padded_row_equals_the_row_alone(case, arch, folders):
     model, _ = _build(case, arch, folders)
@@ -289,10 +299,12 @@ def test_a_padded_row_equals_the_row_alone(case, arch, folders):
     together = model(**batch).logits
     for row in range(3):
         width = int(batch["attention_mask"][row].sum())
-        alone = model(input_ids=batch["input_ids"][row:row + 1, :width],
-                      attention_mask=batch["attention_mask"][row:row + 1, :width],
-                      decoder_input_ids=batch["decoder_input_ids"][row:row + 1]).logits
-        torch.testing.assert_close(together[row:row + 1], alone, rtol=0, atol=1e-5)
+        alone = model(
+            input_ids=batch["input_ids"][row : row + 1, :width],
+            attention_mask=batch["attention_mask"][row : row + 1, :width],
+            decoder_input_ids=batch["decoder_input_ids"][row : row + 1],
+        ).logits
+        torch.testing.assert_close(together[row : row + 1], alone, rtol=0, atol=1e-5)
 
 
 # The CLI: train, eval, predict, merge, export.
@@ -359,8 +371,10 @@ def test_shipped_recipes_name_real_models_and_a_hub_data_set():
     from ftune.recipe import load_recipe
 
     root = Path(__file__).parents[1] / "recipes"
-    for name, model in (("lora_t5_summarize.yaml", "google-t5/t5-small"),
-                        ("prefix_tuning_bart_summarize.yaml", "facebook/bart-base")):
+    for name, model in (
+        ("lora_t5_summarize.yaml", "google-t5/t5-small"),
+        ("prefix_tuning_bart_summarize.yaml", "facebook/bart-base"),
+    ):
         recipe = load_recipe(root / name)
         assert recipe.task == TASK and recipe.model.name == model
         hub = [s for s in [*recipe.data.train, *recipe.data.validation] if not isinstance(s, str)]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import build_bert, build_llama, build_t5, recipe_doc, s2s_recipe_doc, write_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import build_bert, build_llama, build_t5, recipe_doc, s2s_recipe_doc, write_recipe
 from ftune import models
 from ftune.assemble import load_run
 from ftune.cli import app
@@ -44,9 +44,11 @@ def _deepen(folder: Path, **counts) -> Path:
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("deep")
-    return {"bert": _deepen(build_bert(root / "bert"), num_hidden_layers=DEPTH),
-            "llama": _deepen(build_llama(root / "llama"), num_hidden_layers=DEPTH),
-            "t5": _deepen(build_t5(root / "t5"), num_layers=DEPTH, num_decoder_layers=DEPTH)}
+    return {
+        "bert": _deepen(build_bert(root / "bert"), num_hidden_layers=DEPTH),
+        "llama": _deepen(build_llama(root / "llama"), num_hidden_layers=DEPTH),
+        "t5": _deepen(build_t5(root / "t5"), num_layers=DEPTH, num_decoder_layers=DEPTH),
+    }
 
 
 TASKS = {"bert": "sequence_classification", "llama": "causal_lm", "t5": "seq2seq"}
@@ -84,7 +86,11 @@ def test_each_mode_keeps_the_right_blocks(deep, arch, mode):
         assert list(stack) == [original[i] for i in kept]
         for new, block in enumerate(stack):  # cache slots follow the new order
             assert {m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)} == {new}
-    counted = (model.config.num_layers, model.config.num_decoder_layers) if arch == "t5" else (model.config.num_hidden_layers,)
+    counted = (
+        (model.config.num_layers, model.config.num_decoder_layers)
+        if arch == "t5"
+        else (model.config.num_hidden_layers,)
+    )
     assert set(counted) == {len(kept)}
 
 
@@ -104,7 +110,9 @@ def test_composes_with_lora_and_full(deep):
 def test_schedule_removes_blocks_at_evenly_spaced_steps(deep):
     """top-k 3 from step 2 to 6 of 8: blocks 5, 4, 3 go after steps 2, 4, 6; a fraction names the nearest step."""
     for schedule in ({"start": 2, "end": 6}, {"start": 0.25, "end": 0.75}):
-        model, originals, cfg = _build(deep, "bert", [{"name": "shrink", "k": 3, "schedule": schedule}, {"name": "full"}])
+        model, originals, cfg = _build(
+            deep, "bert", [{"name": "shrink", "k": 3, "schedule": schedule}, {"name": "full"}]
+        )
         method, kept_after = method_of(cfg), []
         for step in range(1, 9):
             method.hooks.on_step_end(model, step, 8)
@@ -141,8 +149,19 @@ def _trained(doc: dict) -> Path:
 
 def test_a_dropped_block_stops_training_when_its_step_comes(deep, cls_data, tmp_path):
     method = [{"name": "shrink", "k": 2, "schedule": {"start": 2, "end": 4}}, {"name": "full"}]
-    run = _trained(recipe_doc("cls", deep["bert"], cls_data, tmp_path / "run", method, max_steps=6, save_every=1,
-                              keep_checkpoints=10, weight_decay=0.1))
+    run = _trained(
+        recipe_doc(
+            "cls",
+            deep["bert"],
+            cls_data,
+            tmp_path / "run",
+            method,
+            max_steps=6,
+            save_every=1,
+            keep_checkpoints=10,
+            weight_decay=0.1,
+        )
+    )
     saved = [load_file(run / "checkpoints" / f"step-{s:08d}" / "method.safetensors") for s in range(1, 7)]
     for block, removed_after in ((5, 2), (4, 4), (3, 6)):  # block 3 stays: it is a control that trains throughout
         weight = f"bert.encoder.layer.{block}.output.dense.weight"
@@ -157,8 +176,10 @@ def _batch(tokenizer):
 
 @pytest.mark.parametrize("schedule", [None, {"start": 1, "end": 2}], ids=["before", "scheduled"])
 def test_merged_classifier_loads_with_fewer_blocks_and_equal_logits(deep, cls_data, tmp_path, schedule):
-    method = [{"name": "shrink", "drop": "every-other", **({"schedule": schedule} if schedule else {})},
-              {"name": "lora", "r": 2}]
+    method = [
+        {"name": "shrink", "drop": "every-other", **({"schedule": schedule} if schedule else {})},
+        {"name": "lora", "r": 2},
+    ]
     run = _trained(recipe_doc("cls", deep["bert"], cls_data, tmp_path / "run", method, max_steps=3))
     _, model, tokenizer = load_run(run)
     merge_run(run, tmp_path / "merged")
@@ -195,8 +216,14 @@ def test_merged_t5_loads_with_fewer_blocks_in_both_stacks(deep, s2s_data, tmp_pa
 
 def test_a_schedule_distils_from_the_unshrunk_base(deep, sft_data, tmp_path):
     """The natural pair: blocks go one at a time while the student learns the unshrunk model's distribution."""
-    doc = recipe_doc("sft", deep["llama"], sft_data, tmp_path / "run",
-                     [{"name": "shrink", "k": 2, "schedule": {"start": 1, "end": 3}}, {"name": "full"}], max_steps=4)
+    doc = recipe_doc(
+        "sft",
+        deep["llama"],
+        sft_data,
+        tmp_path / "run",
+        [{"name": "shrink", "k": 2, "schedule": {"start": 1, "end": 3}}, {"name": "full"}],
+        max_steps=4,
+    )
     doc["objective"] = {"name": "distill", "teacher": str(deep["llama"]), "temperature": 1.0}
     run = _trained(doc)
     losses = [line["loss"] for line in _log_without_timing(run) if "loss" in line and "validation" not in line]
@@ -206,9 +233,17 @@ def test_a_schedule_distils_from_the_unshrunk_base(deep, sft_data, tmp_path):
 
 def test_per_layer_config_lists_follow_the_kept_blocks(tmp_path):
     """Qwen2's layer_types (one entry per block) keeps the kept blocks' entries, so the saved config loads."""
-    config = transformers.Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                                      sliding_window=4, max_window_layers=2)
+    config = transformers.Qwen2Config(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
+    )
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(config).eval()
     types = list(config.layer_types)
@@ -231,8 +266,20 @@ def test_resume_mid_schedule_equals_uninterrupted(deep, cls_data, tmp_path):
     """Blocks go after steps 2, 4 and 5; the run is cut after the step-4 checkpoint, with one removal still to come.
     The best weights (by loss) may come from mid-schedule: they carry the blocks dropped when they were saved."""
     method = [{"name": "shrink", "k": 3, "schedule": {"start": 2, "end": 5}}, {"name": "lora", "r": 2, "dropout": 0.1}]
-    doc = recipe_doc("cls", deep["bert"], cls_data, tmp_path / "run", method, max_steps=6, save_every=2,
-                     keep_checkpoints=3, grad_accum=2, eval_every=2, best_metric="loss", best_mode="min")
+    doc = recipe_doc(
+        "cls",
+        deep["bert"],
+        cls_data,
+        tmp_path / "run",
+        method,
+        max_steps=6,
+        save_every=2,
+        keep_checkpoints=3,
+        grad_accum=2,
+        eval_every=2,
+        best_metric="loss",
+        best_mode="min",
+    )
     run = _trained(doc)
     expected, expected_log = load_file(run / "method.safetensors"), _log_without_timing(run)
     shutil.rmtree(run / "checkpoints" / "step-00000006")
@@ -259,10 +306,18 @@ def test_validate_prints_parameters_and_the_estimated_speed_up(deep, cls_data, t
     d, ffn, n_ctx = 32, 64, doc["data"]["max_length"]
     block, outside = 2 * (4 * d * d + 2 * d * ffn) + 2 * n_ctx * d, 2 * (d * d + 2 * d)
     assert f"speed-up estimate: {(6 * block + outside) / (3 * block + outside):.2f}x" in result.stdout
-    full = sum(p.numel() for p in transformers.AutoModelForSequenceClassification.from_pretrained(
-        deep["bert"], num_labels=2).parameters())
-    per_block = full - sum(p.numel() for p in transformers.AutoModelForSequenceClassification.from_pretrained(
-        deep["bert"], num_labels=2, num_hidden_layers=5).parameters())
+    full = sum(
+        p.numel()
+        for p in transformers.AutoModelForSequenceClassification.from_pretrained(
+            deep["bert"], num_labels=2
+        ).parameters()
+    )
+    per_block = full - sum(
+        p.numel()
+        for p in transformers.AutoModelForSequenceClassification.from_pretrained(
+            deep["bert"], num_labels=2, num_hidden_layers=5
+        ).parameters()
+    )
     assert f"parameters: {full:,} unshrunk -> {full - 3 * per_block:,} shrunk" in result.stdout
 
 
@@ -272,19 +327,34 @@ def test_t5_keeps_the_block_holding_the_position_bias(deep):
 
 
 BAD = {  # method section -> (exit code, what the one line says)
-    "out-of-range": ([{"name": "shrink", "drop": "list", "blocks": [2, 6]}, {"name": "full"}], 1,
-                     "shrink.blocks: block 6 does not exist; this model's blocks are 0..5"),
+    "out-of-range": (
+        [{"name": "shrink", "drop": "list", "blocks": [2, 6]}, {"name": "full"}],
+        1,
+        "shrink.blocks: block 6 does not exist; this model's blocks are 0..5",
+    ),
     "duplicate": ([{"name": "shrink", "drop": "list", "blocks": [2, 2]}, {"name": "full"}], 2, "names a block twice"),
-    "every-block": ([{"name": "shrink", "drop": "list", "blocks": [0, 1, 2, 3, 4, 5]}, {"name": "full"}], 1,
-                    "all 6 blocks would be dropped"),
+    "every-block": (
+        [{"name": "shrink", "drop": "list", "blocks": [0, 1, 2, 3, 4, 5]}, {"name": "full"}],
+        1,
+        "all 6 blocks would be dropped",
+    ),
     "top-k-all": ([{"name": "shrink", "k": 6}, {"name": "full"}], 1, "shrink.k: dropping 6 of this model's 6 blocks"),
-    "schedule-past-the-run": ([{"name": "shrink", "k": 2, "schedule": {"start": 2, "end": 9}}, {"name": "full"}], 1,
-                              "shrink.schedule.end: step 9 lies past the run's last step, 4"),
-    "fraction-above-one": ([{"name": "shrink", "k": 2, "schedule": {"start": 0.5, "end": 1.5}}, {"name": "full"}], 2,
-                           "fraction of the run"),
+    "schedule-past-the-run": (
+        [{"name": "shrink", "k": 2, "schedule": {"start": 2, "end": 9}}, {"name": "full"}],
+        1,
+        "shrink.schedule.end: step 9 lies past the run's last step, 4",
+    ),
+    "fraction-above-one": (
+        [{"name": "shrink", "k": 2, "schedule": {"start": 0.5, "end": 1.5}}, {"name": "full"}],
+        2,
+        "fraction of the run",
+    ),
     "alone": ({"name": "shrink", "k": 2}, 2, "shrink trains nothing itself"),
-    "schedule-with-prompt": ([{"name": "shrink", "k": 2, "schedule": {"start": 1, "end": 2}},
-                              {"name": "p_tuning", "n_tokens": 2}], 2, "each save their weights in a form"),
+    "schedule-with-prompt": (
+        [{"name": "shrink", "k": 2, "schedule": {"start": 1, "end": 2}}, {"name": "p_tuning", "n_tokens": 2}],
+        2,
+        "each save their weights in a form",
+    ),
 }
 
 

@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-from conftest import peft_side, recipe_doc
 
+from conftest import peft_side, recipe_doc
 from ftune import models, rundir
 from ftune.assemble import load_run
 from ftune.errors import RecipeError
@@ -25,16 +25,26 @@ peft = pytest.importorskip("peft")
 N = 4
 OURS = {  # method config, and the peft config with the same structure
     "prompt_tuning": ({"n_tokens": N}, lambda task: peft.PromptTuningConfig(task_type=task, num_virtual_tokens=N)),
-    "p_tuning-mlp": ({"n_tokens": N, "encoder_hidden": 16},
-                     lambda task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=N, encoder_hidden_size=16)),
-    "p_tuning-lstm": ({"n_tokens": N, "encoder": "lstm", "encoder_hidden": 8},
-                      lambda task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=N, encoder_hidden_size=8,
-                                                            encoder_reparameterization_type="LSTM")),
-    "prefix_tuning": ({"n_tokens": N, "mlp_hidden": 16},
-                      lambda task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N, prefix_projection=True,
-                                                           encoder_hidden_size=16)),
-    "p_tuning_v2": ({"n_tokens": N, "dropout": 0.0},
-                    lambda task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N)),
+    "p_tuning-mlp": (
+        {"n_tokens": N, "encoder_hidden": 16},
+        lambda task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=N, encoder_hidden_size=16),
+    ),
+    "p_tuning-lstm": (
+        {"n_tokens": N, "encoder": "lstm", "encoder_hidden": 8},
+        lambda task: peft.PromptEncoderConfig(
+            task_type=task, num_virtual_tokens=N, encoder_hidden_size=8, encoder_reparameterization_type="LSTM"
+        ),
+    ),
+    "prefix_tuning": (
+        {"n_tokens": N, "mlp_hidden": 16},
+        lambda task: peft.PrefixTuningConfig(
+            task_type=task, num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=16
+        ),
+    ),
+    "p_tuning_v2": (
+        {"n_tokens": N, "dropout": 0.0},
+        lambda task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N),
+    ),
 }
 TASKS = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2")
@@ -131,6 +141,7 @@ def test_virtual_tokens_after_the_input(tiny_llama):
 
 def test_gradient_checkpointing(tiny_llama, cls_data, tmp_path):
     """Input prompts recompute exactly; prefixes, which live in the attention cache, are refused up front."""
+
     def gradients(checkpointing: bool):
         model, _ = _ours("prompt_tuning", tiny_llama, "causal_lm")
         if checkpointing:
@@ -141,7 +152,9 @@ def test_gradient_checkpointing(tiny_llama, cls_data, tmp_path):
         return model.source.weight.grad
 
     torch.testing.assert_close(gradients(True), gradients(False), rtol=1e-5, atol=1e-6)
-    doc = recipe_doc("cls", tiny_llama, cls_data, tmp_path / "r", {"name": "prefix_tuning"}, gradient_checkpointing=True)
+    doc = recipe_doc(
+        "cls", tiny_llama, cls_data, tmp_path / "r", {"name": "prefix_tuning"}, gradient_checkpointing=True
+    )
     with pytest.raises(RecipeError, match="train.gradient_checkpointing: prefix_tuning"):
         validate_recipe(doc)
 

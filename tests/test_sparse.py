@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import recipe_doc, write_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, write_recipe
 from ftune import assemble, models
 from ftune.cli import app
 from ftune.layers.sparse import stores
@@ -64,7 +64,7 @@ def test_fisher_is_top_k_of_summed_squared_gradients(tiny_bert):
     reference.eval()
     body = _body_params(reference)
     scores = [torch.zeros_like(p) for p in body]
-    rows = [{k: v[i:i + 1] for k, v in b.items()} for b in _batches() for i in range(3)][:5]
+    rows = [{k: v[i : i + 1] for k, v in b.items()} for b in _batches() for i in range(3)][:5]
     for row in rows:
         total, count = _loss(reference, row)
         grads = torch.autograd.grad(total / count, body, allow_unused=True)
@@ -150,8 +150,9 @@ def test_optimizer_state_is_k_entries(tiny_bert):
 @pytest.fixture(scope="module")
 def fisher_run(tiny_bert, cls_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse-run")
-    doc = recipe_doc("cls", tiny_bert, cls_data, root / "run", {"name": "sparse", "density": 0.02, "samples": 16},
-                     max_steps=4)
+    doc = recipe_doc(
+        "cls", tiny_bert, cls_data, root / "run", {"name": "sparse", "density": 0.02, "samples": 16}, max_steps=4
+    )
     result = CliRunner().invoke(app, ["train", str(write_recipe(root / "recipe.yaml", doc))])
     assert result.exit_code == 0, result.output
     return root / "run"
@@ -193,8 +194,18 @@ def test_merged_export_equals_the_run(fisher_run, tmp_path):
 @pytest.mark.parametrize("selection", ["fisher", "most_changed"])
 def test_resume_equals_uninterrupted(selection, tmp_path, tiny_bert, cls_data):
     method = {"name": "sparse", "selection": selection, "density": 0.02, "samples": 8, "full_steps": 2}
-    doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", method, max_steps=6, save_every=2,
-                     keep_checkpoints=3, grad_accum=2, eval_every=2)
+    doc = recipe_doc(
+        "cls",
+        tiny_bert,
+        cls_data,
+        tmp_path / "run",
+        method,
+        max_steps=6,
+        save_every=2,
+        keep_checkpoints=3,
+        grad_accum=2,
+        eval_every=2,
+    )
     recipe, run = validate_recipe(doc), tmp_path / "run"
     train(recipe)
     expected = load_file(run / "method.safetensors")

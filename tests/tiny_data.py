@@ -113,14 +113,19 @@ def pref_data(tmp_path_factory) -> Path:
     """train.jsonl (32 pairs over 8 prompts), validation.jsonl (8 pairs over 4 other prompts)."""
     folder = tmp_path_factory.mktemp("pref")
     rng = random.Random(4)
-    splits = (("train", "repeat the word", POSITIVE[:4] + NEGATIVE[:4], 4),
-              ("validation", "please repeat the word", ["superb", "weak", "good", "bad"], 2))
+    splits = (
+        ("train", "repeat the word", POSITIVE[:4] + NEGATIVE[:4], 4),
+        ("validation", "please repeat the word", ["superb", "weak", "good", "bad"], 2),
+    )
     for split, ask, words, per_prompt in splits:
         with open(folder / f"{split}.jsonl", "w") as f:
             for i, word in enumerate(words):
                 opposite = NEGATIVE if word in POSITIVE else POSITIVE
                 for k in range(per_prompt):
-                    row = {"prompt": f"{ask} {word}", "chosen": f"{word} " * (1 + k % 2) + "please",
-                           "rejected": " ".join(rng.sample(opposite, 1 + (i + k) % 3))}
+                    row = {
+                        "prompt": f"{ask} {word}",
+                        "chosen": f"{word} " * (1 + k % 2) + "please",
+                        "rejected": " ".join(rng.sample(opposite, 1 + (i + k) % 3)),
+                    }
                     f.write(json.dumps(row) + "\n")
     return folder

@@ -18,8 +18,11 @@ def recipe_doc(kind: str, model: Path, data: Path, out: Path, method: dict | Non
     doc = {
         "model": {"name": str(model)},
         "task": "sequence_classification" if kind == "cls" else "causal_lm",
-        "data": {"train": str(data / f"train.{ext}"), "validation": str(data / f"validation.{ext}"),
-                 "max_length": 32 if kind == "cls" else 128},
+        "data": {
+            "train": str(data / f"train.{ext}"),
+            "validation": str(data / f"validation.{ext}"),
+            "max_length": 32 if kind == "cls" else 128,
+        },
         "method": method or {"name": "lora", "r": 4, "alpha": 8},
         "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "log_every": 1, "seed": 0, **train},
         "output_dir": str(out),
@@ -39,8 +42,14 @@ def s2s_recipe_doc(model: Path, data: Path, out: Path, method: dict | None = Non
     return {
         "model": {"name": str(model)},
         "task": "seq2seq",
-        "data": {"train": str(data / "train.jsonl"), "validation": str(data / "validation.jsonl"),
-                 "source_column": "document", "target_column": "summary", "max_length": 32, "max_target_length": 8},
+        "data": {
+            "train": str(data / "train.jsonl"),
+            "validation": str(data / "validation.jsonl"),
+            "source_column": "document",
+            "target_column": "summary",
+            "max_length": 32,
+            "max_target_length": 8,
+        },
         "method": method or {"name": "lora", "r": 4, "alpha": 8},
         "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "log_every": 1, "seed": 0, **train},
         "generation": {"max_new_tokens": 6},
@@ -60,8 +69,9 @@ def token_recipe_doc(model: Path, data: Path, out: Path, method: dict | None = N
     }
 
 
-def pref_recipe_doc(model: Path, data: Path, out: Path, objective: dict | None = None, method: dict | None = None,
-                    **train) -> dict:
+def pref_recipe_doc(
+    model: Path, data: Path, out: Path, objective: dict | None = None, method: dict | None = None, **train
+) -> dict:
     """A complete tiny preference recipe reading `data`/{train,validation}.jsonl (prompt, chosen, rejected)."""
     return {
         "model": {"name": str(model)},

@@ -29,16 +29,19 @@ def plot(rows: list[dict[str, Any]], metric: str, mode: str, path: Path) -> Path
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
-    panels = (("trainable_params", "trainable parameters (log scale)", True),
-              ("peak_memory_bytes", "peak memory (GiB)", False))
+    panels = (
+        ("trainable_params", "trainable parameters (log scale)", True),
+        ("peak_memory_bytes", "peak memory (GiB)", False),
+    )
     for ax, (cost_key, label, log) in zip(axes, panels):
         shown = [r for r in rows if r.get(cost_key) is not None and r.get(f"final_{metric}") is not None]
         scale = 1 if log else 2**30
         points = [(r[cost_key] / scale, r[f"final_{metric}"]) for r in shown]
         best = frontier(points, mode == "max")
         ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:gray", label="method")
-        ax.plot([points[i][0] for i in best], [points[i][1] for i in best], "o-", color="tab:red",
-                label="Pareto frontier")
+        ax.plot(
+            [points[i][0] for i in best], [points[i][1] for i in best], "o-", color="tab:red", label="Pareto frontier"
+        )
         for r, (x, y) in zip(shown, points):
             ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if log:

@@ -24,8 +24,17 @@ from ftune.methods import METHODS
 from ftune.methods.base import Method, Trains
 from ftune.recipe import Recipe, validate_recipe
 
-UNITS = {"step": "steps", "steps": "steps", "epoch": "epochs", "epochs": "epochs", "s": "seconds", "sec": "seconds",
-         "secs": "seconds", "second": "seconds", "seconds": "seconds"}
+UNITS = {
+    "step": "steps",
+    "steps": "steps",
+    "epoch": "epochs",
+    "epochs": "epochs",
+    "s": "seconds",
+    "sec": "seconds",
+    "secs": "seconds",
+    "second": "seconds",
+    "seconds": "seconds",
+}
 
 
 @dataclass(frozen=True)
@@ -63,8 +72,17 @@ def parse_budget(text: str) -> Budget:
     return Budget(amount, unit)
 
 
-SIZES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-         "tib": 2**40}
+SIZES = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str, option: str) -> int:
@@ -121,8 +139,9 @@ def method_recipe(base: Recipe, method: str, budget: Budget, out: Path, evals: i
     return validate_recipe(doc, source=method)
 
 
-def plan(base: Recipe, names: str | None, every: bool, budget: Budget, out: Path,
-         evals: int = 4) -> tuple[dict[str, Recipe], dict[str, str]]:
+def plan(
+    base: Recipe, names: str | None, every: bool, budget: Budget, out: Path, evals: int = 4
+) -> tuple[dict[str, Recipe], dict[str, str]]:
     """({method: its recipe}, {method: why it is left out}). A named method that does not apply to the recipe's
     task or model is a RecipeError; with `--all` it is left out with the reason."""
     if not base.data.validation:

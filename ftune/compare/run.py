@@ -28,9 +28,13 @@ from ftune.compare.worker import REFUSED
 from ftune.errors import RunDirError
 from ftune.recipe import Recipe, dump_recipe, load_recipe
 
-ACTIONS = {"fresh": ("training", []), "restart": ("training again (no checkpoint was saved)", ["--overwrite"]),
-           "resume": ("resuming from its last checkpoint", ["--resume"]),
-           "measure": ("timing a forward", ["--measure-only"]), "reuse": ("finished before: reused", None)}
+ACTIONS = {
+    "fresh": ("training", []),
+    "restart": ("training again (no checkpoint was saved)", ["--overwrite"]),
+    "resume": ("resuming from its last checkpoint", ["--resume"]),
+    "measure": ("timing a forward", ["--measure-only"]),
+    "reuse": ("finished before: reused", None),
+}
 
 
 @dataclass
@@ -53,8 +57,10 @@ def state_of(run_dir: Path, recipe_yaml: str) -> str:
     if not run_dir.is_dir() or not rundir.is_run(run_dir):
         raise RunDirError(f"{run_dir}: exists and is not an ftune run; choose another --out")
     if rundir.read_recipe_text(run_dir) != recipe_yaml:
-        raise RunDirError(f"{run_dir}: holds a run of another recipe or budget than this comparison's; choose another "
-                          f"--out, or delete {run_dir} to train {run_dir.name} again")
+        raise RunDirError(
+            f"{run_dir}: holds a run of another recipe or budget than this comparison's; choose another "
+            f"--out, or delete {run_dir} to train {run_dir.name} again"
+        )
     if rundir.has_metrics(run_dir):
         return "reuse" if table.forward_of(run_dir) else "measure"
     return "resume" if rundir.latest_checkpoint(run_dir) else "restart"
@@ -74,8 +80,17 @@ def launch(recipe_file: Path, flags: list[str]) -> tuple[int, str]:
     return worker.returncode, last.removeprefix("error: ") or f"the worker exited with code {worker.returncode}"
 
 
-def compare(recipe_path: Path, names: str | None, every: bool, budget_text: str, out: Path, overrides: list[str],
-            evals: int = 4, memory_limit: str | None = None, console: Console | None = None) -> Comparison:
+def compare(
+    recipe_path: Path,
+    names: str | None,
+    every: bool,
+    budget_text: str,
+    out: Path,
+    overrides: list[str],
+    evals: int = 4,
+    memory_limit: str | None = None,
+    console: Console | None = None,
+) -> Comparison:
     """Plan, check, run what is not done, then write comparison.md, comparison.json and pareto.png into `out`."""
     console = console or Console(stderr=True)
     budget = planning.parse_budget(budget_text)  # every bad input is refused before anything is loaded or written
@@ -111,8 +126,16 @@ def write_recipe(out: Path, method: str, recipe: Recipe) -> Path:
     return path
 
 
-def _report(recipe_path: Path, base: Recipe, budget: planning.Budget, done: dict[str, Recipe],
-            left_out: dict[str, str], failed: dict[str, str], limit: int | None, out: Path) -> Comparison:
+def _report(
+    recipe_path: Path,
+    base: Recipe,
+    budget: planning.Budget,
+    done: dict[str, Recipe],
+    left_out: dict[str, str],
+    failed: dict[str, str],
+    limit: int | None,
+    out: Path,
+) -> Comparison:
     from ftune.compare import pareto, recommend
 
     metric, mode = table.metric_of(base)
@@ -122,9 +145,9 @@ def _report(recipe_path: Path, base: Recipe, budget: planning.Budget, done: dict
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "comparison.md", out / "comparison.json"]
     rundir.write_text(files[0], table.markdown(rows, context, left_out, failed, advice))
-    rundir.write_json(files[1], {**context, "rows": rows, "left_out": left_out, "failed": failed,
-                                     "recommendation": advice})
+    rundir.write_json(
+        files[1], {**context, "rows": rows, "left_out": left_out, "failed": failed, "recommendation": advice}
+    )
     if rows:
         files.append(pareto.plot(rows, metric, mode, out / "pareto.png"))
     return Comparison(rows, metric, left_out, failed, advice, files)
-

@@ -62,9 +62,11 @@ def read_row(method: str, recipe: Recipe, metric: str, mode: str) -> dict[str, A
     try:
         return _row(method, recipe, metric, mode)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise RunDirError(f"{recipe.output_dir}: its {rundir.METRICS}, {rundir.METRICS_LOG} or {RESULT} is not what "
-                          f"ftune writes ({type(e).__name__}: {e}); delete the folder to train {method} "
-                          "again") from None
+        raise RunDirError(
+            f"{recipe.output_dir}: its {rundir.METRICS}, {rundir.METRICS_LOG} or {RESULT} is not what "
+            f"ftune writes ({type(e).__name__}: {e}); delete the folder to train {method} "
+            "again"
+        ) from None
 
 
 def _row(method: str, recipe: Recipe, metric: str, mode: str) -> dict[str, Any]:
@@ -75,18 +77,25 @@ def _row(method: str, recipe: Recipe, metric: str, mode: str) -> dict[str, Any]:
     forward = measured.get("forward") or {}
     t = recipe.train
     return {
-        "method": method, "lr": t.lr, "steps": final["step"],
-        "trainable_params": final["trainable_params"], "total_params": final["total_params"],
+        "method": method,
+        "lr": t.lr,
+        "steps": final["step"],
+        "trainable_params": final["trainable_params"],
+        "total_params": final["total_params"],
         "trainable_pct": 100 * final["trainable_params"] / final["total_params"],
         "saved_bytes": rundir.weights_file(out).stat().st_size,
-        "peak_memory_bytes": measured.get("peak_memory_bytes"), "memory_kind": measured.get("memory"),
+        "peak_memory_bytes": measured.get("peak_memory_bytes"),
+        "memory_kind": measured.get("memory"),
         "tokens_per_s": tokens_per_s(log, t.eval_every, t.save_every),
-        "wall_seconds": measured.get("wall_seconds"), "train_seconds": final["train_seconds"],
+        "wall_seconds": measured.get("wall_seconds"),
+        "train_seconds": final["train_seconds"],
         "resumed": measured.get("resumed", False),
         f"best_{metric}": (max if mode == "max" else min)(scores) if scores else None,
         f"final_{metric}": final["validation"].get(metric),
-        "forward_relative": forward.get("relative"), "forward_merged": forward.get("merged"),
-        "forward_ms": forward.get("method_ms"), "base_forward_ms": forward.get("base_ms"),
+        "forward_relative": forward.get("relative"),
+        "forward_merged": forward.get("merged"),
+        "forward_ms": forward.get("method_ms"),
+        "base_forward_ms": forward.get("base_ms"),
         "run_dir": str(out),
     }
 
@@ -95,10 +104,19 @@ def context(recipe_path: Path, budget: Any, metric: str, mode: str) -> dict[str,
     """Where the numbers come from: recipe, budget, metric, machine and date."""
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
-        f"CPU ({os.cpu_count()} cores, {platform.machine()}), no GPU"
-    return {"recipe": str(recipe_path), "budget": str(budget), "metric": metric, "mode": mode, "machine": device,
-            "date": datetime.date.today().isoformat()}
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({os.cpu_count()} cores, {platform.machine()}), no GPU"
+    )
+    return {
+        "recipe": str(recipe_path),
+        "budget": str(budget),
+        "metric": metric,
+        "mode": mode,
+        "machine": device,
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def _size(n: float | None) -> str:
@@ -116,25 +134,51 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 def cells(row: dict[str, Any], metric: str) -> list[str]:
     forward = row["forward_relative"]
-    return [row["method"], f"{row['lr']:g}", f"{row['trainable_params']:,}", f"{row['trainable_pct']:.3g}",
-            _size(row["saved_bytes"]), _size(row["peak_memory_bytes"]),
-            "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f}",
-            _number(row["wall_seconds"], 0), _number(row[f"best_{metric}"]), _number(row[f"final_{metric}"]),
-            "-" if forward is None else f"{forward:.2f}x" + (" (merged)" if row["forward_merged"] else "")]
+    return [
+        row["method"],
+        f"{row['lr']:g}",
+        f"{row['trainable_params']:,}",
+        f"{row['trainable_pct']:.3g}",
+        _size(row["saved_bytes"]),
+        _size(row["peak_memory_bytes"]),
+        "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f}",
+        _number(row["wall_seconds"], 0),
+        _number(row[f"best_{metric}"]),
+        _number(row[f"final_{metric}"]),
+        "-" if forward is None else f"{forward:.2f}x" + (" (merged)" if row["forward_merged"] else ""),
+    ]
 
 
 def headers(metric: str) -> list[str]:
-    return ["method", "lr", "trainable params", "% of model", "saved", "peak memory", "train tokens/s", "wall s",
-            f"best {metric}", f"final {metric}", "forward vs base"]
+    return [
+        "method",
+        "lr",
+        "trainable params",
+        "% of model",
+        "saved",
+        "peak memory",
+        "train tokens/s",
+        "wall s",
+        f"best {metric}",
+        f"final {metric}",
+        "forward vs base",
+    ]
 
 
-def markdown(rows: list[dict[str, Any]], ctx: dict[str, Any], left_out: dict[str, str], failed: dict[str, str],
-             advice: list[str]) -> str:
+def markdown(
+    rows: list[dict[str, Any]], ctx: dict[str, Any], left_out: dict[str, str], failed: dict[str, str], advice: list[str]
+) -> str:
     metric = ctx["metric"]
     where = f"{ctx['machine']}, {ctx['date']}; {metric}: {'higher' if ctx['mode'] == 'max' else 'lower'} is better"
     memory = f"peak memory: {rows[0]['memory_kind'] if rows else '-'}"
-    lines = [f"# ftune compare: {ctx['recipe']}, {ctx['budget']} per method", "", f"{where}; {memory}.", "",
-             "| " + " | ".join(headers(metric)) + " |", "|" + "---|" * len(headers(metric))]
+    lines = [
+        f"# ftune compare: {ctx['recipe']}, {ctx['budget']} per method",
+        "",
+        f"{where}; {memory}.",
+        "",
+        "| " + " | ".join(headers(metric)) + " |",
+        "|" + "---|" * len(headers(metric)),
+    ]
     lines += ["| " + " | ".join(cells(r, metric)) + " |" for r in rows]
     lines += [""] + [f"- left out: {m} {why}" for m, why in left_out.items()]
     lines += [f"- failed: {m}: {why}" for m, why in failed.items()]

@@ -63,9 +63,16 @@ def forward_cost(run_dir: Path, trust_remote_code: bool, repeats: int = REPEATS)
     names = rundir.read_record(run_dir).label_names
     spec = recipe.model
     source = models.resolve_model(spec.name, spec.gguf_file, spec.revision)
-    base, _ = models.load_model(TASKS[recipe.task], source, spec.dtype, label_names=names,
-                                pad_token_id=tokenizer.pad_token_id, trust_remote_code=spec.trust_remote_code,
-                                revision=spec.revision, quantization=spec.quantization)
+    base, _ = models.load_model(
+        TASKS[recipe.task],
+        source,
+        spec.dtype,
+        label_names=names,
+        pad_token_id=tokenizer.pad_token_id,
+        trust_remote_code=spec.trust_remote_code,
+        revision=spec.revision,
+        quantization=spec.quantization,
+    )
     encoded = assemble.encode_rows(recipe, assemble.read_split(recipe, "validation"), tokenizer, names)
     # the first rows in data order (evaluation batches run longest first, which would time only the longest rows)
     batch = collate(tokenizer.pad_token_id)(encoded.examples[:ROWS])
@@ -95,8 +102,15 @@ def forward_cost(run_dir: Path, trust_remote_code: bool, repeats: int = REPEATS)
         base_times.append(seconds(base))
         method_times.append(seconds(model))
     base_s, method_s = min(base_times), min(method_times)
-    return {"base_ms": 1000 * base_s, "method_ms": 1000 * method_s, "relative": method_s / base_s, "merged": merged,
-            "rows": int(next(iter(batch.values())).shape[0]), "repeats": repeats, "device": device.type}
+    return {
+        "base_ms": 1000 * base_s,
+        "method_ms": 1000 * method_s,
+        "relative": method_s / base_s,
+        "merged": merged,
+        "rows": int(next(iter(batch.values())).shape[0]),
+        "repeats": repeats,
+        "device": device.type,
+    }
 
 
 def run(recipe_path: Path, resume: bool, overwrite: bool, measure_only: bool) -> dict[str, Any]:
@@ -117,8 +131,12 @@ def run(recipe_path: Path, resume: bool, overwrite: bool, measure_only: bool) ->
             if (out / rundir.RECORD).exists():
                 raise
             raise Refused(str(e)) from None
-        result = {"wall_seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory(),
-                  "memory": "cuda max allocated" if _cuda() else "process peak RSS", "resumed": resume}
+        result = {
+            "wall_seconds": time.perf_counter() - start,
+            "peak_memory_bytes": peak_memory(),
+            "memory": "cuda max allocated" if _cuda() else "process peak RSS",
+            "resumed": resume,
+        }
         rundir.write_json(out / RESULT, result)  # before the forward timing, which loads the model again
     result["forward"] = forward_cost(out, recipe.model.trust_remote_code)
     rundir.write_json(out / RESULT, result)

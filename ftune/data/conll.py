@@ -51,8 +51,10 @@ def read_conll(path: Path, tokens_column: str, tags_column: str) -> tuple[list[d
         if not columns:
             columns, first_line = len(fields), number
         elif len(fields) != columns:
-            raise DataError(f"{path} line {number}: {_show(line)} has {len(fields)} columns, but line {first_line} "
-                            f"has {columns} (a word with a space in it?); {LAYOUT}")
+            raise DataError(
+                f"{path} line {number}: {_show(line)} has {len(fields)} columns, but line {first_line} "
+                f"has {columns} (a word with a space in it?); {LAYOUT}"
+            )
         if not words:
             starts.append(number)
         words.append(fields[0])

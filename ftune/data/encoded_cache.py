@@ -84,10 +84,13 @@ def identity(data, task_file: Path, reads_conll: bool, tokenizer, settings: dict
         files["validation"] = local_file(data.validation, "validation", reads_conll)
     if None in files.values():
         return None
-    return {"files": {split: file_identity(path) for split, path in files.items()},
-            "data": data.model_dump(mode="json", exclude={"packing", "cache"}),
-            "code": code_digest([*Path(__file__).parent.glob("*.py"), task_file, task_file.parent / "base.py"]),
-            "tokenizer": tokenizer_digest(tokenizer), **settings}
+    return {
+        "files": {split: file_identity(path) for split, path in files.items()},
+        "data": data.model_dump(mode="json", exclude={"packing", "cache"}),
+        "code": code_digest([*Path(__file__).parent.glob("*.py"), task_file, task_file.parent / "base.py"]),
+        "tokenizer": tokenizer_digest(tokenizer),
+        **settings,
+    }
 
 
 def load_or_build(identity: dict[str, Any] | None, build: Callable[[], Splits]) -> tuple[Splits, str]:
@@ -144,7 +147,7 @@ def _columns(split: str, examples: list[dict[str, Any]]) -> tuple[dict[str, np.n
         kind = _kind(level)
         dtype = {"bool": np.bool_, "int": np.int64, "float": np.float64}[kind]
         flat = np.asarray(level, dtype=dtype)
-        if kind == "int" and flat.size and -2**31 <= flat.min() and flat.max() < 2**31:
+        if kind == "int" and flat.size and -(2**31) <= flat.min() and flat.max() < 2**31:
             flat = flat.astype(np.int32)  # token ids and labels: half the disk and read time
         arrays[f"{split}/{key}/values"] = flat
         fields[key] = {"depth": depth, "kind": kind}
@@ -161,8 +164,13 @@ def _write(path: Path, splits: Splits) -> None:
             continue
         columns, fields = _columns(split, part.examples)
         arrays |= columns
-        meta["splits"][split] = {"source": part.source, "dropped": part.dropped, "truncated": part.truncated,
-                                 "size": len(part.examples), "fields": fields}
+        meta["splits"][split] = {
+            "source": part.source,
+            "dropped": part.dropped,
+            "truncated": part.truncated,
+            "size": len(part.examples),
+            "fields": fields,
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
         partial = Path(f.name)

@@ -63,6 +63,7 @@ never set back), so a file edited since is hashed anew."""
 
 # --- data ------------------------------------------------------------------------------------------------------
 
+
 def data_fingerprints(data, reads_conll: bool) -> dict[str, dict[str, Any]]:
     """Per split of `data` (a recipe's data section), the fingerprint of the file read for it, or the Hub source it
     names; a split whose source is not found is left out (reading it fails with its own message)."""
@@ -132,35 +133,42 @@ def check_resume(record, current: dict[str, dict], *, resume: bool, allow_change
 
     if not resume:
         if allow_changed_data:
-            raise RecipeError("--allow-changed-data: applies only with --resume (a new run records the data as it "
-                              "is); drop it, or add --resume")
+            raise RecipeError(
+                "--allow-changed-data: applies only with --resume (a new run records the data as it "
+                "is); drop it, or add --resume"
+            )
         return {}
     expected = expected_data(record.fingerprints, record.resumes)
     changes = data_changes(expected, current)
     if changes and not allow_changed_data:
-        raise RunDirError(f"--resume: {'; '.join(changes.values())}; pass "
-                          "--allow-changed-data to continue on the data as it is now (recorded in run.json), or "
-                          "start a new run (another output_dir, or --overwrite)")
+        raise RunDirError(
+            f"--resume: {'; '.join(changes.values())}; pass "
+            "--allow-changed-data to continue on the data as it is now (recorded in run.json), or "
+            "start a new run (another output_dir, or --overwrite)"
+        )
     return {split: {"was": expected[split], "now": current[split]} for split in changes}
 
 
 # --- model -----------------------------------------------------------------------------------------------------
+
 
 def model_cache() -> Path:
     """$FTUNE_CACHE/fingerprints, else ~/.cache/ftune/fingerprints."""
     return Path(os.environ.get("FTUNE_CACHE", Path.home() / ".cache" / "ftune")).expanduser() / "fingerprints"
 
 
-def model_fingerprints(source: str | Path, cache: Path | None = None,
-                       cached_from: int = CACHED_FROM) -> dict[str, dict[str, Any]]:
+def model_fingerprints(
+    source: str | Path, cache: Path | None = None, cached_from: int = CACHED_FROM
+) -> dict[str, dict[str, Any]]:
     """{file name: fingerprint} of the base model in folder `source` (config.json and its weight files); {} when
     `source` is not a local folder (a Hub id from_pretrained downloads). `cache`: where digests of files of at least
     `cached_from` bytes are kept (None: hash every file every time)."""
     folder = Path(source).expanduser()
     if not folder.is_dir():
         return {}
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_FILES))
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_FILES)
+    )
     return {p.name: _cached_fingerprint(p, cache, cached_from) for p in files}
 
 

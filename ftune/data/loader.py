@@ -27,7 +27,7 @@ def collate(pad_token_id: int):
     def pad(rows: list[list[int]], fill: int) -> torch.Tensor:
         out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long)
         for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         return out
 
     def _collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -78,8 +78,17 @@ class EpochBatches(Sampler[list[int]]):
     The order is still a function of (seed, epoch) alone, so resuming and sharding stay exact.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1,
-                 lengths: list[int] | None = None, step_batches: int = 1) -> None:
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        lengths: list[int] | None = None,
+        step_batches: int = 1,
+    ) -> None:
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
         self.rank, self.world = rank, world
         self.lengths, self.step_batches = lengths, step_batches
@@ -100,8 +109,8 @@ class EpochBatches(Sampler[list[int]]):
         mega, lengths = MEGABATCH_STEPS * step, self.lengths
         steps = []
         for first in range(0, len(order), mega):  # sorted() is stable: equal lengths keep their random order
-            block = sorted(order[first:first + mega], key=lambda i: -lengths[i])
-            steps += [block[k:k + step] for k in range(0, len(block), step)]
+            block = sorted(order[first : first + mega], key=lambda i: -lengths[i])
+            steps += [block[k : k + step] for k in range(0, len(block), step)]
         last = [steps.pop()] if steps and len(steps[-1]) < step else []  # the epoch's one short step stays last
         steps = [steps[k] for k in torch.randperm(len(steps), generator=generator).tolist()]
         return [i for rows in steps + last for i in rows]
@@ -109,12 +118,12 @@ class EpochBatches(Sampler[list[int]]):
     def __iter__(self):
         order, span = self.order(self.epoch), self.batch_size * self.world
         for first in range(self.start * span, self.size, span):
-            chunk = order[first:first + span]
+            chunk = order[first : first + span]
             if len(chunk) < self.world:
                 return
             share, extra = divmod(len(chunk), self.world)
             lo = self.rank * share + min(self.rank, extra)
-            yield chunk[lo:lo + share + (self.rank < extra)]
+            yield chunk[lo : lo + share + (self.rank < extra)]
 
     def __len__(self) -> int:
         span = self.batch_size * self.world
@@ -122,9 +131,19 @@ class EpochBatches(Sampler[list[int]]):
         return max(0, full + (rest >= self.world) - self.start)
 
 
-def make_loader(examples: list[dict[str, Any]], batch_size: int, pad_token_id: int, seed: int, shuffle: bool,
-                rank: int = 0, world: int = 1, *, group_by_length: bool = False, step_batches: int = 1,
-                collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None) -> DataLoader:
+def make_loader(
+    examples: list[dict[str, Any]],
+    batch_size: int,
+    pad_token_id: int,
+    seed: int,
+    shuffle: bool,
+    rank: int = 0,
+    world: int = 1,
+    *,
+    group_by_length: bool = False,
+    step_batches: int = 1,
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
+) -> DataLoader:
     """Training batches of this process (`EpochBatches`); evaluation passes shuffle=False and its own shard.
 
     `group_by_length`: rows of similar length share a step (`step_batches` micro-batches per optimizer step);
@@ -134,8 +153,12 @@ def make_loader(examples: list[dict[str, Any]], batch_size: int, pad_token_id: i
     batches = EpochBatches(len(examples), batch_size, seed, shuffle, rank, world, lengths, step_batches)
     # its own generator: a DataLoader iterator otherwise draws a worker seed from the global RNG, which would
     # shift dropout masks between a resumed run and an uninterrupted one
-    return DataLoader(examples, batch_sampler=batches, collate_fn=collate_fn or collate(pad_token_id),
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        examples,
+        batch_sampler=batches,
+        collate_fn=collate_fn or collate(pad_token_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def example_length(example: dict[str, Any]) -> int:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftune.errors import RecipeError
 from ftune.data.encoded import IGNORE_INDEX
+from ftune.errors import RecipeError
 
 PACKED_KEYS = {"input_ids", "labels"}
 
@@ -45,8 +45,10 @@ def check_examples(examples: list[dict[str, Any]]) -> None:
     extra = set(examples[0]) - PACKED_KEYS
     if extra or not isinstance(examples[0]["labels"], list) or isinstance(examples[0]["input_ids"][0], list):
         what = f"carry {', '.join(sorted(extra))}" if extra else "are not single token sequences"
-        raise RecipeError(f"data.packing: the training examples {what}, which packing cannot join into one row; "
-                          "set data.packing: false")
+        raise RecipeError(
+            f"data.packing: the training examples {what}, which packing cannot join into one row; "
+            "set data.packing: false"
+        )
 
 
 def require_isolation(model: nn.Module, examples: list[dict[str, Any]]) -> None:
@@ -56,16 +58,19 @@ def require_isolation(model: nn.Module, examples: list[dict[str, Any]]) -> None:
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     first, second = examples[0], examples[1 % len(examples)]
-    pieces = [{"input_ids": first["input_ids"][:12], "labels": first["labels"][:12]},
-              {"input_ids": second["input_ids"][:7], "labels": second["labels"][:7]}]
+    pieces = [
+        {"input_ids": first["input_ids"][:12], "labels": first["labels"][:12]},
+        {"input_ids": second["input_ids"][:7], "labels": second["labels"][:7]},
+    ]
     device = next(model.parameters()).device
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
             packed = model(**{k: v.to(device) for k, v in collate_packed(pieces).items() if k != "labels"}).logits[0]
-            alone = torch.cat([model(input_ids=torch.tensor([p["input_ids"]], device=device)).logits[0]
-                               for p in pieces])
+            alone = torch.cat(
+                [model(input_ids=torch.tensor([p["input_ids"]], device=device)).logits[0] for p in pieces]
+            )
         scale = 1.0 + float(alone.abs().max())
         apart = packed.shape == alone.shape and bool((packed.float() - alone.float()).abs().max() <= 1e-4 * scale)
     except (TypeError, ValueError, RuntimeError, AttributeError):  # e.g. a forward that takes no position_ids
@@ -73,5 +78,7 @@ def require_isolation(model: nn.Module, examples: list[dict[str, Any]]) -> None:
     finally:
         model.train(training)
     if not apart:
-        raise RecipeError(f"data.packing: {type(model).__name__} with this method does not keep packed sequences "
-                          "apart (its attention does not follow position ids); set data.packing: false")
+        raise RecipeError(
+            f"data.packing: {type(model).__name__} with this method does not keep packed sequences "
+            "apart (its attention does not follow position ids); set data.packing: false"
+        )

@@ -33,11 +33,14 @@ class Rows:
     def where(self, i: int) -> str:
         """Row `i` (0-based) as an error message names it."""
         number = self.numbers[i] if self.numbers else i + 1
-        return f"{self.source} line {self.lines[i]} (sentence {number})" if self.lines else f"{self.source} row {number}"
+        return (
+            f"{self.source} line {self.lines[i]} (sentence {number})" if self.lines else f"{self.source} row {number}"
+        )
 
 
-def read_rows(sources: list[Any], split: str, limit: int | None = None,
-              conll_columns: tuple[str, str] | None = None) -> Rows:
+def read_rows(
+    sources: list[Any], split: str, limit: int | None = None, conll_columns: tuple[str, str] | None = None
+) -> Rows:
     """Read the first available source in `sources` (local paths before Hub ids: the list order decides).
 
     `conll_columns` (tokens, tags): read .txt/.conll files as CoNLL into these columns (token classification).
@@ -85,8 +88,10 @@ def _split_file(source: str, split: str, reads_conll: bool) -> Path:
     except (FileNotFoundError, NotADirectoryError):
         return path
     except OSError as e:  # a name too long for the filesystem, a loop of links, a folder it may not read
-        raise DataError(f"data.{split}: {source[:80]}{'...' if len(source) > 80 else ''} cannot be read "
-                        f"({e.strerror or type(e).__name__})") from None
+        raise DataError(
+            f"data.{split}: {source[:80]}{'...' if len(source) > 80 else ''} cannot be read "
+            f"({e.strerror or type(e).__name__})"
+        ) from None
     if path.is_dir():
         suffixes = (*FORMATS, *conll.SUFFIXES) if reads_conll else tuple(FORMATS)
         path = next((f for f in sorted(path.iterdir()) if f.stem == split and f.suffix in suffixes), path)
@@ -109,8 +114,9 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         # a cache of its own each time: datasets' cache knows a local file by path and mtime, so an edit that keeps
         # the mtime would be read as the old rows
         with tempfile.TemporaryDirectory(prefix="ftune-read-") as cache:
-            rows = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache,
-                                         keep_in_memory=True, **options).to_list()
+            rows = datasets.load_dataset(
+                fmt, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True, **options
+            ).to_list()
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the cause is reported below
         if _holds_no_rows(path, fmt):
             raise DataError(f"{path}: has no rows") from None
@@ -148,8 +154,9 @@ def column(rows: Rows, name: str, field: str, blank_ok: bool = True, text: bool 
         if value is None or (not blank_ok and isinstance(value, str) and not value.strip()):
             raise DataError(f"{rows.where(i)}: {name!r} is empty; fix or drop the row")
         if text and not isinstance(value, str):
-            raise DataError(f"{rows.where(i)}: {name!r} (data.{field}) holds {held(value)}, not text; "
-                            f"{_text_advice(value, field)}")
+            raise DataError(
+                f"{rows.where(i)}: {name!r} (data.{field}) holds {held(value)}, not text; {_text_advice(value, field)}"
+            )
     return values
 
 
@@ -179,9 +186,13 @@ def _messages(value: Any) -> bool:
 
 def _text_advice(value: Any, field: str) -> str:
     if _messages(value):
-        return (f"the conversational format (a list of messages) is not supported for data.{field} yet; "
-                "put the message's text in the column")
+        return (
+            f"the conversational format (a list of messages) is not supported for data.{field} yet; "
+            "put the message's text in the column"
+        )
     if isinstance(value, (list, tuple, dict)):
         return f"data.{field} must name a column of plain text; flatten the cell to its text"
-    return (f"data.{field} must name a column of text, not of labels or ids; where the value is the text, "
-            "write it as a string in the file (JSON: \"5\")")
+    return (
+        f"data.{field} must name a column of text, not of labels or ids; where the value is the text, "
+        'write it as a string in the file (JSON: "5")'
+    )

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ftune.estimate import step
 from ftune import models
+from ftune.estimate import step
 from ftune.models import quantize
 
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -44,8 +44,9 @@ class Measured:
     """Steps timed."""
 
 
-def measure(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepSetup, checkpointing: bool,
-            steps: int = 3) -> Measured:
+def measure(
+    model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepSetup, checkpointing: bool, steps: int = 3
+) -> Measured:
     """Train `model` (its weights change) for `MEASURED_STEPS` + `steps` steps of `setup` on `batch` (on
     setup.device) with gradient checkpointing on or off, and measure them."""
     models.set_gradient_checkpointing(model, checkpointing)
@@ -95,8 +96,11 @@ def _profiled_peak(take_step, steps: int) -> int:
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         for _ in range(steps):
             take_step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in profiler.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
     live = peak = 0
     for _, size in events:
         live += size

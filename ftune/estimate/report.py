@@ -50,9 +50,16 @@ class Estimate:
         return self.weight_bytes + self.step.peak
 
 
-def estimate_recipe(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, rows,
-                    measure_steps: int | None = None, device: torch.device | None = None,
-                    both_ways: bool = True) -> Estimate:
+def estimate_recipe(
+    recipe: Recipe,
+    model: nn.Module,
+    tokenizer,
+    names: list[str] | None,
+    rows,
+    measure_steps: int | None = None,
+    device: torch.device | None = None,
+    both_ways: bool = True,
+) -> Estimate:
     """The estimate for `recipe` with `model` (as assemble.build_model made it, with class `names`), its batch made
     from the first training `rows`. `measure_steps`: also run the step for real, timing that many steps after the
     measured ones (the model trains). `device`: where training would run (default: CUDA if present, else CPU).
@@ -69,10 +76,19 @@ def estimate_recipe(recipe: Recipe, model: nn.Module, tokenizer, names: list[str
         other = None
     measured = measure(model, batch, setup, checkpointing, measure_steps) if measure_steps else None
     trained = [p for p in model.parameters() if p.requires_grad]
-    return Estimate(weight_bytes_by_type(model, *setup.extra_models.values()), sum(p.numel() for p in trained),
-                    sum(p.numel() * p.element_size() for p in trained),
-                    (batch["input_ids"].shape[0], batch["input_ids"].shape[1], setup.grad_accum), setup.precision,
-                    recipe.train.optimizer, device.type, checkpointing, footprint, other, measured)
+    return Estimate(
+        weight_bytes_by_type(model, *setup.extra_models.values()),
+        sum(p.numel() for p in trained),
+        sum(p.numel() * p.element_size() for p in trained),
+        (batch["input_ids"].shape[0], batch["input_ids"].shape[1], setup.grad_accum),
+        setup.precision,
+        recipe.train.optimizer,
+        device.type,
+        checkpointing,
+        footprint,
+        other,
+        measured,
+    )
 
 
 def weight_bytes_by_type(*models: nn.Module) -> dict[str, int]:
@@ -107,41 +123,52 @@ def render(e: Estimate):
     from rich.table import Table
 
     rows, length, accum = e.batch
-    title = (f"memory of one training step, estimated: {rows} rows × {length} tokens"
-             f"{f' × {accum} micro-batches' if accum > 1 else ''}, {e.precision}, {e.optimizer}, on {e.device}, "
-             f"gradient checkpointing {'on' if e.checkpointing else 'off'}")
+    title = (
+        f"memory of one training step, estimated: {rows} rows × {length} tokens"
+        f"{f' × {accum} micro-batches' if accum > 1 else ''}, {e.precision}, {e.optimizer}, on {e.device}, "
+        f"gradient checkpointing {'on' if e.checkpointing else 'off'}"
+    )
     table = Table(title=title, title_justify="left", show_edge=False)
     for column in ("part", "size", "held at the peak"):
         table.add_column(column, justify="left" if column == "part" else "right")
     for label, size in sorted(e.weights.items(), key=lambda kv: -kv[1]):
         table.add_row(f"weights ({label})", size_text(size), size_text(size))
     s = e.step
-    parts = {"gradients": (f"gradients ({e.trainable:,} trainable)", e.gradient_bytes),
-             "optimizer state": (f"optimizer state ({e.optimizer})", s.optimizer_state),
-             "activations": ("activations (saved for backward)", s.saved_for_backward),
-             "temporaries": ("backward temporaries", None), "optimizer scratch": ("optimizer step scratch", None)}
+    parts = {
+        "gradients": (f"gradients ({e.trainable:,} trainable)", e.gradient_bytes),
+        "optimizer state": (f"optimizer state ({e.optimizer})", s.optimizer_state),
+        "activations": ("activations (saved for backward)", s.saved_for_backward),
+        "temporaries": ("backward temporaries", None),
+        "optimizer scratch": ("optimizer step scratch", None),
+    }
     for kind in KINDS:
         label, size = parts[kind]
         table.add_row(label, "" if size is None else size_text(size), size_text(s.at_peak[kind]))
     table.add_row("[bold]peak[/]", "", f"[bold]{size_text(e.peak)}[/]")
     lines = [f"the peak falls in the {s.phase}; {s.flops / 1e9:,.3g} GFLOP per optimizer step"]
     if e.other is not None:
-        lines.append(f"with gradient checkpointing {'off' if e.checkpointing else 'on'}: peak "
-                     f"{size_text(e.weight_bytes + e.other.peak)} (activations saved for backward "
-                     f"{size_text(e.other.saved_for_backward)})")
+        lines.append(
+            f"with gradient checkpointing {'off' if e.checkpointing else 'on'}: peak "
+            f"{size_text(e.weight_bytes + e.other.peak)} (activations saved for backward "
+            f"{size_text(e.other.saved_for_backward)})"
+        )
     if e.measured:
         m = e.measured
-        lines.append(f"measured: {size_text(e.weight_bytes + m.peak)} at the peak (the step: {size_text(m.peak)} "
-                     f"against {size_text(s.peak)} estimated, ratio {s.peak / max(1, m.peak):.3f})"
-                     + (f"; resident memory rose {size_text(m.resident_rise)}" if m.resident_rise is not None else "")
-                     + f"; {m.seconds_per_step:.3g} s per optimizer step (mean of {m.steps})")
+        lines.append(
+            f"measured: {size_text(e.weight_bytes + m.peak)} at the peak (the step: {size_text(m.peak)} "
+            f"against {size_text(s.peak)} estimated, ratio {s.peak / max(1, m.peak):.3f})"
+            + (f"; resident memory rose {size_text(m.resident_rise)}" if m.resident_rise is not None else "")
+            + f"; {m.seconds_per_step:.3g} s per optimizer step (mean of {m.steps})"
+        )
     lines.append(NOTE)
     return table, lines
 
 
-NOTE = ("assumes every row is data.max_length tokens long (the loop pads each batch to its longest row), one "
-        "process and the eager step (not train.compile's); counts tensors only: not the CUDA context, the allocator's "
-        "cache, kernels' scratch space, evaluation, or a method's calibration before training (a sparse mask)")
+NOTE = (
+    "assumes every row is data.max_length tokens long (the loop pads each batch to its longest row), one "
+    "process and the eager step (not train.compile's); counts tensors only: not the CUDA context, the allocator's "
+    "cache, kernels' scratch space, evaluation, or a method's calibration before training (a sparse mask)"
+)
 
 
 def size_text(size: int) -> str:

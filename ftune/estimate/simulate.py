@@ -44,8 +44,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ftune.estimate import step
 from ftune import models
+from ftune.estimate import step
 from ftune.models import quantize
 
 KINDS = ("gradients", "optimizer state", "activations", "temporaries", "optimizer scratch")
@@ -77,8 +77,7 @@ class Footprint:
         return sum(self.at_peak.values())
 
 
-def simulate(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepSetup,
-             checkpointing: bool) -> Footprint:
+def simulate(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepSetup, checkpointing: bool) -> Footprint:
     """Run an optimizer step of `setup` on `batch` with a fake copy of `model` (which stays untouched), its optimizer
     state already made, with gradient checkpointing on or off, and count what it allocates."""
     from torch._subclasses import fake_tensor
@@ -91,14 +90,20 @@ def simulate(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepS
     with _FakeCopy(fake_mode, setup.device):
         fake = copy.deepcopy(model, memo)
         for module in fake.modules():  # a hook that closes over the model's modules acts on the copy's
-            for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
-                          module._backward_hooks):  # (deepcopy already rebinds a bound method to the copy)
-                hooks.update({key: _rebound(hook, memo) for key, hook in hooks.items()
-                              if isinstance(hook, types.FunctionType)})
+            for hooks in (
+                module._forward_pre_hooks,
+                module._forward_hooks,
+                module._backward_pre_hooks,
+                module._backward_hooks,
+            ):  # (deepcopy already rebinds a bound method to the copy)
+                hooks.update(
+                    {key: _rebound(hook, memo) for key, hook in hooks.items() if isinstance(hook, types.FunctionType)}
+                )
         # the objective's and the method's functions close over the model too (DPO's reference is the policy with
         # its method switched off) and over the frozen models they read (a teacher): they read the copies
-        setup = dataclasses.replace(setup, objective=_rebound(setup.objective, memo),
-                                    loss_term=_rebound(setup.loss_term, memo))
+        setup = dataclasses.replace(
+            setup, objective=_rebound(setup.objective, memo), loss_term=_rebound(setup.loss_term, memo)
+        )
     models.set_gradient_checkpointing(fake, checkpointing)
     fake.train()  # dropout draws masks, and decides the attention kernel
     counts = _Counts([t for t in memo.values() if isinstance(t, torch.Tensor)])  # every weight, teacher's too
@@ -116,11 +121,19 @@ def simulate(model: nn.Module, batch: dict[str, torch.Tensor], setup: step.StepS
             _create_state(optimizer, trained)
             counts.flops = 0
             step.train_step(fake, batches, setup, optimizer)
-    except (fake_tensor.DataDependentOutputException, fake_tensor.DynamicOutputShapeException,
-            fake_tensor.UnsupportedOperatorException) as e:
+    except (
+        fake_tensor.DataDependentOutputException,
+        fake_tensor.DynamicOutputShapeException,
+        fake_tensor.UnsupportedOperatorException,
+    ) as e:
         raise NotSimulated(f"{e.func} needs values that fake tensors do not have") from e
-    return Footprint({k: counts.at_peak.get(k, 0) for k in KINDS}, counts.phase_at_peak, counts.saved_for_backward,
-                     counts.live["optimizer state"], counts.flops)
+    return Footprint(
+        {k: counts.at_peak.get(k, 0) for k in KINDS},
+        counts.phase_at_peak,
+        counts.saved_for_backward,
+        counts.live["optimizer state"],
+        counts.flops,
+    )
 
 
 def _rebound(value, memo: dict):

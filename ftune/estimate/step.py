@@ -48,8 +48,9 @@ class StepSetup:
         return precision_autocast(self.precision, self.device)
 
 
-def prepare_step(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, rows,
-                 device: torch.device) -> tuple[StepSetup, dict[str, torch.Tensor]]:
+def prepare_step(
+    recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, rows, device: torch.device
+) -> tuple[StepSetup, dict[str, torch.Tensor]]:
     """The step of `recipe` for `model` (as assemble.build_model made it, with class `names`) on `device`, and its
     micro-batch: the first ROWS_READ training `rows` encoded, with what the objective prepares per example, each
     repeated to full length (`longest_batch`). The objective is bound as the loop binds it (assemble.bind_objective),
@@ -61,14 +62,23 @@ def prepare_step(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] |
     precision, task = resolve_precision(recipe.train.precision), assemble.recipe_task(recipe)
     first = Rows(rows.rows[:ROWS_READ], rows.source, rows.lines[:ROWS_READ] if rows.lines else None)
     examples = assemble.encode_rows(recipe, first, tokenizer, names).examples
-    bound, examples, extra = assemble.bind_objective(recipe, model, tokenizer, device, precision, names,
-                                                     task=linear_ce.training_task(task, model, False),
-                                                     examples=examples, rows=first)
+    bound, examples, extra = assemble.bind_objective(
+        recipe,
+        model,
+        tokenizer,
+        device,
+        precision,
+        names,
+        task=linear_ce.training_task(task, model, False),
+        examples=examples,
+        rows=first,
+    )
     return step_setup(recipe, bound, precision, device, extra), longest_batch(recipe, examples, tokenizer)
 
 
-def step_setup(recipe: Recipe, objective: Bound, precision: str, device: torch.device,
-               extra: dict[str, nn.Module]) -> StepSetup:
+def step_setup(
+    recipe: Recipe, objective: Bound, precision: str, device: torch.device, extra: dict[str, nn.Module]
+) -> StepSetup:
     """The step of `recipe` with its `objective` bound (and the `extra` models it reads): the method's loss term and
     the loop's optimizer over whatever model the step is taken on."""
     from ftune.methods import method_of
@@ -78,8 +88,9 @@ def step_setup(recipe: Recipe, objective: Bound, precision: str, device: torch.d
     def optimizer(trained_model: nn.Module):
         return training_optimizer(t, trained_model, method.hooks.decay_exempt, fused=device.type == "cuda")
 
-    return StepSetup(objective, method.hooks.loss_term, optimizer, t.max_grad_norm, t.grad_accum, precision, device,
-                     extra)
+    return StepSetup(
+        objective, method.hooks.loss_term, optimizer, t.max_grad_norm, t.grad_accum, precision, device, extra
+    )
 
 
 def longest_batch(recipe: Recipe, examples: list[dict[str, Any]], tokenizer) -> dict[str, torch.Tensor]:
@@ -98,14 +109,18 @@ def longest_rows(recipe: Recipe, examples: list[dict[str, Any]]) -> list[dict[st
     data.max_target_length; each member of a group (a preference pair) alike. Anything else (a class label, an
     objective's per-example values) stays as it is."""
     d = recipe.data
-    return [_stretched(examples[i % len(examples)], d.max_length, d.max_target_length)
-            for i in range(recipe.train.batch_size)]
+    return [
+        _stretched(examples[i % len(examples)], d.max_length, d.max_target_length)
+        for i in range(recipe.train.batch_size)
+    ]
 
 
 def _stretched(example: dict[str, Any], length: int, target_length: int) -> dict[str, Any]:
     if isinstance(example["input_ids"][0], list):  # a group of sequences: each member on its own
-        members = [_stretched({k: v[m] for k, v in example.items()}, length, target_length)
-                   for m in range(len(example["input_ids"]))]
+        members = [
+            _stretched({k: v[m] for k, v in example.items()}, length, target_length)
+            for m in range(len(example["input_ids"]))
+        ]
         return {k: [member[k] for member in members] for k in example}
     encoder, decoder = len(example["input_ids"]), len(example.get("decoder_input_ids", ()))
     row = {}
@@ -128,8 +143,16 @@ def train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], setup: 
     params = [p for p in model.parameters() if p.requires_grad]
     count = sum(setup.objective.count(b) for b in batches).clamp(min=1)
     for batch in batches:
-        step.micro_step(model, batch, setup.objective.loss, scale=1 / count, loss_term=setup.loss_term,
-                        term_model=model, grad_accum=len(batches), autocast=setup.autocast,
-                        backward=torch.Tensor.backward)
+        step.micro_step(
+            model,
+            batch,
+            setup.objective.loss,
+            scale=1 / count,
+            loss_term=setup.loss_term,
+            term_model=model,
+            grad_accum=len(batches),
+            autocast=setup.autocast,
+            backward=torch.Tensor.backward,
+        )
     step.gradient_norm(params, setup.max_grad_norm, torch.nn.utils.clip_grad_norm_)
     step.update(optimizer)

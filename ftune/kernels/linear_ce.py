@@ -31,9 +31,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_bias = (
+            torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        )
         for first in range(0, hidden.shape[0], rows):
-            h, y = hidden[first:first + rows], targets[first:first + rows]
+            h, y = hidden[first : first + rows], targets[first : first + rows]
             logits = F.linear(h, weight, bias).float()  # (rows, V)
             norm = torch.logsumexp(logits, dim=-1)
             total += (norm - logits.gather(1, y[:, None]).squeeze(1)).sum()
@@ -41,7 +43,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = logits.sub_(norm[:, None]).exp_()
             grad[torch.arange(len(y), device=y.device), y] -= 1.0
             if grad_hidden is not None:
-                grad_hidden[first:first + rows] = grad.to(weight.dtype) @ weight
+                grad_hidden[first : first + rows] = grad.to(weight.dtype) @ weight
             if grad_weight is not None:
                 grad_weight += grad.t() @ h.float()
             if grad_bias is not None:
@@ -55,12 +57,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
         scaled = lambda g, dtype: None if g is None else (g * grad_total).to(dtype)
-        return (scaled(grad_hidden, grad_hidden.dtype if grad_hidden is not None else None),
-                scaled(grad_weight, weight_dtype), scaled(grad_bias, bias_dtype), None, None)
+        return (
+            scaled(grad_hidden, grad_hidden.dtype if grad_hidden is not None else None),
+            scaled(grad_weight, weight_dtype),
+            scaled(grad_bias, bias_dtype),
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
     """Summed cross-entropy of `linear(hidden, weight, bias)` against `targets`, in fp32, without the logits.
 
     hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) class ids (no ignored positions: select the kept

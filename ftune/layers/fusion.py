@@ -32,8 +32,15 @@ class Fusion(nn.Module):
     clears them.
     """
 
-    def __init__(self, base_layer: nn.Module, adapters: list[Bottleneck], d: int, temperature: float,
-                 sources: list[str], identity_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapters: list[Bottleneck],
+        d: int,
+        temperature: float,
+        sources: list[str],
+        identity_weight: float = 0.0,
+    ) -> None:
         super().__init__()
         self.base_layer, self.adapters = base_layer, nn.ModuleList(adapters)
         self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)

@@ -87,9 +87,12 @@ def gates_by_block(model: nn.Module) -> list[dict[str, Gate]]:
     rows = []
     for blocks, layout in block_stacks(model):
         for block in blocks:
-            row = {f"{kind}.{path}": m.gate for path, m in block.named_modules()
-                   for kind, owner in (("lora", LoRALinear), ("adapter", AdapterAt))
-                   if isinstance(m, owner) and m.gate is not None}
+            row = {
+                f"{kind}.{path}": m.gate
+                for path, m in block.named_modules()
+                for kind, owner in (("lora", LoRALinear), ("adapter", AdapterAt))
+                if isinstance(m, owner) and m.gate is not None
+            }
             for name, path in (("prefix", layout.attn_in), ("prefix.cross", layout.cross_in)):
                 gate = getattr(block.get_submodule(path), "prefix_gate", None) if path else None
                 if gate is not None:

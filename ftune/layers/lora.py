@@ -13,8 +13,8 @@ recomputed on the dropped input, W x_drop, so that dropout applies to the whole 
 The base layer may be a plain nn.Linear or a bitsandbytes 4-/8-bit linear (QLoRA): the factors and the magnitude
 are fp32 either way; a quantised weight is dequantised where DoRA needs the dense W.
 
-An optional `gate` (ftune/layers/gates.py, UniPELT) scales the update per row by a value computed from the layer's input:
-W x + g(x) s B A x. The gate depends on the input, so no weight can hold it and a gated layer refuses to merge.
+An optional `gate` (ftune/layers/gates.py, UniPELT) scales the update per row by a value computed from the layer's
+input: W x + g(x) s B A x. The gate depends on the input, so no weight can hold it and a gated layer refuses to merge.
 
 `enabled = False` computes the base layer alone (the method's `disabled`): no update, no dropout draw, no gate call.
 """
@@ -96,8 +96,9 @@ class LoRALinear(WrappedLinear):
         if self.gate is None and y.dtype == u.dtype:
             # y + s u B^T as one GEMM accumulating into y: no separate passes over the (tokens, d_out) update to scale
             # and add it, forward or backward
-            return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), self.lora_B.weight.t(),
-                               alpha=self.scaling).view(y.shape)
+            return torch.addmm(
+                y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), self.lora_B.weight.t(), alpha=self.scaling
+            ).view(y.shape)
         update = self.lora_B(u) * self.scaling
         return y + (update if self.gate is None else update * self.gate(x)).to(y.dtype)
 
@@ -124,8 +125,10 @@ class LoRALinear(WrappedLinear):
         if self.merged:
             return
         if self.gate is not None:
-            raise MethodError("a gated LoRA layer (UniPELT) scales its update by a gate computed from each input, "
-                              "which no weight can hold; it cannot be merged (the run dir is the model)")
+            raise MethodError(
+                "a gated LoRA layer (UniPELT) scales its update by a gate computed from each input, "
+                "which no weight can hold; it cannot be merged (the run dir is the model)"
+            )
         self._refuse_quantized()
         weight = self.base_layer.weight
         with torch.no_grad():
@@ -151,5 +154,7 @@ class LoRALinear(WrappedLinear):
 
     def _refuse_quantized(self) -> None:
         if is_quantized_linear(self.base_layer):
-            raise MethodError("lora: the base layers are 4/8-bit quantised, and adding B A to a quantised weight "
-                              "cannot be undone exactly; `ftune merge` dequantises the base first, then folds")
+            raise MethodError(
+                "lora: the base layers are 4/8-bit quantised, and adding B A to a quantised weight "
+                "cannot be undone exactly; `ftune merge` dequantises the base first, then folds"
+            )

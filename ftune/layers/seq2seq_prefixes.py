@@ -68,11 +68,15 @@ def peft_decoder_order(model: EncoderDecoderPrefixes) -> list[int]:
     two layers share one pair in peft, which cannot hold ftune's prefixes."""
     layers = model.layers[1]
     if model.sites != "decoder":
-        raise MethodError("export --format peft: peft puts prefixes in the decoder's self-attention only; this run "
-                          "also has them in the encoder and the cross-attention (method.sites: all)")
+        raise MethodError(
+            "export --format peft: peft puts prefixes in the decoder's self-attention only; this run "
+            "also has them in the encoder and the cross-attention (method.sites: all)"
+        )
     if layers % 2 == 0:
-        raise MethodError(f"export --format peft: peft gives decoder layer l the prefix pair 2l mod L, so with "
-                          f"{layers} decoder layers some layers share one pair; it cannot hold this run's prefixes")
+        raise MethodError(
+            f"export --format peft: peft gives decoder layer l the prefix pair 2l mod L, so with "
+            f"{layers} decoder layers some layers share one pair; it cannot hold this run's prefixes"
+        )
     return [next(l for l in range(layers) if (2 * l) % layers == p) for p in range(layers)]
 
 
@@ -95,10 +99,14 @@ class EncoderDecoderPrefixes(PrefixedModel):
             model.get_encoder().register_forward_pre_hook(self._into_encoder, with_kwargs=True)
             for block in encoder:
                 attention = block.get_submodule(enc_layout.attn_in)
-                keyword = next((k for k in CACHE_KEYWORDS if k in inspect.signature(attention.forward).parameters), None)
+                keyword = next(
+                    (k for k in CACHE_KEYWORDS if k in inspect.signature(attention.forward).parameters), None
+                )
                 if keyword is None or getattr(attention, "layer_idx", None) is None:
-                    raise MethodError(f"{type(model).__name__}'s encoder attention takes no attention cache, which "
-                                      "its prefixes enter through; use method.sites: decoder")
+                    raise MethodError(
+                        f"{type(model).__name__}'s encoder attention takes no attention cache, which "
+                        "its prefixes enter through; use method.sites: decoder"
+                    )
                 attention.register_forward_pre_hook(self._hook_encoder_layer(keyword), with_kwargs=True)
 
     @contextlib.contextmanager
@@ -106,11 +114,14 @@ class EncoderDecoderPrefixes(PrefixedModel):
         """Make this call's prefixes, (chunks, B, heads, n, head_dim) per site, for the hooks to put in."""
         prefixes, slots, _ = self._bank(batch, device, None)
         n = prefixes.shape[1]
-        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                 else next(self.model.parameters()).dtype)
+        dtype = (
+            torch.get_autocast_dtype(device.type)
+            if torch.is_autocast_enabled(device.type)
+            else next(self.model.parameters()).dtype
+        )
         kv = self.dropout(prefixes).view(batch, n, self.chunks, self.heads, -1).permute(2, 0, 3, 1, 4).to(dtype)
         dec = self.layers[1]
-        self._active = {"self": kv[:2 * dec], "cross": kv[2 * dec:4 * dec], "encoder": kv[4 * dec:], "slots": slots}
+        self._active = {"self": kv[: 2 * dec], "cross": kv[2 * dec : 4 * dec], "encoder": kv[4 * dec :], "slots": slots}
         try:
             yield
         finally:
@@ -135,7 +146,9 @@ class EncoderDecoderPrefixes(PrefixedModel):
         batch = decoder_ids.shape[0] if decoder_ids is not None else kwargs["decoder_inputs_embeds"].shape[0]
         cache = kwargs.get(self.cache_keyword)
         if cache is None or cache.get_seq_length() == 0:  # training, or the first step of generate: put prefixes in
-            cache = cache if isinstance(cache, EncoderDecoderCache) else EncoderDecoderCache(DynamicCache(), DynamicCache())
+            cache = (
+                cache if isinstance(cache, EncoderDecoderCache) else EncoderDecoderCache(DynamicCache(), DynamicCache())
+            )
             for site, target in (("self", cache.self_attention_cache), ("cross", cache.cross_attention_cache)):
                 kv = self._active[site]
                 for layer in range(kv.shape[0] // 2):
@@ -181,8 +194,13 @@ class EncoderDecoderPrefixes(PrefixedModel):
 
         return hook
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                task_ids: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs,
+    ):
         if not self.prefixes_on:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if task_ids is not None:

@@ -24,8 +24,8 @@ import inspect
 import torch
 from torch import nn
 
-from ftune.errors import MethodError
 from ftune.data.encoded import IGNORE_INDEX
+from ftune.errors import MethodError
 
 
 class Prompt(nn.Module):
@@ -144,8 +144,9 @@ class PromptedModel(_Wrapper):
         vectors = prompts.gather(1, slot[..., None].expand(-1, -1, prompts.shape[-1]))
         return virtual, vectors, src, new_mask, first, length, a
 
-    def encoder_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      task_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoder_input(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, task_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """An encoder-decoder model's prompted encoder input: (inputs_embeds (B, W+n, d), attention mask (B, W+n)).
 
         Embedded directly rather than through the placeholder hook: T5 and BART share one embedding between encoder
@@ -156,8 +157,13 @@ class PromptedModel(_Wrapper):
         embedded = self.model.get_input_embeddings()(input_ids.gather(1, src))
         return torch.where(virtual[..., None], vectors.to(embedded.dtype), embedded), new_mask
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 task_ids: torch.Tensor | None = None, **settings) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        **settings,
+    ) -> torch.Tensor:
         """Generated ids of an encoder-decoder model whose encoder reads the prompted input (transformers' generate
         takes the encoder's inputs_embeds); the prompts switched off, the wrapped model's own generate."""
         if not self.prompts_on:
@@ -167,8 +173,15 @@ class PromptedModel(_Wrapper):
         embeds, mask = self.encoder_input(input_ids, attention_mask, task_ids)
         return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None,
-                token_type_ids=None, task_ids: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels=None,
+        token_type_ids=None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs,
+    ):
         if not self.prompts_on:  # token_type_ids only if given: decoders take none
             extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra, **kwargs)
@@ -181,8 +194,10 @@ class PromptedModel(_Wrapper):
         n = virtual.shape[1] - width
         per_token = labels is not None and labels.dim() == 2
         if n > a and per_token:
-            raise MethodError("virtual tokens after the input (method.tokens_before < n_tokens) suit sequence "
-                              "classification only; put them all before the input for this task")
+            raise MethodError(
+                "virtual tokens after the input (method.tokens_before < n_tokens) suit sequence "
+                "classification only; put them all before the input for this task"
+            )
 
         def spread(values: torch.Tensor, fill) -> torch.Tensor:
             return torch.where(virtual, torch.as_tensor(fill, dtype=values.dtype, device=device), values.gather(1, src))
@@ -196,13 +211,20 @@ class PromptedModel(_Wrapper):
             ids = spread(input_ids, self.placeholder)
             if self.pad is not None:  # a decoder classifier finds each row's last token by the padding id
                 ids = torch.where(new_mask.bool() | virtual, ids, self.pad)
-            out = self.model(input_ids=ids, attention_mask=new_mask, labels=labels,
-                             position_ids=(new_mask.cumsum(1) - 1).clamp(min=0), **kwargs)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=new_mask,
+                labels=labels,
+                position_ids=(new_mask.cumsum(1) - 1).clamp(min=0),
+                **kwargs,
+            )
         finally:
             self._virtual = None
         if n > a and out.logits.dim() == 3:
-            raise MethodError("virtual tokens after the input (method.tokens_before < n_tokens) suit sequence "
-                              "classification only; put them all before the input for this task")
+            raise MethodError(
+                "virtual tokens after the input (method.tokens_before < n_tokens) suit sequence "
+                "classification only; put them all before the input for this task"
+            )
         if out.logits.dim() == 3:  # per-token outputs: drop the virtual positions again
             t = torch.arange(width, device=device)[None]
             at = t + a * (t >= first) + (n - a) * (t >= first + length)
@@ -233,8 +255,13 @@ class PrefixedModel(_Wrapper):
         self.dropout = nn.Dropout(dropout)
         self.prefixes_on, self.cache = True, None
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                task_ids: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs,
+    ):
         from transformers import DynamicCache
 
         if not self.prefixes_on:
@@ -245,19 +272,30 @@ class PrefixedModel(_Wrapper):
         layers, heads, head_dim = prefix_geometry(self.model.config)
         n = prefixes.shape[1]
         kv = self.dropout(prefixes).view(batch, n, 2 * layers, heads, head_dim).permute(2, 0, 3, 1, 4)
-        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                 else next(self.model.parameters()).dtype)
+        dtype = (
+            torch.get_autocast_dtype(device.type)
+            if torch.is_autocast_enabled(device.type)
+            else next(self.model.parameters()).dtype
+        )
         kv = kv.to(dtype)
         cache = DynamicCache(config=self.model.config)
         for layer in range(layers):
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
-        mask = attention_mask if attention_mask is not None else torch.ones(reference.shape[:2], device=device,
-                                                                             dtype=torch.long)
+        mask = (
+            attention_mask
+            if attention_mask is not None
+            else torch.ones(reference.shape[:2], device=device, dtype=torch.long)
+        )
         positions = lengths[:, None] + (mask.cumsum(1) - 1).clamp(min=0)
         self.cache = cache
         try:
-            return self.model(input_ids=input_ids, attention_mask=torch.cat([slots.to(mask.dtype), mask], 1),
-                              position_ids=positions, **{self.cache_keyword: cache}, **kwargs)
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=torch.cat([slots.to(mask.dtype), mask], 1),
+                position_ids=positions,
+                **{self.cache_keyword: cache},
+                **kwargs,
+            )
         finally:
             self.cache = None
 

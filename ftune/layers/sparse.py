@@ -124,8 +124,12 @@ def attach_to(model: nn.Module, body: nn.Module, k: int) -> SparseDelta:
     weights = list(dict.fromkeys(body.parameters()))  # model order, tied weights once
     store = SparseDelta(weights, k)
     slot_of = {id(w): i for i, w in enumerate(weights)}
-    uses = [(m, n, slot_of[id(p)]) for m in model.modules() for n, p in m.named_parameters(recurse=False)
-            if id(p) in slot_of]
+    uses = [
+        (m, n, slot_of[id(p)])
+        for m in model.modules()
+        for n, p in m.named_parameters(recurse=False)
+        if id(p) in slot_of
+    ]
     for module, name, slot in uses:
         parametrize.register_parametrization(module, name, SparseParametrization(store, slot), unsafe=True)
     body.add_module("sparse_delta", store)

@@ -21,15 +21,17 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 """The objective's `loss(model, batch) -> (sum, count)`."""
 
 
-def fisher_scores(model: nn.Module, store: SparseDelta, batches: Iterable[Batch], loss_fn: LossFn,
-                  samples: int) -> torch.Tensor:
+def fisher_scores(
+    model: nn.Module, store: SparseDelta, batches: Iterable[Batch], loss_fn: LossFn, samples: int
+) -> torch.Tensor:
     """(N,): Σ over `samples` examples of (∂ loss / ∂ W)², each example alone, in eval mode (no dropout). At most
     one pass over the data: in eval mode a row's squared gradient is the same each time, so a second pass would only
     weigh again the rows a partial pass reaches (and cost `samples` backward passes on a small data set)."""
     probes = _probes(model, store)
     scores = torch.zeros(store.size, device=probes[0].device)
-    rows = (({k: v[i:i + 1].to(scores.device) for k, v in b.items()} for i in range(len(b["input_ids"])))
-            for b in batches)
+    rows = (
+        ({k: v[i : i + 1].to(scores.device) for k, v in b.items()} for i in range(len(b["input_ids"]))) for b in batches
+    )
     was_training, seen = model.training, 0
     model.eval()
     try:
@@ -39,7 +41,7 @@ def fisher_scores(model: nn.Module, store: SparseDelta, batches: Iterable[Batch]
                 continue  # a row without a scored token
             (total / count).backward()
             for offset, probe in zip(store.offsets, probes):
-                scores[offset:offset + probe.numel()] += probe.grad.view(-1).square()
+                scores[offset : offset + probe.numel()] += probe.grad.view(-1).square()
                 probe.grad = None
             seen += 1
             if seen == samples:
@@ -50,8 +52,9 @@ def fisher_scores(model: nn.Module, store: SparseDelta, batches: Iterable[Batch]
     return scores
 
 
-def moved_entries(model: nn.Module, store: SparseDelta, batches: Iterable[Batch], loss_fn: LossFn, steps: int,
-                  lr: float) -> torch.Tensor:
+def moved_entries(
+    model: nn.Module, store: SparseDelta, batches: Iterable[Batch], loss_fn: LossFn, steps: int, lr: float
+) -> torch.Tensor:
     """(N,): |w - w0| after `steps` steps of full fine-tuning (AdamW, `lr`, no weight decay, train mode); everything
     it moved, the head too, is put back after."""
     probes = _probes(model, store)  # the full fine-tune moves these dense differences, never W itself

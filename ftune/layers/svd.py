@@ -40,8 +40,9 @@ def add_importance_state(module: nn.Module) -> None:
         module.register_buffer(f"{part}_sensitivity", torch.zeros_like(weight), persistent=False)
         module.register_buffer(f"{part}_uncertainty", torch.zeros_like(weight), persistent=False)
     rank = module.lora_E.shape[0]
-    module.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool, device=module.lora_E.device), persistent=False)
-
+    module.register_buffer(
+        "rank_mask", torch.ones(rank, dtype=torch.bool, device=module.lora_E.device), persistent=False
+    )
 
 
 class SVDLinear(WrappedLinear):
@@ -112,7 +113,9 @@ def orthogonality(layers: Sequence[SVDLinear]) -> torch.Tensor:
     return total / count
 
 
-def budget_at(step: int, total_steps: int, initial: int, target: int, tinit: int, tfinal: int, every: int) -> tuple[int, bool]:
+def budget_at(
+    step: int, total_steps: int, initial: int, target: int, tinit: int, tfinal: int, every: int
+) -> tuple[int, bool]:
     """(total rank allowed after optimizer step `step` (1-based), whether to mask at this step)."""
     if step <= tinit:
         return initial, False
@@ -137,6 +140,7 @@ def update_importance(layers: Sequence[nn.Module], beta1: float, beta2: float) -
 
 def triplet_scores(layer: nn.Module) -> torch.Tensor:
     """(r,) importance S_i of each triplet of one matrix."""
+
     def score(part: str) -> torch.Tensor:
         return getattr(layer, f"{part}_sensitivity") * getattr(layer, f"{part}_uncertainty")
 
@@ -168,8 +172,9 @@ def allocate(layers: Sequence[nn.Module], step: int, total_steps: int, cfg: Any)
     final_start = total_steps - cfg.tfinal
     if step < final_start:
         update_importance(layers, cfg.beta1, cfg.beta2)
-        budget, mask_now = budget_at(step, total_steps, cfg.init_r * len(layers), cfg.target_r * len(layers),
-                                     cfg.tinit, cfg.tfinal, cfg.deltaT)
+        budget, mask_now = budget_at(
+            step, total_steps, cfg.init_r * len(layers), cfg.target_r * len(layers), cfg.tinit, cfg.tfinal, cfg.deltaT
+        )
         if mask_now:
             mask_to_budget(layers, budget)
     elif step == final_start:

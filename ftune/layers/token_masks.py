@@ -36,8 +36,9 @@ def hand_over_masks(model: nn.Module, kind: type[nn.Module]) -> None:
     for stack in stacks:
         # first among the stack's pre-hooks: one that runs a receiver (UniPELT's decoder prefix gates) gets the mask
         # and, at an evaluation's start, counts after the restart
-        stack.register_forward_pre_hook(_hook([m for m in stack.modules() if isinstance(m, kind)]), prepend=True,
-                                        with_kwargs=True)
+        stack.register_forward_pre_hook(
+            _hook([m for m in stack.modules() if isinstance(m, kind)]), prepend=True, with_kwargs=True
+        )
 
 
 def _hook(receivers: list[nn.Module]) -> Callable:

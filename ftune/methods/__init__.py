@@ -34,10 +34,27 @@ from ftune.methods.base import Method, MethodConfig, Trains, set_trainable
 
 METHODS: dict[str, Method] = {
     m.name: m
-    for m in (full.METHOD, head.METHOD, layers.METHOD, bitfit.METHOD, lora.METHOD, adapter.METHOD, adapter_drop.METHOD,
-              adapter_fusion.METHOD, prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, p_tuning_v2.METHOD,
-              adalora.METHOD, compose.METHOD, mam_adapter.METHOD, unipelt.METHOD, sparse.METHOD, l2sp.METHOD,
-              shrink.METHOD)
+    for m in (
+        full.METHOD,
+        head.METHOD,
+        layers.METHOD,
+        bitfit.METHOD,
+        lora.METHOD,
+        adapter.METHOD,
+        adapter_drop.METHOD,
+        adapter_fusion.METHOD,
+        prompt_tuning.METHOD,
+        p_tuning.METHOD,
+        prefix_tuning.METHOD,
+        p_tuning_v2.METHOD,
+        adalora.METHOD,
+        compose.METHOD,
+        mam_adapter.METHOD,
+        unipelt.METHOD,
+        sparse.METHOD,
+        l2sp.METHOD,
+        shrink.METHOD,
+    )
 }
 
 _AnyPart = Annotated[reduce(operator.or_, (m.config_cls for m in METHODS.values())), Field(discriminator="name")]
@@ -45,8 +62,10 @@ _AnyPart = Annotated[reduce(operator.or_, (m.config_cls for m in METHODS.values(
 
 def _trains_something(cfg: MethodConfig) -> MethodConfig:
     if METHODS[cfg.name].trains is Trains.NOTHING:  # L2-SP, shrink: a part that adds to what another method trains
-        raise ValueError(f"{cfg.name} trains nothing itself; list it with a method that trains pretrained weights, "
-                         f"e.g. method: [{{name: full}}, {{name: {cfg.name}}}]")
+        raise ValueError(
+            f"{cfg.name} trains nothing itself; list it with a method that trains pretrained weights, "
+            f"e.g. method: [{{name: full}}, {{name: {cfg.name}}}]"
+        )
     return cfg
 
 

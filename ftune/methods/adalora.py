@@ -57,8 +57,10 @@ class Config(base.MethodConfig):
     @model_validator(mode="after")
     def _falling_budget(self) -> Config:
         if self.target_r >= self.init_r:
-            raise ValueError(f"target_r ({self.target_r}) must be below init_r ({self.init_r}): AdaLoRA prunes each "
-                             "matrix from init_r towards an average of target_r (for fixed ranks use lora)")
+            raise ValueError(
+                f"target_r ({self.target_r}) must be below init_r ({self.init_r}): AdaLoRA prunes each "
+                "matrix from init_r towards an average of target_r (for fixed ranks use lora)"
+            )
         return self
 
 
@@ -87,9 +89,11 @@ def disabled(model: nn.Module) -> AbstractContextManager[None]:
 
 def check_total_steps(cfg: Config, total_steps: int) -> None:
     if cfg.tinit + cfg.tfinal >= total_steps:
-        raise MethodError(f"method.tinit + method.tfinal ({cfg.tinit} + {cfg.tfinal}) must be below the run's "
-                          f"{total_steps} optimizer steps, to leave steps where the rank budget falls; lower them "
-                          "or train longer")
+        raise MethodError(
+            f"method.tinit + method.tfinal ({cfg.tinit} + {cfg.tfinal}) must be below the run's "
+            f"{total_steps} optimizer steps, to leave steps where the rank budget falls; lower them "
+            "or train longer"
+        )
 
 
 def on_step_end(model: nn.Module, step: int, total_steps: int) -> None:
@@ -116,29 +120,59 @@ def report(model: nn.Module) -> dict[str, Any]:
     ranks = {name: int(m.rank_mask.sum()) for name, m in layers.items()}
     with torch.no_grad():
         orthogonality = float(svd_lora.orthogonality(list(layers.values())))
-    return {"budget": sum(ranks.values()), "target_budget": cfg.target_r * len(ranks),
-            "initial_budget": cfg.init_r * len(ranks), "orthogonality": orthogonality, "ranks": ranks}
+    return {
+        "budget": sum(ranks.values()),
+        "target_budget": cfg.target_r * len(ranks),
+        "initial_budget": cfg.init_r * len(ranks),
+        "orthogonality": orthogonality,
+        "ranks": ranks,
+    }
 
 
 def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
     # pruned triplets are saved in place with λ = 0, so no rank_pattern (peft would expect tensors cut to it);
     # total_step only drives peft's training schedule, yet peft refuses a config without one > tinit + tfinal
-    return {"peft_type": "ADALORA", "init_r": cfg.init_r, "target_r": cfg.target_r, "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout, "target_modules": list(svd_layers(model)), "tinit": cfg.tinit,
-            "tfinal": cfg.tfinal, "deltaT": cfg.deltaT, "beta1": cfg.beta1, "beta2": cfg.beta2,
-            "orth_reg_weight": cfg.orth_reg_weight, "total_step": cfg.tinit + cfg.tfinal + 1, "rank_pattern": None,
-            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True}
+    return {
+        "peft_type": "ADALORA",
+        "init_r": cfg.init_r,
+        "target_r": cfg.target_r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": list(svd_layers(model)),
+        "tinit": cfg.tinit,
+        "tfinal": cfg.tfinal,
+        "deltaT": cfg.deltaT,
+        "beta1": cfg.beta1,
+        "beta2": cfg.beta2,
+        "orth_reg_weight": cfg.orth_reg_weight,
+        "total_step": cfg.tinit + cfg.tfinal + 1,
+        "rank_pattern": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
 
 
 METHOD = base.Method(
-    name="adalora", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.LINEARS}),
-    apply=apply, trainable=trainable, disabled=disabled,
+    name="adalora",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
+    claims=frozenset({base.Claim.LINEARS}),
+    apply=apply,
+    trainable=trainable,
+    disabled=disabled,
     merging=base.module_merging(lambda model: svd_layers(model).values()),
     saving=base.Saving(peft=base.Peft(peft_config)),
-    hooks=base.Hooks(loss_term=loss_term, on_step_end=on_step_end, check_total_steps=check_total_steps,
-                     report=report, resume=base.Resume(training_state, load_training_state)),
+    hooks=base.Hooks(
+        loss_term=loss_term,
+        on_step_end=on_step_end,
+        check_total_steps=check_total_steps,
+        report=report,
+        resume=base.Resume(training_state, load_training_state),
+    ),
     about=base.About(
         "SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)",
         "Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
-        base.Recommended(1e-2, "the best of MiniLM / SST-2 runs at 1e-2, 3e-3 and 1e-3 (README)", {"alpha": 16})),
+        base.Recommended(1e-2, "the best of MiniLM / SST-2 runs at 1e-2, 3e-3 and 1e-3 (README)", {"alpha": 16}),
+    ),
 )

@@ -72,7 +72,8 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
         raise MethodError(f"method.layers: indices must lie in 0..{len(placed) - 1}")
     parallel = cfg.placement == "parallel"
     sites = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}.get(cfg.placement) or (
-        ("attn", "ffn") if cfg.parallel_at == "both" else (cfg.parallel_at,))
+        ("attn", "ffn") if cfg.parallel_at == "both" else (cfg.parallel_at,)
+    )
     d = hidden_size(model)
     m = cfg.bottleneck or max(1, round(d / cfg.reduction_factor))
     scaling = cfg.scaling or (4.0 if parallel else 1.0)
@@ -86,7 +87,8 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
             replace_submodule(block, out_path, wrapper)
             if parallel:
                 block.get_submodule(getattr(layout, f"{site}_in")).register_forward_pre_hook(
-                    wrapper.remember_input, with_kwargs=True)
+                    wrapper.remember_input, with_kwargs=True
+                )
     if cfg.placement == "houlsby":  # the values `disabled` brings back; taken before any training
         for norm in block_norms(model):
             for name, p in norm.named_parameters(recurse=False):
@@ -96,14 +98,22 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 def adapters_by_block(model: nn.Module) -> list[list[AdapterAt]]:
     """The adapter wrappers of each block, in block order (encoder before decoder; for AdapterDrop and reports)."""
-    return [[m for m in block.modules() if isinstance(m, AdapterAt)] for blocks, _ in block_stacks(model)
-            for block in blocks]
+    return [
+        [m for m in block.modules() if isinstance(m, AdapterAt)]
+        for blocks, _ in block_stacks(model)
+        for block in blocks
+    ]
 
 
 def block_norms(model: nn.Module) -> list[nn.Module]:
     """The layer norms inside the blocks (by class name, as `layers.module_types`), which Houlsby also trains."""
-    return [m for blocks, _ in block_stacks(model) for block in blocks for m in block.modules()
-            if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))]
+    return [
+        m
+        for blocks, _ in block_stacks(model)
+        for block in blocks
+        for m in block.modules()
+        if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+    ]
 
 
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
@@ -116,8 +126,12 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[None]:
     """Every adapter skipped, and Houlsby's norms at their pretrained values (swapped in by reference, not copied)."""
-    kept = [(p, getattr(m, PRETRAINED + name)) for m in block_norms(model)
-            for name, p in m.named_parameters(recurse=False) if hasattr(m, PRETRAINED + name)]
+    kept = [
+        (p, getattr(m, PRETRAINED + name))
+        for m in block_norms(model)
+        for name, p in m.named_parameters(recurse=False)
+        if hasattr(m, PRETRAINED + name)
+    ]
     with base.switched_off(m for m in model.modules() if isinstance(m, AdapterAt)):
         trained = [p.data for p, _ in kept]
         try:
@@ -130,11 +144,18 @@ def disabled(model: nn.Module) -> Iterator[None]:
 
 
 METHOD = base.Method(
-    name="adapter", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.SUB_BLOCKS}),
-    apply=apply, trainable=trainable, disabled=disabled, runs_with=base.RunsWith(quantized_base=True),
+    name="adapter",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
+    claims=frozenset({base.Claim.SUB_BLOCKS}),
+    apply=apply,
+    trainable=trainable,
+    disabled=disabled,
+    runs_with=base.RunsWith(quantized_base=True),
     about=base.About(
         "bottleneck adapters: houlsby, pfeiffer or parallel placement",
         "Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2021, arXiv:2005.00247; He et al. 2022, "
         "arXiv:2110.04366",
-        base.Recommended(2e-3, "ftune's adapter_sst2 recipe (README); Houlsby et al. 2019 search {3e-5, 3e-4, 3e-3}")),
+        base.Recommended(2e-3, "ftune's adapter_sst2 recipe (README); Houlsby et al. 2019 search {3e-5, 3e-4, 3e-3}"),
+    ),
 )

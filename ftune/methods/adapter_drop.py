@@ -50,11 +50,17 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 
 METHOD = base.Method(
-    name="adapter_drop", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.SUB_BLOCKS}),
-    apply=apply, trainable=adapter.trainable, disabled=adapter.disabled,
+    name="adapter_drop",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
+    claims=frozenset({base.Claim.SUB_BLOCKS}),
+    apply=apply,
+    trainable=adapter.trainable,
+    disabled=adapter.disabled,
     runs_with=base.RunsWith(quantized_base=True, unused_parameters=True),
     about=base.About(
         "adapters of the lowest k blocks skipped (fixed or robust k; k at inference)",
         "Rücklé et al. 2021, AdapterDrop, arXiv:2010.11918",
-        base.Recommended(2e-3, "as `adapter` (Rücklé et al. 2021 train AdapterDrop as the adapters they drop)")),
+        base.Recommended(2e-3, "as `adapter` (Rücklé et al. 2021 train AdapterDrop as the adapters they drop)"),
+    ),
 )

@@ -62,8 +62,10 @@ def load_stage1(run_dir: str) -> tuple[adapter.Config, str, dict[str, torch.Tens
             raise MethodError(f"{rundir.recipe_file(path)}: not a stored ftune recipe (no method or model.name)")
         m = adapter.Config.model_validate(section) if section.get("name") == "adapter" else None
         if m is None or m.placement != "pfeiffer" or m.layers is not None:
-            raise MethodError(f"{run_dir} is a {f'adapter placement {m.placement}' if m else section.get('name')} run;"
-                              " AdapterFusion fuses `adapter` runs with placement pfeiffer in every block")
+            raise MethodError(
+                f"{run_dir} is a {f'adapter placement {m.placement}' if m else section.get('name')} run;"
+                " AdapterFusion fuses `adapter` runs with placement pfeiffer in every block"
+            )
         return m, model["name"], rundir.read_weights(path)
     except (FtuneError, ValidationError) as e:  # an FtuneError names the run dir, its recipe.yaml or weights file
         why = str(e).splitlines()[0] if isinstance(e, FtuneError) else f"{run_dir}: {e.errors()[0]['msg']}"
@@ -74,10 +76,12 @@ def stage1_adapters(key: str, d: int, runs: list[tuple[str, adapter.Config, dict
     """Each stage-1 run's adapter under `key` (a block's feed-forward output path + ".adapter."), weights loaded."""
     bottlenecks = []
     for run_dir, acfg, weights in runs:
-        state = {k[len(key):]: v for k, v in weights.items() if k.startswith(key)}
+        state = {k[len(key) :]: v for k, v in weights.items() if k.startswith(key)}
         if "down.weight" not in state or state["down.weight"].shape[1] != d:
-            raise MethodError(f"method.adapters: {run_dir} has no adapter of width {d} at {key[:-1]}; "
-                              "was it trained on another base model?")
+            raise MethodError(
+                f"method.adapters: {run_dir} has no adapter of width {d} at {key[:-1]}; "
+                "was it trained on another base model?"
+            )
         width = state["down.weight"].shape[0]  # whichever option set it
         bottlenecks.append(adapter.Bottleneck(d, width, acfg.activation, acfg.dropout, acfg.scaling or 1.0, False))
         bottlenecks[-1].load_state_dict(state)
@@ -91,15 +95,23 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     runs = [load_stage1(run_dir) for run_dir in cfg.adapters]
     for run_dir, (_, model_name, _) in zip(cfg.adapters, runs):
         if model_name != runs[0][1]:
-            raise MethodError(f"method.adapters: {run_dir} was trained on {model_name}, {cfg.adapters[0]} on "
-                              f"{runs[0][1]}; all fused adapters must share one base model")
+            raise MethodError(
+                f"method.adapters: {run_dir} was trained on {model_name}, {cfg.adapters[0]} on "
+                f"{runs[0][1]}; all fused adapters must share one base model"
+            )
     stage1 = [(run_dir, acfg, weights) for run_dir, (acfg, _, weights) in zip(cfg.adapters, runs)]
     names = {id(m): name for name, m in model.named_modules()}
     for blocks, layout in block_stacks(model):  # an encoder-decoder model: its encoder, then its decoder
         for i, block in enumerate(blocks):
             bottlenecks = stage1_adapters(f"{names[id(blocks)]}.{i}.{layout.ffn_out}.adapter.", d, stage1)
-            fusion = Fusion(block.get_submodule(layout.ffn_out), bottlenecks, d, cfg.temperature, cfg.adapters,
-                            cfg.value_identity_weight)
+            fusion = Fusion(
+                block.get_submodule(layout.ffn_out),
+                bottlenecks,
+                d,
+                cfg.temperature,
+                cfg.adapters,
+                cfg.value_identity_weight,
+            )
             replace_submodule(block, layout.ffn_out, fusion.to(device))
     hand_over_masks(model, Fusion)
     return model
@@ -121,18 +133,26 @@ def disabled(model: nn.Module) -> AbstractContextManager[None]:
 
 def report(model: nn.Module) -> dict:
     """Mean softmax weight per adapter and block over the last evaluation's tokens ("layers" empty if none)."""
-    fusions = [m for blocks, _ in block_stacks(model) for block in blocks for m in block.modules()
-               if isinstance(m, Fusion)]
+    fusions = [
+        m for blocks, _ in block_stacks(model) for block in blocks for m in block.modules() if isinstance(m, Fusion)
+    ]
     layers = [[round(float(w), 6) for w in f.weight_sum / f.tokens] for f in fusions if f.tokens]
     return {"adapters": fusions[0].sources, "tokens": fusions[0].tokens, "layers": layers}
 
 
 METHOD = base.Method(
-    name="adapter_fusion", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.SUB_BLOCKS}),
-    apply=apply, trainable=trainable, disabled=disabled, hooks=base.Hooks(loss_term=loss_term, report=report),
+    name="adapter_fusion",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
+    claims=frozenset({base.Claim.SUB_BLOCKS}),
+    apply=apply,
+    trainable=trainable,
+    disabled=disabled,
+    hooks=base.Hooks(loss_term=loss_term, report=report),
     runs_with=base.RunsWith(quantized_base=True),
     about=base.About(
         "attention over frozen stage-1 pfeiffer adapters (per-layer weights in method_report.json)",
         "Pfeiffer et al. 2021, AdapterFusion, arXiv:2005.00247",
-        base.Recommended(5e-4, "ftune's adapter_fusion_sst2 recipe (README); Pfeiffer et al. train fusion at 5e-5")),
+        base.Recommended(5e-4, "ftune's adapter_fusion_sst2 recipe (README); Pfeiffer et al. train fusion at 5e-5"),
+    ),
 )

@@ -284,11 +284,14 @@ ALREADY_MERGED = Merging(fold_nothing, fold_nothing)
 
 def module_merging(modules: Callable[[nn.Module], Iterable[nn.Module]]) -> Merging:
     """`merging` of a method whose modules fold themselves: `merge()`, `unmerge()` on each of `modules(model)`."""
+
     def each(call: str) -> Callable[[nn.Module], None]:
         def on_each(model: nn.Module) -> None:
             for m in modules(model):
                 getattr(m, call)()
+
         return on_each
+
     return Merging(each("merge"), each("unmerge"))
 
 

@@ -28,11 +28,17 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
 
 
 METHOD = base.Method(
-    name="bitfit", config_cls=Config, trains=base.Trains.EXISTING, claims=frozenset(),
-    trainable=trainable, merging=base.ALREADY_MERGED,
+    name="bitfit",
+    config_cls=Config,
+    trains=base.Trains.EXISTING,
+    claims=frozenset(),
+    trainable=trainable,
+    merging=base.ALREADY_MERGED,
     about=base.About(
         "only bias terms (+ task head) train",
         "Ben Zaken et al. 2022, BitFit, arXiv:2106.10199",
-        base.Recommended(2e-3, "ftune's bitfit_sst2 recipe (README); Ben Zaken et al. 2022 search 1e-4 to 1e-3 over "
-                               "longer runs")),
+        base.Recommended(
+            2e-3, "ftune's bitfit_sst2 recipe (README); Ben Zaken et al. 2022 search 1e-4 to 1e-3 over longer runs"
+        ),
+    ),
 )

@@ -42,22 +42,29 @@ def check_compatible(parts: Sequence[MethodConfig]) -> None:
     trainers = [rec for rec in records if rec.trains is not Trains.NOTHING]
     for rec in trainers:
         if Claim.EVERY_WEIGHT in rec.claims and len(trainers) > 1:
-            raise ValueError(f"{rec.name} already trains every weight, so it combines with no other method; "
-                             "list it alone")
+            raise ValueError(
+                f"{rec.name} already trains every weight, so it combines with no other method; list it alone"
+            )
     for rec in adders:
         if not trainers:
-            raise ValueError(f"{rec.name} trains nothing itself; list it with a method that trains pretrained "
-                             f"weights, e.g. method: [{{name: full}}, {{name: {rec.name}}}]")
+            raise ValueError(
+                f"{rec.name} trains nothing itself; list it with a method that trains pretrained "
+                f"weights, e.g. method: [{{name: full}}, {{name: {rec.name}}}]"
+            )
         if other := next((r for r in trainers if r.trains is Trains.ADDED), None):
-            raise ValueError(f"{rec.name} pulls trained pretrained weights toward their start, but {other.name} "
-                             "trains new weights; combine it with full, layers, bitfit or sparse")
+            raise ValueError(
+                f"{rec.name} pulls trained pretrained weights toward their start, but {other.name} "
+                "trains new weights; combine it with full, layers, bitfit or sparse"
+            )
     for i, a in enumerate(records):
-        for b in records[i + 1:]:
+        for b in records[i + 1 :]:
             if shared := sorted(a.claims & b.claims):
                 raise ValueError(f"{a.name} and {b.name} both rebuild the {shared[0]}; keep one of them")
             if a.saving.own_form and b.saving.own_form:  # the run saves one part's form, so the other's would be lost
-                raise ValueError(f"{a.name} and {b.name} each save their weights in a form of their own, which one "
-                                 "run cannot hold together; keep one of them")
+                raise ValueError(
+                    f"{a.name} and {b.name} each save their weights in a form of their own, which one "
+                    "run cannot hold together; keep one of them"
+                )
 
 
 def _stage(method: Method) -> int:
@@ -75,8 +82,10 @@ class Parts:
 
     def each(self, path: str) -> list[Any]:
         """Every part's field at `path` ("hooks.report"), in apply order; None past a part's missing sub-record."""
-        return [functools.reduce(lambda value, key: getattr(value, key, None), path.split("."), rec)
-                for rec, _ in self.pairs]
+        return [
+            functools.reduce(lambda value, key: getattr(value, key, None), path.split("."), rec)
+            for rec, _ in self.pairs
+        ]
 
     def having(self, path: str) -> list[tuple[Method, MethodConfig, Any]]:
         """(record, config, field) of the parts whose field at `path` is set."""
@@ -89,13 +98,16 @@ Rule = Callable[[Parts], Any]
 def _calls(path: str, config_at: int | None = None, backwards: bool = False) -> Rule:
     """Each part's function at `path`, called with the same arguments in apply order (or reversed), the part's own
     config in place of argument `config_at` (the combined config); None when no part has one."""
+
     def rule(parts: Parts) -> Callable | None:
-        calls = parts.having(path)[::-1 if backwards else 1]
+        calls = parts.having(path)[:: -1 if backwards else 1]
 
         def call(*args: Any) -> None:
             for _, cfg, f in calls:
-                f(*(args if config_at is None else (*args[:config_at], cfg, *args[config_at + 1:])))
+                f(*(args if config_at is None else (*args[:config_at], cfg, *args[config_at + 1 :])))
+
         return call if calls else None
+
     return rule
 
 
@@ -104,25 +116,33 @@ def _apply(parts: Parts) -> Callable[[nn.Module, Any], nn.Module]:
         for rec, part in parts.pairs:
             model = rec.apply(model, part)
         return model
+
     return apply
 
 
 def _trainable(parts: Parts) -> Callable[[nn.Module, Any], list[nn.Parameter]]:
     def trainable(model: nn.Module, cfg: Any) -> list[nn.Parameter]:
-        chosen = {id(p): p for rec, part in parts.pairs if rec.trains is not Trains.NOTHING
-                  for p in rec.trainable(model, part)}  # shared weights count once
+        chosen = {
+            id(p): p
+            for rec, part in parts.pairs
+            if rec.trains is not Trains.NOTHING
+            for p in rec.trainable(model, part)
+        }  # shared weights count once
         return list(chosen.values())
+
     return trainable
 
 
 def _disabled(parts: Parts) -> Callable | None:
     """When every part can be switched off: all of them, unwound in reverse (also when a later part fails)."""
+
     @contextlib.contextmanager
     def disabled(model: nn.Module) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for switch in parts.each("disabled"):
                 stack.enter_context(switch(model))
             yield
+
     return disabled if all(parts.each("disabled")) else None
 
 
@@ -158,6 +178,7 @@ def _resume(parts: Parts) -> Resume | None:
     def load(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         for prefix, r in own:
             r.load(model, {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+
     return Resume(save, load) if own else None
 
 

@@ -48,7 +48,14 @@ def resolve(cfg: Config) -> base.Method:
 
 
 METHOD = base.Method(  # what it trains and claims: the record `resolve` makes from the parts
-    name="compose", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset(), trainable=resolved_trainable,
-    resolve=resolve, about=base.About("several methods together (a recipe's `method:` as a list), e.g. LoRA + BitFit, "
-                                      "prefix + adapter", "the parts' papers"),
+    name="compose",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
+    claims=frozenset(),
+    trainable=resolved_trainable,
+    resolve=resolve,
+    about=base.About(
+        "several methods together (a recipe's `method:` as a list), e.g. LoRA + BitFit, prefix + adapter",
+        "the parts' papers",
+    ),
 )

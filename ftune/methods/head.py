@@ -30,11 +30,19 @@ def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
 
 
 METHOD = base.Method(
-    name="head", config_cls=Config, trains=base.Trains.EXISTING, claims=frozenset(),
-    trainable=trainable, merging=base.ALREADY_MERGED, runs_with=base.RunsWith(quantized_base=True),
+    name="head",
+    config_cls=Config,
+    trains=base.Trains.EXISTING,
+    claims=frozenset(),
+    trainable=trainable,
+    merging=base.ALREADY_MERGED,
+    runs_with=base.RunsWith(quantized_base=True),
     about=base.About(
         "only the task head trains (linear probe)",
         "Pfeiffer et al. 2021, AdapterFusion, Table 1 'Head' baseline, arXiv:2005.00247",
-        base.Recommended(1e-2, "a logistic regression on frozen features: MiniLM's probe barely left chance at "
-                               "head_sst2's 2e-3 (README)")),
+        base.Recommended(
+            1e-2,
+            "a logistic regression on frozen features: MiniLM's probe barely left chance at head_sst2's 2e-3 (README)",
+        ),
+    ),
 )

@@ -84,8 +84,10 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 def calibrate(model: nn.Module, cfg: Config, batches: Any, loss_fn: Any) -> None:
     """w0: the trained pretrained weights as they are before the first step."""
     if not _split(model)[0]:
-        raise MethodError("l2sp: no pretrained weight trains in this model, so there is nothing to pull toward its "
-                          "start; combine it with full, layers, bitfit or sparse")
+        raise MethodError(
+            "l2sp: no pretrained weight trains in this model, so there is nothing to pull toward its "
+            "start; combine it with full, layers, bitfit or sparse"
+        )
     _anchor(model).start(model, {n: p.detach() for n, p in _split(model)[0]})
 
 
@@ -122,11 +124,22 @@ def disabled(model: nn.Module) -> contextlib.AbstractContextManager[None]:
 
 
 METHOD = base.Method(
-    name="l2sp", config_cls=Config, trains=base.Trains.NOTHING, claims=frozenset(),
-    apply=apply, trainable=base.only_with_others, disabled=disabled, merging=base.ALREADY_MERGED,
-    hooks=base.Hooks(loss_term=loss_term, calibrate=calibrate, decay_exempt=decay_exempt,
-                     resume=base.Resume(training_state, load_training_state)),
+    name="l2sp",
+    config_cls=Config,
+    trains=base.Trains.NOTHING,
+    claims=frozenset(),
+    apply=apply,
+    trainable=base.only_with_others,
+    disabled=disabled,
+    merging=base.ALREADY_MERGED,
+    hooks=base.Hooks(
+        loss_term=loss_term,
+        calibrate=calibrate,
+        decay_exempt=decay_exempt,
+        resume=base.Resume(training_state, load_training_state),
+    ),
     about=base.About(
         "regulariser: α/2 ‖w - w0‖² on trained pretrained weights, β/2 ‖w‖² on the head (list it with full, ...)",
-        "Li, Grandvalet & Davoine 2018, L2-SP, arXiv:1802.01483"),
+        "Li, Grandvalet & Davoine 2018, L2-SP, arXiv:1802.01483",
+    ),
 )

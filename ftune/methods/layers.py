@@ -57,12 +57,21 @@ def _weighted_types(model: nn.Module) -> set[str]:
 
 
 METHOD = base.Method(
-    name="layers", config_cls=Config, trains=base.Trains.EXISTING, claims=frozenset(),
-    trainable=trainable, merging=base.ALREADY_MERGED,
+    name="layers",
+    config_cls=Config,
+    trains=base.Trains.EXISTING,
+    claims=frozenset(),
+    trainable=trainable,
+    merging=base.ALREADY_MERGED,
     about=base.About(
         "top-k blocks and/or named module types train",
         "Lee et al. 2019, What Would Elsa Do? Freezing Layers During Transformer Fine-Tuning, arXiv:1911.03090",
-        base.Recommended(3e-4, "the top two blocks, above full fine-tuning's 1e-4 as fewer weights train (ULMFiT "
-                               "gives the top layers the highest rates); at 1e-4 a tiny model barely moved in 40 "
-                               "steps (tests/test_learns.py)", options={"top_k": 2})),
+        base.Recommended(
+            3e-4,
+            "the top two blocks, above full fine-tuning's 1e-4 as fewer weights train (ULMFiT "
+            "gives the top layers the highest rates); at 1e-4 a tiny model barely moved in 40 "
+            "steps (tests/test_learns.py)",
+            options={"top_k": 2},
+        ),
+    ),
 )

@@ -51,8 +51,11 @@ def target_linears(model: nn.Module, targets: list[str] | str) -> dict[str, nn.M
     prefix = next(n for n, m in model.named_modules() if m is body)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # a seq2seq model (T5) is its own base_model: its output layer lies inside `body`, and is no part of it
-    linears = {f"{prefix}.{n}" if prefix else n: m for n, m in body.named_modules()
-               if (type(m) is nn.Linear or is_quantized_linear(m)) and m is not output}
+    linears = {
+        f"{prefix}.{n}" if prefix else n: m
+        for n, m in body.named_modules()
+        if (type(m) is nn.Linear or is_quantized_linear(m)) and m is not output
+    }
     if targets == "all-linear":
         found = linears
     elif targets == "query-value":
@@ -74,8 +77,10 @@ def attention_query_value(model: nn.Module) -> list[nn.Module]:
     for blocks, layout in block_stacks(model):
         for _, query_value in attention_sites(layout):
             if query_value is None:
-                raise MethodError(f"method.targets: {model.config.model_type} fuses its query and value projections; "
-                                  "name the linears to adapt instead")
+                raise MethodError(
+                    f"method.targets: {model.config.model_type} fuses its query and value projections; "
+                    "name the linears to adapt instead"
+                )
             found += [block.get_submodule(path) for block in blocks for path in query_value]
     return found
 
@@ -92,8 +97,13 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    return [p for m in layers for part in (m.lora_A, m.lora_B, m.lora_magnitude_vector) if part is not None
-            for p in part.parameters()]
+    return [
+        p
+        for m in layers
+        for part in (m.lora_A, m.lora_B, m.lora_magnitude_vector)
+        if part is not None
+        for p in part.parameters()
+    ]
 
 
 def disabled(model: nn.Module) -> AbstractContextManager[None]:
@@ -118,13 +128,23 @@ def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
 
 
 METHOD = base.Method(
-    name="lora", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.LINEARS}),
-    apply=apply, trainable=trainable, disabled=disabled,
+    name="lora",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
+    claims=frozenset({base.Claim.LINEARS}),
+    apply=apply,
+    trainable=trainable,
+    disabled=disabled,
     merging=base.module_merging(lambda model: [m for m in model.modules() if isinstance(m, LoRALinear)]),
-    saving=base.Saving(peft=base.Peft(peft_config)), runs_with=base.RunsWith(quantized_base=True),
+    saving=base.Saving(peft=base.Peft(peft_config)),
+    runs_with=base.RunsWith(quantized_base=True),
     about=base.About(
         "low-rank updates B A on frozen linears (rsLoRA, DoRA options; QLoRA over model.quantization)",
         "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685",
-        base.Recommended(1e-3, "ftune's lora_sst2 recipe (README); Hu et al. 2021 train RoBERTa-base at 4e-4 to "
-                               "5e-4 for 30+ epochs", options={"alpha": 16})),
+        base.Recommended(
+            1e-3,
+            "ftune's lora_sst2 recipe (README); Hu et al. 2021 train RoBERTa-base at 4e-4 to 5e-4 for 30+ epochs",
+            options={"alpha": 16},
+        ),
+    ),
 )

@@ -50,8 +50,10 @@ class Config(base.MethodConfig):
     @classmethod
     def _parallel_ffn(cls, value: AdapterConfig) -> AdapterConfig:
         if value.placement != "parallel" or value.parallel_at != "ffn":
-            raise ValueError("MAM's adapter is parallel beside the feed-forward block (placement: parallel, "
-                             "parallel_at: ffn); for another placement list prefix_tuning and adapter as `method:`")
+            raise ValueError(
+                "MAM's adapter is parallel beside the feed-forward block (placement: parallel, "
+                "parallel_at: ffn); for another placement list prefix_tuning and adapter as `method:`"
+            )
         return value
 
 
@@ -61,10 +63,19 @@ def resolve(cfg: Config) -> base.Method:
 
 
 METHOD = base.Method(
-    name="mam_adapter", config_cls=Config, trains=base.Trains.ADDED, trainable=resolved_trainable, resolve=resolve,
-    claims=frozenset({base.Claim.SUB_BLOCKS, base.Claim.WHOLE_MODEL}), about=base.About(
+    name="mam_adapter",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
+    trainable=resolved_trainable,
+    resolve=resolve,
+    claims=frozenset({base.Claim.SUB_BLOCKS, base.Claim.WHOLE_MODEL}),
+    about=base.About(
         "prefix tuning on attention + a scaled parallel adapter on the feed-forward block",
         "He et al. 2022, Towards a Unified View of Parameter-Efficient Transfer Learning, arXiv:2110.04366",
-        base.Recommended(3e-3, "the paper's 0.5 % GLUE setting, as recipes/mam_adapter_sst2.yaml (README)",
-                         {"prefix": {"n_tokens": 16}, "adapter": {"bottleneck": 16, "scaling": 2.0}})),
+        base.Recommended(
+            3e-3,
+            "the paper's 0.5 % GLUE setting, as recipes/mam_adapter_sst2.yaml (README)",
+            {"prefix": {"n_tokens": 16}, "adapter": {"bottleneck": 16, "scaling": 2.0}},
+        ),
+    ),
 )

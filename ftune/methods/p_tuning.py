@@ -47,8 +47,11 @@ class PromptEncoder(nn.Module):
     def __init__(self, n: int, d: int, hidden: int, kind: str, lstm_dropout: float) -> None:
         super().__init__()
         self.embedding = nn.Embedding(n, d)
-        self.lstm_head = (nn.LSTM(d, hidden, num_layers=2, dropout=lstm_dropout, bidirectional=True, batch_first=True)
-                          if kind == "lstm" else None)
+        self.lstm_head = (
+            nn.LSTM(d, hidden, num_layers=2, dropout=lstm_dropout, bidirectional=True, batch_first=True)
+            if kind == "lstm"
+            else None
+        )
         width = 2 * hidden if kind == "lstm" else hidden
         layers = [nn.Linear(d, hidden), nn.ReLU()] if kind == "mlp" else []
         self.mlp_head = nn.Sequential(*layers, nn.Linear(width, width), nn.ReLU(), nn.Linear(width, d))
@@ -71,21 +74,35 @@ def peft_config(model: PromptedModel, cfg: Config) -> dict[str, Any]:
     if cfg.tokens_before is not None and cfg.tokens_before < cfg.n_tokens:
         from ftune.errors import MethodError
 
-        raise MethodError("export --format peft: peft's P-tuning puts every virtual token before the input; this "
-                          "run places some after it (method.tokens_before)")
-    return {"peft_type": "P_TUNING", **peft_prompt_fields(model, cfg.n_tokens),
-            "encoder_reparameterization_type": cfg.encoder.upper(), "encoder_hidden_size": cfg.encoder_hidden
-            or embedding_width(model), "encoder_num_layers": 2, "encoder_dropout": cfg.lstm_dropout}
+        raise MethodError(
+            "export --format peft: peft's P-tuning puts every virtual token before the input; this "
+            "run places some after it (method.tokens_before)"
+        )
+    return {
+        "peft_type": "P_TUNING",
+        **peft_prompt_fields(model, cfg.n_tokens),
+        "encoder_reparameterization_type": cfg.encoder.upper(),
+        "encoder_hidden_size": cfg.encoder_hidden or embedding_width(model),
+        "encoder_num_layers": 2,
+        "encoder_dropout": cfg.lstm_dropout,
+    }
 
 
 METHOD = base.Method(
-    name="p_tuning", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.WHOLE_MODEL}),
-    apply=apply, trainable=prompt_parameters, disabled=disabled,
-    saving=base.Saving(PromptedModel.saved_weights, PromptedModel.fold,
-                       base.Peft(peft_config, PromptedModel.peft_weights)),
+    name="p_tuning",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
+    claims=frozenset({base.Claim.WHOLE_MODEL}),
+    apply=apply,
+    trainable=prompt_parameters,
+    disabled=disabled,
+    saving=base.Saving(
+        PromptedModel.saved_weights, PromptedModel.fold, base.Peft(peft_config, PromptedModel.peft_weights)
+    ),
     runs_with=base.RunsWith(quantized_base=True, prompt_site="input"),
     about=base.About(
         "virtual tokens from an MLP or bi-LSTM prompt encoder, before and after the input",
         "Liu et al. 2021, GPT Understands, Too, arXiv:2103.10385",
-        base.Recommended(1e-3, "peft's P-tuning sequence-classification example (AdamW, 1e-3)")),
+        base.Recommended(1e-3, "peft's P-tuning sequence-classification example (AdamW, 1e-3)"),
+    ),
 )

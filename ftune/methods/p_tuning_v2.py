@@ -39,5 +39,6 @@ METHOD = dataclasses.replace(
     about=base.About(
         "deep prompts in every layer without reparameterisation, plus a task head",
         "Liu et al. 2022, P-Tuning v2, arXiv:2110.07602",
-        base.Recommended(1e-2, "THUDM/P-tuning-v2 run_script: rates 5e-3 to 6e-2 (e.g. RTE, RoBERTa: 5e-3)")),
+        base.Recommended(1e-2, "THUDM/P-tuning-v2 run_script: rates 5e-3 to 6e-2 (e.g. RTE, RoBERTa: 5e-3)"),
+    ),
 )

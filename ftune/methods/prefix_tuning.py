@@ -112,8 +112,14 @@ def peft_config(model: PrefixedModel, cfg: Any) -> dict[str, Any]:
         # two submodules: peft then hands the prefixes to the model as an EncoderDecoderCache
         fields |= {"num_transformer_submodules": 2, "num_layers": model.layers[1]}
     # saved prefixes are already folded, so peft takes them as they are (no projection)
-    return {"peft_type": "PREFIX_TUNING", **fields, "token_dim": heads * head_dim,
-            "num_attention_heads": heads, "encoder_hidden_size": heads * head_dim, "prefix_projection": False}
+    return {
+        "peft_type": "PREFIX_TUNING",
+        **fields,
+        "token_dim": heads * head_dim,
+        "num_attention_heads": heads,
+        "encoder_hidden_size": heads * head_dim,
+        "prefix_projection": False,
+    }
 
 
 def peft_weights(model: PrefixedModel) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -126,13 +132,22 @@ def peft_weights(model: PrefixedModel) -> tuple[dict[str, torch.Tensor], list[st
 
 
 METHOD = base.Method(
-    name="prefix_tuning", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.WHOLE_MODEL}),
-    apply=apply, trainable=prompt_parameters, disabled=disabled,
+    name="prefix_tuning",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
+    claims=frozenset({base.Claim.WHOLE_MODEL}),
+    apply=apply,
+    trainable=prompt_parameters,
+    disabled=disabled,
     saving=base.Saving(PrefixedModel.saved_weights, PrefixedModel.fold, base.Peft(peft_config, peft_weights)),
     runs_with=base.RunsWith(gradient_checkpointing=False, quantized_base=True, prompt_site="layers"),
     about=base.About(
         "key/value prefixes in every attention layer, trained directly or through an MLP that is folded away",
         "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190",
-        base.Recommended(1e-2, "direct prefixes: P-tuning v2's rates run 5e-3 to 6e-2 (THUDM/P-tuning-v2 "
-                               "run_script); a MiniLM / SST-2 run at 1e-2 (README)")),
+        base.Recommended(
+            1e-2,
+            "direct prefixes: P-tuning v2's rates run 5e-3 to 6e-2 (THUDM/P-tuning-v2 "
+            "run_script); a MiniLM / SST-2 run at 1e-2 (README)",
+        ),
+    ),
 )

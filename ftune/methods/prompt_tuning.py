@@ -65,8 +65,13 @@ def disabled(model: nn.Module) -> AbstractContextManager[None]:
 
 
 def peft_config(model: PromptedModel, cfg: Config) -> dict[str, Any]:
-    return {"peft_type": "PROMPT_TUNING", **peft_prompt_fields(model, cfg.n_tokens),
-            "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
+    return {
+        "peft_type": "PROMPT_TUNING",
+        **peft_prompt_fields(model, cfg.n_tokens),
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+    }
 
 
 def peft_prompt_fields(model: nn.Module, n: int) -> dict[str, Any]:
@@ -75,18 +80,30 @@ def peft_prompt_fields(model: nn.Module, n: int) -> dict[str, Any]:
 
     layers, _, _ = prefix_geometry(model.config)
     heads = getattr(model.config, "num_attention_heads", None) or model.config.n_head
-    return {"num_virtual_tokens": n, "token_dim": embedding_width(model), "num_transformer_submodules": 1,
-            "num_attention_heads": heads, "num_layers": layers}
+    return {
+        "num_virtual_tokens": n,
+        "token_dim": embedding_width(model),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": heads,
+        "num_layers": layers,
+    }
 
 
 METHOD = base.Method(
-    name="prompt_tuning", config_cls=Config, trains=base.Trains.ADDED, claims=frozenset({base.Claim.WHOLE_MODEL}),
-    apply=apply, trainable=prompt_parameters, disabled=disabled,
+    name="prompt_tuning",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
+    claims=frozenset({base.Claim.WHOLE_MODEL}),
+    apply=apply,
+    trainable=prompt_parameters,
+    disabled=disabled,
     saving=base.Saving(peft=base.Peft(peft_config, PromptedModel.peft_weights)),
     runs_with=base.RunsWith(quantized_base=True, prompt_site="input"),
     about=base.About(
         "n trainable virtual-token embeddings before the input",
         "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691",
-        base.Recommended(3e-2, "peft's prompt-tuning examples (AdamW, 3e-2); Lester et al. 2021 use 0.3 with "
-                               "Adafactor")),
+        base.Recommended(
+            3e-2, "peft's prompt-tuning examples (AdamW, 3e-2); Lester et al. 2021 use 0.3 with Adafactor"
+        ),
+    ),
 )

@@ -96,8 +96,10 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 def check_total_steps(cfg: Config, total_steps: int) -> None:
     start, end = cfg.schedule.steps(total_steps)
     if end > total_steps:
-        raise MethodError(f"shrink.schedule.end: step {end} lies past the run's last step, {total_steps}; end by then "
-                          "or give a fraction of the run (e.g. 0.5)")
+        raise MethodError(
+            f"shrink.schedule.end: step {end} lies past the run's last step, {total_steps}; end by then "
+            "or give a fraction of the run (e.g. 0.5)"
+        )
     if start > end:  # a step and a fraction: known only now
         raise MethodError(f"shrink.schedule: start (step {start}) comes after end (step {end}) of {total_steps}")
 
@@ -117,13 +119,19 @@ def saved_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 BEFORE_TRAINING = base.Method(
-    name="shrink", config_cls=Config, trains=base.Trains.NOTHING, claims=frozenset({base.Claim.BLOCKS}),
-    apply=apply, trainable=base.only_with_others, merging=base.ALREADY_MERGED,
+    name="shrink",
+    config_cls=Config,
+    trains=base.Trains.NOTHING,
+    claims=frozenset({base.Claim.BLOCKS}),
+    apply=apply,
+    trainable=base.only_with_others,
+    merging=base.ALREADY_MERGED,
     runs_with=base.RunsWith(quantized_base=True),
     about=base.About(
         "drops transformer blocks (top-k, every-other, a list), before or during training (list it with a method)",
         "Sajjad et al. 2020, On the Effect of Dropping Layers of Pre-trained Transformer Models, arXiv:2004.03844; "
-        "Hou et al. 2020, DynaBERT, arXiv:2004.04037"),
+        "Hou et al. 2020, DynaBERT, arXiv:2004.04037",
+    ),
 )
 
 
@@ -132,9 +140,12 @@ def resolve(cfg: Config) -> base.Method:
     if cfg.schedule is None:
         return BEFORE_TRAINING
     return dataclasses.replace(
-        BEFORE_TRAINING, merging=base.Merging(sb.collapse_all, sb.expand_all), saving=base.Saving(saved_weights),
+        BEFORE_TRAINING,
+        merging=base.Merging(sb.collapse_all, sb.expand_all),
+        saving=base.Saving(saved_weights),
         hooks=base.Hooks(check_total_steps=check_total_steps, on_step_end=lambda m, step, n: drop_due(m, step, n, cfg)),
-        runs_with=base.RunsWith(quantized_base=True, unused_parameters=True))
+        runs_with=base.RunsWith(quantized_base=True, unused_parameters=True),
+    )
 
 
 METHOD = dataclasses.replace(BEFORE_TRAINING, resolve=resolve)

@@ -68,8 +68,11 @@ def calibrate(model: nn.Module, cfg: Config, batches: Iterable[dict[str, torch.T
     if cfg.selection == "random":
         chosen = random_positions(store.size, k, store.indices.device)
     else:
-        scores = (fisher_scores(model, store, batches, loss_fn, cfg.samples) if cfg.selection == "fisher" else
-                  moved_entries(model, store, batches, loss_fn, cfg.full_steps, cfg.full_lr))
+        scores = (
+            fisher_scores(model, store, batches, loss_fn, cfg.samples)
+            if cfg.selection == "fisher"
+            else moved_entries(model, store, batches, loss_fn, cfg.full_steps, cfg.full_lr)
+        )
         chosen = torch.topk(scores, k, sorted=False).indices
     store.set_indices(chosen)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -100,12 +103,23 @@ def disabled(model: nn.Module) -> AbstractContextManager[None]:
 
 
 METHOD = base.Method(
-    name="sparse", config_cls=Config, trains=base.Trains.EXISTING, claims=frozenset({base.Claim.EVERY_WEIGHT}),
-    apply=apply, trainable=trainable, disabled=disabled, merging=base.Merging(merge, unmerge),
-    saving=base.Saving(saved_weights), hooks=base.Hooks(calibrate=calibrate),
+    name="sparse",
+    config_cls=Config,
+    trains=base.Trains.EXISTING,
+    claims=frozenset({base.Claim.EVERY_WEIGHT}),
+    apply=apply,
+    trainable=trainable,
+    disabled=disabled,
+    merging=base.Merging(merge, unmerge),
+    saving=base.Saving(saved_weights),
+    hooks=base.Hooks(calibrate=calibrate),
     about=base.About(
         "a fixed sparse mask over every weight trains (FISH: Fisher, LT-SFT: most changed, or random)",
         "Sung et al. 2021, FISH mask, arXiv:2111.09839; Ansell et al. 2022, LT-SFT, arXiv:2110.07560",
-        base.Recommended(5e-4, "LoRA's rate at a like number of trained values; sparse_fisher_sst2 at 1e-4 trailed "
-                               "LoRA (README) and a tiny model barely moved in 40 steps (tests/test_learns.py)")),
+        base.Recommended(
+            5e-4,
+            "LoRA's rate at a like number of trained values; sparse_fisher_sst2 at 1e-4 trailed "
+            "LoRA (README) and a tiny model barely moved in 40 steps (tests/test_learns.py)",
+        ),
+    ),
 )

@@ -48,8 +48,11 @@ from ftune.methods import base, prefix_tuning
 from ftune.methods import lora as lora_method
 from ftune.methods.combine import combine, keep_part_defaults, resolved_trainable
 
-DEFAULTS = {"lora": {"r": 8, "alpha": 16, "targets": "query-value"},
-            "adapter": {"placement": "pfeiffer", "bottleneck": 48}, "prefix": {"n_tokens": 10, "mlp_hidden": 512}}
+DEFAULTS = {
+    "lora": {"r": 8, "alpha": 16, "targets": "query-value"},
+    "adapter": {"placement": "pfeiffer", "bottleneck": 48},
+    "prefix": {"n_tokens": 10, "mlp_hidden": 512},
+}
 
 
 class Config(base.MethodConfig):
@@ -70,24 +73,30 @@ class Config(base.MethodConfig):
     @classmethod
     def _gateable_lora(cls, value: lora_method.Config) -> lora_method.Config:
         if value.dora:
-            raise ValueError("dora: DoRA rescales the whole weight, so its update is no additive term a gate can "
-                             "scale; set method.lora.dora to false")
+            raise ValueError(
+                "dora: DoRA rescales the whole weight, so its update is no additive term a gate can "
+                "scale; set method.lora.dora to false"
+            )
         return value
 
     @field_validator("adapter")
     @classmethod
     def _gateable_adapter(cls, value: adapter_method.Config) -> adapter_method.Config:
         if value.placement != "pfeiffer":
-            raise ValueError(f"placement: {value.placement} is not UniPELT's adapter; set method.adapter.placement "
-                             "to pfeiffer (one adapter after each feed-forward block)")
+            raise ValueError(
+                f"placement: {value.placement} is not UniPELT's adapter; set method.adapter.placement "
+                "to pfeiffer (one adapter after each feed-forward block)"
+            )
         return value
 
 
 def report(model: nn.Module) -> dict[str, Any]:
     """The mean of each gate per block over the last evaluation's real tokens (null for a gate that did not run)."""
     rows = gates_by_block(model)
-    return {"tokens": max((g.tokens for row in rows for g in row.values()), default=0),
-            "layers": [{name: gate.mean() for name, gate in row.items()} for row in rows]}
+    return {
+        "tokens": max((g.tokens for row in rows for g in row.values()), default=0),
+        "layers": [{name: gate.mean() for name, gate in row.items()} for row in rows],
+    }
 
 
 def resolve(cfg: Config) -> base.Method:
@@ -98,16 +107,25 @@ def resolve(cfg: Config) -> base.Method:
         return list(parts.trainable(model, config)) + gates
 
     return dataclasses.replace(  # the gates depend on the input: no merging
-        parts, apply=lambda model, config: add_gates(parts.apply(model, config)), trainable=trainable, merging=None,
-        hooks=dataclasses.replace(parts.hooks, report=report), about=METHOD.about)
+        parts,
+        apply=lambda model, config: add_gates(parts.apply(model, config)),
+        trainable=trainable,
+        merging=None,
+        hooks=dataclasses.replace(parts.hooks, report=report),
+        about=METHOD.about,
+    )
 
 
 METHOD = base.Method(
-    name="unipelt", config_cls=Config, trains=base.Trains.ADDED,
+    name="unipelt",
+    config_cls=Config,
+    trains=base.Trains.ADDED,
     claims=frozenset({base.Claim.LINEARS, base.Claim.SUB_BLOCKS, base.Claim.WHOLE_MODEL}),
-    trainable=resolved_trainable, resolve=resolve,
+    trainable=resolved_trainable,
+    resolve=resolve,
     about=base.About(
         "LoRA + prefix tuning + a pfeiffer adapter, each scaled by a learned gate (mean gates in method_report.json)",
         "Mao et al. 2022, UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning, arXiv:2110.07577",
-        base.Recommended(2e-3, "ftune's unipelt_sst2 recipe (README)")),
+        base.Recommended(2e-3, "ftune's unipelt_sst2 recipe (README)"),
+    ),
 )

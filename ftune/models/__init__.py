@@ -36,8 +36,10 @@ def resolve_model(name: str, gguf_file: str | None = None, revision: str | None 
     try:
         is_file, is_dir = path.is_file(), path.is_dir()
     except OSError as e:  # a name too long for the filesystem, a loop of links: not a path it can open
-        raise ModelError(f"model.name: {name[:80]}{'...' if len(name) > 80 else ''} cannot be a path here "
-                         f"({e.strerror or type(e).__name__})") from None
+        raise ModelError(
+            f"model.name: {name[:80]}{'...' if len(name) > 80 else ''} cannot be a path here "
+            f"({e.strerror or type(e).__name__})"
+        ) from None
     if is_file and path.suffix == ".gguf":
         return _from_gguf(path)
     if is_dir:
@@ -96,8 +98,11 @@ def load_model(
     auto = getattr(transformers, task.model_class)
     if task.has_classes:
         names = label_names or [str(i) for i in range(num_labels)]
-        kwargs |= {"num_labels": len(names), "id2label": dict(enumerate(names)),
-                   "label2id": {n: i for i, n in enumerate(names)}}
+        kwargs |= {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
+        }
     if quantization is not None:
         kwargs["quantization_config"] = quantize.bnb_config(quantization, auto, source, kwargs)
     try:

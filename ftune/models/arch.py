@@ -40,15 +40,23 @@ class BlockLayout:
     """The cross-attention's query and value projections."""
 
 
-_BERT = BlockLayout("attention.self", "attention.output.dense", "intermediate", "output.dense",
-                    ("attention.self.query", "attention.self.value"))
-_DECODER = BlockLayout("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", ("self_attn.q_proj", "self_attn.v_proj"))
+_BERT = BlockLayout(
+    "attention.self",
+    "attention.output.dense",
+    "intermediate",
+    "output.dense",
+    ("attention.self.query", "attention.self.value"),
+)
+_DECODER = BlockLayout(
+    "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", ("self_attn.q_proj", "self_attn.v_proj")
+)
 LAYOUTS: dict[str, BlockLayout] = {
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
-    "mpnet": BlockLayout("attention.attn", "attention.attn.o", "intermediate", "output.dense",
-                         ("attention.attn.q", "attention.attn.v")),
+    "mpnet": BlockLayout(
+        "attention.attn", "attention.attn.o", "intermediate", "output.dense", ("attention.attn.q", "attention.attn.v")
+    ),
     "llama": _DECODER,
     "qwen2": _DECODER,
     "qwen3": _DECODER,
@@ -63,12 +71,25 @@ LAYOUTS: dict[str, BlockLayout] = {
 # an adapter wrapped around `wo` would hide. BART (post-norm): fairseq's names.
 _T5_SELF = ("layer.0.SelfAttention", "layer.0.SelfAttention.o")
 _T5_QV = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.v")
-_T5_CROSS = ("layer.1.EncDecAttention", "layer.1.EncDecAttention.o", ("layer.1.EncDecAttention.q", "layer.1.EncDecAttention.v"))
-_T5 = (BlockLayout(*_T5_SELF, "layer.1.DenseReluDense", "layer.1.DenseReluDense", _T5_QV),
-       BlockLayout(*_T5_SELF, "layer.2.DenseReluDense", "layer.2.DenseReluDense", _T5_QV, *_T5_CROSS))
+_T5_CROSS = (
+    "layer.1.EncDecAttention",
+    "layer.1.EncDecAttention.o",
+    ("layer.1.EncDecAttention.q", "layer.1.EncDecAttention.v"),
+)
+_T5 = (
+    BlockLayout(*_T5_SELF, "layer.1.DenseReluDense", "layer.1.DenseReluDense", _T5_QV),
+    BlockLayout(*_T5_SELF, "layer.2.DenseReluDense", "layer.2.DenseReluDense", _T5_QV, *_T5_CROSS),
+)
 _BART_ENCODER = BlockLayout("self_attn", "self_attn.out_proj", "fc1", "fc2", ("self_attn.q_proj", "self_attn.v_proj"))
-_BART = (_BART_ENCODER, BlockLayout(*astuple(_BART_ENCODER)[:5], "encoder_attn", "encoder_attn.out_proj",
-                                    ("encoder_attn.q_proj", "encoder_attn.v_proj")))
+_BART = (
+    _BART_ENCODER,
+    BlockLayout(
+        *astuple(_BART_ENCODER)[:5],
+        "encoder_attn",
+        "encoder_attn.out_proj",
+        ("encoder_attn.q_proj", "encoder_attn.v_proj"),
+    ),
+)
 SEQ2SEQ_LAYOUTS: dict[str, tuple[BlockLayout, BlockLayout]] = {"t5": _T5, "mt5": _T5, "bart": _BART}
 """Encoder-decoder architectures: (encoder block layout, decoder block layout)."""
 
@@ -108,8 +129,10 @@ def block_layout(model: nn.Module) -> BlockLayout:
     """The layout of `model`'s blocks, or a MethodError naming the architecture and the supported ones."""
     model_type = _model_type(model)
     if model_type in SEQ2SEQ_LAYOUTS:
-        raise MethodError(f"{model_type} is an encoder-decoder model, and this method supports models with one stack "
-                          f"of blocks ({', '.join(LAYOUTS)})")
+        raise MethodError(
+            f"{model_type} is an encoder-decoder model, and this method supports models with one stack "
+            f"of blocks ({', '.join(LAYOUTS)})"
+        )
     if model_type not in LAYOUTS:
         supported = ", ".join([*LAYOUTS, *SEQ2SEQ_LAYOUTS])
         raise MethodError(f"architecture {model_type!r} is not supported by this method; supported: {supported}")

@@ -20,8 +20,11 @@ from torch import nn
 from ftune.errors import MethodError
 from ftune.models.arch import block_stacks, is_encoder_decoder, transformer_blocks
 
-ENCODER_DECODER_COUNTS = {"t5": ("num_layers", "num_decoder_layers"), "mt5": ("num_layers", "num_decoder_layers"),
-                          "bart": ("encoder_layers", "decoder_layers")}
+ENCODER_DECODER_COUNTS = {
+    "t5": ("num_layers", "num_decoder_layers"),
+    "mt5": ("num_layers", "num_decoder_layers"),
+    "bart": ("encoder_layers", "decoder_layers"),
+}
 """Encoder-decoder architectures: the config keys counting (encoder blocks, decoder blocks)."""
 PER_LAYER_KEYS = ("layer_types", "mlp_layer_types", "kv_sharing_modes", "no_rope_layers")
 """Config lists with one entry per block of a single-stack model (transformers' names)."""
@@ -51,13 +54,18 @@ def stacks(model: nn.Module) -> list[Stack]:
     keys are unknown)."""
     if not is_encoder_decoder(model):
         blocks = transformer_blocks(model)
-        lists = {key: (model.config, list(value)) for key in PER_LAYER_KEYS
-                 if isinstance(value := getattr(model.config, key, None), list) and len(value) == len(blocks)}
+        lists = {
+            key: (model.config, list(value))
+            for key in PER_LAYER_KEYS
+            if isinstance(value := getattr(model.config, key, None), list) and len(value) == len(blocks)
+        }
         return [_stack(model, blocks, Depth([(model.config, "num_hidden_layers")], lists))]
     model_type = model.config.model_type
     if model_type not in ENCODER_DECODER_COUNTS:
-        raise MethodError(f"shrink: {model_type} is an encoder-decoder model whose block counts ftune does not know; "
-                          f"supported: {', '.join(ENCODER_DECODER_COUNTS)} and single-stack models")
+        raise MethodError(
+            f"shrink: {model_type} is an encoder-decoder model whose block counts ftune does not know; "
+            f"supported: {', '.join(ENCODER_DECODER_COUNTS)} and single-stack models"
+        )
     found = []
     sides = (model.get_encoder(), model.get_decoder())
     for side, key, (blocks, _) in zip(sides, ENCODER_DECODER_COUNTS[model_type], block_stacks(model)):
@@ -78,8 +86,10 @@ def check_droppable(blocks: list[nn.Module], dropped: list[int], field_name: str
     """Refuse dropping a block that others read from: T5's first block holds the relative position bias."""
     for i in dropped:
         if any(getattr(m, "has_relative_attention_bias", False) for m in blocks[i].modules()):
-            raise MethodError(f"{field_name}: block {i} holds the relative position bias every other block of its "
-                              "stack reads; keep it")
+            raise MethodError(
+                f"{field_name}: block {i} holds the relative position bias every other block of its "
+                "stack reads; keep it"
+            )
 
 
 def renumber(kept_blocks: list[nn.Module], kept: list[int], depth: Depth) -> None:
@@ -105,8 +115,13 @@ def remove(stack: Stack, dropped: list[int]) -> None:
 def linear_weights(module: nn.Module) -> int:
     """Weights a token is multiplied by in `module`: every 2-D parameter outside embedding tables (linears, GPT-2's
     Conv1D, an output layer even when tied to the input embeddings)."""
-    return sum(p.numel() for m in module.modules() if not isinstance(m, nn.Embedding)
-               for p in m.parameters(recurse=False) if p.dim() == 2)
+    return sum(
+        p.numel()
+        for m in module.modules()
+        if not isinstance(m, nn.Embedding)
+        for p in m.parameters(recurse=False)
+        if p.dim() == 2
+    )
 
 
 def forward_flops_per_token(model: nn.Module, found: list[Stack], blocks_per_stack: list[int], n_ctx: int) -> float:
@@ -125,7 +140,9 @@ def forward_flops_per_token(model: nn.Module, found: list[Stack], blocks_per_sta
     return flops
 
 
-def estimate(model: nn.Module, found: list[Stack], before: list[int], after: list[int], n_ctx: int) -> tuple[int, int, float]:
+def estimate(
+    model: nn.Module, found: list[Stack], before: list[int], after: list[int], n_ctx: int
+) -> tuple[int, int, float]:
     """(parameters with `before[s]` blocks in stack s, parameters with `after[s]`, forward FLOPs ratio) for `model`,
     whose stacks hold `len(stack.blocks)` blocks now; blocks of a stack are taken to be alike."""
     now = sum(p.numel() for p in model.parameters())
@@ -170,10 +187,17 @@ def describe(model: nn.Module, base_config, dropped_of: Callable[[int], list[int
     found = stacks(model)
     before = [getattr(base_config, stack.depth.counts[0][1]) for stack in found]
     orders = [dropped_of(n) for n in before]
-    lines = [f"shrink: {n} -> {n - len(o)} blocks (drops {', '.join(map(str, o))}, {when})" for n, o in zip(before, orders)]
+    lines = [
+        f"shrink: {n} -> {n - len(o)} blocks (drops {', '.join(map(str, o))}, {when})" for n, o in zip(before, orders)
+    ]
     after = [n - len(o) for n, o in zip(before, orders)]
     params_before, params_after, speedup = estimate(model, found, before, after, n_ctx)
-    assumes = ("2 x weights + 2 n_ctx d_model per block, Kaplan et al. 2020; no embeddings, norms, softmax or padding; "
-               "small batches gain less")
-    return [*lines, f"parameters: {params_before:,} unshrunk -> {params_after:,} shrunk",
-            f"speed-up estimate: {speedup:.2f}x fewer forward FLOPs per token at data.max_length = {n_ctx} ({assumes})"]
+    assumes = (
+        "2 x weights + 2 n_ctx d_model per block, Kaplan et al. 2020; no embeddings, norms, softmax or padding; "
+        "small batches gain less"
+    )
+    return [
+        *lines,
+        f"parameters: {params_before:,} unshrunk -> {params_after:,} shrunk",
+        f"speed-up estimate: {speedup:.2f}x fewer forward FLOPs per token at data.max_length = {n_ctx} ({assumes})",
+    ]

@@ -90,9 +90,13 @@ def bnb_config(q: Quantization, auto, source: str, load_kwargs: dict):
         # int8 matmuls quantise their input through fp16 (see `bits`); bitsandbytes would log so on every call
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.int8_threshold, llm_int8_skip_modules=kept)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                              bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[q.compute_dtype], llm_int8_skip_modules=kept)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=COMPUTE_DTYPES[q.compute_dtype],
+        llm_int8_skip_modules=kept,
+    )
 
 
 def kept_modules(auto, source: str, load_kwargs: dict) -> list[str]:
@@ -129,8 +133,13 @@ def after_loading(model: nn.Module, missing_keys: list[str], dtype: torch.dtype)
         if not is_quantized_linear(module):
             continue
         if name in missing:
-            fresh = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype,
-                              device=module.weight.device)
+            fresh = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                dtype=dtype,
+                device=module.weight.device,
+            )
             model._init_weights(fresh)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, fresh)
@@ -187,8 +196,9 @@ def dequantize(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         weight = dense_weight(module)
         compute = getattr(module, "compute_dtype", None)
         weight = weight.to(compute) if compute is not None else weight
-        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype,
-                          device=weight.device)
+        dense = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype, device=weight.device
+        )
         with torch.no_grad():
             dense.weight.copy_(weight)
             if module.bias is not None:

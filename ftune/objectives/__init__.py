@@ -9,14 +9,24 @@ from pydantic import Field
 from ftune.objectives import distill, dpo, reward, task_loss
 from ftune.objectives.base import Bound, Objective, ObjectiveConfig, Trained, trained_task
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (task_loss.OBJECTIVE, distill.OBJECTIVE, reward.OBJECTIVE,
-                                                          dpo.OBJECTIVE)}
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o for o in (task_loss.OBJECTIVE, distill.OBJECTIVE, reward.OBJECTIVE, dpo.OBJECTIVE)
+}
 
-AnyObjectiveConfig = Annotated[task_loss.Config | distill.Config | reward.Config | dpo.Config,
-                              Field(discriminator="name")]
+AnyObjectiveConfig = Annotated[
+    task_loss.Config | distill.Config | reward.Config | dpo.Config, Field(discriminator="name")
+]
 """A recipe's objective section: any registered objective's config, chosen by `name`."""
 DEFAULT_OBJECTIVE = task_loss.Config()
 """The objective of a recipe without an objective section: the task's own loss."""
 
-__all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "AnyObjectiveConfig", "Bound", "Objective", "ObjectiveConfig",
-           "Trained", "trained_task"]
+__all__ = [
+    "DEFAULT_OBJECTIVE",
+    "OBJECTIVES",
+    "AnyObjectiveConfig",
+    "Bound",
+    "Objective",
+    "ObjectiveConfig",
+    "Trained",
+    "trained_task",
+]

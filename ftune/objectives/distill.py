@@ -19,8 +19,8 @@ Positions go `chunk_size` at a time, each chunk's fp32 log-probabilities recompu
 checkpointing), so a 150k-token vocabulary never holds every position's fp32 log-probs at once; the cross-entropy is
 computed in the same pass (equal to the task's own loss: tests/test_distill.py checks it for every task).
 
-The teacher (objective.teacher; ftune/objectives/teacher.py): a finished ftune run directory or a model fine-tuned for the
-task, built once beside the student, in eval mode, without gradients.
+The teacher (objective.teacher; ftune/objectives/teacher.py): a finished ftune run directory or a model fine-tuned
+for the task, built once beside the student, in eval mode, without gradients.
 - Tasks with an output per row (sequence classification): the teacher may have its own tokenizer; it then reads
   every training row once, before training, and its logits (rows, C) travel with the rows (`teacher_logits` in the
   batch). `cache: true` keeps them on disk by teacher and data, and later runs read them without loading the
@@ -71,8 +71,10 @@ class Config(ObjectiveConfig):
     def _beta_only_for_jsd(self) -> Config:
         # by value, not by whether it was written: a run's stored recipe writes every field, the default beta too
         if self.beta != Config.model_fields["beta"].default and self.divergence != "jsd":
-            raise ValueError(f"beta is read only by divergence: jsd (the mixture weight), not {self.divergence}; "
-                             "drop it or set divergence: jsd")
+            raise ValueError(
+                f"beta is read only by divergence: jsd (the mixture weight), not {self.divergence}; "
+                "drop it or set divergence: jsd"
+            )
         return self
 
 
@@ -99,8 +101,9 @@ DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd}
 """`(student log-probs, teacher log-probs, beta) -> divergence per position`: (N, C) fp32 in, (N,) out."""
 
 
-def position_sums(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
-                  cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+def position_sums(
+    student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ divergence at temperature T, Σ cross-entropy at T = 1) over positions: logits (N, C) in any dtype,
     targets (N,) class or token ids; in fp32."""
     student, teacher = student.float(), teacher.float()
@@ -109,8 +112,9 @@ def position_sums(student: torch.Tensor, teacher: torch.Tensor, targets: torch.T
     return soft.sum(), F.cross_entropy(student, targets, reduction="sum")
 
 
-def chunked_sums(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
-                 cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_sums(
+    student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`position_sums`, `cfg.chunk_size` positions at a time; with gradients, each chunk's fp32 intermediates are
     recomputed in backward instead of kept."""
     from torch.utils.checkpoint import checkpoint
@@ -118,15 +122,19 @@ def chunked_sums(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Te
     soft = hard = torch.zeros((), device=student.device)
     sums = partial(position_sums, cfg=cfg)
     for first in range(0, len(student), cfg.chunk_size):
-        part = (student[first:first + cfg.chunk_size], teacher[first:first + cfg.chunk_size],
-                targets[first:first + cfg.chunk_size])
+        part = (
+            student[first : first + cfg.chunk_size],
+            teacher[first : first + cfg.chunk_size],
+            targets[first : first + cfg.chunk_size],
+        )
         s, h = checkpoint(sums, *part, use_reentrant=False) if student.requires_grad else sums(*part)
         soft, hard = soft + s, hard + h
     return soft, hard
 
 
-def positions(task: Task, student: torch.Tensor, teacher: torch.Tensor,
-              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def positions(
+    task: Task, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(student (N, C), teacher (N, C), targets (N,)) at the positions that carry the task's loss.
 
     Per-row logits (B, C) with labels (B,): every row. Per-token logits (B, T, V) with labels (B, T): the positions
@@ -156,7 +164,7 @@ def bind(cfg: Config, task: Task, extra: dict[str, nn.Module], trained: Any = No
             with torch.no_grad():
                 taught = teacher(**inputs).logits
         soft, hard = chunked_sums(*positions(task, student, taught, labels), cfg)
-        return cfg.alpha * cfg.temperature ** 2 * soft + (1 - cfg.alpha) * hard, task.count(labels)
+        return cfg.alpha * cfg.temperature**2 * soft + (1 - cfg.alpha) * hard, task.count(labels)
 
     return Bound(loss=loss, count=lambda batch: task.count(batch["labels"]))
 
@@ -176,8 +184,10 @@ def prepare(cfg: Config, task: Task, data: TrainingData, extra: dict[str, nn.Mod
     teachers.check_fits(about, task.name, data.label_names)
     if isinstance(data.examples[0]["labels"], list):  # an output per token
         if cfg.cache:
-            raise RecipeError(f"objective.cache: only a teacher's outputs per row are cached; {task.name} has one "
-                              "per token (a vocabulary of floats each); set cache: false")
+            raise RecipeError(
+                f"objective.cache: only a teacher's outputs per row are cached; {task.name} has one "
+                "per token (a vocabulary of floats each); set cache: false"
+            )
         teachers.check_vocabulary(about, data.tokenizer)
         return None
     shared = teachers.same_tokenizer(about.tokenizer, data.tokenizer)
@@ -196,15 +206,19 @@ def prepare(cfg: Config, task: Task, data: TrainingData, extra: dict[str, nn.Mod
     else:
         logits = teachers.per_row_logits(extra["teacher"], encoded, about.tokenizer.pad_token_id, data.device)
     if logits.shape[-1] != len(data.label_names or []):
-        raise RecipeError(f"objective.teacher: {cfg.teacher} gives {logits.shape[-1]} outputs per row, the student "
-                          f"has {len(data.label_names or [])} classes")
+        raise RecipeError(
+            f"objective.teacher: {cfg.teacher} gives {logits.shape[-1]} outputs per row, the student "
+            f"has {len(data.label_names or [])} classes"
+        )
     return [{TEACHER_LOGITS: row} for row in logits]
 
 
 def check(cfg: Config, task: Task, method: Any) -> None:
     if task.paired:
-        raise ValueError(f"objective.name: distill learns from labels and a teacher's outputs per row or token; "
-                         f"{task.name} rows are preference pairs (train them with reward or dpo)")
+        raise ValueError(
+            f"objective.name: distill learns from labels and a teacher's outputs per row or token; "
+            f"{task.name} rows are preference pairs (train them with reward or dpo)"
+        )
 
 
 OBJECTIVE = Objective(

@@ -89,8 +89,9 @@ def ipo_losses(delta: torch.Tensor, beta: float) -> torch.Tensor:
 
 def orpo_losses(mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, lam: float) -> torch.Tensor:
     """ORPO per pair from mean per-token log-probs (B,) each (negative: log(1 − e^ℓ) is finite)."""
-    log_odds = (mean_chosen - mean_rejected) - (torch.log1p(-torch.exp(mean_chosen))
-                                                - torch.log1p(-torch.exp(mean_rejected)))
+    log_odds = (mean_chosen - mean_rejected) - (
+        torch.log1p(-torch.exp(mean_chosen)) - torch.log1p(-torch.exp(mean_rejected))
+    )
     return -mean_chosen - lam * nn.functional.logsigmoid(log_odds)
 
 
@@ -98,8 +99,9 @@ def simpo_losses(mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, beta: f
     return -nn.functional.logsigmoid(beta * (mean_chosen - mean_rejected) - gamma)
 
 
-def preference_losses(cfg: Config, sums: torch.Tensor, counts: torch.Tensor,
-                      reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def preference_losses(
+    cfg: Config, sums: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair losses (B,) and per-row implicit rewards (2B,: chosen rows, then rejected), from the policy's summed
     completion log-probs `sums` (2B,), their token `counts` (2B,) and the reference's sums (2B,; None without one)."""
     beta, half = cfg.strength, sums.shape[0] // 2
@@ -143,8 +145,9 @@ class Reference:
         return completion_logps(logits, batch["labels"])[0]
 
 
-def pair_terms(cfg: Config, model: nn.Module, batch: dict[str, torch.Tensor],
-               reference: Reference | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_terms(
+    cfg: Config, model: nn.Module, batch: dict[str, torch.Tensor], reference: Reference | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-pair losses (B,), per-row rewards (2B,), per-row summed log-probs (2B,)) of one paired batch; the
     reference's log-probs come from the batch when precomputed."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}  # not the extra fields
@@ -161,29 +164,44 @@ def evaluation(cfg: Config, reference: Reference | None) -> Evaluation:
         losses, rewards, logps = pair_terms(cfg, model, batch, reference)
         half = losses.shape[0]
         chosen, rejected = rewards[:half], rewards[half:]
-        return {"pairs": half, "loss": float(losses.sum()), "rewards/chosen": float(chosen.sum()),
-                "rewards/rejected": float(rejected.sum()), "rewards/correct": float((chosen > rejected).sum()),
-                "rewards/margins": float((chosen - rejected).sum()), "logps/chosen": float(logps[:half].sum()),
-                "logps/rejected": float(logps[half:].sum())}
+        return {
+            "pairs": half,
+            "loss": float(losses.sum()),
+            "rewards/chosen": float(chosen.sum()),
+            "rewards/rejected": float(rejected.sum()),
+            "rewards/correct": float((chosen > rejected).sum()),
+            "rewards/margins": float((chosen - rejected).sum()),
+            "logps/chosen": float(logps[:half].sum()),
+            "logps/rejected": float(logps[half:].sum()),
+        }
 
     def result(totals: dict[str, float]) -> dict[str, float]:
         n = max(totals.get("pairs", 0), 1)
-        return {"loss": totals["loss"] / n, "rewards/chosen": totals["rewards/chosen"] / n,
-                "rewards/rejected": totals["rewards/rejected"] / n,
-                "rewards/accuracies": totals["rewards/correct"] / n, "rewards/margins": totals["rewards/margins"] / n,
-                "logps/chosen": totals["logps/chosen"] / n, "logps/rejected": totals["logps/rejected"] / n,
-                "pairs": int(totals["pairs"])}
+        return {
+            "loss": totals["loss"] / n,
+            "rewards/chosen": totals["rewards/chosen"] / n,
+            "rewards/rejected": totals["rewards/rejected"] / n,
+            "rewards/accuracies": totals["rewards/correct"] / n,
+            "rewards/margins": totals["rewards/margins"] / n,
+            "logps/chosen": totals["logps/chosen"] / n,
+            "logps/rejected": totals["logps/rejected"] / n,
+            "pairs": int(totals["pairs"]),
+        }
 
     return Evaluation(sums=sums, result=result)
 
 
 def check(cfg: Config, task: Task, method) -> None:
     if not task.paired:
-        raise ValueError(f"objective.name: dpo trains on preference pairs; task {task.name} has none "
-                         "(use task: preference with prompt, chosen and rejected columns)")
+        raise ValueError(
+            f"objective.name: dpo trains on preference pairs; task {task.name} has none "
+            "(use task: preference with prompt, chosen and rejected columns)"
+        )
     if cfg.reference == "disabled" and method.disabled is None:
-        raise ValueError(f"objective.reference: disabled, but method {method.name} trains base weights in place, so "
-                         "it cannot be switched off to give the reference; use reference: copy (or auto)")
+        raise ValueError(
+            f"objective.reference: disabled, but method {method.name} trains base weights in place, so "
+            "it cannot be switched off to give the reference; use reference: copy (or auto)"
+        )
 
 
 def prepare(cfg: Config, task: Task, data: TrainingData, extra: dict[str, nn.Module]) -> list[dict[str, Any]] | None:
@@ -199,7 +217,7 @@ def prepare(cfg: Config, task: Task, data: TrainingData, extra: dict[str, nn.Mod
     data.trained.model.to(data.device)
     fields = []
     for start in range(0, len(data.examples), PRECOMPUTE_BATCH):
-        batch = {k: v.to(data.device) for k, v in pad(data.examples[start:start + PRECOMPUTE_BATCH]).items()}
+        batch = {k: v.to(data.device) for k, v in pad(data.examples[start : start + PRECOMPUTE_BATCH]).items()}
         with autocast(data.trained.precision, data.device):
             sums = reference.logps(batch).float().cpu()
         half = sums.shape[0] // 2
@@ -214,9 +232,19 @@ def bind(cfg: Config, task: Task, extra: dict[str, nn.Module], trained: Trained)
         losses = pair_terms(cfg, model, batch, reference)[0]
         return losses.sum(), torch.tensor(losses.shape[0], device=losses.device)
 
-    return Bound(loss=loss, count=lambda batch: torch.tensor(batch["input_ids"].shape[0] // 2),
-                 evaluation=evaluation(cfg, reference))
+    return Bound(
+        loss=loss,
+        count=lambda batch: torch.tensor(batch["input_ids"].shape[0] // 2),
+        evaluation=evaluation(cfg, reference),
+    )
 
 
-OBJECTIVE = Objective(name="dpo", config_cls=Config, bind=bind, check=check, prepare=prepare, own_metrics=True,
-                      summary="DPO (cDPO, IPO) against a reference, or ORPO/SimPO without one, on preference pairs")
+OBJECTIVE = Objective(
+    name="dpo",
+    config_cls=Config,
+    bind=bind,
+    check=check,
+    prepare=prepare,
+    own_metrics=True,
+    summary="DPO (cDPO, IPO) against a reference, or ORPO/SimPO without one, on preference pairs",
+)

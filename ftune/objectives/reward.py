@@ -10,8 +10,8 @@ with c = `center_coefficient` (default 0, off; TRL's `center_rewards_coefficient
 2023): it keeps rewards centred on zero, which the pairwise loss alone leaves free. Metrics: loss, accuracy (share
 of pairs with r_c > r_r), margin (mean r_c − r_r), mean rewards of chosen and rejected completions.
 
-`score_completions` (and ftune/serve/label_pairs.py's `reward_scorer` for a finished run) score (prompt, completion) texts with a trained reward
-model, e.g. to judge sampled pairs (RLAIF).
+`score_completions` (and ftune/serve/label_pairs.py's `reward_scorer` for a finished run) score (prompt,
+completion) texts with a trained reward model, e.g. to judge sampled pairs (RLAIF).
 """
 
 from __future__ import annotations
@@ -72,8 +72,14 @@ class Scorer:
 
     def result(self) -> dict[str, float]:
         n = max(self.pairs, 1)
-        return {"loss": self.loss / n, "accuracy": self.correct / n, "margin": self.margin / n,
-                "reward/chosen": self.chosen / n, "reward/rejected": self.rejected / n, "pairs": self.pairs}
+        return {
+            "loss": self.loss / n,
+            "accuracy": self.correct / n,
+            "margin": self.margin / n,
+            "reward/chosen": self.chosen / n,
+            "reward/rejected": self.rejected / n,
+            "pairs": self.pairs,
+        }
 
 
 def _one_output(rows, spec) -> list[str]:
@@ -82,23 +88,33 @@ def _one_output(rows, spec) -> list[str]:
 
 def shape_task(cfg: Config, task: Task) -> Task:
     """The preference task read by a one-output classification head, with the Bradley-Terry loss and metrics."""
-    return replace(task, summary=f"{task.name} pairs scored by a reward head (Bradley-Terry)",
-                   model_class="AutoModelForSequenceClassification", peft_task_type="SEQ_CLS",
-                   loss=partial(bradley_terry, center=cfg.center_coefficient), count=count_pairs,
-                   scorer=partial(Scorer, center=cfg.center_coefficient), class_names=_one_output, predict_row=None,
-                   next_token=False)
+    return replace(
+        task,
+        summary=f"{task.name} pairs scored by a reward head (Bradley-Terry)",
+        model_class="AutoModelForSequenceClassification",
+        peft_task_type="SEQ_CLS",
+        loss=partial(bradley_terry, center=cfg.center_coefficient),
+        count=count_pairs,
+        scorer=partial(Scorer, center=cfg.center_coefficient),
+        class_names=_one_output,
+        predict_row=None,
+        next_token=False,
+    )
 
 
 def check(cfg: Config, task: Task, method) -> None:
     if not task.paired:
-        raise ValueError(f"objective.name: reward trains on preference pairs; task {task.name} has none "
-                         "(use task: preference with prompt, chosen and rejected columns)")
+        raise ValueError(
+            f"objective.name: reward trains on preference pairs; task {task.name} has none "
+            "(use task: preference with prompt, chosen and rejected columns)"
+        )
 
 
 def bind(cfg: Config, task: Task, extra: dict[str, nn.Module], trained: Trained) -> Bound:
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return task.loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                         batch["labels"])
+        return task.loss(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )
 
     return Bound(loss=loss, count=lambda batch: task.count(batch["labels"]))
 
@@ -120,5 +136,11 @@ def score_completions(model: nn.Module, tokenizer, data_spec, prompt: str, compl
     return logits[:, 0].float().tolist()
 
 
-OBJECTIVE = Objective(name="reward", config_cls=Config, bind=bind, shape_task=shape_task, check=check,
-                      summary="reward model: one-output head, Bradley-Terry loss on preference pairs (+ centring)")
+OBJECTIVE = Objective(
+    name="reward",
+    config_cls=Config,
+    bind=bind,
+    shape_task=shape_task,
+    check=check,
+    summary="reward model: one-output head, Bradley-Terry loss on preference pairs (+ centring)",
+)

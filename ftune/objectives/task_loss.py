@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ftune.objectives.base import Bound, Objective, ObjectiveConfig, Trained
 from ftune.kernels.linear_ce import output_layer
+from ftune.objectives.base import Bound, Objective, ObjectiveConfig, Trained
 from ftune.tasks import Task
 
 

@@ -60,8 +60,10 @@ def describe(where: str, open_run: Callable[[Path], OtherRun], trust_remote_code
         tokenizer = models.load_tokenizer(source, trust_remote_code)
     except ModelError as e:
         reason = str(e).removeprefix("model.name: ")
-        raise ModelError(f"objective.teacher: {where} is neither a finished ftune run directory (no "
-                         f"{rundir.RECORD}) nor a loadable model ({reason})") from None
+        raise ModelError(
+            f"objective.teacher: {where} is neither a finished ftune run directory (no "
+            f"{rundir.RECORD}) nor a loadable model ({reason})"
+        ) from None
     return Teacher(where, None, None, tokenizer, _files(Path(source)))
 
 
@@ -75,12 +77,16 @@ def check_fits(teacher: Teacher, task_name: str, label_names: list[str] | None) 
     """The teacher must have trained the student's task over the same classes (its logits are compared class by
     class)."""
     if teacher.task is not None and teacher.task != task_name:
-        raise RecipeError(f"objective.teacher: {teacher.where} was trained for {teacher.task}; the student trains "
-                          f"{task_name}. Give a teacher of the same task")
+        raise RecipeError(
+            f"objective.teacher: {teacher.where} was trained for {teacher.task}; the student trains "
+            f"{task_name}. Give a teacher of the same task"
+        )
     if teacher.label_names is not None and teacher.label_names != label_names:
-        raise RecipeError(f"objective.teacher: {teacher.where} has the classes {teacher.label_names}, the student "
-                          f"{label_names}; distillation compares them one by one, so set data.labels to the "
-                          "teacher's")
+        raise RecipeError(
+            f"objective.teacher: {teacher.where} has the classes {teacher.label_names}, the student "
+            f"{label_names}; distillation compares them one by one, so set data.labels to the "
+            "teacher's"
+        )
 
 
 def same_tokenizer(a, b) -> bool:
@@ -92,8 +98,9 @@ def same_tokenizer(a, b) -> bool:
     if None in backends or type(a) is not type(b) or a.special_tokens_map != b.special_tokens_map:
         return False
     # truncation and padding are call settings the last encode leaves behind, not part of the definition
-    a_def, b_def = ({k: v for k, v in json.loads(t.to_str()).items() if k not in ("truncation", "padding")}
-                    for t in backends)
+    a_def, b_def = (
+        {k: v for k, v in json.loads(t.to_str()).items() if k not in ("truncation", "padding")} for t in backends
+    )
     return a_def == b_def
 
 
@@ -103,15 +110,22 @@ def check_vocabulary(teacher: Teacher, student_tokenizer) -> None:
     theirs, ours = teacher.tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if theirs != ours:
         differ = next((t for t in sorted(ours) if theirs.get(t) != ours[t]), None)
-        example = f"; e.g. {differ!r} is {theirs.get(differ)} for the teacher, {ours[differ]} for the student" if differ else ""
-        raise RecipeError(f"objective.teacher: {teacher.where} has another vocabulary than the student "
-                          f"({len(theirs):,} tokens against {len(ours):,}{example}); token-level distillation "
-                          "needs one tokenizer for both: pick a teacher of the student's model family")
+        example = (
+            f"; e.g. {differ!r} is {theirs.get(differ)} for the teacher, {ours[differ]} for the student"
+            if differ
+            else ""
+        )
+        raise RecipeError(
+            f"objective.teacher: {teacher.where} has another vocabulary than the student "
+            f"({len(theirs):,} tokens against {len(ours):,}{example}); token-level distillation "
+            "needs one tokenizer for both: pick a teacher of the student's model family"
+        )
 
 
 @torch.no_grad()
-def per_row_logits(model: nn.Module, examples: list[dict[str, Any]], pad_token_id: int, device: torch.device,
-                   batch_size: int = 64) -> torch.Tensor:
+def per_row_logits(
+    model: nn.Module, examples: list[dict[str, Any]], pad_token_id: int, device: torch.device, batch_size: int = 64
+) -> torch.Tensor:
     """(rows, C) fp32 logits of `model` for each example's input_ids, in example order, on the CPU.
 
     Rows are batched by length (little padding); padding is masked, so a row's logits do not depend on its batch
@@ -123,7 +137,7 @@ def per_row_logits(model: nn.Module, examples: list[dict[str, Any]], pad_token_i
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     rows: list[torch.Tensor | None] = [None] * len(examples)
     for first in range(0, len(order), batch_size):
-        chunk = order[first:first + batch_size]
+        chunk = order[first : first + batch_size]
         batch = pad([{"input_ids": examples[i]["input_ids"], "labels": 0} for i in chunk])
         del batch["labels"]
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
@@ -150,7 +164,9 @@ def cache_key(teacher: Teacher, examples: list[dict[str, Any]]) -> str:
 
 
 def cache_path(key: str) -> Path:
-    return Path(os.environ.get("FTUNE_CACHE", Path.home() / ".cache" / "ftune")) / "teacher_logits" / f"{key}.safetensors"
+    return (
+        Path(os.environ.get("FTUNE_CACHE", Path.home() / ".cache" / "ftune")) / "teacher_logits" / f"{key}.safetensors"
+    )
 
 
 def read_cache(key: str, rows: int) -> torch.Tensor | None:

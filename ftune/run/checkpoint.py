@@ -22,12 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ftune import rundir
-from ftune.rundir import load_weights, saved_buffers
 from ftune.errors import RunDirError
+from ftune.rundir import load_weights, saved_buffers
 
 
-def save_weights(folder: Path, model: nn.Module, meta: dict[str, Any],
-                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+def save_weights(
+    folder: Path, model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None
+) -> None:
     """The method's weights as safetensors (default: the trainable parameters and the buffers the method's modules
     name in `saved_buffers`), plus `meta` as method.json."""
     if tensors is None:
@@ -39,24 +40,37 @@ def save_weights(folder: Path, model: nn.Module, meta: dict[str, Any],
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], method: str) -> None:
     tmp = rundir.temporary(path)
     try:
-        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp),
-                  metadata={"format": "pt", "method": method})
+        save_file(
+            {n: t.detach().cpu().contiguous() for n, t in tensors.items()},
+            str(tmp),
+            metadata={"format": "pt", "method": method},
+        )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
-        raise RunDirError(f"{path}: cannot be written ({_reason(e)}); the previous version, if any, is "
-                          "intact") from None
+        raise RunDirError(
+            f"{path}: cannot be written ({_reason(e)}); the previous version, if any, is intact"
+        ) from None
 
 
 def _reason(e: BaseException) -> str:
     return getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int,
-                    method_state: dict[str, torch.Tensor] | None = None, rng: list[dict] | None = None,
-                    gathered: tuple[dict, dict] | None = None) -> None:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int,
+    method_state: dict[str, torch.Tensor] | None = None,
+    rng: list[dict] | None = None,
+    gathered: tuple[dict, dict] | None = None,
+) -> None:
     """A resumable checkpoint, written under a temporary name and renamed only when complete. A failure (a full
     disk) removes the temporary folder and is one RunDirError line; the previous checkpoint stays as it was.
 
@@ -79,8 +93,10 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler
         save_weights(tmp, model, {"step": step}, weights)
         if method_state is not None:
             _save_tensors(tmp / rundir.METHOD_STATE, method_state, "state")
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng or [rng_state()]},
-                   tmp / rundir.OPTIMIZER)
+        torch.save(
+            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng or [rng_state()]},
+            tmp / rundir.OPTIMIZER,
+        )
         rundir.write_json(tmp / rundir.STATE, state)  # last: its presence is what makes a checkpoint complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -105,8 +121,9 @@ def _delete_checkpoint(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_method_state=None, rank: int = 0,
-                    restore_sharded=None) -> dict:
+def load_checkpoint(
+    folder: Path, model: nn.Module, optimizer, scheduler, load_method_state=None, rank: int = 0, restore_sharded=None
+) -> dict:
     """Restore weights, optimizer, scheduler and process `rank`'s RNG from `folder`; returns the loop position.
 
     `load_method_state(model, tensors)` restores what `save_checkpoint` got as `method_state`.
@@ -127,11 +144,12 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, load_m
     scheduler.load_state_dict(saved["scheduler"])
     states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
     if rank >= len(states):
-        raise RunDirError(f"--resume: {folder} was written by {len(states)} process(es); resume with as many "
-                          "(the data order and random streams are per process)")
+        raise RunDirError(
+            f"--resume: {folder} was written by {len(states)} process(es); resume with as many "
+            "(the data order and random streams are per process)"
+        )
     _set_rng_state(states[rank])
     return rundir.read_json(folder, rundir.STATE)
-
 
 
 def rng_state() -> dict[str, Any]:

@@ -33,8 +33,7 @@ def why_not(setting: str | bool, device: torch.device, sharded: bool, quantized:
     return None
 
 
-def compile_model(model: nn.Module, setting: str | bool, device: torch.device, sharded: bool,
-                  quantized: bool) -> str:
+def compile_model(model: nn.Module, setting: str | bool, device: torch.device, sharded: bool, quantized: bool) -> str:
     """Compile `model` in place when `setting` (train.compile) and the run allow it; returns a note for the console
     (empty: nothing worth saying)."""
     reason = why_not(setting, device, sharded, quantized)

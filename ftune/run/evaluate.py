@@ -6,6 +6,7 @@ process's shard of the rows."""
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -14,10 +15,19 @@ from ftune.models.precision import autocast
 from ftune.objectives.base import Evaluation
 from ftune.tasks import Decoding, Task
 
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, task: Task, label_names: list[str] | None, device: torch.device,
-             precision: str = "fp32", gather: Callable[[object], list] | None = None,
-             decoding: Decoding | None = None, objective: Evaluation | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    task: Task,
+    label_names: list[str] | None,
+    device: torch.device,
+    precision: str = "fp32",
+    gather: Callable[[object], list] | None = None,
+    decoding: Decoding | None = None,
+    objective: Evaluation | None = None,
+) -> dict[str, float]:
     """The task's metrics over the loader's rows; with `gather` (several processes, each scoring its own shard), over
     the union of every process's rows, the same on every process.
 
@@ -56,8 +66,14 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, label_names: list
     return scorer.result()
 
 
-def _objective_metrics(model: nn.Module, loader: DataLoader, objective: Evaluation, device: torch.device,
-                       precision: str, gather: Callable[[object], list] | None) -> dict[str, float]:
+def _objective_metrics(
+    model: nn.Module,
+    loader: DataLoader,
+    objective: Evaluation,
+    device: torch.device,
+    precision: str,
+    gather: Callable[[object], list] | None,
+) -> dict[str, float]:
     """An objective's metrics: its per-batch sums added up over the loader and every process, then its result."""
     was_training = model.training
     model.eval()

@@ -5,7 +5,8 @@ with one FSDP unit per transformer block. What the loop writes must be whole: th
 state are gathered into full tensors on the main process (torch.distributed.checkpoint's state-dict API), and a
 resume hands them back, each process keeping its shard.
 
-accelerate shards only on GPUs: on CPU processes it ignores the plugin and trains plain DDP without a word, so `train.distributed: fsdp` without CUDA is refused rather than silently not sharded.
+accelerate shards only on GPUs: on CPU processes it ignores the plugin and trains plain DDP without a word, so
+`train.distributed: fsdp` without CUDA is refused rather than silently not sharded.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ def gpus_shard() -> bool:
 def check(method_name: str, custom_saving: bool, stepwise_state: bool) -> None:
     """Refuse what cannot shard, in one line naming the field."""
     if not gpus_shard():
-        raise RecipeError("train.distributed: fsdp shards over CUDA GPUs; accelerate trains CPU processes as plain DDP "
-                          "(it would not shard), so use ddp here")
+        raise RecipeError(
+            "train.distributed: fsdp shards over CUDA GPUs; accelerate trains CPU processes as plain DDP "
+            "(it would not shard), so use ddp here"
+        )
     if custom_saving or stepwise_state:
         why = "saves what its encoder produces" if custom_saving else "reads whole gradients between steps"
         raise RecipeError(f"train.distributed: {method_name} {why}, which sharded parameters do not give; use ddp")

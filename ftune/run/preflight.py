@@ -57,8 +57,19 @@ POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
 """Names of the learned absolute position tables (nn.Embedding) of transformers' models."""
 
 
-def check(recipe, model: nn.Module, tokenizer, examples: list[dict[str, Any]], objective, extra: dict[str, nn.Module],
-          precision: str, accelerator, console, *, overwrite: bool) -> None:
+def check(
+    recipe,
+    model: nn.Module,
+    tokenizer,
+    examples: list[dict[str, Any]],
+    objective,
+    extra: dict[str, nn.Module],
+    precision: str,
+    accelerator,
+    console,
+    *,
+    overwrite: bool,
+) -> None:
     """Every check above for `model` (the unwrapped trained model, method applied) and the encoded training
     `examples`, with `objective` (the bound objective of ftune/run/setup.py) and the frozen `extra` models it reads;
     raises the first refusal (on every process alike), prints the warnings (main process)."""
@@ -68,8 +79,19 @@ def check(recipe, model: nn.Module, tokenizer, examples: list[dict[str, Any]], o
     try:
         notes += [*positions(recipe, model), vocabulary(model, tokenizer, examples)]
         free_space(recipe, model, Path(recipe.output_dir).expanduser(), overwrite=overwrite)
-        notes.append(memory(recipe, model, tokenizer, examples, objective, extra, precision, accelerator.device,
-                            _local_processes(accelerator)))
+        notes.append(
+            memory(
+                recipe,
+                model,
+                tokenizer,
+                examples,
+                objective,
+                extra,
+                precision,
+                accelerator.device,
+                _local_processes(accelerator),
+            )
+        )
         failure = None
     except FtuneError as e:
         failure = (type(e), str(e))
@@ -98,22 +120,31 @@ def positions(recipe, model: nn.Module) -> list[str]:
     tables = position_limits(model)
     for name, limit in tables.items():
         on_decoder = seq2seq and "decoder" in name.split(".")
-        field, length, extra = (("data.max_target_length", d.max_target_length, decoder_extra) if on_decoder
-                                else ("data.max_length", d.max_length, encoder_extra))
+        field, length, extra = (
+            ("data.max_target_length", d.max_target_length, decoder_extra)
+            if on_decoder
+            else ("data.max_length", d.max_length, encoder_extra)
+        )
         if length + extra > limit:
             virtual = f" + {extra} virtual tokens of method {_method_name(recipe)}" if extra else ""
             fix = f"set {field} to at most {limit - extra}" if limit > extra else "use fewer virtual tokens"
             table = ".".join(name.split(".")[-2:])  # without the path of a wrapper around the model
-            raise RecipeError(f"{field}: {length} tokens{virtual} exceed the {limit} positions of the model's "
-                              f"learned position embeddings ({table}); {fix}")
+            raise RecipeError(
+                f"{field}: {length} tokens{virtual} exceed the {limit} positions of the model's "
+                f"learned position embeddings ({table}); {fix}"
+            )
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     trained_at = getattr(config, "max_position_embeddings", None)
     length = d.max_length + encoder_extra
     if tables or not isinstance(trained_at, int) or seq2seq or length <= trained_at:
         return []
-    return [(f"data.max_length: {length} tokens run past the {trained_at} positions the model was trained at "
-             "(config max_position_embeddings); it computes them, but quality past that length may suffer")]
+    return [
+        (
+            f"data.max_length: {length} tokens run past the {trained_at} positions the model was trained at "
+            "(config max_position_embeddings); it computes them, but quality past that length may suffer"
+        )
+    ]
 
 
 def position_limits(model: nn.Module) -> dict[str, int]:
@@ -172,18 +203,24 @@ def vocabulary(model: nn.Module, tokenizer, examples: list[dict[str, Any]]) -> s
     for token in ("pad", "eos", "bos", "unk"):
         value = getattr(tokenizer, f"{token}_token_id", None)
         if isinstance(value, int) and value >= rows:
-            raise ModelError(f"model.name: the tokenizer's {token} id {value} is past the model's input embedding "
-                             f"({rows} rows; the tokenizer has {size} ids); {fix}")
+            raise ModelError(
+                f"model.name: the tokenizer's {token} id {value} is past the model's input embedding "
+                f"({rows} rows; the tokenizer has {size} ids); {fix}"
+            )
     if size <= rows:  # the usual case: nothing to scan
         return None
     top = max((_largest_id(e.get(key)) for e in examples for key in ("input_ids", "decoder_input_ids")), default=-1)
     if top >= rows:
-        raise ModelError(f"model.name: the tokenizer has {size} ids but the model's input embedding has {rows} rows, "
-                         f"and the training data encodes to ids up to {top}; {fix}")
+        raise ModelError(
+            f"model.name: the tokenizer has {size} ids but the model's input embedding has {rows} rows, "
+            f"and the training data encodes to ids up to {top}; {fix}"
+        )
     unused = tokenizer.convert_ids_to_tokens(list(range(rows, min(size, rows + 3))))
     more = ", ..." if size - rows > 3 else ""
-    return (f"model.name: the tokenizer has {size} ids but the model's input embedding has {rows} rows; the training "
-            f"data uses none past them ({', '.join(map(str, unused))}{more}), but text that does will fail")
+    return (
+        f"model.name: the tokenizer has {size} ids but the model's input embedding has {rows} rows; the training "
+        f"data uses none past them ({', '.join(map(str, unused))}{more}), but text that does will fail"
+    )
 
 
 def _largest_id(ids) -> int:
@@ -196,8 +233,17 @@ def _largest_id(ids) -> int:
 # --- memory ------------------------------------------------------------------------------------------------------
 
 
-def memory(recipe, model: nn.Module, tokenizer, examples, objective, extra: dict[str, nn.Module], precision: str,
-           device: torch.device, processes: int = 1) -> str | None:
+def memory(
+    recipe,
+    model: nn.Module,
+    tokenizer,
+    examples,
+    objective,
+    extra: dict[str, nn.Module],
+    precision: str,
+    device: torch.device,
+    processes: int = 1,
+) -> str | None:
     """Refuse (CPU) or warn (CUDA: the warning's text is returned) when one training step's peak beyond the loaded
     weights, × MEMORY_MARGIN, exceeds the free memory of `device` (on CPU shared by this machine's `processes`).
     None when it fits, or when the free memory or the estimate cannot be had."""
@@ -211,9 +257,12 @@ def memory(recipe, model: nn.Module, tokenizer, examples, objective, extra: dict
     peak = simulated_peak(recipe, model, tokenizer, examples, objective, extra, precision, device)
     if peak is None or peak * MEMORY_MARGIN <= budget:
         return None
-    where = (f"{size(free)} of RAM is available" + (f", {size(budget)} for each of {processes} processes"
-                                                     if processes > 1 else "")
-             if device.type == "cpu" else f"{size(free)} is free on {device}")
+    where = (
+        f"{size(free)} of RAM is available"
+        + (f", {size(budget)} for each of {processes} processes" if processes > 1 else "")
+        if device.type == "cpu"
+        else f"{size(free)} is free on {device}"
+    )
     if device.type == "cuda":
         return _too_little(recipe, peak, where)
     raise RecipeError(_too_little(recipe, peak, where))
@@ -227,9 +276,11 @@ def _too_little(recipe, peak: int, where: str) -> str:
     fixes = "lower train.batch_size (raise train.grad_accum to keep the batch) or data.max_length"
     if not t.gradient_checkpointing and method_of(recipe.method).runs_with.gradient_checkpointing:
         fixes += ", or set train.gradient_checkpointing: true"
-    return (f"train.batch_size: one training step needs about {size(peak)} beyond the loaded weights (the estimate "
-            f"`ftune validate` prints, at {t.batch_size} rows × {d.max_length} tokens) and "
-            f"{round(100 * (MEMORY_MARGIN - 1))}% to spare, but only {where}; {fixes}")
+    return (
+        f"train.batch_size: one training step needs about {size(peak)} beyond the loaded weights (the estimate "
+        f"`ftune validate` prints, at {t.batch_size} rows × {d.max_length} tokens) and "
+        f"{round(100 * (MEMORY_MARGIN - 1))}% to spare, but only {where}; {fixes}"
+    )
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -307,8 +358,16 @@ def _attention_layers(models: list[nn.Module]) -> tuple[int, int]:
     return layers, heads
 
 
-def simulated_peak(recipe, model: nn.Module, tokenizer, examples, objective, extra: dict[str, nn.Module],
-                   precision: str, device: torch.device) -> int | None:
+def simulated_peak(
+    recipe,
+    model: nn.Module,
+    tokenizer,
+    examples,
+    objective,
+    extra: dict[str, nn.Module],
+    precision: str,
+    device: torch.device,
+) -> int | None:
     """The step's peak beyond the weights from the simulation (ftune/estimate/simulate.py) of the step as the loop
     will take it; None where it cannot be simulated (the estimate is advice here, never the end of a run)."""
     from ftune.estimate import step
@@ -340,8 +399,10 @@ def free_space(recipe, model: nn.Module, out: Path, *, overwrite: bool) -> None:
     if folder is None:
         return
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise RunDirError(f"output_dir: {folder} is not writable, so {out} cannot be made there; "
-                          "choose another output_dir or make the folder writable")
+        raise RunDirError(
+            f"output_dir: {folder} is not writable, so {out} cannot be made there; "
+            "choose another output_dir or make the folder writable"
+        )
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
@@ -350,9 +411,11 @@ def free_space(recipe, model: nn.Module, out: Path, *, overwrite: bool) -> None:
         free += sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.is_symlink())
     needed = run_bytes(model, recipe.train.optimizer)
     if needed > free:
-        raise RunDirError(f"output_dir: {folder} has {size(free)} free on its filesystem but the run needs about "
-                          f"{size(needed)} (a checkpoint: trainable weights and optimizer state, and the weights "
-                          "again); free space there or choose another output_dir")
+        raise RunDirError(
+            f"output_dir: {folder} has {size(free)} free on its filesystem but the run needs about "
+            f"{size(needed)} (a checkpoint: trainable weights and optimizer state, and the weights "
+            "again); free space there or choose another output_dir"
+        )
 
 
 def run_bytes(model: nn.Module, optimizer: str) -> int:

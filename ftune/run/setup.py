@@ -16,20 +16,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ftune import assemble, models, rundir, trackers
-from ftune.data import fingerprint
-from ftune.data import packing
+from ftune.data import fingerprint, packing
 from ftune.data.loader import make_loader
 from ftune.errors import RecipeError, RunDirError
+from ftune.kernels import linear_ce
 from ftune.methods import method_of
 from ftune.methods.base import Method, count_parameters
 from ftune.models.arch import transformer_blocks
 from ftune.models.precision import resolve_precision
 from ftune.objectives import Bound
 from ftune.recipe import Recipe, dump_recipe
-from ftune.kernels import linear_ce
 from ftune.run import checkpoint, compiling, fsdp, processes
-from ftune.step.optim import lr_multiplier, training_optimizer
 from ftune.rundir import RunLock
+from ftune.step.optim import lr_multiplier, training_optimizer
 from ftune.tasks import Decoding, Task
 
 
@@ -105,28 +104,40 @@ def accelerator_for(recipe: Recipe, method: Method, precision: str) -> Accelerat
     if recipe.train.distributed == "fsdp":
         from accelerate import FullyShardedDataParallelPlugin
 
-        fsdp.check(method.name, method.saving.own_form is not None,
-                   bool(method.hooks.on_step_end or method.hooks.resume))
+        fsdp.check(
+            method.name, method.saving.own_form is not None, bool(method.hooks.on_step_end or method.hooks.resume)
+        )
         # the unit class (the transformer block) is named once the model is built, before prepare wraps it
-        sharding = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                                  state_dict_type="FULL_STATE_DICT", reshard_after_forward=True)
+        sharding = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            state_dict_type="FULL_STATE_DICT",
+            reshard_after_forward=True,
+        )
     # cpu=True where there is no GPU: several CPU processes then form a gloo process group (accelerate's MULTI_CPU)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision={"fp32": "no"}.get(precision, precision),
-                       kwargs_handlers=[ddp], fsdp_plugin=sharding,
-                       **trackers.accelerator_options(recipe.train.report_to, Path(recipe.output_dir)))
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        kwargs_handlers=[ddp],
+        fsdp_plugin=sharding,
+        **trackers.accelerator_options(recipe.train.report_to, Path(recipe.output_dir)),
+    )
 
 
-def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
-            allow_changed_data: bool = False) -> Run:
+def prepare(
+    recipe: Recipe, *, resume: bool, overwrite: bool, console: Console, allow_changed_data: bool = False
+) -> Run:
     t, out = recipe.train, Path(recipe.output_dir)
     # fail before any work; the main process checks again under the lock before it writes
-    rundir.check_output_dir(out, dump_recipe(recipe), resume=resume, overwrite=overwrite,
-                            probe_lock=os.environ.get("RANK", "0") == "0")
+    rundir.check_output_dir(
+        out, dump_recipe(recipe), resume=resume, overwrite=overwrite, probe_lock=os.environ.get("RANK", "0") == "0"
+    )
     # the data as it is now, hashed before it is read: run.json records it, and --resume refuses data changed since
     # the run started (unless allow_changed_data), on every process alike, before any collective
     data_prints = fingerprint.data_fingerprints(recipe.data, assemble.recipe_task(recipe).reads_conll)
-    changed_data = fingerprint.check_resume(rundir.read_record(out) if resume else None, data_prints, resume=resume,
-                                            allow_changed_data=allow_changed_data)
+    changed_data = fingerprint.check_resume(
+        rundir.read_record(out) if resume else None, data_prints, resume=resume, allow_changed_data=allow_changed_data
+    )
     precision = resolve_precision(t.precision)
     if precision == "fp16" and not torch.cuda.is_available():
         raise RecipeError("train.precision: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on CPU")
@@ -136,8 +147,10 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
     rank, world = accelerator.process_index, accelerator.num_processes
     per_device = t.batch_size if t.batch_scope == "per_device" else t.batch_size // world
     if t.batch_scope == "global" and t.batch_size % world:
-        raise RecipeError(f"train.batch_size: {t.batch_size} (global) does not split over {world} processes; "
-                          f"use a multiple of {world} or batch_scope: per_device")
+        raise RecipeError(
+            f"train.batch_size: {t.batch_size} (global) does not split over {world} processes; "
+            f"use a multiple of {world} or batch_scope: per_device"
+        )
     from accelerate.utils import set_seed
 
     set_seed(t.seed)
@@ -148,8 +161,15 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
     # the objective checks the data and adds its per-example values (a teacher's logits); the task's own loss comes
     # from hidden states where that is exact for this model (logits only where labels are kept)
     bound, train_set.examples, extra = assemble.bind_objective(
-        recipe, model, tokenizer, accelerator.device, precision, names,
-        task=linear_ce.training_task(task, model, sharded(accelerator)), examples=train_set.examples)
+        recipe,
+        model,
+        tokenizer,
+        accelerator.device,
+        precision,
+        names,
+        task=linear_ce.training_task(task, model, sharded(accelerator)),
+        examples=train_set.examples,
+    )
     if recipe.data.packing:  # before anything is written: examples and model must allow it
         packing.check_examples(train_set.examples)
         packing.require_isolation(model, train_set.examples)
@@ -160,13 +180,22 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
         every_row = make_loader(train_set.examples, per_device, tokenizer.pad_token_id, t.seed, True)  # same on all
         method.hooks.calibrate(model, recipe.method, every_row, bound.loss)
     counts = count_parameters(model)
-    compile_note = compiling.compile_model(model, t.compile, accelerator.device, sharded(accelerator),
-                                           recipe.model.quantization is not None)
+    compile_note = compiling.compile_model(
+        model, t.compile, accelerator.device, sharded(accelerator), recipe.model.quantization is not None
+    )
     # packed rows have no padding to group away; grouping keeps whole optimizer steps together (step_batches)
-    train_loader = make_loader(train_set.examples, per_device, tokenizer.pad_token_id, t.seed, True, rank, world,
-                               group_by_length=t.group_by_length and not recipe.data.packing,
-                               step_batches=t.grad_accum,
-                               collate_fn=packing.collate_packed if recipe.data.packing else None)
+    train_loader = make_loader(
+        train_set.examples,
+        per_device,
+        tokenizer.pad_token_id,
+        t.seed,
+        True,
+        rank,
+        world,
+        group_by_length=t.group_by_length and not recipe.data.packing,
+        step_batches=t.grad_accum,
+        collate_fn=packing.collate_packed if recipe.data.packing else None,
+    )
     val_loader = val_set and assemble.eval_loader(recipe, val_set.examples[rank::world], tokenizer)
 
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
@@ -174,8 +203,9 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
     if method.hooks.check_total_steps:  # before anything is written
         method.hooks.check_total_steps(recipe.method, total_steps)
     warmup = t.warmup_steps or round(t.warmup_ratio * total_steps)
-    optimizer = training_optimizer(t, model, method.hooks.decay_exempt,
-                                   fused=accelerator.device.type == "cuda" and not sharded(accelerator))
+    optimizer = training_optimizer(
+        t, model, method.hooks.decay_exempt, fused=accelerator.device.type == "cuda" and not sharded(accelerator)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t.scheduler, warmup, total_steps))
     if sharded(accelerator):
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = [type(transformer_blocks(model)[0]).__name__]
@@ -185,29 +215,78 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
     from ftune.run import preflight
 
     # lengths against the positions, the tokenizer against the embedding, the step's memory, the disk: refused here
-    preflight.check(recipe, raw_model, tokenizer, train_set.examples, bound, extra, precision, accelerator, console,
-                    overwrite=overwrite)
+    preflight.check(
+        recipe,
+        raw_model,
+        tokenizer,
+        train_set.examples,
+        bound,
+        extra,
+        precision,
+        accelerator,
+        console,
+        overwrite=overwrite,
+    )
 
     # nothing is written until the recipe, data and model have all loaded; then only by the main process, which
     # holds the output_dir's lock until the run ends (Run.lock)
     resume_from, run_lock = rundir.latest_checkpoint(out) if resume else None, None
     if accelerator.is_main_process:
-        record = None if resume else rundir.RunRecord.model_validate({**rundir.environment(), 
-            "seed": t.seed, "model_source": source, "trainable_params": counts[0], "total_params": counts[1],
-            "label_names": names, "train_source": train_set.source, "train_examples": len(train_set.examples),
-            "train_rows_dropped": train_set.dropped, "train_rows_truncated": train_set.truncated,
-            "validation_rows_truncated": val_set and val_set.truncated,
-            "validation_source": val_set and val_set.source, "total_steps": total_steps,
-            "precision": precision, "device": str(accelerator.device), "world_size": world,
-            "distributed": str(accelerator.distributed_type.value).lower(),
-            "batch_per_device": per_device, "global_batch": per_device * world * t.grad_accum,
-            "fingerprints": {"data": data_prints,
-                             "model": fingerprint.model_fingerprints(source, fingerprint.model_cache())}})
-        run_lock, resume_from = rundir.prepare_output_dir(out, dump_recipe(recipe), record, resume=resume,
-                                                          overwrite=overwrite)
-    run = Run(recipe, out, accelerator, precision, model, raw_model, method, task, bound, optimizer, scheduler,
-              train_loader, val_loader, assemble.decoding(recipe, tokenizer), names, total_steps, counts, Position(),
-              run_lock)
+        record = (
+            None
+            if resume
+            else rundir.RunRecord.model_validate(
+                {
+                    **rundir.environment(),
+                    "seed": t.seed,
+                    "model_source": source,
+                    "trainable_params": counts[0],
+                    "total_params": counts[1],
+                    "label_names": names,
+                    "train_source": train_set.source,
+                    "train_examples": len(train_set.examples),
+                    "train_rows_dropped": train_set.dropped,
+                    "train_rows_truncated": train_set.truncated,
+                    "validation_rows_truncated": val_set and val_set.truncated,
+                    "validation_source": val_set and val_set.source,
+                    "total_steps": total_steps,
+                    "precision": precision,
+                    "device": str(accelerator.device),
+                    "world_size": world,
+                    "distributed": str(accelerator.distributed_type.value).lower(),
+                    "batch_per_device": per_device,
+                    "global_batch": per_device * world * t.grad_accum,
+                    "fingerprints": {
+                        "data": data_prints,
+                        "model": fingerprint.model_fingerprints(source, fingerprint.model_cache()),
+                    },
+                }
+            )
+        )
+        run_lock, resume_from = rundir.prepare_output_dir(
+            out, dump_recipe(recipe), record, resume=resume, overwrite=overwrite
+        )
+    run = Run(
+        recipe,
+        out,
+        accelerator,
+        precision,
+        model,
+        raw_model,
+        method,
+        task,
+        bound,
+        optimizer,
+        scheduler,
+        train_loader,
+        val_loader,
+        assemble.decoding(recipe, tokenizer),
+        names,
+        total_steps,
+        counts,
+        Position(),
+        run_lock,
+    )
     try:
         data_notes = [f"data: {line}" for line in data_note.splitlines()]  # the cache, then what was cut or dropped
         _start(run, tokenizer, resume_from, [*data_notes, compile_note], console, changed_data)
@@ -217,8 +296,14 @@ def prepare(recipe: Recipe, *, resume: bool, overwrite: bool, console: Console,
     return run
 
 
-def _start(run: Run, tokenizer, resume_from: Path | None, notes: list[str | None], console: Console,
-           changed_data: dict[str, dict] | None = None) -> None:
+def _start(
+    run: Run,
+    tokenizer,
+    resume_from: Path | None,
+    notes: list[str | None],
+    console: Console,
+    changed_data: dict[str, dict] | None = None,
+) -> None:
     """The rest of `prepare` once the run directory is ready: the tokenizer saved (a new run) or the resume noted,
     the checkpoint restored into `run.pos`, trackers started."""
     accelerator, out = run.accelerator, run.out
@@ -227,9 +312,15 @@ def _start(run: Run, tokenizer, resume_from: Path | None, notes: list[str | None
     processes.barrier(accelerator)  # the run dir is ready before any process reads a checkpoint from it
     if resume_from:
         restore = (lambda w, o: fsdp.load(run.raw_model, run.optimizer, w, o)) if sharded(accelerator) else None
-        state = checkpoint.load_checkpoint(resume_from, run.raw_model, run.optimizer, run.scheduler,
-                                           run.method.hooks.resume and run.method.hooks.resume.load,
-                                           rank=accelerator.process_index, restore_sharded=restore)
+        state = checkpoint.load_checkpoint(
+            resume_from,
+            run.raw_model,
+            run.optimizer,
+            run.scheduler,
+            run.method.hooks.resume and run.method.hooks.resume.load,
+            rank=accelerator.process_index,
+            restore_sharded=restore,
+        )
         run.pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
         if run.main:  # noted once the checkpoint has loaded: a resume that fails leaves no entry behind
             accepted = {"changed_data": changed_data} if changed_data else {}  # --allow-changed-data: what changed

@@ -14,11 +14,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ftune import rundir, step, trackers
 from ftune.data import prefetch
 from ftune.data.loader import token_count
 from ftune.errors import TrainingError
 from ftune.recipe import Recipe
-from ftune import rundir, step, trackers
 from ftune.run import checkpoint, fsdp, plots, processes
 from ftune.run.evaluate import evaluate
 from ftune.run.setup import Position, Run, prepare, sharded, state_of
@@ -27,8 +27,14 @@ from ftune.run.setup import Position, Run, prepare, sharded, state_of
 MAX_SKIPS_IN_A_ROW = 25
 
 
-def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-          allow_changed_data: bool = False) -> dict:
+def train(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    allow_changed_data: bool = False,
+) -> dict:
     """Train `recipe` into `recipe.output_dir` and return the final metrics (also written to metrics.json).
     `allow_changed_data`: with `resume`, go on although the data files changed since the run started (recorded in
     run.json's resume entry); else that is refused (ftune/data/fingerprint.py)."""
@@ -43,9 +49,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
 def _fit(run: Run, console: Console) -> dict:
     t, pos, acc, model = run.recipe.train, run.pos, run.accelerator, run.model
     n_trainable, n_total = run.counts
-    console.print(f"[bold]{run.method.name}[/]: {n_trainable:,} of {n_total:,} parameters train "
-                  f"({100 * n_trainable / n_total:.3f}%); {run.total_steps} steps on {acc.device} "
-                  f"× {acc.num_processes}, {run.precision}")
+    console.print(
+        f"[bold]{run.method.name}[/]: {n_trainable:,} of {n_total:,} parameters train "
+        f"({100 * n_trainable / n_total:.3f}%); {run.total_steps} steps on {acc.device} "
+        f"× {acc.num_processes}, {run.precision}"
+    )
     if run.main:
         _truncate_log(run.out, pos.step, run.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -53,9 +61,16 @@ def _fit(run: Run, console: Console) -> dict:
     window_tokens, window_start, started = 0, time.perf_counter(), time.perf_counter() - pos.train_seconds
     skips_in_a_row = 0
     model.train()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console,
-                        disable=not (console.is_terminal and run.main), transient=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[stats]}"),
+        console=console,
+        disable=not (console.is_terminal and run.main),
+        transient=True,
+    )
     bar = progress.add_task("train", total=run.total_steps, completed=pos.step, stats="")
     with progress:
         out_of_time = False
@@ -70,13 +85,23 @@ def _fit(run: Run, console: Console) -> dict:
                 # gradients are reduced across processes once per step, on its last micro-batch
                 with nullcontext() if i == len(batches) - 1 else acc.no_sync(model):
                     step_loss += step.micro_step(
-                        model, batch, run.objective.loss, scale=acc.num_processes / step_count,  # undoes DDP's mean
-                        loss_term=run.method.hooks.loss_term, term_model=run.raw_model, grad_accum=t.grad_accum,
-                        autocast=acc.autocast, backward=acc.backward)
+                        model,
+                        batch,
+                        run.objective.loss,
+                        scale=acc.num_processes / step_count,  # undoes DDP's mean
+                        loss_term=run.method.hooks.loss_term,
+                        term_model=run.raw_model,
+                        grad_accum=t.grad_accum,
+                        autocast=acc.autocast,
+                        backward=acc.backward,
+                    )
             # fp16's loss scaler skips overflowing steps itself (routine, not an error): no norm unless clipping
             unscaled = acc.scaler is None or t.max_grad_norm
-            norm = (step.gradient_norm(params, t.max_grad_norm, partial(_clip, acc)) if unscaled
-                    else torch.zeros((), device=acc.device)).float()
+            norm = (
+                step.gradient_norm(params, t.max_grad_norm, partial(_clip, acc))
+                if unscaled
+                else torch.zeros((), device=acc.device)
+            ).float()
             # the step's one collective and one host read (none per micro-batch): loss, norm, tokens and clocks over
             # every process, so a non-finite value anywhere, or train.max_seconds, is every process's decision
             clock = torch.tensor([float(tokens), time.perf_counter() - started], device=norm.device)
@@ -94,8 +119,9 @@ def _fit(run: Run, console: Console) -> dict:
                     raise _stopped(run, f"{skips_in_a_row} steps in a row skipped, the last for a {bad}")
                 continue
             skips_in_a_row = 0
-            step_end = run.method.hooks.on_step_end and partial(run.method.hooks.on_step_end, run.raw_model,
-                                                                pos.step + 1, run.total_steps)
+            step_end = run.method.hooks.on_step_end and partial(
+                run.method.hooks.on_step_end, run.raw_model, pos.step + 1, run.total_steps
+            )
             step.update(run.optimizer, run.scheduler, step_end)
             pos.step += 1
             pos.window_steps += 1
@@ -108,10 +134,18 @@ def _fit(run: Run, console: Console) -> dict:
 
             if done % t.log_every == 0 or done == run.total_steps or out_of_time:
                 span = time.perf_counter() - window_start
-                entry = {"step": done, "loss": pos.window_loss / pos.window_steps, "lr": run.scheduler.get_last_lr()[0],
-                         "tokens_per_s": window_tokens / span, "epoch": pos.epoch, "skipped_steps": pos.skipped_steps}
+                entry = {
+                    "step": done,
+                    "loss": pos.window_loss / pos.window_steps,
+                    "lr": run.scheduler.get_last_lr()[0],
+                    "tokens_per_s": window_tokens / span,
+                    "epoch": pos.epoch,
+                    "skipped_steps": pos.skipped_steps,
+                }
                 _log(run, entry)
-                progress.update(bar, stats=f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:,.0f} tok/s")
+                progress.update(
+                    bar, stats=f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_s']:,.0f} tok/s"
+                )
                 pos.window_loss, pos.window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             progress.update(bar, completed=done)
 
@@ -136,10 +170,16 @@ def _fit(run: Run, console: Console) -> dict:
     else:
         _keep_if_best(run, final)
     _save_checkpoint(run)
-    result = {"step": pos.step, "skipped_steps": pos.skipped_steps, "train_seconds": round(pos.train_seconds, 2),
-              "train_tokens": pos.tokens,
-              "trainable_params": n_trainable, "total_params": n_total, "validation": final,
-              "best": {t.best_metric: pos.best} if t.best_metric else None}
+    result = {
+        "step": pos.step,
+        "skipped_steps": pos.skipped_steps,
+        "train_seconds": round(pos.train_seconds, 2),
+        "train_tokens": pos.tokens,
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "validation": final,
+        "best": {t.best_metric: pos.best} if t.best_metric else None,
+    }
     if run.method.hooks.report:  # read after the final evaluation, which the report may summarise
         result["method_report"] = run.method.hooks.report(run.raw_model)
         if run.main:
@@ -186,14 +226,25 @@ def _stopped(run: Run, why: str) -> TrainingError:
     latest = rundir.latest_checkpoint(run.out)
     kept = f"the last checkpoint, {latest.relative_to(run.out)}, is intact" if latest else "no checkpoint was saved yet"
     hint = ", or set train.on_nonfinite: skip" if run.recipe.train.on_nonfinite == "stop" else ""
-    return TrainingError(f"step {run.pos.step + 1} of {run.total_steps}: {why}; training stopped without saving this "
-                         f"step ({kept}). Lower train.lr or check the data{hint}")
+    return TrainingError(
+        f"step {run.pos.step + 1} of {run.total_steps}: {why}; training stopped without saving this "
+        f"step ({kept}). Lower train.lr or check the data{hint}"
+    )
 
 
 def _score(run: Run) -> dict:
     gather = (lambda scorer: processes.gather(run.accelerator, scorer)) if run.accelerator.num_processes > 1 else None
-    return evaluate(run.model, run.val_loader, run.task, run.label_names, run.accelerator.device, run.precision, gather,
-                    run.decoding, run.objective.evaluation)
+    return evaluate(
+        run.model,
+        run.val_loader,
+        run.task,
+        run.label_names,
+        run.accelerator.device,
+        run.precision,
+        gather,
+        run.decoding,
+        run.objective.evaluation,
+    )
 
 
 def _log(run: Run, entry: dict) -> None:
@@ -211,8 +262,10 @@ def _plot(run: Run, console: Console) -> None:
 def _keep_if_best(run: Run, metrics: dict) -> None:
     t = run.recipe.train
     if t.best_metric not in metrics:  # e.g. f1 where the tags are not IOB2: known only once scored
-        raise TrainingError(f"train.best_metric: {t.best_metric!r} is not a validation metric of this run; "
-                            f"use one of {', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
+        raise TrainingError(
+            f"train.best_metric: {t.best_metric!r} is not a validation metric of this run; "
+            f"use one of {', '.join(k for k, v in metrics.items() if isinstance(v, float))}"
+        )
     value, best = metrics[t.best_metric], run.pos.best
     if best is None or (value > best if t.best_mode == "max" else value < best):
         run.pos.best = value
@@ -221,11 +274,16 @@ def _keep_if_best(run: Run, metrics: dict) -> None:
 
 def _save_weights(run: Run, metrics: dict) -> None:
     # every process: a sharded model gathers its weights whole (a collective)
-    tensors = (fsdp.gathered_weights(run.raw_model) if sharded(run.accelerator)
-               else run.method.saving.weights(run.raw_model))
+    tensors = (
+        fsdp.gathered_weights(run.raw_model) if sharded(run.accelerator) else run.method.saving.weights(run.raw_model)
+    )
     if run.main:
-        meta = {"method": run.recipe.method.name, "config": run.recipe.method.model_dump(mode="json"),
-                "step": run.pos.step, "metrics": metrics}
+        meta = {
+            "method": run.recipe.method.name,
+            "config": run.recipe.method.model_dump(mode="json"),
+            "step": run.pos.step,
+            "metrics": metrics,
+        }
         checkpoint.save_weights(run.out, run.raw_model, meta, tensors)
 
 
@@ -236,8 +294,18 @@ def _save_checkpoint(run: Run) -> None:
     if sharded(run.accelerator):
         gathered = (fsdp.gathered_weights(run.raw_model), fsdp.gathered_optimizer(run.raw_model, run.optimizer))
     if run.main:
-        checkpoint.save_checkpoint(run.out, run.pos.step, run.raw_model, run.optimizer, run.scheduler,
-                                   state_of(run.pos), run.recipe.train.keep_checkpoints, state, rng, gathered)
+        checkpoint.save_checkpoint(
+            run.out,
+            run.pos.step,
+            run.raw_model,
+            run.optimizer,
+            run.scheduler,
+            state_of(run.pos),
+            run.recipe.train.keep_checkpoints,
+            state,
+            rng,
+            gathered,
+        )
     processes.barrier(run.accelerator)
 
 
@@ -248,6 +316,9 @@ def _truncate_log(out: Path, step: int, total_steps: int) -> None:
     checkpoint drops that line too rather than log it twice. Appending is not atomic: a kill can leave a torn last
     line, which the bounded reader skips (it was past the checkpoint, and is rewritten)."""
     if (out / rundir.METRICS_LOG).exists():
-        kept = [e for e in rundir.read_metrics_log(out)
-                if e["step"] <= step and not ("validation" in e and e["step"] >= total_steps)]
+        kept = [
+            e
+            for e in rundir.read_metrics_log(out)
+            if e["step"] <= step and not ("validation" in e and e["step"] >= total_steps)
+        ]
         rundir.write_text(out / rundir.METRICS_LOG, "".join(json.dumps(e) + "\n" for e in kept))

@@ -30,7 +30,6 @@ from ftune.rundir.layout import (
     write_text,
 )
 from ftune.rundir.lock import RunLock, holder, lock, require_idle
-from ftune.rundir.weights import load_weights, saved_buffers
 from ftune.rundir.output import check_output_dir, is_empty, note_resume, prepare_output_dir, sweep
 from ftune.rundir.read import (
     complete_checkpoints,
@@ -50,6 +49,7 @@ from ftune.rundir.read import (
     tokenizer_dir,
     weights_file,
 )
+from ftune.rundir.weights import load_weights, saved_buffers
 
 __all__ = [
     "CHECKPOINTS",

@@ -37,8 +37,21 @@ METRICS, METRICS_LOG, PLOT, TRACKING = "metrics.json", "metrics.jsonl", "loss.pn
 CHECKPOINTS, COMPARE = "checkpoints", "compare.json"
 STATE, OPTIMIZER, METHOD_STATE = "state.json", "optimizer.pt", "method_state.safetensors"
 """Inside checkpoints/step-N/ (with WEIGHTS and METHOD_META); STATE is written last, so it marks a whole one."""
-LAYOUT = (RECORD, RECIPE, LOCK, TOKENIZER, WEIGHTS, METHOD_META, METHOD_REPORT, METRICS, METRICS_LOG, PLOT,
-          TRACKING, CHECKPOINTS, COMPARE)
+LAYOUT = (
+    RECORD,
+    RECIPE,
+    LOCK,
+    TOKENIZER,
+    WEIGHTS,
+    METHOD_META,
+    METHOD_REPORT,
+    METRICS,
+    METRICS_LOG,
+    PLOT,
+    TRACKING,
+    CHECKPOINTS,
+    COMPARE,
+)
 """Every top-level name ftune may write into a run directory."""
 SCHEMA = 1
 """run.json's schema: 0 is a record written before it was typed (still read)."""
@@ -98,17 +111,24 @@ def environment() -> dict[str, Any]:
 
     try:
         code = Path(ftune.__file__).resolve().parent
-        sha = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=False).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
-    versions = {"ftune": ftune.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
-                "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-                "datasets": datasets.__version__}
+    versions = {
+        "ftune": ftune.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+    }
     return {"schema_version": SCHEMA, "versions": versions, "git_sha": sha or None, "command": sys.argv}
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
+
 
 def temporary(path: Path) -> Path:
     """A temporary name beside `path` that no other process or earlier attempt uses (pid and a random suffix)."""
@@ -131,8 +151,9 @@ def write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise RunDirError(f"{path}: cannot be written ({e.strerror or type(e).__name__}); the previous version, "
-                          "if any, is intact") from None
+        raise RunDirError(
+            f"{path}: cannot be written ({e.strerror or type(e).__name__}); the previous version, if any, is intact"
+        ) from None
 
 
 def write_json(path: Path, obj: Any) -> None:

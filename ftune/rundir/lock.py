@@ -36,8 +36,9 @@ def lock(out: Path) -> RunLock:
     try:
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
-        raise RunDirError(f"output_dir: {out / LOCK} cannot be opened ({e.strerror}); choose another "
-                          "output_dir") from None
+        raise RunDirError(
+            f"output_dir: {out / LOCK} cannot be opened ({e.strerror}); choose another output_dir"
+        ) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device cannot hold a pid
         os.close(fd)
         raise RunDirError(f"output_dir: {out / LOCK} is not a regular file; remove it or choose another output_dir")
@@ -52,8 +53,9 @@ def lock(out: Path) -> RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
     except OSError as e:  # a full disk
         os.close(fd)  # lets go of the lock too
-        raise RunDirError(f"output_dir: {out / LOCK} cannot be written ({e.strerror}); free space there or choose "
-                          "another output_dir") from None
+        raise RunDirError(
+            f"output_dir: {out / LOCK} cannot be written ({e.strerror}); free space there or choose another output_dir"
+        ) from None
     return RunLock(fd)
 
 

@@ -33,14 +33,17 @@ from ftune.rundir.read import (
 )
 
 
-def check_output_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bool,
-                     probe_lock: bool = True) -> Path | None:
+def check_output_dir(
+    out: Path, recipe_yaml: str, *, resume: bool, overwrite: bool, probe_lock: bool = True
+) -> Path | None:
     """Refuse an unusable `out` (RunDirError); returns the checkpoint to resume from, if resuming.
 
     `probe_lock`: refuse a folder another process trains in (off where this process holds the lock itself)."""
     if out.is_symlink() and not out.exists():
-        raise RunDirError(f"output_dir: {out} is a symbolic link to {os.readlink(out)}, which does not exist; create "
-                          "its target or choose another output_dir")
+        raise RunDirError(
+            f"output_dir: {out} is a symbolic link to {os.readlink(out)}, which does not exist; create "
+            "its target or choose another output_dir"
+        )
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         what = "is a file" if blocking == out else f"lies under {blocking}, which is a file"
@@ -53,8 +56,10 @@ def check_output_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bo
         if record is None:
             raise RunDirError(f"--resume: {out} holds no run to resume; drop --resume to start one")
         root = out / CHECKPOINTS
-        _own_files([out / name for name in LAYOUT if name != LOCK],
-                   sorted(root.iterdir()) if root.is_dir() and not root.is_symlink() else [])
+        _own_files(
+            [out / name for name in LAYOUT if name != LOCK],
+            sorted(root.iterdir()) if root.is_dir() and not root.is_symlink() else [],
+        )
         if read_recipe_text(out) != recipe_yaml:
             raise RunDirError(f"--resume: the recipe differs from {out / RECIPE}; resume with the same recipe")
         latest = latest_checkpoint(out)
@@ -69,16 +74,21 @@ def check_output_dir(out: Path, recipe_yaml: str, *, resume: bool, overwrite: bo
     if not entries:
         return None
     if record is None:
-        raise RunDirError(f"output_dir: {out} exists and is not an ftune run (it holds {min(entries)} and no "
-                          f"{RECORD}); choose another output_dir")
+        raise RunDirError(
+            f"output_dir: {out} exists and is not an ftune run (it holds {min(entries)} and no "
+            f"{RECORD}); choose another output_dir"
+        )
     if not overwrite:
-        raise RunDirError(f"output_dir: {out} holds another run; pass --overwrite to replace it, or choose another "
-                          "output_dir")
+        raise RunDirError(
+            f"output_dir: {out} holds another run; pass --overwrite to replace it, or choose another output_dir"
+        )
     # only names ftune writes, whatever else the record lists: a record is data, and never makes a user's file ftune's
     foreign = sorted(name for name in entries if name not in record.files or name not in LAYOUT)
     if foreign:
-        raise RunDirError(f"output_dir: {out} holds {foreign[0]}, which ftune did not write; --overwrite removes only "
-                          "a run's own files: move it away or choose another output_dir")
+        raise RunDirError(
+            f"output_dir: {out} holds {foreign[0]}, which ftune did not write; --overwrite removes only "
+            "a run's own files: move it away or choose another output_dir"
+        )
     return None
 
 
@@ -94,8 +104,10 @@ def _own_files(*groups: list[Path]) -> None:
         if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
             continue
         what = f"a symbolic link (to {os.readlink(path)})" if stat.S_ISLNK(mode) else "not a regular file or folder"
-        raise RunDirError(f"--resume: {path} is {what}; a run resumes only from files of its own: put the run's file "
-                          "back, or start again with --overwrite")
+        raise RunDirError(
+            f"--resume: {path} is {what}; a run resumes only from files of its own: put the run's file "
+            "back, or start again with --overwrite"
+        )
 
 
 def is_empty(out: Path) -> bool:
@@ -114,8 +126,9 @@ def _entries(out: Path) -> set[str]:
     return {n for n in names if n != LOCK and not TEMPORARY.match(n)}
 
 
-def prepare_output_dir(out: Path, recipe_yaml: str, record: RunRecord | None, *, resume: bool,
-                       overwrite: bool) -> tuple[RunLock, Path | None]:
+def prepare_output_dir(
+    out: Path, recipe_yaml: str, record: RunRecord | None, *, resume: bool, overwrite: bool
+) -> tuple[RunLock, Path | None]:
     """Make `out` ready under its lock: (the lock, held until the run ends; the checkpoint to resume from).
 
     A new run: the record (`record`) and the recipe are written, the record first. `--overwrite`: the previous run's
@@ -124,8 +137,9 @@ def prepare_output_dir(out: Path, recipe_yaml: str, record: RunRecord | None, *,
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RunDirError(f"output_dir: {out} cannot be created ({e.strerror or type(e).__name__}); choose a folder "
-                          "you can write to") from None
+        raise RunDirError(
+            f"output_dir: {out} cannot be created ({e.strerror or type(e).__name__}); choose a folder you can write to"
+        ) from None
     run_lock = lock(out)
     try:
         latest = check_output_dir(out, recipe_yaml, resume=resume, overwrite=overwrite, probe_lock=False)
@@ -152,8 +166,9 @@ def _clear(out: Path) -> None:
             else:
                 child.unlink()
         except OSError as e:
-            raise RunDirError(f"--overwrite: {child} cannot be removed ({e.strerror}); nothing new was "
-                              "written") from None
+            raise RunDirError(
+                f"--overwrite: {child} cannot be removed ({e.strerror}); nothing new was written"
+            ) from None
 
 
 def sweep(out: Path) -> None:

@@ -36,8 +36,9 @@ def inside(folder: Path, name: str) -> Path:
     try:
         path.resolve().relative_to(Path(folder).resolve())
     except ValueError:
-        raise RunDirError(f"{path}: links out of the run directory (to {path.resolve()}); a run is read only from "
-                          "its own files") from None
+        raise RunDirError(
+            f"{path}: links out of the run directory (to {path.resolve()}); a run is read only from its own files"
+        ) from None
     return path
 
 
@@ -70,8 +71,14 @@ def _read_bytes(path: Path, limit: int) -> bytes:
 
 
 def _kind(mode: int) -> str:
-    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device",
-             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket", stat.S_ISLNK: "a symbolic link"}
+    kinds = {
+        stat.S_ISDIR: "a folder",
+        stat.S_ISFIFO: "a named pipe",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISLNK: "a symbolic link",
+    }
     return next((name for test, name in kinds.items() if test(mode)), "not a plain file")
 
 
@@ -159,9 +166,11 @@ def read_optimizer(folder: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     try:
         saved = torch.load(path, weights_only=True, mmap=mmap, map_location="cpu" if mmap else None)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
-        raise RunDirError(f"{path}: not optimizer state ftune wrote ({type(e).__name__}); it is loaded only as "
-                          "tensors (weights_only), never unpickled as objects: resume from another checkpoint, or "
-                          "start again with --overwrite") from None
+        raise RunDirError(
+            f"{path}: not optimizer state ftune wrote ({type(e).__name__}); it is loaded only as "
+            "tensors (weights_only), never unpickled as objects: resume from another checkpoint, or "
+            "start again with --overwrite"
+        ) from None
     if not isinstance(saved, dict) or not {"optimizer", "scheduler", "rng"} <= saved.keys():
         raise RunDirError(f"{path}: not optimizer state ftune wrote (no optimizer, scheduler and rng)")
     return saved
@@ -196,8 +205,9 @@ def tokenizer_dir(run_dir: str | Path) -> Path:
     for path in folder.iterdir():
         inside(Path(run_dir), str(path.relative_to(run_dir)))
         if not (path.is_file() or path.is_dir()):  # a FIFO would hang the tokenizer's reader, a device feed it
-            raise RunDirError(f"{path}: not a regular file ({_kind(path.stat().st_mode)}); a run's tokenizer is "
-                              "plain files")
+            raise RunDirError(
+                f"{path}: not a regular file ({_kind(path.stat().st_mode)}); a run's tokenizer is plain files"
+            )
     return folder
 
 
@@ -210,8 +220,9 @@ def weights_file(folder: str | Path, name: str = WEIGHTS) -> Path:
     with f:
         header = int.from_bytes(f.read(8), "little")
     if size < 8 or header > min(MAX_SAFETENSORS_HEADER, size - 8):
-        raise RunDirError(f"{path}: not a safetensors file ftune wrote (its header claims {header:,} bytes of "
-                          f"{size:,}); refused")
+        raise RunDirError(
+            f"{path}: not a safetensors file ftune wrote (its header claims {header:,} bytes of {size:,}); refused"
+        )
     return path
 
 

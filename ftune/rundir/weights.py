@@ -25,8 +25,9 @@ def load_weights(folder: Path, model: nn.Module) -> None:
     missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
     if missing or unexpected:
         which = f"missing {min(missing)}" if missing else f"unexpected {min(unexpected)}"
-        raise RunDirError(f"{folder / WEIGHTS}: does not fit this method and model ({which}); was it written "
-                          "by another run?")
+        raise RunDirError(
+            f"{folder / WEIGHTS}: does not fit this method and model ({which}); was it written by another run?"
+        )
     params = dict(model.named_parameters()) | buffers
     with torch.no_grad():
         for name in sorted(tensors, key=lambda n: n not in buffers):
@@ -35,5 +36,8 @@ def load_weights(folder: Path, model: nn.Module) -> None:
 
 def saved_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Buffers that are part of a method's weights, by name: those its modules list in `saved_buffers`."""
-    return {f"{name}.{b}" if name else b: getattr(m, b) for name, m in model.named_modules()
-            for b in getattr(m, "saved_buffers", ())}
+    return {
+        f"{name}.{b}" if name else b: getattr(m, b)
+        for name, m in model.named_modules()
+        for b in getattr(m, "saved_buffers", ())
+    }

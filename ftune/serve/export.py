@@ -34,8 +34,10 @@ def merged_model(run_dir: str | Path, trust_remote_code: bool = False):
     recipe, model, tokenizer = load_run(run_dir, trust_remote_code)
     method = method_of(recipe.method)
     if method.merging is None:
-        raise MethodError(f"{method.name} adds modules that cannot be folded into the base weights, so there is no "
-                          f"merged model; the run dir itself is the model (`ftune eval {run_dir}`)")
+        raise MethodError(
+            f"{method.name} adds modules that cannot be folded into the base weights, so there is no "
+            f"merged model; the run dir itself is the model (`ftune eval {run_dir}`)"
+        )
     dtype = DTYPES[recipe.model.dtype]
     if recipe.model.quantization:  # B A cannot be added to 4/8-bit codes: dequantise (to the compute dtype), then fold
         quantize.dequantize(model, dtype)
@@ -61,11 +63,20 @@ def export_peft(run_dir: str | Path, out: str | Path, trust_remote_code: bool = 
     else:
         method_params = {id(p) for p in method.trainable(model, recipe.method)}
         # weights that train beside the method (the task head) travel as peft's modules_to_save
-        extra_owners = sorted({name.rpartition(".")[0] for name, p in model.named_parameters()
-                               if p.requires_grad and id(p) not in method_params})
+        extra_owners = sorted(
+            {
+                name.rpartition(".")[0]
+                for name, p in model.named_parameters()
+                if p.requires_grad and id(p) not in method_params
+            }
+        )
         tensors = {f"base_model.model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    config |= {"task_type": recipe_task(recipe).peft_task_type, "modules_to_save": extra_owners or None,
-               "base_model_name_or_path": recipe.model.name, "inference_mode": True}
+    config |= {
+        "task_type": recipe_task(recipe).peft_task_type,
+        "modules_to_save": extra_owners or None,
+        "base_model_name_or_path": recipe.model.name,
+        "inference_mode": True,
+    }
     tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
     make_dir(out)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

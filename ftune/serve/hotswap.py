@@ -48,11 +48,15 @@ def check_same_base(run_dirs: list[Path], recipes: list[Recipe]) -> None:
     first = recipes[0]
     for run, r in zip(run_dirs[1:], recipes[1:]):
         if r.task != first.task:
-            raise RunDirError(f"{run}: task is {r.task}, {run_dirs[0]} has {first.task}; give runs of one base and task")
+            raise RunDirError(
+                f"{run}: task is {r.task}, {run_dirs[0]} has {first.task}; give runs of one base and task"
+            )
         for field, value in r.model.model_dump().items():
             if value != getattr(first.model, field):
-                raise RunDirError(f"{run}: model.{field} is {value!r}, {run_dirs[0]} has {getattr(first.model, field)!r}; "
-                                  "several runs share one loaded base, so give runs of one base")
+                raise RunDirError(
+                    f"{run}: model.{field} is {value!r}, {run_dirs[0]} has {getattr(first.model, field)!r}; "
+                    "several runs share one loaded base, so give runs of one base"
+                )
 
 
 def swappable(recipes: list[Recipe]) -> bool:
@@ -70,16 +74,23 @@ class HotSwap:
     rows task by task and restores the base afterwards. `last_drift`: the largest |W_after - W| `restore_base` saw.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, recipes: list[Recipe], states: list[dict[str, torch.Tensor]],
-                 label_names: list[list[str] | None]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        recipes: list[Recipe],
+        states: list[dict[str, torch.Tensor]],
+        label_names: list[list[str] | None],
+    ) -> None:
         self.model, self.tokenizer, self.recipes, self.states = model, tokenizer, recipes, states
         self.label_names = label_names
         self.method = method_of(recipes[0].method)
         self.merges = not recipes[0].model.quantization  # B A cannot be added to 4/8-bit codes and taken back exactly
         swapped = set().union(*states)
         # unmerged (quantised) bases are never written to: nothing to compare or restore
-        self._original = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
-                          if n not in swapped and self.merges}
+        self._original = {
+            n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if n not in swapped and self.merges
+        }
         self._peak: dict[str, torch.Tensor] = {}  # largest |merged weight| per base tensor: scale of merge rounding
         self.swaps, self.last_drift = 0, 0.0
 
@@ -124,11 +135,16 @@ class HotSwap:
                 reference = original.to(param.device)
                 drift = float((param.float() - reference.float()).abs().max())
                 scale = max(float(reference.abs().max()), float(self._peak.get(name, 0.0)))
-                bound = max(self.swaps, 1) * 8 * torch.finfo(param.dtype).eps * max(scale, 1e-30) \
-                    if param.dtype.is_floating_point else 0.0
+                bound = (
+                    max(self.swaps, 1) * 8 * torch.finfo(param.dtype).eps * max(scale, 1e-30)
+                    if param.dtype.is_floating_point
+                    else 0.0
+                )
                 if drift > bound:
-                    raise MethodError(f"{self.method.name}: unmerge left {name} {drift:.3g} away from the base weight "
-                                      f"(rounding explains at most {bound:.3g}); the hot-swapped outputs are not trusted")
+                    raise MethodError(
+                        f"{self.method.name}: unmerge left {name} {drift:.3g} away from the base weight "
+                        f"(rounding explains at most {bound:.3g}); the hot-swapped outputs are not trusted"
+                    )
                 worst = max(worst, drift)
                 param.copy_(reference)
         self._peak.clear()
@@ -163,27 +179,35 @@ def load_bank(run_dirs: list[Path], recipes: list[Recipe] | None = None, trust_r
     check_same_base(run_dirs, recipes)
     first = recipes[0]
     if not swappable(recipes):
-        raise RunDirError(f"{run_dirs[0]}: {first.method.name} cannot be merged into the base, so several runs cannot "
-                          "be hot-swapped on one base (mergeable: "
-                          f"{', '.join(n for n, m in METHODS.items() if m.merging)})")
+        raise RunDirError(
+            f"{run_dirs[0]}: {first.method.name} cannot be merged into the base, so several runs cannot "
+            "be hot-swapped on one base (mergeable: "
+            f"{', '.join(n for n, m in METHODS.items() if m.merging)})"
+        )
     for run, r in zip(run_dirs[1:], recipes[1:]):
         if r.method.name != first.method.name:
-            raise RunDirError(f"{run}: method is {r.method.name}, {run_dirs[0]} has {first.method.name}; hot-swapped "
-                              "runs share one attached method")
+            raise RunDirError(
+                f"{run}: method is {r.method.name}, {run_dirs[0]} has {first.method.name}; hot-swapped "
+                "runs share one attached method"
+            )
         for field, value in r.method.model_dump().items():
             if field not in TRAINING_ONLY and value != getattr(first.method, field):
-                raise RunDirError(f"{run}: method.{field} is {value!r}, {run_dirs[0]} has "
-                                  f"{getattr(first.method, field)!r}; hot-swapped runs share one attached "
-                                  f"{first.method.name} (same targets, rank and scaling; only "
-                                  f"{', '.join(sorted(TRAINING_ONLY))} may differ)")
+                raise RunDirError(
+                    f"{run}: method.{field} is {value!r}, {run_dirs[0]} has "
+                    f"{getattr(first.method, field)!r}; hot-swapped runs share one attached "
+                    f"{first.method.name} (same targets, rank and scaling; only "
+                    f"{', '.join(sorted(TRAINING_ONLY))} may differ)"
+                )
     _, model, tokenizer = assemble.load_run(run_dirs[0], trust_remote_code)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     states = [rundir.read_weights(run) for run in run_dirs]
     for run, state in zip(run_dirs, states):
         if state.keys() != expected:
             odd = min(expected ^ state.keys())
-            raise RunDirError(f"{Path(run) / rundir.WEIGHTS}: does not fit the first run's method and model "
-                              f"({'missing' if odd in expected else 'unexpected'} {odd})")
+            raise RunDirError(
+                f"{Path(run) / rundir.WEIGHTS}: does not fit the first run's method and model "
+                f"({'missing' if odd in expected else 'unexpected'} {odd})"
+            )
     names = [rundir.read_record(run).label_names for run in run_dirs]
     return HotSwap(model, tokenizer, recipes, states, names)
 
@@ -211,11 +235,14 @@ def mix_runs(run_dirs: list[Path], weights: list[float], trust_remote_code: bool
             kind = "DoRA, whose update is not linear in B A" if r.method.name == "lora" else r.method.name
             raise RecipeError(f"--weights: {run} is {kind}; weights combine plain LoRA runs (Σ w_i s_i B_i A_i)")
         if r.method.targets != first.method.targets:
-            raise RecipeError(f"--weights: {run} has method.targets {r.method.targets!r}, {run_dirs[0]} has "
-                              f"{first.method.targets!r}; combined runs must adapt the same layers")
+            raise RecipeError(
+                f"--weights: {run} has method.targets {r.method.targets!r}, {run_dirs[0]} has "
+                f"{first.method.targets!r}; combined runs must adapt the same layers"
+            )
     rank = sum(r.method.r for r in recipes)
     method = type(first.method).model_validate(
-        first.method.model_dump() | {"r": rank, "alpha": float(rank), "rslora": False, "dropout": 0.0})
+        first.method.model_dump() | {"r": rank, "alpha": float(rank), "rslora": False, "dropout": 0.0}
+    )
     recipe = first.model_copy(update={"method": method})
     names = rundir.read_record(run_dirs[0]).label_names
     source = models.resolve_model(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
@@ -226,16 +253,23 @@ def mix_runs(run_dirs: list[Path], weights: list[float], trust_remote_code: bool
     states = [rundir.read_weights(run) for run in run_dirs]
     for run, state in zip(run_dirs, states):
         if state.keys() - factors:
-            raise RecipeError(f"--weights: {run} trained head weights ({min(state.keys() - factors)}); heads of "
-                              "different runs cannot be combined: weights need causal_lm runs or classification runs "
-                              "with method.train_head: false")
+            raise RecipeError(
+                f"--weights: {run} trained head weights ({min(state.keys() - factors)}); heads of "
+                "different runs cannot be combined: weights need causal_lm runs or classification runs "
+                "with method.train_head: false"
+            )
         if factors - state.keys():
             raise RunDirError(f"{run / rundir.WEIGHTS}: lacks {min(factors - state.keys())}")
     with torch.no_grad():
         for name, layer in layers.items():
             a = torch.cat([s[f"{name}.lora_A.weight"].float() for s in states])
-            b = torch.cat([w * lora_scaling(r.method) * s[f"{name}.lora_B.weight"].float()
-                           for w, r, s in zip(weights, recipes, states)], dim=1)
+            b = torch.cat(
+                [
+                    w * lora_scaling(r.method) * s[f"{name}.lora_B.weight"].float()
+                    for w, r, s in zip(weights, recipes, states)
+                ],
+                dim=1,
+            )
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
             layer.scaling = 1.0

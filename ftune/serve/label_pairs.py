@@ -65,10 +65,16 @@ def sample_pair(model, tokenizer, prompt: str, sampling: Sampling, index: int) -
     ids = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(sampling.seed * 1_000_003 + index)
     with torch.no_grad():
-        out = model.generate(**ids.to(model.device), do_sample=True, temperature=sampling.temperature,
-                             top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, num_return_sequences=2,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    new = out[:, ids["input_ids"].shape[1]:]
+        out = model.generate(
+            **ids.to(model.device),
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=2,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    new = out[:, ids["input_ids"].shape[1] :]
     first, second = tokenizer.batch_decode(new, skip_special_tokens=True)
     return first.strip(), second.strip()
 
@@ -86,11 +92,22 @@ def label(prompts: list[str], model, tokenizer, judge: Judge, sampling: Sampling
             result.dropped[verdict.reason] += 1
             continue
         chosen, rejected = (a, b) if verdict.winner == 0 else (b, a)
-        result.rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                            "judge": {"kind": judge.kind, "run": judge.source, **verdict.detail},
-                            "policy": {"run": policy, "seed": sampling.seed, "index": i,
-                                       "temperature": sampling.temperature, "top_p": sampling.top_p,
-                                       "max_new_tokens": sampling.max_new_tokens}})
+        result.rows.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "judge": {"kind": judge.kind, "run": judge.source, **verdict.detail},
+                "policy": {
+                    "run": policy,
+                    "seed": sampling.seed,
+                    "index": i,
+                    "temperature": sampling.temperature,
+                    "top_p": sampling.top_p,
+                    "max_new_tokens": sampling.max_new_tokens,
+                },
+            }
+        )
     return result
 
 
@@ -125,8 +142,10 @@ def reward_scorer(run_dir: str | Path, trust_remote_code: bool = False):
 
     recipe, model, tokenizer = assemble.load_run(run_dir, trust_remote_code)
     if recipe.objective.name != reward.OBJECTIVE.name:
-        raise RunDirError(f"{run_dir}: trained objective {recipe.objective.name}, not a reward model "
-                          f"(objective: {{name: {reward.OBJECTIVE.name}}})")
+        raise RunDirError(
+            f"{run_dir}: trained objective {recipe.objective.name}, not a reward model "
+            f"(objective: {{name: {reward.OBJECTIVE.name}}})"
+        )
     return partial(reward.score_completions, model.eval(), tokenizer, recipe.data)
 
 
@@ -138,8 +157,10 @@ def causal_lm_of(where: str, option: str, trust_remote_code: bool = False):
     if (Path(where) / rundir.RECORD).is_file():
         recipe, model, tokenizer = assemble.load_run(where, trust_remote_code)
         if assemble.recipe_task(recipe).model_class != SAMPLER.model_class:
-            raise RunDirError(f"{option} {where}: a {recipe.task} run does not generate text; give a causal_lm "
-                              "(or preference-tuned) run")
+            raise RunDirError(
+                f"{option} {where}: a {recipe.task} run does not generate text; give a causal_lm "
+                "(or preference-tuned) run"
+            )
         return model.eval(), tokenizer
     source = models.resolve_model(where)
     model, _ = models.load_model(SAMPLER, source)

@@ -57,8 +57,10 @@ def export_onnx(run_dir: str | Path, out: str | Path, trust_remote_code: bool = 
     _refuse_unmergeable(Path(run_dir), trust_remote_code)  # before loading anything
     recipe, model, tokenizer = merged_model(run_dir, trust_remote_code)
     if model.config.is_encoder_decoder:
-        raise ModelError(f"export --format onnx: {type(model).__name__} is an encoder-decoder, whose forward also "
-                         "needs decoder inputs; this export covers encoder-only and decoder-only models; use --format hf")
+        raise ModelError(
+            f"export --format onnx: {type(model).__name__} is an encoder-decoder, whose forward also "
+            "needs decoder inputs; this export covers encoder-only and decoder-only models; use --format hf"
+        )
     model = model.float().eval()
     model.config.use_cache = False  # the full sequence's logits: no key/value cache in or out of the graph
     module = LogitsOnly(model).eval()
@@ -83,8 +85,10 @@ def export_onnx(run_dir: str | Path, out: str | Path, trust_remote_code: bool = 
                 break
             failures.append(f"{exporter}: logits differ from PyTorch's by {difference:.3g} > {TOLERANCE:g}")
         else:
-            raise ModelError(f"export --format onnx: no exporter gives a graph that matches {type(model).__name__} "
-                             f"({'; '.join(failures)}); nothing written")
+            raise ModelError(
+                f"export --format onnx: no exporter gives a graph that matches {type(model).__name__} "
+                f"({'; '.join(failures)}); nothing written"
+            )
         report = _report(staging / MODEL_FILE, recipe, run_dir, exporter, difference)
         tokenizer.save_pretrained(staging)
         rundir.write_json(staging / REPORT, report)
@@ -104,7 +108,7 @@ def max_difference(path: Path, module: nn.Module, vocabulary: int) -> float:
     for batch, length in CHECK_SHAPES:
         ids = torch.randint(0, vocabulary, (batch, length), generator=generator)
         mask = torch.ones_like(ids)
-        mask[-1, length - 2:] = 0
+        mask[-1, length - 2 :] = 0
         with torch.no_grad():
             expected = module(ids, mask)
         got = session.run([OUTPUT], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
@@ -121,16 +125,31 @@ def export_graph(exporter: str, module: nn.Module, path: Path, vocabulary: int, 
 
 def _dynamo(module: nn.Module, path: Path, vocabulary: int, external: bool) -> None:
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    torch.onnx.export(module, _example(vocabulary), str(path), dynamo=True, verbose=False, external_data=external,
-                      input_names=list(INPUTS), output_names=[OUTPUT],
-                      dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUTS})
+    torch.onnx.export(
+        module,
+        _example(vocabulary),
+        str(path),
+        dynamo=True,
+        verbose=False,
+        external_data=external,
+        input_names=list(INPUTS),
+        output_names=[OUTPUT],
+        dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUTS},
+    )
 
 
 def _torchscript(module: nn.Module, path: Path, vocabulary: int, external: bool) -> None:
     axes = {0: "batch", 1: "sequence"}
-    torch.onnx.export(module, _example(vocabulary), str(path), dynamo=False, input_names=list(INPUTS),
-                      output_names=[OUTPUT], dynamic_axes={**dict.fromkeys(INPUTS, axes), OUTPUT: axes},
-                      opset_version=17)
+    torch.onnx.export(
+        module,
+        _example(vocabulary),
+        str(path),
+        dynamo=False,
+        input_names=list(INPUTS),
+        output_names=[OUTPUT],
+        dynamic_axes={**dict.fromkeys(INPUTS, axes), OUTPUT: axes},
+        opset_version=17,
+    )
 
 
 _EXPORTERS = {"dynamo": _dynamo, "torchscript": _torchscript}
@@ -149,14 +168,29 @@ def _report(path: Path, recipe, run_dir, exporter: str, difference: float) -> di
     import onnxruntime
 
     graph = onnx.load(str(path), load_external_data=False)
-    axes = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-            for value in [*graph.graph.input, *graph.graph.output]}
-    return {"format": "onnx", "model": MODEL_FILE, "inputs": {name: axes[name] for name in INPUTS},
-            "outputs": {OUTPUT: axes[OUTPUT]}, "dtype": "float32",
-            "label_names": rundir.read_record(run_dir).label_names, "task": recipe.task, "method": recipe.method.name,
-            "run": str(run_dir), "exporter": exporter, "opset": _opset(graph),
-            "check": {"max_abs_diff": difference, "tolerance": TOLERANCE, "shapes": [list(s) for s in CHECK_SHAPES],
-                      "runtime": f"onnxruntime {onnxruntime.__version__}"}}
+    axes = {
+        value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        for value in [*graph.graph.input, *graph.graph.output]
+    }
+    return {
+        "format": "onnx",
+        "model": MODEL_FILE,
+        "inputs": {name: axes[name] for name in INPUTS},
+        "outputs": {OUTPUT: axes[OUTPUT]},
+        "dtype": "float32",
+        "label_names": rundir.read_record(run_dir).label_names,
+        "task": recipe.task,
+        "method": recipe.method.name,
+        "run": str(run_dir),
+        "exporter": exporter,
+        "opset": _opset(graph),
+        "check": {
+            "max_abs_diff": difference,
+            "tolerance": TOLERANCE,
+            "shapes": [list(s) for s in CHECK_SHAPES],
+            "runtime": f"onnxruntime {onnxruntime.__version__}",
+        },
+    }
 
 
 def _opset(graph) -> int | None:
@@ -168,9 +202,11 @@ def _refuse_unmergeable(run_dir: Path, trust_remote_code: bool) -> None:
     method = method_of(stored_recipe(run_dir, trust_remote_code)[0].method)
     if method.merging is None:
         other = "use --format peft for an adapter dir, or" if method.saving.peft else "serve"
-        raise MethodError(f"export --format onnx: {method.name} adds modules that cannot be folded into the base "
-                          f"weights, so there is no merged model to export; {other} the run dir itself "
-                          f"(`ftune predict {run_dir}`)")
+        raise MethodError(
+            f"export --format onnx: {method.name} adds modules that cannot be folded into the base "
+            f"weights, so there is no merged model to export; {other} the run dir itself "
+            f"(`ftune predict {run_dir}`)"
+        )
 
 
 @contextlib.contextmanager

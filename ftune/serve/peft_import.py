@@ -39,11 +39,26 @@ PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MAPPED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora", "use_dora": "dora"}
 # read below (from the config or, exactly, from the weights)
-READ_ELSEWHERE = {"peft_type", "task_type", "target_modules", "exclude_modules", "modules_to_save", "bias",
-                  "init_lora_weights"}
+READ_ELSEWHERE = {
+    "peft_type",
+    "task_type",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "bias",
+    "init_lora_weights",
+}
 # bookkeeping, or settings that act only when an option refused below is on (use_qalora, megatron_config)
-INFORMATIONAL = {"base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
-                 "runtime_config", "megatron_core", "qalora_group_size"}
+INFORMATIONAL = {
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "runtime_config",
+    "megatron_core",
+    "qalora_group_size",
+}
 # initialisations that only choose A and B (PiSSA, OLoRA, CorDA, LoftQ also rewrite W: the recipe's base is not it)
 PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 
@@ -68,15 +83,28 @@ def import_peft(peft_dir: str | Path, out: str | Path, recipe_path: str | Path) 
 
     source, tokenizer = _tokenizer(recipe, peft_dir)
     names = assemble.label_names(recipe)
-    recipe, model = _build(recipe, out, cfg_fields, config.get("target_modules"), modules, source, tokenizer, names,
-                           peft_dir)
+    recipe, model = _build(
+        recipe, out, cfg_fields, config.get("target_modules"), modules, source, tokenizer, names, peft_dir
+    )
     _check_fit(model, state, peft_dir, recipe)
 
     trainable, total = count_parameters(model)
-    record = {"seed": recipe.train.seed, "model_source": source, "trainable_params": trainable, "total_params": total,
-              "label_names": names, "imported_from": str(peft_dir), "peft_config": config}
-    meta = {"method": "lora", "config": recipe.method.model_dump(mode="json"), "step": None, "metrics": {},
-            "imported_from": str(peft_dir)}
+    record = {
+        "seed": recipe.train.seed,
+        "model_source": source,
+        "trainable_params": trainable,
+        "total_params": total,
+        "label_names": names,
+        "imported_from": str(peft_dir),
+        "peft_config": config,
+    }
+    meta = {
+        "method": "lora",
+        "config": recipe.method.model_dump(mode="json"),
+        "step": None,
+        "metrics": {},
+        "imported_from": str(peft_dir),
+    }
     params = dict(model.named_parameters())
     state = {n: t.to(params[n].dtype) for n, t in state.items()}
     _write(out, recipe, tokenizer, record, model, meta, state)
@@ -96,23 +124,30 @@ def _read_config(peft_dir: Path) -> dict[str, Any]:
     if config.get("peft_type") != "LORA":
         raise MethodError(f"{path}: peft_type is {config.get('peft_type')!r}; ftune imports LORA adapters only")
     if config.get("bias", "none") != "none":
-        raise MethodError(f"{path}: bias is {config['bias']!r}; ftune's lora trains no biases (needs \"none\")")
+        raise MethodError(f'{path}: bias is {config["bias"]!r}; ftune\'s lora trains no biases (needs "none")')
     if config.get("init_lora_weights", True) not in PLAIN_INITS:
-        raise MethodError(f"{path}: init_lora_weights is {config['init_lora_weights']!r}, which rewrites the base "
-                          "weights as well; convert the adapter to plain LoRA with peft first "
-                          "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+        raise MethodError(
+            f"{path}: init_lora_weights is {config['init_lora_weights']!r}, which rewrites the base "
+            "weights as well; convert the adapter to plain LoRA with peft first "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
     for key, value in config.items():
         if key not in MAPPED and key not in READ_ELSEWHERE and key not in INFORMATIONAL and value:
-            raise MethodError(f"{path}: {key} is {_short(value)}; ftune's lora has no exact equivalent (it takes r, "
-                              "lora_alpha, lora_dropout, use_rslora, use_dora and target_modules)")
+            raise MethodError(
+                f"{path}: {key} is {_short(value)}; ftune's lora has no exact equivalent (it takes r, "
+                "lora_alpha, lora_dropout, use_rslora, use_dora and target_modules)"
+            )
     return config
 
 
 def _read_weights(peft_dir: Path) -> dict[str, torch.Tensor]:
     path = peft_dir / WEIGHTS
     if not path.is_file():
-        extra = " (adapter_model.bin is a pickle, which ftune never loads; re-save with safe_serialization=True)" \
-            if (peft_dir / "adapter_model.bin").is_file() else ""
+        extra = (
+            " (adapter_model.bin is a pickle, which ftune never loads; re-save with safe_serialization=True)"
+            if (peft_dir / "adapter_model.bin").is_file()
+            else ""
+        )
         raise RunDirError(f"{path}: missing{extra}")
     try:
         return load_file(str(path))
@@ -123,8 +158,10 @@ def _read_weights(peft_dir: Path) -> dict[str, torch.Tensor]:
 def _check_task(config: dict[str, Any], recipe: Recipe, peft_dir: Path) -> None:
     kind, expected = config.get("task_type"), TASKS[recipe.task].peft_task_type
     if kind is not None and kind != expected:
-        raise MethodError(f"{peft_dir / CONFIG}: task_type is {kind!r}, the recipe's task is {recipe.task} "
-                          f"(expects {expected}); give a recipe for the adapter's task")
+        raise MethodError(
+            f"{peft_dir / CONFIG}: task_type is {kind!r}, the recipe's task is {recipe.task} "
+            f"(expects {expected}); give a recipe for the adapter's task"
+        )
 
 
 def _ftune_names(tensors: dict[str, torch.Tensor], peft_dir: Path):
@@ -132,9 +169,10 @@ def _ftune_names(tensors: dict[str, torch.Tensor], peft_dir: Path):
     state = {}
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
-            raise RunDirError(f"{peft_dir / WEIGHTS}: {key} is not a peft LoRA tensor name (base_model.model.<module>"
-                              "...)")
-        name = key[len(PREFIX):]
+            raise RunDirError(
+                f"{peft_dir / WEIGHTS}: {key} is not a peft LoRA tensor name (base_model.model.<module>...)"
+            )
+        name = key[len(PREFIX) :]
         if name.endswith(".lora_magnitude_vector"):  # peft saves DoRA's magnitude without its module's .weight
             name += ".weight"
         state[name] = tensor
@@ -156,12 +194,26 @@ def _tokenizer(recipe: Recipe, peft_dir: Path):
     return source, models.load_tokenizer(source, spec.trust_remote_code, spec.revision)
 
 
-def _build(recipe: Recipe, out: Path, fields: dict[str, Any], target_modules: Any, modules: set[str], source: str,
-           tokenizer, names, peft_dir: Path):
+def _build(
+    recipe: Recipe,
+    out: Path,
+    fields: dict[str, Any],
+    target_modules: Any,
+    modules: set[str],
+    source: str,
+    tokenizer,
+    names,
+    peft_dir: Path,
+):
     """(recipe, model) with the adapter's LoRA attached. Targets: peft's target_modules (a list, or "all-linear") when
     ftune resolves them to exactly the adapted modules, else the adapted modules by full name."""
-    candidates = [sorted(target_modules)] if isinstance(target_modules, list) else \
-        ["all-linear"] if target_modules == "all-linear" else []
+    candidates = (
+        [sorted(target_modules)]
+        if isinstance(target_modules, list)
+        else ["all-linear"]
+        if target_modules == "all-linear"
+        else []
+    )
     why = ""
     for targets in [*candidates, sorted(modules)]:
         try:
@@ -182,8 +234,10 @@ def _build(recipe: Recipe, out: Path, fields: dict[str, Any], target_modules: An
         if wrapped == modules:
             return candidate, model
         why = f"{min(modules ^ wrapped)} differs"
-    raise MethodError(f"{peft_dir}: the adapter adapts layers that ftune's lora (nn.Linear layers of the body of "
-                      f"{recipe.model.name}) cannot: {why}")
+    raise MethodError(
+        f"{peft_dir}: the adapter adapts layers that ftune's lora (nn.Linear layers of the body of "
+        f"{recipe.model.name}) cannot: {why}"
+    )
 
 
 def _check_fit(model, state: dict[str, torch.Tensor], peft_dir: Path, recipe: Recipe) -> None:
@@ -191,17 +245,23 @@ def _check_fit(model, state: dict[str, torch.Tensor], peft_dir: Path, recipe: Re
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
     if missing:
-        raise RunDirError(f"{peft_dir / WEIGHTS}: has no {PREFIX}{missing[0]}, which ftune's lora on "
-                          f"{recipe.model.name} trains (a head weight the base checkpoint lacks must be saved through "
-                          "modules_to_save; peft would initialise it at random)")
+        raise RunDirError(
+            f"{peft_dir / WEIGHTS}: has no {PREFIX}{missing[0]}, which ftune's lora on "
+            f"{recipe.model.name} trains (a head weight the base checkpoint lacks must be saved through "
+            "modules_to_save; peft would initialise it at random)"
+        )
     if unexpected:
-        raise RunDirError(f"{peft_dir / WEIGHTS}: {PREFIX}{unexpected[0]} has no place in ftune's lora on "
-                          f"{recipe.model.name}; was the adapter saved for another base?")
+        raise RunDirError(
+            f"{peft_dir / WEIGHTS}: {PREFIX}{unexpected[0]} has no place in ftune's lora on "
+            f"{recipe.model.name}; was the adapter saved for another base?"
+        )
     for name, param in params.items():
         if tuple(state[name].shape) != tuple(param.shape):
-            raise RunDirError(f"{peft_dir / WEIGHTS}: {PREFIX}{name} has shape {tuple(state[name].shape)}, "
-                              f"{recipe.model.name} needs {tuple(param.shape)}; was the adapter saved for another "
-                              "base (or, for a head, another label set)?")
+            raise RunDirError(
+                f"{peft_dir / WEIGHTS}: {PREFIX}{name} has shape {tuple(state[name].shape)}, "
+                f"{recipe.model.name} needs {tuple(param.shape)}; was the adapter saved for another "
+                "base (or, for a head, another label set)?"
+            )
 
 
 def _write(out: Path, recipe: Recipe, tokenizer, record: dict, model, meta: dict, state: dict) -> None:

@@ -108,14 +108,18 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None, trust_r
         return MultiTask(model, []), tasks, tokenizer
     sites = {method_of(r.method).runs_with.prompt_site for r in recipes}
     if sites == {None}:
-        raise RunDirError(f"{run_dirs[0]}: {first.method.name} is neither a soft-prompt method nor mergeable; several "
-                          "runs share one base through their prompts (prompt_tuning, p_tuning, prefix_tuning, "
-                          "p_tuning_v2) or by hot-swap (methods with merge: lora, adalora, ...)")
+        raise RunDirError(
+            f"{run_dirs[0]}: {first.method.name} is neither a soft-prompt method nor mergeable; several "
+            "runs share one base through their prompts (prompt_tuning, p_tuning, prefix_tuning, "
+            "p_tuning_v2) or by hot-swap (methods with merge: lora, adalora, ...)"
+        )
     states = [rundir.read_weights(run) for run in run_dirs]
     kinds = {(method_of(r.method).runs_with.prompt_site, getattr(r.method, "tokens_before", None)) for r in recipes}
     if len(kinds) > 1 or None in sites:
-        raise RunDirError("runs mix input prompts with layer prefixes or with other methods (or differ in "
-                          "tokens_before); give runs of one kind")
+        raise RunDirError(
+            "runs mix input prompts with layer prefixes or with other methods (or differ in "
+            "tokens_before); give runs of one kind"
+        )
     prompts = [s.pop("source.weight") for s in states]
     n = max(p.shape[0] for p in prompts)
     bank = torch.stack([nn.functional.pad(p, (0, 0, 0, n - p.shape[0])) for p in prompts])
@@ -132,7 +136,9 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None, trust_r
                 if key not in state:
                     raise RunDirError(f"{run}: its weights lack {key}; it is not the same kind of run as the first")
                 parent, _, leaf = pname.rpartition(".")
-                setattr(twin.get_submodule(parent) if parent else twin, leaf, nn.Parameter(state[key], requires_grad=False))
+                setattr(
+                    twin.get_submodule(parent) if parent else twin, leaf, nn.Parameter(state[key], requires_grad=False)
+                )
             copies.append(twin)
         switch = PerTask(copies)
         parent, _, leaf = owner.rpartition(".")
@@ -142,8 +148,9 @@ def load_tasks(run_dirs: list[Path], weights: list[float] | None = None, trust_r
 
 
 @torch.no_grad()
-def predict(multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, rows: list[dict[str, Any]],
-            batch_size: int = 32):
+def predict(
+    multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, rows: list[dict[str, Any]], batch_size: int = 32
+):
     """One prediction per row, in input order: {"task", "label", "scores", "logits"}, or {"task", "text"} for a task
     that generates (seq2seq: the recipe's `generation:` settings); a row names its task by run name or index."""
     from ftune.data.loader import collate
@@ -159,14 +166,16 @@ def predict(multi: MultiTask | hotswap.HotSwap, tasks: list[Task], tokenizer, ro
         task = tasks[index]
         d = task.recipe.data
         # encoding wants a label (or a target text); predictions ignore it
-        labelled = ({d.target_column: ""} if TASKS[task.recipe.task].generate else {d.label_column: task.labels[0]}) | row
+        labelled = (
+            {d.target_column: ""} if TASKS[task.recipe.task].generate else {d.label_column: task.labels[0]}
+        ) | row
         encoded = assemble.encode_rows(task.recipe, Rows([labelled], f"input row {i + 1}"), tokenizer, task.labels)
         examples.append(encoded.examples[0] | {"task": index})
     device = multi.device
     out: list[dict[str, Any]] = [{}] * len(examples)
     for forward, positions in multi.schedule([e["task"] for e in examples]):  # one group, or one per hot-swapped task
         for start in range(0, len(positions), batch_size):
-            chunk = positions[start:start + batch_size]
+            chunk = positions[start : start + batch_size]
             batch = collate(tokenizer.pad_token_id)([examples[i] for i in chunk])
             batch.pop("labels")
             kind = TASKS[tasks[examples[chunk[0]]["task"]].recipe.task]
@@ -189,7 +198,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); JSONL rows are UTF-8, one JSON object a line") from None
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {e.start}); JSONL rows are UTF-8, one JSON object a line"
+        ) from None
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     for i, line in enumerate(text.splitlines()):

@@ -16,8 +16,16 @@ from ftune.recipe import Recipe
 from ftune.serve.hotswap import load_bank, read_recipes, swappable
 
 
-def score(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, split: str,
-          data: str | None, note: Callable[[str], None] = lambda _: None, precision: str = "fp32") -> dict[str, Any]:
+def score(
+    recipe: Recipe,
+    model: nn.Module,
+    tokenizer,
+    names: list[str] | None,
+    split: str,
+    data: str | None,
+    note: Callable[[str], None] = lambda _: None,
+    precision: str = "fp32",
+) -> dict[str, Any]:
     """`ftune eval` for one model: {"source", metrics...} on a split of the recipe's data, or on a file, under the
     mixed precision the run trained with (run.json's `precision`), as its evaluations during training were."""
     from ftune.run.evaluate import evaluate
@@ -34,14 +42,29 @@ def score(recipe: Recipe, model: nn.Module, tokenizer, names: list[str] | None, 
     device = next(model.parameters()).device
     # an objective with its own metrics (DPO's rewards, which need the reference) is bound on the loaded model
     own = OBJECTIVES[recipe.objective.name].own_metrics
-    objective = assemble.bind_objective(recipe, model, tokenizer, device, precision, names).bound.evaluation if own else None
-    metrics = evaluate(model, loader, assemble.recipe_task(recipe), names, device, precision,
-                       decoding=assemble.decoding(recipe, tokenizer), objective=objective)
+    objective = (
+        assemble.bind_objective(recipe, model, tokenizer, device, precision, names).bound.evaluation if own else None
+    )
+    metrics = evaluate(
+        model,
+        loader,
+        assemble.recipe_task(recipe),
+        names,
+        device,
+        precision,
+        decoding=assemble.decoding(recipe, tokenizer),
+        objective=objective,
+    )
     return {"source": rows.source, **metrics}
 
 
-def score_runs(run_dirs: list[Path], split: str, data: str | None, note: Callable[[str], None] = lambda _: None,
-               trust_remote_code: bool = False) -> list[dict[str, Any]]:
+def score_runs(
+    run_dirs: list[Path],
+    split: str,
+    data: str | None,
+    note: Callable[[str], None] = lambda _: None,
+    trust_remote_code: bool = False,
+) -> list[dict[str, Any]]:
     """Score each run: hot-swapped on one loaded base for a mergeable method, else each run loaded in turn."""
     run_dirs = [Path(r) for r in run_dirs]
     recipes = read_recipes(run_dirs, trust_remote_code)
@@ -53,16 +76,30 @@ def score_runs(run_dirs: list[Path], split: str, data: str | None, note: Callabl
         results = []
         for i, (run, recipe) in enumerate(zip(run_dirs, recipes)):
             with bank.active(i) as model:
-                results.append({"run": str(run), **score(recipe, model, bank.tokenizer, bank.label_names[i], split,
-                                                         data, note, trained_precision(run))})
+                results.append(
+                    {
+                        "run": str(run),
+                        **score(
+                            recipe,
+                            model,
+                            bank.tokenizer,
+                            bank.label_names[i],
+                            split,
+                            data,
+                            note,
+                            trained_precision(run),
+                        ),
+                    }
+                )
         bank.restore_base()
         return results
     results = []
     for run in run_dirs:
         recipe, model, tokenizer = assemble.load_run(run, trust_remote_code)
         names = rundir.read_record(run).label_names
-        results.append({"run": str(run), **score(recipe, model, tokenizer, names, split, data, note,
-                                                 trained_precision(run))})
+        results.append(
+            {"run": str(run), **score(recipe, model, tokenizer, names, split, data, note, trained_precision(run))}
+        )
     return results
 
 

@@ -19,11 +19,18 @@ import torch
 from torch import nn
 
 
-def micro_step(model: nn.Module, batch: dict[str, torch.Tensor],
-               loss: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]], *,
-               scale: torch.Tensor | float, loss_term: Callable[[nn.Module], torch.Tensor] | None,
-               term_model: nn.Module, grad_accum: int, autocast: Callable[[], AbstractContextManager],
-               backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+def micro_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    scale: torch.Tensor | float,
+    loss_term: Callable[[nn.Module], torch.Tensor] | None,
+    term_model: nn.Module,
+    grad_accum: int,
+    autocast: Callable[[], AbstractContextManager],
+    backward: Callable[[torch.Tensor], None],
+) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns the loss it backpropagated, detached (a scalar).
 
     `loss`: the bound objective's `(model, batch) -> (sum, count)`; its sum is multiplied by `scale` (the loop: the
@@ -39,8 +46,9 @@ def micro_step(model: nn.Module, batch: dict[str, torch.Tensor],
     return value.detach()
 
 
-def gradient_norm(params: list[nn.Parameter], max_norm: float | None,
-                  clip: Callable[[list[nn.Parameter], float], torch.Tensor]) -> torch.Tensor:
+def gradient_norm(
+    params: list[nn.Parameter], max_norm: float | None, clip: Callable[[list[nn.Parameter], float], torch.Tensor]
+) -> torch.Tensor:
     """The total gradient norm of `params`, clipped to `max_norm` by `clip` when it is set; computed either way (a
     non-finite norm drops the step). Zero when no parameter has a gradient."""
     if max_norm:

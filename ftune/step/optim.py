@@ -16,20 +16,32 @@ import torch
 from ftune.models.quantize import require_bitsandbytes
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_adamw")
-_BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
-                "paged_adamw_32bit": "PagedAdamW32bit", "paged_adamw": "PagedAdamW"}
+_BNB_CLASSES = {
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "paged_adamw_32bit": "PagedAdamW32bit",
+    "paged_adamw": "PagedAdamW",
+}
 
 
-def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
-                   exempt: Iterable[torch.nn.Parameter] = (), fused: bool = False):
+def make_optimizer(
+    name: str,
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    exempt: Iterable[torch.nn.Parameter] = (),
+    fused: bool = False,
+):
     """The optimizer `name` (one of OPTIMIZERS) over `params`, with decoupled weight decay except on `exempt`
     (a second parameter group with weight_decay 0: L2-SP's parameters, which its own penalty regularises).
     `fused`: torch's AdamW updates every parameter in one kernel (the caller passes it for a CUDA run; the same
     arithmetic as the per-tensor loop)."""
     params, skip = list(params), {id(p) for p in exempt}
     if skip:
-        groups = [{"params": [p for p in params if id(p) not in skip]},
-                  {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if id(p) not in skip]},
+            {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0},
+        ]
         params = [g for g in groups if g["params"]]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
@@ -44,8 +56,14 @@ def training_optimizer(train, model: torch.nn.Module, decay_exempt, fused: bool)
     returns (a method's: L2-SP's) without weight decay: the loop's optimizer, and the one its memory estimate
     steps."""
     exempt = decay_exempt(model) if decay_exempt else []
-    return make_optimizer(train.optimizer, [p for p in model.parameters() if p.requires_grad], train.lr,
-                          train.weight_decay, exempt, fused=fused)
+    return make_optimizer(
+        train.optimizer,
+        [p for p in model.parameters() if p.requires_grad],
+        train.lr,
+        train.weight_decay,
+        exempt,
+        fused=fused,
+    )
 
 
 def lr_multiplier(kind: str, warmup: int, total: int):

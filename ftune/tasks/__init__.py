@@ -5,8 +5,10 @@ from __future__ import annotations
 from ftune.tasks import causal_lm, preference, seq2seq, sequence_classification, token_classification
 from ftune.tasks.base import IGNORE_INDEX, Decoding, Encoded, Task
 
-TASKS: dict[str, Task] = {t.name: t for t in (sequence_classification.TASK, token_classification.TASK, causal_lm.TASK,
-                                               seq2seq.TASK, preference.TASK)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (sequence_classification.TASK, token_classification.TASK, causal_lm.TASK, seq2seq.TASK, preference.TASK)
+}
 
 
 def as_task(task: Task | str) -> Task:

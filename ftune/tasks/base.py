@@ -18,6 +18,7 @@ import torch
 from ftune.data.encoded import IGNORE_INDEX, Encoded
 from ftune.errors import DataError, RecipeError
 
+
 class Scorer(Protocol):
     """Accumulates one evaluation: `add` per batch, `merge` another process's scorer, `result` the metrics.
 
@@ -119,13 +120,15 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 
     logits (B, T, C), labels (B, T); fp32 whatever the compute dtype (bf16 log-softmax loses the small terms).
     """
-    total = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                              ignore_index=IGNORE_INDEX, reduction="sum")
+    total = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return total, (labels != IGNORE_INDEX).sum()
 
 
-def token_ids(tokenizer, texts: list[str], pairs: list[str] | None = None, chunk: int = 4096,
-              **options: Any) -> list[list[int]]:
+def token_ids(
+    tokenizer, texts: list[str], pairs: list[str] | None = None, chunk: int = 4096, **options: Any
+) -> list[list[int]]:
     """The input ids of each text (with its pair), tokenised `chunk` rows at a time with the tokenizer's `options`.
 
     Chunked because a fast tokenizer holds per-row objects (tokens, offsets, masks) for a whole call, which for all
@@ -133,9 +136,10 @@ def token_ids(tokenizer, texts: list[str], pairs: list[str] | None = None, chunk
     (the collator builds the mask, and no task here feeds token types)."""
     ids: list[list[int]] = []
     for start in range(0, len(texts), chunk):
-        part = pairs[start:start + chunk] if pairs is not None else None
-        ids += tokenizer(texts[start:start + chunk], part, return_attention_mask=False, return_token_type_ids=False,
-                         **options)["input_ids"]
+        part = pairs[start : start + chunk] if pairs is not None else None
+        ids += tokenizer(
+            texts[start : start + chunk], part, return_attention_mask=False, return_token_type_ids=False, **options
+        )["input_ids"]
     return ids
 
 
@@ -145,12 +149,21 @@ def check_room(tokenizer, limit: int, field: str = "max_length", pair: bool = Fa
     `pair`: two texts per row, one token of each at least."""
     specials = tokenizer.num_special_tokens_to_add(pair=pair)
     if limit <= specials + pair:
-        raise RecipeError(f"data.{field}: {limit} leaves no room for text: the tokenizer adds {specials} special "
-                          f"token{'s' * (specials != 1)} to every {'pair of texts' if pair else 'row'}; raise it")
+        raise RecipeError(
+            f"data.{field}: {limit} leaves no room for text: the tokenizer adds {specials} special "
+            f"token{'s' * (specials != 1)} to every {'pair of texts' if pair else 'row'}; raise it"
+        )
 
 
-def check_classes(train: Encoded, validation: Encoded | None, names: list[str], ids: Callable[[dict], Iterable[int]],
-                  what: str = "class", unit: str = "row", field: str = "data.label_column") -> list[str]:
+def check_classes(
+    train: Encoded,
+    validation: Encoded | None,
+    names: list[str],
+    ids: Callable[[dict], Iterable[int]],
+    what: str = "class",
+    unit: str = "row",
+    field: str = "data.label_column",
+) -> list[str]:
     """A classifier's class set against its encoded data; `ids(example)` are the class ids an example is scored on
     (`what`: class or tag; `unit`: what carries one, a row or a word; `field`: the column they are read from).
 
@@ -162,18 +175,24 @@ def check_classes(train: Encoded, validation: Encoded | None, names: list[str], 
     counts = Counter(y for e in train.examples for y in ids(e))
     if len(counts) == 1:
         plural = what + ("es" if what.endswith("s") else "s")
-        raise DataError(f"{train.source}: every training {unit} has {what} {names[next(iter(counts))]!r}; a "
-                        f"classifier needs at least 2 {plural} in its training data (is {field} the right column?)")
+        raise DataError(
+            f"{train.source}: every training {unit} has {what} {names[next(iter(counts))]!r}; a "
+            f"classifier needs at least 2 {plural} in its training data (is {field} the right column?)"
+        )
     seen = Counter(y for e in validation.examples for y in ids(e)) if validation else Counter()
     unseen = sorted(set(seen) - set(counts))
     if unseen:
         listed = ", ".join(repr(names[c]) for c in unseen)
-        raise DataError(f"{validation.source}: {what} {listed} is in {sum(seen[c] for c in unseen)} validation "
-                        f"{unit}(s) but in no training {unit} of {train.source}: it cannot be learned, yet is scored; "
-                        "add training rows that have it, or leave those rows out of validation")
+        raise DataError(
+            f"{validation.source}: {what} {listed} is in {sum(seen[c] for c in unseen)} validation "
+            f"{unit}(s) but in no training {unit} of {train.source}: it cannot be learned, yet is scored; "
+            "add training rows that have it, or leave those rows out of validation"
+        )
     idle = [repr(name) for c, name in enumerate(names) if c not in counts and c not in seen]
     if not idle:
         return []
-    said = (f"warning: {what} {', '.join(idle)} (data.labels) is in no row of {train.source}: its output is only "
-            "ever trained down; fine where data.labels names the ids of a larger set, else remove it")
+    said = (
+        f"warning: {what} {', '.join(idle)} (data.labels) is in no row of {train.source}: its output is only "
+        "ever trained down; fine where data.labels names the ids of a larger set, else remove it"
+    )
     return [said]

@@ -24,8 +24,13 @@ ALPACA = (
 
 
 def encode_sft(
-    rows: Rows, tokenizer, instruction_column: str, input_column: str | None, response_column: str,
-    template: str, max_length: int,
+    rows: Rows,
+    tokenizer,
+    instruction_column: str,
+    input_column: str | None,
+    response_column: str,
+    template: str,
+    max_length: int,
 ) -> tuple[list[dict[str, Any]], int, int]:
     """Prompt + response token ids; only response tokens (and the closing EOS) carry loss.
 
@@ -45,10 +50,8 @@ def encode_sft(
         if use_chat:
             user = [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")}]
             prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(
-                user + [{"role": "assistant", "content": response}], tokenize=False
-            )
-            answer = full[len(prompt):] if full.startswith(prompt) else response + tokenizer.eos_token
+            full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+            answer = full[len(prompt) :] if full.startswith(prompt) else response + tokenizer.eos_token
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         else:
@@ -69,8 +72,15 @@ def encode_sft(
 
 
 def encode(rows: Rows, tokenizer, spec, names: None = None) -> Encoded:
-    examples, dropped, truncated = encode_sft(rows, tokenizer, spec.instruction_column, spec.input_column,
-                                              spec.response_column, spec.template, spec.max_length)
+    examples, dropped, truncated = encode_sft(
+        rows,
+        tokenizer,
+        spec.instruction_column,
+        spec.input_column,
+        spec.response_column,
+        spec.template,
+        spec.max_length,
+    )
     return Encoded(examples, rows.source, dropped, truncated)
 
 

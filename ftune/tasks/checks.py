@@ -26,12 +26,16 @@ MAX_DROPPED_SHARE = 0.05
 MAX_TRUNCATED_SHARE = 0.2
 
 
-def check_splits(task: Task, spec: Any, names: list[str] | None, train: Encoded,
-                 validation: Encoded | None) -> list[str]:
+def check_splits(
+    task: Task, spec: Any, names: list[str] | None, train: Encoded, validation: Encoded | None
+) -> list[str]:
     """Check the encoded splits of a training run (DataError when they cannot be trained on as the recipe says);
     returns the lines the console prints about them: per split what was cut or dropped, then the task's own."""
-    lines = [f"{split}: {said}" for split, part in (("train", train), ("validation", validation))
-             if part is not None and (said := check_lengths(part, spec, task))]
+    lines = [
+        f"{split}: {said}"
+        for split, part in (("train", train), ("validation", validation))
+        if part is not None and (said := check_lengths(part, spec, task))
+    ]
     return lines + (task.check(train, validation, names, spec) if task.check else [])
 
 
@@ -56,12 +60,16 @@ def check_lengths(part: Encoded, spec: Any, task: Task) -> str | None:
     rows = len(part.examples) + part.dropped
     fix = f"raise {' or '.join(f'data.{name}' for name in task.length_fields)}, or set data.allow_truncation: true"
     if not spec.allow_truncation and part.dropped > MAX_DROPPED_SHARE * rows:
-        raise DataError(f"{part.source}: {limits(spec, task)} leaves {part.dropped} of {rows} rows "
-                        f"({part.dropped / rows:.1%}, above {MAX_DROPPED_SHARE:.0%}) no token to learn from, so they "
-                        f"would be dropped; {fix} to train without them")
+        raise DataError(
+            f"{part.source}: {limits(spec, task)} leaves {part.dropped} of {rows} rows "
+            f"({part.dropped / rows:.1%}, above {MAX_DROPPED_SHARE:.0%}) no token to learn from, so they "
+            f"would be dropped; {fix} to train without them"
+        )
     if not spec.allow_truncation and part.truncated > MAX_TRUNCATED_SHARE * rows:
-        raise DataError(f"{part.source}: {limits(spec, task)} cuts {part.truncated} of {rows} rows "
-                        f"({part.truncated / rows:.1%}, above {MAX_TRUNCATED_SHARE:.0%}); {fix} to train on them cut")
+        raise DataError(
+            f"{part.source}: {limits(spec, task)} cuts {part.truncated} of {rows} rows "
+            f"({part.truncated / rows:.1%}, above {MAX_TRUNCATED_SHARE:.0%}); {fix} to train on them cut"
+        )
     return counted(part, spec, task)
 
 
@@ -69,8 +77,10 @@ def unscored(part: Encoded, rows: int, spec: Any, task: Task) -> list[str]:
     """`ftune eval`'s notes on a scored split of `rows` rows: the rows it could not score, and those it cut."""
     notes = []
     if part.dropped:
-        notes.append(f"note: {part.dropped} of {rows} rows could not be scored: {limits(spec, task)} leaves them "
-                     f"no token to score (dropped); the metrics cover the other {rows - part.dropped}")
+        notes.append(
+            f"note: {part.dropped} of {rows} rows could not be scored: {limits(spec, task)} leaves them "
+            f"no token to score (dropped); the metrics cover the other {rows - part.dropped}"
+        )
     if part.truncated:
         notes.append(f"note: {part.truncated} of {rows} rows were cut to {limits(spec, task)} tokens")
     return notes

@@ -47,8 +47,9 @@ def uses_chat(tokenizer, template: str) -> bool:
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Token ids of `prompt` as the user turn, ready for the assistant's answer."""
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(ALPACA.format(with_input="", instruction=prompt) + "### Response:\n")["input_ids"]
 
@@ -61,7 +62,7 @@ def completion_ids(tokenizer, prompt: str, completion: str, chat: bool) -> list[
     user = [{"role": "user", "content": prompt}]
     head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": completion}], tokenize=False)
-    answer = full[len(head):] if full.startswith(head) else completion + tokenizer.eos_token
+    answer = full[len(head) :] if full.startswith(head) else completion + tokenizer.eos_token
     return tokenizer(answer, add_special_tokens=False)["input_ids"]
 
 
@@ -73,7 +74,7 @@ def fit(prompt: list[int], completions: list[list[int]], max_length: int) -> tup
         return prompt, completions, False
     keep = min(len(prompt), max(max_length - longest, max_length // 2))
     room = max_length - keep
-    return prompt[len(prompt) - keep:], [c[:room] for c in completions], True
+    return prompt[len(prompt) - keep :], [c[:room] for c in completions], True
 
 
 def sequence(prompt: list[int], completion: list[int]) -> dict[str, list[int]]:
@@ -108,11 +109,15 @@ def check(train: Encoded, validation: Encoded | None, names: None, spec) -> list
         if not same:
             continue
         shown = ", ".join(map(str, same[:5])) + (", ..." if len(same) > 5 else "")
-        what = (f"{part.source}: {len(same)} of {len(part.examples)} pairs have the same chosen and rejected "
-                f"tokens (pairs {shown}), so they carry no preference")
+        what = (
+            f"{part.source}: {len(same)} of {len(part.examples)} pairs have the same chosen and rejected "
+            f"tokens (pairs {shown}), so they carry no preference"
+        )
         if len(same) > MAX_IDENTICAL_SHARE * len(part.examples):
-            raise DataError(f"{what}; more than {MAX_IDENTICAL_SHARE:.0%} of the split: check data.chosen_column and "
-                            "data.rejected_column name the two completions, and drop the ties")
+            raise DataError(
+                f"{what}; more than {MAX_IDENTICAL_SHARE:.0%} of the split: check data.chosen_column and "
+                "data.rejected_column name the two completions, and drop the ties"
+            )
         lines.append(f"warning: {what}")
     return lines
 
@@ -143,7 +148,7 @@ def loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def count(labels: torch.Tensor) -> torch.Tensor:
-    return (labels[:pairs_in(labels), 1:] != IGNORE_INDEX).sum()
+    return (labels[: pairs_in(labels), 1:] != IGNORE_INDEX).sum()
 
 
 class Scorer:
@@ -173,9 +178,15 @@ class Scorer:
 
     def result(self) -> dict[str, float]:
         mean, pairs = self.loss_sum / max(self.tokens, 1), max(self.pairs, 1)
-        return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": self.tokens, "pairs": self.pairs,
-                "accuracy": self.correct / pairs, "logps/chosen": self.logps_chosen / pairs,
-                "logps/rejected": self.logps_rejected / pairs}
+        return {
+            "loss": mean,
+            "perplexity": math.exp(min(mean, 50.0)),
+            "tokens": self.tokens,
+            "pairs": self.pairs,
+            "accuracy": self.correct / pairs,
+            "logps/chosen": self.logps_chosen / pairs,
+            "logps/rejected": self.logps_rejected / pairs,
+        }
 
 
 def holdout_key(row: dict[str, Any], spec) -> str:

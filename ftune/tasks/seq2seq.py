@@ -30,8 +30,10 @@ def decoder_start(config) -> int:
     """The token the decoder starts from: the model's, never guessed from the tokenizer."""
     start = getattr(config, "decoder_start_token_id", None)
     if start is None:
-        raise ModelError(f"model.name: {getattr(config, 'model_type', 'this model')} has no decoder_start_token_id, "
-                         "so it is not an encoder-decoder model a seq2seq task can train")
+        raise ModelError(
+            f"model.name: {getattr(config, 'model_type', 'this model')} has no decoder_start_token_id, "
+            "so it is not an encoder-decoder model a seq2seq task can train"
+        )
     return int(start)
 
 
@@ -46,7 +48,8 @@ def encode(rows: Rows, tokenizer, spec, names: None = None, config=None) -> Enco
     inputs = tokenizer(sources, truncation=True, max_length=spec.max_length)["input_ids"]
     labels = tokenizer(text_target=targets, truncation=True, max_length=spec.max_target_length)["input_ids"]
     truncated = _cut(tokenizer, sources, inputs, spec.max_length, {}) | _cut(
-        tokenizer, targets, labels, spec.max_target_length, {"text_target": True})
+        tokenizer, targets, labels, spec.max_target_length, {"text_target": True}
+    )
     examples = [{"input_ids": x, "decoder_input_ids": [start] + y[:-1], "labels": y} for x, y in zip(inputs, labels)]
     return Encoded(examples, rows.source, truncated=len(truncated))
 
@@ -73,8 +76,9 @@ def count(labels: torch.Tensor) -> torch.Tensor:
 
 def generate(model, inputs: dict[str, torch.Tensor], decoding: Decoding) -> list[str]:
     """The text the model writes for each row's source (deterministic: greedy or beam search)."""
-    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=False,
-                         **decoding.settings)
+    out = model.generate(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=False, **decoding.settings
+    )
     return decoding.tokenizer.batch_decode(out, skip_special_tokens=True)
 
 

@@ -30,14 +30,21 @@ def labels_of(rows: Rows, name: str) -> list[Any]:
     values = column(rows, name, "label_column", blank_ok=False)
     for i, value in enumerate(values):
         if isinstance(value, (list, tuple, dict)) or (isinstance(value, float) and not value.is_integer()):
-            raise DataError(f"{rows.where(i)}: {name!r} (data.label_column) holds {held(value)}; a label is a class "
-                            "name or an integer class id (a score to regress on is not a class)")
+            raise DataError(
+                f"{rows.where(i)}: {name!r} (data.label_column) holds {held(value)}; a label is a class "
+                "name or an integer class id (a score to regress on is not a class)"
+            )
     return values
 
 
 def encode_classification(
-    rows: Rows, tokenizer, text_column: str, pair_column: str | None, label_column: str,
-    label_names: list[str], max_length: int,
+    rows: Rows,
+    tokenizer,
+    text_column: str,
+    pair_column: str | None,
+    label_column: str,
+    label_names: list[str],
+    max_length: int,
 ) -> tuple[list[dict[str, Any]], int]:
     """Token ids and a class id per row. A label outside `label_names` is an error naming the row.
 
@@ -63,15 +70,17 @@ def encode_classification(
     full = [i for i, ids in enumerate(encoded) if len(ids) >= max_length]
     truncated = 0
     if full:
-        uncut = token_ids(tokenizer, [texts[i] for i in full], [pairs[i] for i in full] if pairs else None,
-                          verbose=False)
+        uncut = token_ids(
+            tokenizer, [texts[i] for i in full], [pairs[i] for i in full] if pairs else None, verbose=False
+        )
         truncated = sum(len(ids) > max_length for ids in uncut)
     return [{"input_ids": ids, "labels": y} for ids, y in zip(encoded, labels)], truncated
 
 
 def encode(rows: Rows, tokenizer, spec, names: list[str]) -> Encoded:
-    examples, truncated = encode_classification(rows, tokenizer, spec.text_column, spec.text_pair_column,
-                                                spec.label_column, names, spec.max_length)
+    examples, truncated = encode_classification(
+        rows, tokenizer, spec.text_column, spec.text_pair_column, spec.label_column, names, spec.max_length
+    )
     return Encoded(examples, rows.source, truncated=truncated)
 
 
@@ -107,17 +116,24 @@ class Scorer:
         from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
         golds, predictions = self.golds, self.predictions
-        return {"loss": self.loss_sum / max(len(golds), 1), "accuracy": float(accuracy_score(golds, predictions)),
-                "macro_f1": float(f1_score(golds, predictions, average="macro")),
-                "mcc": float(matthews_corrcoef(golds, predictions)), "examples": len(golds)}
+        return {
+            "loss": self.loss_sum / max(len(golds), 1),
+            "accuracy": float(accuracy_score(golds, predictions)),
+            "macro_f1": float(f1_score(golds, predictions, average="macro")),
+            "mcc": float(matthews_corrcoef(golds, predictions)),
+            "examples": len(golds),
+        }
 
 
 def predict_row(logits: torch.Tensor, names: list[str]) -> dict[str, Any]:
     """The class, its softmax scores and the logits (of this run's classes only)."""
     logits = logits[: len(names)]
     scores = logits.softmax(-1)
-    return {"label": names[int(scores.argmax())], "scores": [round(float(s), 6) for s in scores],
-            "logits": logits.tolist()}
+    return {
+        "label": names[int(scores.argmax())],
+        "scores": [round(float(s), 6) for s in scores],
+        "logits": logits.tolist(),
+    }
 
 
 TASK = Task(

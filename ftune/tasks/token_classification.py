@@ -24,11 +24,15 @@ def _word_rows(rows: Rows, tokens_column: str, tags_column: str) -> list[tuple[l
     for i, (words, tags) in enumerate(columns):
         for name, value in ((tokens_column, words), (tags_column, tags)):
             if not isinstance(value, list):
-                raise DataError(f"{rows.where(i)}: {name!r} is a {type(value).__name__}, not a list; token "
-                                "classification reads lists (JSON, JSONL, parquet) or CoNLL .txt/.conll files")
+                raise DataError(
+                    f"{rows.where(i)}: {name!r} is a {type(value).__name__}, not a list; token "
+                    "classification reads lists (JSON, JSONL, parquet) or CoNLL .txt/.conll files"
+                )
         if len(words) != len(tags):
-            raise DataError(f"{rows.where(i)}: {len(words)} tokens but {len(tags)} tags; "
-                            f"{tokens_column!r} and {tags_column!r} need one tag per word")
+            raise DataError(
+                f"{rows.where(i)}: {len(words)} tokens but {len(tags)} tags; "
+                f"{tokens_column!r} and {tags_column!r} need one tag per word"
+            )
         if not words:
             raise DataError(f"{rows.where(i)}: {tokens_column!r} is empty; fix or drop the row")
         for j, (word, tag) in enumerate(zip(words, tags)):
@@ -38,8 +42,10 @@ def _word_rows(rows: Rows, tokens_column: str, tags_column: str) -> list[tuple[l
             if tag is None:
                 raise DataError(f"{rows.where(i)}: word {j + 1} ({word!r}) has no tag")
             if not isinstance(tag, (str, int)) or isinstance(tag, bool):
-                raise DataError(f"{rows.where(i)}: word {j + 1} ({word!r}) has a tag that is {held(tag)}; a tag is a "
-                                "name (B-PER) or an integer id into data.labels")
+                raise DataError(
+                    f"{rows.where(i)}: word {j + 1} ({word!r}) has a tag that is {held(tag)}; a tag is a "
+                    "name (B-PER) or an integer id into data.labels"
+                )
         pairs.append((words, tags))
     return pairs
 
@@ -53,14 +59,21 @@ def tag_names_of(rows: Rows, tokens_column: str, tags_column: str) -> list[str]:
     names = set()
     for i, (_, tags) in enumerate(_word_rows(rows, tokens_column, tags_column)):
         if any(not isinstance(tag, str) for tag in tags):
-            raise DataError(f"{rows.where(i)}: the tags are integer ids, not names; set data.labels to the tag names "
-                            "in id order (for the Hub's conll2003: O, B-PER, I-PER, B-ORG, I-ORG, B-LOC, I-LOC, ...)")
+            raise DataError(
+                f"{rows.where(i)}: the tags are integer ids, not names; set data.labels to the tag names "
+                "in id order (for the Hub's conll2003: O, B-PER, I-PER, B-ORG, I-ORG, B-LOC, I-LOC, ...)"
+            )
         names.update(tags)
     return sorted(names)
 
 
 def encode_token_classification(
-    rows: Rows, tokenizer, tokens_column: str, tags_column: str, label_names: list[str], max_length: int,
+    rows: Rows,
+    tokenizer,
+    tokens_column: str,
+    tags_column: str,
+    label_names: list[str],
+    max_length: int,
 ) -> tuple[list[dict[str, Any]], int]:
     """Sub-token ids and a tag id per sub-token: a word's tag goes on its first sub-token; its other sub-tokens and
     the special tokens get IGNORE_INDEX (the alignment of Devlin et al. 2019, section 5.3, for CoNLL-2003 NER).
@@ -74,13 +87,17 @@ def encode_token_classification(
         ids = []
         for j, tag in enumerate(tags):
             if str(tag) not in index and not (type(tag) is int and 0 <= tag < len(label_names)):
-                raise DataError(f"{rows.where(i)}: word {j + 1} ({words[j]!r}) has tag {tag!r}, not one of the tags "
-                                f"{label_names} (set data.labels to list every tag)")
+                raise DataError(
+                    f"{rows.where(i)}: word {j + 1} ({words[j]!r}) has tag {tag!r}, not one of the tags "
+                    f"{label_names} (set data.labels to list every tag)"
+                )
             ids.append(index.get(str(tag), tag))
         tag_ids.append(ids)
     if not tokenizer.is_fast:  # only a fast (Rust) tokenizer reports which word each sub-token came from
-        raise ModelError(f"model.name: token_classification needs a fast tokenizer (word_ids()); "
-                         f"{type(tokenizer).__name__} is not one")
+        raise ModelError(
+            f"model.name: token_classification needs a fast tokenizer (word_ids()); "
+            f"{type(tokenizer).__name__} is not one"
+        )
     check_room(tokenizer, max_length)
     words = [w for w, _ in pairs]
     try:
@@ -105,15 +122,23 @@ def encode_token_classification(
 
 
 def encode(rows: Rows, tokenizer, spec, names: list[str]) -> Encoded:
-    examples, truncated = encode_token_classification(rows, tokenizer, spec.tokens_column, spec.tags_column, names,
-                                                      spec.max_length)
+    examples, truncated = encode_token_classification(
+        rows, tokenizer, spec.tokens_column, spec.tags_column, names, spec.max_length
+    )
     return Encoded(examples, rows.source, truncated=truncated)
 
 
 def check(train: Encoded, validation: Encoded | None, names: list[str], spec) -> list[str]:
     """The tag set against the words (check_classes): each word's first sub-token carries its tag."""
-    return check_classes(train, validation, names, lambda e: (y for y in e["labels"] if y != IGNORE_INDEX),
-                         what="tag", unit="word", field="data.tags_column")
+    return check_classes(
+        train,
+        validation,
+        names,
+        lambda e: (y for y in e["labels"] if y != IGNORE_INDEX),
+        what="tag",
+        unit="word",
+        field="data.tags_column",
+    )
 
 
 def count(labels: torch.Tensor) -> torch.Tensor:
@@ -161,9 +186,12 @@ def tagging_metrics(golds: list[list[str]], predictions: list[list[str]]) -> dic
     from seqeval.scheme import IOB2
 
     options = {"mode": "strict", "scheme": IOB2, "average": "micro", "zero_division": 0}
-    return {"precision": float(precision_score(golds, predictions, **options)),
-            "recall": float(recall_score(golds, predictions, **options)),
-            "f1": float(f1_score(golds, predictions, **options)), **metrics}
+    return {
+        "precision": float(precision_score(golds, predictions, **options)),
+        "recall": float(recall_score(golds, predictions, **options)),
+        "f1": float(f1_score(golds, predictions, **options)),
+        **metrics,
+    }
 
 
 TASK = Task(
