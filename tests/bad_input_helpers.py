@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import recipe_doc, write_recipe
 from ftune.cli import app
+from refusals import check_refusal
 
 runner = CliRunner()
 
@@ -70,3 +72,12 @@ def _garbage(env: Env, name: str, size: int = 512) -> str:
 
 
 CPU_ONLY = {"fp16-on-cpu"}  # cases that are bad inputs only on a machine without CUDA
+
+
+def refused(name: str, case: tuple, env: Env, monkeypatch) -> None:
+    """One case of the bad-input catalogue: (build, exit code, needles) refused in one line, nothing written."""
+    if name in CPU_ONLY and torch.cuda.is_available():
+        pytest.skip("a bad input only without CUDA")
+    monkeypatch.chdir(env.tmp)  # relative paths a case might write land in its own folder, under the snapshot
+    build, code, needles = case
+    check_refusal(build(env), code, needles, env.tmp, env.run, env.adapter, env.cls)

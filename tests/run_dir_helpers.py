@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import recipe_doc, write_recipe
+from refusals import check_refusal
 
 MARKER = "MARKER"
 """What a payload (remote code, an unpickled object) creates in the case's folder if it ever runs."""
@@ -141,3 +142,14 @@ def _special(env: Env, name: str, kind: str) -> Path:
 
 # id: (class, arguments built from Env, exit code, needles the one stderr line holds: "{holder}", "{tmp}" filled in)
 Case = tuple[str, Callable[[Env], list], int, list[str]]
+
+
+def refused(case: tuple, env, monkeypatch) -> None:
+    """One case of a run-directory catalogue: (class, build, exit code, needles) refused in one line, nothing outside
+    the run touched, no code from the run executed."""
+    monkeypatch.chdir(env.tmp)  # relative paths a case might write land in its own folder, under the snapshot
+    _, build, code, needles = case
+    args = build(env)  # first: a case may start the process that holds the lock (env.holder)
+    needles = [needle.format(holder=env.holder, tmp=env.tmp) for needle in needles]
+    check_refusal(args, code, needles, env.tmp, env.run, env.cls, env.bert)  # nothing outside the run touched
+    assert not (env.tmp / MARKER).exists(), "code from the run (or a pickle) ran"

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from ftune.errors import MethodError
+from ftune.layers.bottleneck import adapters_by_block
 from ftune.methods import adapter, adapter_drop, attach
 from ftune.models import head_parameters
 from ftune.models.arch import LAYOUTS
@@ -89,7 +90,7 @@ def test_trainable_parameter_count(placement, per_layer):
 
 def test_layers_option_and_bad_index():
     model = adapter.apply(tiny("llama"), adapter.Config(layers=[2], bottleneck=4))
-    assert [len(w) for w in adapter.adapters_by_block(model)] == [0, 0, 1]
+    assert [len(w) for w in adapters_by_block(model)] == [0, 0, 1]
     with pytest.raises(MethodError, match="method.layers"):
         adapter.apply(tiny("llama"), adapter.Config(layers=[5]))
 
@@ -115,12 +116,12 @@ def test_adapter_drop_skips_the_lowest_blocks(family):
     dropped = adapter_drop.apply(tiny(family), adapter_drop.Config(bottleneck=4, inference_drop=2, drop_first=2))
     _perturb_adapters(dropped)
     calls = []
-    for i, wrappers in enumerate(adapter.adapters_by_block(dropped)):
+    for i, wrappers in enumerate(adapters_by_block(dropped)):
         for w in wrappers:
             w.adapter.register_forward_hook(lambda *_, i=i: calls.append(i))
     only_top = adapter.apply(tiny(family), adapter.Config(bottleneck=4, layers=[2]))
     top = next(m for m in only_top.modules() if isinstance(m, adapter.Bottleneck))
-    top.load_state_dict(adapter.adapters_by_block(dropped)[2][0].adapter.state_dict())
+    top.load_state_dict(adapters_by_block(dropped)[2][0].adapter.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(dropped(**_inputs()).logits, only_top(**_inputs()).logits, rtol=0, atol=0)
     assert calls == [2]  # the adapters of blocks 0 and 1 were never computed
@@ -133,8 +134,8 @@ def test_robust_adapter_drop_draws_k_per_training_batch():
     seen = set()
     for _ in range(30):
         model(**_inputs())
-        seen.add(sum(not ws[0].active for ws in adapter.adapters_by_block(model)))
+        seen.add(sum(not ws[0].active for ws in adapters_by_block(model)))
     assert seen == {0, 1, 2, 3}
     model.eval()
     model(**_inputs())
-    assert all(ws[0].active for ws in adapter.adapters_by_block(model))  # inference_drop defaults to 0
+    assert all(ws[0].active for ws in adapters_by_block(model))  # inference_drop defaults to 0

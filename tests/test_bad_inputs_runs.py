@@ -19,10 +19,9 @@ import torch
 import yaml
 
 import bad_input_helpers
-from bad_input_helpers import CPU_ONLY, Env, _garbage, _text, runner
+from bad_input_helpers import Env, _garbage, _text, runner
 from conftest import write_recipe
 from ftune.cli import app
-from refusals import check_refusal
 
 adapter_run = bad_input_helpers.adapter_run  # the fixture, where pytest finds it
 
@@ -199,12 +198,7 @@ CASES: dict[str, tuple[Callable[[Env], list], int, list[str]]] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, tiny_bert, cls_data, full_run, adapter_run, tmp_path, monkeypatch):
-    if case in CPU_ONLY and torch.cuda.is_available():
-        pytest.skip("a bad input only without CUDA")
-    monkeypatch.chdir(tmp_path)  # relative paths a case might write land in its own folder, under the snapshot
-    build, code, needles = CASES[case]
-    env = Env(tiny_bert, cls_data, full_run, adapter_run, tmp_path)
-    check_refusal(build(env), code, needles, tmp_path, full_run, adapter_run, cls_data)
+    bad_input_helpers.refused(case, CASES[case], Env(tiny_bert, cls_data, full_run, adapter_run, tmp_path), monkeypatch)
 
 
 def test_overwrite_replaces_a_run(full_run, adapter_run, tiny_bert, cls_data, tmp_path):

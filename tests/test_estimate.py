@@ -90,7 +90,7 @@ def test_simulation_runs_the_hooks_on_its_copy_and_keeps_the_generator(tiny_bert
     does not run block 0's adapter) and leaves the model's, and the caller's random generator, as they were."""
     from ftune.estimate import step
     from ftune.estimate.simulate import simulate
-    from ftune.methods.adapter import adapters_by_block
+    from ftune.layers.bottleneck import adapters_by_block
 
     plain = recipe_doc("cls", tiny_bert, cls_data, tmp_path / "plain", {"name": "adapter"})
     recipe = validate_recipe(

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import run_dir_helpers
-from refusals import check_refusal, invoke
-from run_dir_helpers import MARKER, Case, Env
+from refusals import invoke
+from run_dir_helpers import Case, Env
 
 env, finished_run = run_dir_helpers.env, run_dir_helpers.finished_run  # the fixtures, where pytest finds them
 
@@ -207,12 +207,7 @@ CASES: dict[str, Case] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_run_dir_refusal(case, env, monkeypatch):
-    monkeypatch.chdir(env.tmp)  # relative paths a case might write land in its own folder, under the snapshot
-    _, build, code, needles = CASES[case]
-    args = build(env)  # first: a case may start the process that holds the lock (env.holder)
-    needles = [needle.format(holder=env.holder, tmp=env.tmp) for needle in needles]
-    check_refusal(args, code, needles, env.tmp, env.run, env.cls, env.bert)  # nothing outside the run touched
-    assert not (env.tmp / MARKER).exists(), "code from the run (or a pickle) ran"
+    run_dir_helpers.refused(CASES[case], env, monkeypatch)
 
 
 def test_a_tilde_output_dir_lands_under_home(env, monkeypatch):

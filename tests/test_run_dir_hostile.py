@@ -26,7 +26,7 @@ import yaml
 
 import run_dir_helpers
 from conftest import write_recipe
-from refusals import check_refusal, invoke
+from refusals import invoke
 from run_dir_helpers import (
     MARKER,
     Case,
@@ -317,12 +317,7 @@ CASES["remote-code-model-inside-run-trusted-merge"] = (
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_run_dir_refusal(case, env, monkeypatch):
-    monkeypatch.chdir(env.tmp)  # relative paths a case might write land in its own folder, under the snapshot
-    _, build, code, needles = CASES[case]
-    args = build(env)  # first: a case may start the process that holds the lock (env.holder)
-    needles = [needle.format(holder=env.holder, tmp=env.tmp) for needle in needles]
-    check_refusal(args, code, needles, env.tmp, env.run, env.cls, env.bert)  # nothing outside the run touched
-    assert not (env.tmp / MARKER).exists(), "code from the run (or a pickle) ran"
+    run_dir_helpers.refused(CASES[case], env, monkeypatch)
 
 
 def test_remote_code_in_the_run_never_runs_even_with_the_flag(env):

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ftune.models.arch import first_input
+from ftune.models.arch import block_stacks, first_input
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -63,3 +63,12 @@ class AdapterAt(nn.Module):
 
     def remember_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.block_input = first_input(args, kwargs)
+
+
+def adapters_by_block(model: nn.Module) -> list[list[AdapterAt]]:
+    """The adapter wrappers of each block, in block order (encoder before decoder; for AdapterDrop and reports)."""
+    return [
+        [m for m in block.modules() if isinstance(m, AdapterAt)]
+        for blocks, _ in block_stacks(model)
+        for block in blocks
+    ]

@@ -3,15 +3,18 @@
 Pfeiffer et al. 2021, "AdapterFusion: Non-Destructive Task Composition for Transfer Learning", arXiv:2005.00247, §3.
 Per token, with y = base(x) (..., d) and z_i = adapter_i(y) (..., N, d), no residual inside the adapters:
     s = softmax_i((Q y)·(K z_i) / temperature);   out = y + Σ_i s_i V z_i.
-Q, K, V: d x d with bias. The `adapter_fusion` method (ftune/methods/adapter_fusion.py) loads the adapters and builds
-one Fusion per block.
+Q, K, V: d x d with bias. The `adapter_fusion` method (ftune/methods/adapter_fusion.py) reads the stage-1 runs and
+builds one Fusion per block, its adapters rebuilt from their saved weights by `stage1_adapters`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from ftune.errors import MethodError
 from ftune.layers.bottleneck import Bottleneck
 
 
@@ -75,3 +78,22 @@ class Fusion(nn.Module):
         """λ ‖I − V‖²_F, a scalar: the paper's l2 pull of this layer's value matrix V (d x d) towards the identity."""
         eye = torch.eye(self.value.weight.shape[0], device=self.value.weight.device, dtype=self.value.weight.dtype)
         return self.identity_weight * (eye - self.value.weight).pow(2).sum()
+
+
+def stage1_adapters(key: str, d: int, runs: list[tuple[str, Any, dict]]) -> list[Bottleneck]:
+    """Each stage-1 run's adapter under `key` (a block's feed-forward output path + ".adapter."), weights loaded.
+
+    `runs`: (run dir, its `adapter` method config (activation, dropout, scaling read), its saved weights) per run.
+    """
+    bottlenecks = []
+    for run_dir, acfg, weights in runs:
+        state = {k[len(key) :]: v for k, v in weights.items() if k.startswith(key)}
+        if "down.weight" not in state or state["down.weight"].shape[1] != d:
+            raise MethodError(
+                f"method.adapters: {run_dir} has no adapter of width {d} at {key[:-1]}; "
+                "was it trained on another base model?"
+            )
+        width = state["down.weight"].shape[0]  # whichever option set it
+        bottlenecks.append(Bottleneck(d, width, acfg.activation, acfg.dropout, acfg.scaling or 1.0, False))
+        bottlenecks[-1].load_state_dict(state)
+    return bottlenecks

@@ -339,5 +339,28 @@ def prefix_geometry(config) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+class PrefixEncoder(nn.Module):
+    """(n, w) inputs -> Linear(w, k) -> Tanh -> Linear(k, width): the prefixes (n, width). Names as peft's."""
+
+    def __init__(self, n: int, d: int, hidden: int, width: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n, d)
+        self.transform = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, width))
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding.weight)
+
+
+def prefix_source(model: nn.Module, n: int, reparameterize: bool, hidden: int) -> nn.Module:
+    """The module that yields (n, layers * 2 * kv_width) prefixes: the MLP, or a plain N(0, 1) tensor (nn.Embedding's
+    initialisation, as peft and the P-tuning v2 code use)."""
+    layers, heads, head_dim = prefix_geometry(model.config)
+    width = layers * 2 * heads * head_dim
+    device = model.get_input_embeddings().weight.device
+    if reparameterize:
+        return PrefixEncoder(n, heads * head_dim, hidden, width).to(device)
+    return Prompt(torch.randn(n, width, device=device))
+
+
 def embedding_width(model: nn.Module) -> int:
     return model.get_input_embeddings().weight.shape[1]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftune.errors import MethodError
 from ftune.layers.lora import WrappedLinear
 
 PARTS = ("lora_A", "lora_E", "lora_B")
@@ -183,3 +184,45 @@ def allocate(layers: Sequence[nn.Module], step: int, total_steps: int, cfg: Any)
         with torch.no_grad():
             for layer in layers:
                 layer.lora_E.masked_fill_(~layer.rank_mask.view(-1, 1), 0.0)
+
+
+def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The importance state and rank mask of every SVDLinear (`STATE`), by "<module name>.<buffer>": what an exact
+    resume needs besides the weights (AdaLoRA's `Method.hooks.resume`)."""
+    return {f"{name}.{key}": getattr(m, key) for name, m in svd_layers(model).items() for key in STATE}
+
+
+def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's `training_state` back in place (a MethodError if its keys do not fit this model's)."""
+    expected = training_state(model)
+    if expected.keys() != tensors.keys():
+        odd = min(expected.keys() ^ tensors.keys())
+        raise MethodError(f"adalora: the checkpoint's rank and importance state does not fit this model ({odd})")
+    with torch.no_grad():
+        for key, buffer in expected.items():
+            buffer.copy_(tensors[key])
+
+
+def peft_config(model: nn.Module, cfg: Any) -> dict[str, Any]:
+    """peft's adapter_config.json for the SVDLinear layers of `model`; `cfg` is AdaLoRA's method config."""
+    # pruned triplets are saved in place with λ = 0, so no rank_pattern (peft would expect tensors cut to it);
+    # total_step only drives peft's training schedule, yet peft refuses a config without one > tinit + tfinal
+    return {
+        "peft_type": "ADALORA",
+        "init_r": cfg.init_r,
+        "target_r": cfg.target_r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": list(svd_layers(model)),
+        "tinit": cfg.tinit,
+        "tfinal": cfg.tfinal,
+        "deltaT": cfg.deltaT,
+        "beta1": cfg.beta1,
+        "beta2": cfg.beta2,
+        "orth_reg_weight": cfg.orth_reg_weight,
+        "total_step": cfg.tinit + cfg.tfinal + 1,
+        "rank_pattern": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }

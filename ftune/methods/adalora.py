@@ -100,20 +100,6 @@ def on_step_end(model: nn.Module, step: int, total_steps: int) -> None:
     svd_lora.allocate(list(svd_layers(model).values()), step, total_steps, model.adalora_config)
 
 
-def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{name}.{key}": getattr(m, key) for name, m in svd_layers(model).items() for key in svd_lora.STATE}
-
-
-def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    expected = training_state(model)
-    if expected.keys() != tensors.keys():
-        odd = min(expected.keys() ^ tensors.keys())
-        raise MethodError(f"adalora: the checkpoint's rank and importance state does not fit this model ({odd})")
-    with torch.no_grad():
-        for key, buffer in expected.items():
-            buffer.copy_(tensors[key])
-
-
 def report(model: nn.Module) -> dict[str, Any]:
     """Total rank reached (budget) against the target and initial budgets, R(P, Q), and the rank of each matrix."""
     cfg, layers = model.adalora_config, svd_layers(model)
@@ -129,30 +115,6 @@ def report(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def peft_config(model: nn.Module, cfg: Config) -> dict[str, Any]:
-    # pruned triplets are saved in place with λ = 0, so no rank_pattern (peft would expect tensors cut to it);
-    # total_step only drives peft's training schedule, yet peft refuses a config without one > tinit + tfinal
-    return {
-        "peft_type": "ADALORA",
-        "init_r": cfg.init_r,
-        "target_r": cfg.target_r,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": list(svd_layers(model)),
-        "tinit": cfg.tinit,
-        "tfinal": cfg.tfinal,
-        "deltaT": cfg.deltaT,
-        "beta1": cfg.beta1,
-        "beta2": cfg.beta2,
-        "orth_reg_weight": cfg.orth_reg_weight,
-        "total_step": cfg.tinit + cfg.tfinal + 1,
-        "rank_pattern": None,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-    }
-
-
 METHOD = base.Method(
     name="adalora",
     config_cls=Config,
@@ -162,13 +124,13 @@ METHOD = base.Method(
     trainable=trainable,
     disabled=disabled,
     merging=base.module_merging(lambda model: svd_layers(model).values()),
-    saving=base.Saving(peft=base.Peft(peft_config)),
+    saving=base.Saving(peft=base.Peft(svd_lora.peft_config)),
     hooks=base.Hooks(
         loss_term=loss_term,
         on_step_end=on_step_end,
         check_total_steps=check_total_steps,
         report=report,
-        resume=base.Resume(training_state, load_training_state),
+        resume=base.Resume(svd_lora.training_state, svd_lora.load_training_state),
     ),
     about=base.About(
         "SVD-form updates P Λ Q whose ranks are reallocated by importance to a budget (ranks in method_report.json)",

@@ -34,7 +34,7 @@ from torch import nn
 from ftune.errors import MethodError
 from ftune.layers.bottleneck import AdapterAt, Bottleneck
 from ftune.methods import base
-from ftune.models.arch import block_stacks, hidden_size, replace_submodule
+from ftune.models.arch import block_norms, block_stacks, hidden_size, replace_submodule
 
 
 class Config(base.MethodConfig):
@@ -94,26 +94,6 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
             for name, p in norm.named_parameters(recurse=False):
                 norm.register_buffer(PRETRAINED + name, p.detach().clone(), persistent=False)
     return model
-
-
-def adapters_by_block(model: nn.Module) -> list[list[AdapterAt]]:
-    """The adapter wrappers of each block, in block order (encoder before decoder; for AdapterDrop and reports)."""
-    return [
-        [m for m in block.modules() if isinstance(m, AdapterAt)]
-        for blocks, _ in block_stacks(model)
-        for block in blocks
-    ]
-
-
-def block_norms(model: nn.Module) -> list[nn.Module]:
-    """The layer norms inside the blocks (by class name, as `layers.module_types`), which Houlsby also trains."""
-    return [
-        m
-        for blocks, _ in block_stacks(model)
-        for block in blocks
-        for m in block.modules()
-        if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
-    ]
 
 
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:

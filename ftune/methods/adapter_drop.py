@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ftune.layers.bottleneck import adapters_by_block
 from ftune.methods import adapter, base
 
 
@@ -31,7 +32,7 @@ class Config(adapter.Config):
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
     model = adapter.apply(model, cfg)
-    per_block = adapter.adapters_by_block(model)
+    per_block = adapters_by_block(model)
 
     def choose_dropped_blocks(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not all(w.enabled for wrappers in per_block for w in wrappers):  # switched off: no draw, as no adapter

@@ -31,7 +31,7 @@ from torch import nn
 
 from ftune import recipe_yaml, rundir
 from ftune.errors import FtuneError, MethodError
-from ftune.layers.fusion import Fusion
+from ftune.layers.fusion import Fusion, stage1_adapters
 from ftune.layers.token_masks import hand_over_masks
 from ftune.methods import adapter, base
 from ftune.models.arch import block_stacks, hidden_size, replace_submodule
@@ -70,22 +70,6 @@ def load_stage1(run_dir: str) -> tuple[adapter.Config, str, dict[str, torch.Tens
     except (FtuneError, ValidationError) as e:  # an FtuneError names the run dir, its recipe.yaml or weights file
         why = str(e).splitlines()[0] if isinstance(e, FtuneError) else f"{run_dir}: {e.errors()[0]['msg']}"
         raise MethodError(f"method.adapters: {why}") from None
-
-
-def stage1_adapters(key: str, d: int, runs: list[tuple[str, adapter.Config, dict]]) -> list[adapter.Bottleneck]:
-    """Each stage-1 run's adapter under `key` (a block's feed-forward output path + ".adapter."), weights loaded."""
-    bottlenecks = []
-    for run_dir, acfg, weights in runs:
-        state = {k[len(key) :]: v for k, v in weights.items() if k.startswith(key)}
-        if "down.weight" not in state or state["down.weight"].shape[1] != d:
-            raise MethodError(
-                f"method.adapters: {run_dir} has no adapter of width {d} at {key[:-1]}; "
-                "was it trained on another base model?"
-            )
-        width = state["down.weight"].shape[0]  # whichever option set it
-        bottlenecks.append(adapter.Bottleneck(d, width, acfg.activation, acfg.dropout, acfg.scaling or 1.0, False))
-        bottlenecks[-1].load_state_dict(state)
-    return bottlenecks
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:

@@ -32,7 +32,14 @@ from ftune.layers.seq2seq_prefixes import (
     peft_decoder_order,
     seq2seq_prefix_width,
 )
-from ftune.layers.soft_prompts import PrefixedModel, Prompt, prefix_geometry, prompt_parameters
+from ftune.layers.soft_prompts import (
+    PrefixedModel,
+    PrefixEncoder,
+    Prompt,
+    prefix_geometry,
+    prefix_source,
+    prompt_parameters,
+)
 from ftune.methods import base
 from ftune.methods.prompt_tuning import peft_prompt_fields
 from ftune.models.arch import block_stacks, is_encoder_decoder
@@ -59,29 +66,6 @@ class Config(base.MethodConfig):
         if isinstance(data, dict) and "mlp_hidden" in data and "reparameterize" not in data:
             return {**data, "reparameterize": True}
         return data
-
-
-class PrefixEncoder(nn.Module):
-    """(n, w) inputs -> Linear(w, k) -> Tanh -> Linear(k, width): the prefixes (n, width). Names as peft's."""
-
-    def __init__(self, n: int, d: int, hidden: int, width: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(n, d)
-        self.transform = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, width))
-
-    def forward(self) -> torch.Tensor:
-        return self.transform(self.embedding.weight)
-
-
-def prefix_source(model: nn.Module, n: int, reparameterize: bool, hidden: int) -> nn.Module:
-    """The module that yields (n, layers * 2 * kv_width) prefixes: the MLP, or a plain N(0, 1) tensor (nn.Embedding's
-    initialisation, as peft and the P-tuning v2 code use)."""
-    layers, heads, head_dim = prefix_geometry(model.config)
-    width = layers * 2 * heads * head_dim
-    device = model.get_input_embeddings().weight.device
-    if reparameterize:
-        return PrefixEncoder(n, heads * head_dim, hidden, width).to(device)
-    return Prompt(torch.randn(n, width, device=device))
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:

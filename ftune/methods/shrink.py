@@ -20,35 +20,13 @@ import dataclasses
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from ftune.errors import MethodError
 from ftune.layers import shrinking_blocks as sb
 from ftune.methods import base
 from ftune.models import depth
-
-
-class Schedule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    start: int | float
-    """First removal: after this optimizer step (an integer ≥ 1), or this fraction of the run (a float in (0, 1])."""
-    end: int | float
-    """Last removal, likewise; at most the run's last step."""
-
-    @field_validator("start", "end")
-    @classmethod
-    def _step_or_fraction(cls, value: float) -> float:
-        if isinstance(value, float) and not 0 < value <= 1:
-            raise ValueError(f"{value} is a fraction of the run, which lies in (0, 1]; give a step as a whole number")
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"{value}: steps count from 1, the first optimizer step")
-        return value
-
-    def steps(self, total_steps: int) -> tuple[int, int]:
-        """(start, end) as optimizer steps of a run of `total_steps`."""
-        return tuple(p if isinstance(p, int) else max(1, round(p * total_steps)) for p in (self.start, self.end))
 
 
 class Config(base.MethodConfig):
@@ -59,7 +37,7 @@ class Config(base.MethodConfig):
     """Blocks to drop (top-k: the top k; every-other: the top k of the odd ones). Default: half, rounded down."""
     blocks: tuple[int, ...] = ()
     """drop: list: the 0-based blocks to drop, in the order a schedule removes them."""
-    schedule: Schedule | None = None
+    schedule: depth.Schedule | None = None
     """Remove the blocks one at a time during training, evenly spaced from start to end; None: all before training."""
 
     @model_validator(mode="after")

@@ -154,6 +154,17 @@ def block_stacks(model: nn.Module) -> list[tuple[nn.ModuleList, BlockLayout]]:
     return [blocks_with_layout(model)]
 
 
+def block_norms(model: nn.Module) -> list[nn.Module]:
+    """The layer norms inside the blocks (by class name, as `layers.module_types`), which Houlsby also trains."""
+    return [
+        m
+        for blocks, _ in block_stacks(model)
+        for block in blocks
+        for m in block.modules()
+        if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+    ]
+
+
 def attention_sites(layout: BlockLayout) -> list[tuple[str, tuple[str, str] | None]]:
     """(attention module, its query/value projections) of one block: self-attention, and cross-attention if any."""
     sites = [(layout.attn_in, layout.query_value)]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
 from ftune.errors import MethodError
@@ -173,6 +174,29 @@ def blocks_to_drop(drop: str, k: int | None, listed: Sequence[int], n: int, owne
     if len(listed) == n:
         raise MethodError(f"{owner}.blocks: all {n} blocks would be dropped; keep at least one")
     return list(listed)
+
+
+# the `shrink` method's `schedule: {start, end}`: from when to when `removal_steps` spreads the removals
+class Schedule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    start: int | float
+    """First removal: after this optimizer step (an integer ≥ 1), or this fraction of the run (a float in (0, 1])."""
+    end: int | float
+    """Last removal, likewise; at most the run's last step."""
+
+    @field_validator("start", "end")
+    @classmethod
+    def _step_or_fraction(cls, value: float) -> float:
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError(f"{value} is a fraction of the run, which lies in (0, 1]; give a step as a whole number")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value}: steps count from 1, the first optimizer step")
+        return value
+
+    def steps(self, total_steps: int) -> tuple[int, int]:
+        """(start, end) as optimizer steps of a run of `total_steps`."""
+        return tuple(p if isinstance(p, int) else max(1, round(p * total_steps)) for p in (self.start, self.end))
 
 
 def removal_steps(start: int, end: int, m: int) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+from functools import reduce
 from typing import Annotated
 
 from pydantic import Field
@@ -14,7 +16,7 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 AnyObjectiveConfig = Annotated[
-    task_loss.Config | distill.Config | reward.Config | dpo.Config, Field(discriminator="name")
+    reduce(operator.or_, (o.config_cls for o in OBJECTIVES.values())), Field(discriminator="name")
 ]
 """A recipe's objective section: any registered objective's config, chosen by `name`."""
 DEFAULT_OBJECTIVE = task_loss.Config()

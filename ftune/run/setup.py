@@ -183,20 +183,7 @@ def prepare(
     compile_note = compiling.compile_model(
         model, t.compile, accelerator.device, sharded(accelerator), recipe.model.quantization is not None
     )
-    # packed rows have no padding to group away; grouping keeps whole optimizer steps together (step_batches)
-    train_loader = make_loader(
-        train_set.examples,
-        per_device,
-        tokenizer.pad_token_id,
-        t.seed,
-        True,
-        rank,
-        world,
-        group_by_length=t.group_by_length and not recipe.data.packing,
-        step_batches=t.grad_accum,
-        collate_fn=packing.collate_packed if recipe.data.packing else None,
-    )
-    val_loader = val_set and assemble.eval_loader(recipe, val_set.examples[rank::world], tokenizer)
+    train_loader, val_loader = _loaders(recipe, train_set.examples, val_set, tokenizer, per_device, rank, world)
 
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
@@ -235,32 +222,18 @@ def prepare(
         record = (
             None
             if resume
-            else rundir.RunRecord.model_validate(
-                {
-                    **rundir.environment(),
-                    "seed": t.seed,
-                    "model_source": source,
-                    "trainable_params": counts[0],
-                    "total_params": counts[1],
-                    "label_names": names,
-                    "train_source": train_set.source,
-                    "train_examples": len(train_set.examples),
-                    "train_rows_dropped": train_set.dropped,
-                    "train_rows_truncated": train_set.truncated,
-                    "validation_rows_truncated": val_set and val_set.truncated,
-                    "validation_source": val_set and val_set.source,
-                    "total_steps": total_steps,
-                    "precision": precision,
-                    "device": str(accelerator.device),
-                    "world_size": world,
-                    "distributed": str(accelerator.distributed_type.value).lower(),
-                    "batch_per_device": per_device,
-                    "global_batch": per_device * world * t.grad_accum,
-                    "fingerprints": {
-                        "data": data_prints,
-                        "model": fingerprint.model_fingerprints(source, fingerprint.model_cache()),
-                    },
-                }
+            else _record(
+                recipe,
+                source,
+                counts,
+                names,
+                train_set,
+                val_set,
+                total_steps,
+                precision,
+                accelerator,
+                per_device,
+                data_prints,
             )
         )
         run_lock, resume_from = rundir.prepare_output_dir(
@@ -294,6 +267,71 @@ def prepare(
         run.release()
         raise
     return run
+
+
+def _loaders(
+    recipe: Recipe, examples: list[dict[str, Any]], val_set, tokenizer, per_device: int, rank: int, world: int
+) -> tuple[DataLoader, DataLoader | None]:
+    """This process's training batches (its shard, resumable) and its shard of the validation rows."""
+    t = recipe.train
+    # packed rows have no padding to group away; grouping keeps whole optimizer steps together (step_batches)
+    train_loader = make_loader(
+        examples,
+        per_device,
+        tokenizer.pad_token_id,
+        t.seed,
+        True,
+        rank,
+        world,
+        group_by_length=t.group_by_length and not recipe.data.packing,
+        step_batches=t.grad_accum,
+        collate_fn=packing.collate_packed if recipe.data.packing else None,
+    )
+    return train_loader, val_set and assemble.eval_loader(recipe, val_set.examples[rank::world], tokenizer)
+
+
+def _record(
+    recipe: Recipe,
+    source: str,
+    counts: tuple[int, int],
+    names,
+    train_set,
+    val_set,
+    total_steps: int,
+    precision: str,
+    accelerator: Accelerator,
+    per_device: int,
+    data_prints: dict,
+) -> rundir.RunRecord:
+    """run.json of a new run: the environment, the seed, the data and model as they were, the run's shape."""
+    world = accelerator.num_processes
+    return rundir.RunRecord.model_validate(
+        {
+            **rundir.environment(),
+            "seed": recipe.train.seed,
+            "model_source": source,
+            "trainable_params": counts[0],
+            "total_params": counts[1],
+            "label_names": names,
+            "train_source": train_set.source,
+            "train_examples": len(train_set.examples),
+            "train_rows_dropped": train_set.dropped,
+            "train_rows_truncated": train_set.truncated,
+            "validation_rows_truncated": val_set and val_set.truncated,
+            "validation_source": val_set and val_set.source,
+            "total_steps": total_steps,
+            "precision": precision,
+            "device": str(accelerator.device),
+            "world_size": world,
+            "distributed": str(accelerator.distributed_type.value).lower(),
+            "batch_per_device": per_device,
+            "global_batch": per_device * world * recipe.train.grad_accum,
+            "fingerprints": {
+                "data": data_prints,
+                "model": fingerprint.model_fingerprints(source, fingerprint.model_cache()),
+            },
+        }
+    )
 
 
 def _start(
