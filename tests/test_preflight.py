@@ -11,7 +11,7 @@ import torch
 
 from conftest import recipe_doc, s2s_recipe_doc
 from ftune.recipe import validate_recipe
-from ftune.run import preflight
+from ftune.run import preflight, preflight_model
 from preflight_helpers import LORA, _meminfo, _no_space
 
 
@@ -28,9 +28,10 @@ def _built(doc: dict):
 def test_position_limits_and_offsets(tiny_bert, tiny_llama, tiny_bart, tiny_t5, tmp_path):
     from transformers import AutoModel, RobertaConfig, RobertaModel
 
-    assert preflight.position_limits(AutoModel.from_pretrained(tiny_bert)) == {"embeddings.position_embeddings": 64}
+    limits = preflight_model.position_limits
+    assert limits(AutoModel.from_pretrained(tiny_bert)) == {"embeddings.position_embeddings": 64}
     bart = AutoModel.from_pretrained(tiny_bart)  # BartLearnedPositionalEmbedding: 64 + an offset of 2 rows
-    assert preflight.position_limits(bart) == {"encoder.embed_positions": 64, "decoder.embed_positions": 64}
+    assert preflight_model.position_limits(bart) == {"encoder.embed_positions": 64, "decoder.embed_positions": 64}
     roberta = RobertaModel(
         RobertaConfig(
             vocab_size=40,
@@ -42,9 +43,9 @@ def test_position_limits_and_offsets(tiny_bert, tiny_llama, tiny_bart, tiny_t5, 
             pad_token_id=1,
         )
     )
-    assert preflight.position_limits(roberta) == {"embeddings.position_embeddings": 64}  # from padding_idx + 1
-    assert preflight.position_limits(AutoModel.from_pretrained(tiny_llama)) == {}  # rotary
-    assert preflight.position_limits(AutoModel.from_pretrained(tiny_t5)) == {}  # relative buckets
+    assert preflight_model.position_limits(roberta) == {"embeddings.position_embeddings": 64}  # from padding_idx + 1
+    assert preflight_model.position_limits(AutoModel.from_pretrained(tiny_llama)) == {}  # rotary
+    assert preflight_model.position_limits(AutoModel.from_pretrained(tiny_t5)) == {}  # relative buckets
 
 
 def test_virtual_tokens_by_wrapper(tiny_bert, tiny_bart, cls_data, s2s_data, tmp_path):
@@ -52,7 +53,8 @@ def test_virtual_tokens_by_wrapper(tiny_bert, tiny_bart, cls_data, s2s_data, tmp
     p_tuning = _built(recipe_doc("cls", tiny_bert, cls_data, tmp_path, {"name": "p_tuning", "n_tokens": 5}))[1]
     prefix = _built(s2s_recipe_doc(tiny_bart, s2s_data, tmp_path, {"name": "prefix_tuning", "n_tokens": 3}))[1]
     lora = _built(recipe_doc("cls", tiny_bert, cls_data, tmp_path))[1]
-    assert [preflight.virtual_tokens(m) for m in (prompt, p_tuning, prefix, lora)] == [(7, 0), (5, 0), (0, 3), (0, 0)]
+    counted = [preflight_model.virtual_tokens(m) for m in (prompt, p_tuning, prefix, lora)]
+    assert counted == [(7, 0), (5, 0), (0, 3), (0, 0)]
 
 
 STEPS = {

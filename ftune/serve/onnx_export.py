@@ -78,7 +78,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, trust_remote_code: bool = 
             try:
                 export_graph(exporter, module, staging / MODEL_FILE, vocabulary, external)
                 difference = max_difference(staging / MODEL_FILE, module, vocabulary)
-            except Exception as e:  # noqa: BLE001 - an exporter (or the runtime, on its graph) may fail on an architecture
+            # an exporter (or the runtime, on its graph) may fail on an architecture in ways of its own
+            except Exception as e:  # noqa: BLE001
                 failures.append(f"{exporter}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}")
                 continue
             if difference <= TOLERANCE:
