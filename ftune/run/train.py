@@ -161,6 +161,14 @@ def _fit(run: Run, console: Console) -> dict:
                 _save_checkpoint(run)
 
     micro_batches.close()  # stops the thread that collates ahead
+    return _finish(run, console)
+
+
+def _finish(run: Run, console: Console) -> dict:
+    """After the last step: the final evaluation, the weights kept (the best, or the last), the final checkpoint, the
+    method's report and metrics.json; every process returns the metrics."""
+    t, pos, acc = run.recipe.train, run.pos, run.accelerator
+    n_trainable, n_total = run.counts
     final = _score(run) if run.val_loader else {}
     if final:
         _log(run, {"step": pos.step, "validation": final})
