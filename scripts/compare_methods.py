@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ftune import rundir
 from ftune.compare import pareto, table
 from ftune.compare.run import ACTIONS, launch, state_of, write_recipe
 from ftune.recipe import dump_recipe, load_recipe
-from ftune.run import checkpoint
 
 
 def main() -> None:
@@ -49,8 +49,8 @@ def main() -> None:
     metric, mode = table.metric_of(next(iter(recipes.values())))
     rows = [table.read_row(n, r, metric, mode) for n, r in recipes.items() if n not in failed]
     ctx = table.context(Path(", ".join(str(p) for p in args.recipes)), f"{args.steps} steps", metric, mode)
-    checkpoint.write_text(args.out / "comparison.md", table.markdown(rows, ctx, {}, failed, []))
-    checkpoint.write_json(args.out / "comparison.json", {**ctx, "rows": rows, "failed": failed})
+    rundir.write_text(args.out / "comparison.md", table.markdown(rows, ctx, {}, failed, []))
+    rundir.write_json(args.out / "comparison.json", {**ctx, "rows": rows, "failed": failed})
     if rows:
         pareto.plot(rows, metric, mode, args.out / "pareto.png")
     print((args.out / "comparison.md").read_text())

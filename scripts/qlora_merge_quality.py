@@ -85,7 +85,7 @@ def main() -> None:
     recipe, quantized, tokenizer = assemble.load_run(run)
     if not recipe.model.quantization:
         raise SystemExit(f"{run}: its recipe sets no model.quantization; this script compares a QLoRA run's merges")
-    names = assemble.read_run_record(run)["label_names"]
+    names = rundir.read_record(run).label_names
     examples = assemble.encode_rows(recipe, assemble.read_split(recipe, "validation"), tokenizer, names).examples
     device = next(quantized.parameters()).device
     rows = {}
